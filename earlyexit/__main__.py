@@ -1,0 +1,7 @@
+"""``python -m earlyexit`` is the ``earlyexit`` command."""
+
+import sys
+
+from earlyexit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,136 @@
+"""The public Python API: load a model, generate. The CLI is built on exactly these calls.
+
+>>> import earlyexit
+>>> lm = earlyexit.load("checkpoints/tiny")          # ours, or a Hugging Face directory
+>>> out = lm.generate("def main(", max_new_tokens=32)
+>>> out.text, out.token_ids, out.depths              # depth = plan steps each token ran
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from earlyexit.checkpoint import CONFIG, load_checkpoint
+from earlyexit.decoding.base import Strategy
+from earlyexit.decoding.generate import GenerationResult, TokenEvent
+from earlyexit.decoding.generate import generate as _generate
+from earlyexit.decoding.generate import stream as _stream
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.device import resolve_device, resolve_dtype
+from earlyexit.errors import InputError
+from earlyexit.models.decoder import Decoder
+from earlyexit.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+class LM:
+    """A loaded model with its tokenizer, ready to generate."""
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Text through the tokenizer, or token ids as given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer.json; pass token ids instead of text")
+            if not prompt:
+                raise InputError("the prompt is empty")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _params(self, params: SamplingParams | None, kwargs: dict) -> SamplingParams:
+        if params is not None and kwargs:
+            raise TypeError("pass either params or keyword sampling arguments, not both")
+        if params is None:
+            try:
+                params = SamplingParams(**kwargs)
+            except TypeError as e:
+                raise InputError(str(e)) from None
+        return params
+
+    def generate(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        strategy: Strategy | None = None,
+        **kwargs,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (text or ids) or a list of prompts (batched).
+
+        Keyword arguments are :class:`SamplingParams` fields (``max_new_tokens``,
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ...).
+        """
+        single, prompts = _as_batch(prompt)
+        ids = [self.encode(p) for p in prompts]
+        out = _generate(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
+        return out[0] if single else out
+
+    def stream(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        strategy: Strategy | None = None,
+        **kwargs,
+    ) -> Iterator[TokenEvent]:
+        """Yield :class:`TokenEvent` s as tokens are generated."""
+        _, prompts = _as_batch(prompt)
+        ids = [self.encode(p) for p in prompts]
+        return _stream(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
+
+
+def _as_batch(prompt) -> tuple[bool, list]:
+    if isinstance(prompt, str):
+        return True, [prompt]
+    prompt = list(prompt)
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return True, [prompt]
+    return False, prompt
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+) -> LM:
+    """Load an earlyexit checkpoint, or a Hugging Face Llama/Mistral/Qwen2 directory directly.
+
+    Args:
+        path: checkpoint directory (``config.json`` + ``model.safetensors`` [+ ``tokenizer.json``]).
+        device: ``cpu``, ``cuda[:N]`` or ``auto``.
+        dtype: ``float32``, ``bfloat16``, ``float16`` or None (as stored).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = Path(path)
+    if _is_hf_dir(path):
+        from earlyexit.models.hf import load_hf
+
+        model, tok = load_hf(path, dev, dt)
+    else:
+        model, tok = load_checkpoint(path, dev, dt)
+    return LM(model, tok)
+
+
+def _is_hf_dir(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "format_version" not in cfg and "model_type" in cfg
+
+
+def generate(model: LM | str | Path, prompt: Prompt | Sequence[Prompt], **kwargs):
+    """One-shot convenience: ``earlyexit.generate("DIR", "def main(", max_new_tokens=32)``."""
+    lm = model if isinstance(model, LM) else load(model)
+    return lm.generate(prompt, **kwargs)

@@ -1,0 +1,276 @@
+"""Benchmark ``decode``: is our plain full-depth decoder fast?
+
+    earlyexit bench decode [--preset smollm-135m] [--batch-sizes 1 8] [--new-tokens 128]
+    python -m earlyexit.bench.decode ...
+
+- Baseline in the same process: ``transformers`` ``generate()`` (greedy) on identical weights
+  (a random-init model of the preset's shape, built in ``transformers`` and imported through
+  ``models/hf.py``), fp32. Runs are interleaved (order alternates each repetition) and the
+  median is reported; both sides generate exactly ``new_tokens`` tokens per row and the
+  outputs are checked identical token for token.
+- Limits measured in the same run: memory copy bandwidth (STREAM convention: bytes read +
+  written per second over 256 MiB buffers; re-measured in every repetition, median) and
+  the batch-1 bound = weight bytes touched
+  per token / copy bandwidth; plus the *kernel ceiling*: the same weights multiplied by a
+  (batch, d) input through the same linear kernel, with nothing else, per token.
+- Writes JSON rows (config, environment, raw timings) to ``--out``; BENCHMARKS.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from earlyexit.config import ModelConfig
+from earlyexit.decoding.generate import generate
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.models.kernels import linear, onednn_linear
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> dict:
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
+    """Bytes read + written per second copying ``nbytes`` (median of ``reps``)."""
+    a = torch.randn(nbytes // 4)
+    b = torch.randn(nbytes // 4)
+    times = []
+    for _ in range(reps + 2):
+        t = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times[2:])
+
+
+def bytes_per_token(cfg: ModelConfig) -> int:
+    """fp32 weight bytes one batch-1 decode step must read: every block, the final norm, the
+    head (the tied embedding matrix serves as head) and one embedding row."""
+    c = cfg.param_counts()
+    head = cfg.vocab_size * cfg.d_model
+    return 4 * (c["non_embedding"] + head + cfg.d_model)
+
+
+def kernel_ceiling(model, batch: int, reps: int = 5) -> float:
+    """Tokens/s of the linear layers alone (same weights, same kernel), per decode step."""
+    ws = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ws.append((model.head_weight(), None))
+    xs = {w.shape[1]: torch.randn(batch, 1, w.shape[1]) for w, _ in ws}
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 2):
+            t = time.perf_counter()
+            for w, b in ws:
+                linear(xs[w.shape[1]], w, b)
+            times.append(time.perf_counter() - t)
+    return batch / statistics.median(times[2:])
+
+
+ABLATION = "earlyexit-F.linear"  # our decoder with the oneDNN linear path switched off
+
+
+def _run_ours(model, prompts: torch.Tensor, n: int, onednn: bool = True) -> list[list[int]]:
+    with onednn_linear(onednn):
+        res = generate(model, prompts.tolist(), SamplingParams(max_new_tokens=n, ignore_eos=True))
+    return [r.token_ids for r in res]
+
+
+def _run_hf(model, prompts: torch.Tensor, n: int) -> list[list[int]]:
+    with torch.inference_mode():
+        out = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, prompts.shape[1] :].tolist()
+
+
+def run(
+    preset: str = "smollm-135m",
+    batch_sizes: tuple[int, ...] = (1, 8),
+    new_tokens: int = 128,
+    prompt_len: int = 16,
+    repeats: int = 3,
+    threads: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Run the benchmark; return JSON-ready rows."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from earlyexit.models.hf import config_to_hf, from_transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    cfg = ModelConfig.from_name(preset)
+    hf_cfg = AutoConfig.for_model(**config_to_hf(cfg))
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").eval()
+    ours = from_transformers(hf)
+    env = environment(threads)
+    bpt = bytes_per_token(cfg)
+    rows: list[dict] = []
+    g = torch.Generator().manual_seed(seed)
+    for bs in batch_sizes:
+        prompts = torch.randint(0, cfg.vocab_size, (bs, prompt_len), generator=g)
+        bws = [copy_bandwidth()]  # re-measured in every repetition: the machine is noisy
+        _run_ours(ours, prompts, 4), _run_hf(hf, prompts, 4)  # warm up both
+        run_ours = functools.partial(_run_ours, ours, prompts, new_tokens)
+        run_hf = functools.partial(_run_hf, hf, prompts, new_tokens)
+        run_ablation = functools.partial(_run_ours, ours, prompts, new_tokens, onednn=False)
+        times: dict[str, list[float]] = {"earlyexit": [], "transformers": [], ABLATION: []}
+        outs: dict[str, list] = {}
+        for r in range(repeats):
+            bws.append(copy_bandwidth())
+            order = [("earlyexit", run_ours), ("transformers", run_hf), (ABLATION, run_ablation)]
+            for name, fn in order if r % 2 == 0 else order[::-1]:
+                t = time.perf_counter()
+                outs[name] = fn()
+                times[name].append(time.perf_counter() - t)
+        identical = outs["earlyexit"] == outs["transformers"]
+        mismatch_rows = sum(a != b for a, b in zip(outs["earlyexit"], outs["transformers"]))
+        tps = {k: bs * new_tokens / statistics.median(v) for k, v in times.items()}
+        ceiling = kernel_ceiling(ours, bs)
+        bw = statistics.median(bws)
+        common = dict(
+            bench="decode",
+            preset=preset,
+            batch_size=bs,
+            new_tokens=new_tokens,
+            prompt_len=prompt_len,
+            repeats=repeats,
+            env=env,
+        )
+        for name in ("earlyexit", "transformers", ABLATION):
+            rows.append({**common, "impl": name, "seconds": times[name], "tokens_per_s": tps[name]})
+        summary = {
+            **common,
+            "impl": "summary",
+            "speedup_vs_transformers": tps["earlyexit"] / tps["transformers"],
+            "speedup_of_onednn_linear": tps["earlyexit"] / tps[ABLATION],
+            "ablation_outputs_identical": outs[ABLATION] == outs["transformers"],
+            "outputs_identical": identical,
+            "rows_differing": mismatch_rows,
+            "kernel_ceiling_tokens_per_s": ceiling,
+            "fraction_of_kernel_ceiling": tps["earlyexit"] / ceiling,
+            "copy_bandwidth_GBps": bw / 1e9,
+            "copy_bandwidth_samples_GBps": [b / 1e9 for b in bws],
+            "weight_bytes_per_token": bpt,
+        }
+        if bs == 1:
+            bound = bw / bpt
+            summary.update(
+                bandwidth_bound_tokens_per_s=bound,
+                fraction_of_bandwidth_bound=tps["earlyexit"] / bound,
+            )
+        rows.append(summary)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| batch | earlyexit tok/s | transformers tok/s | speedup | identical | with F.linear tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {}
+    for r in rows:
+        by.setdefault(r["batch_size"], {})[r["impl"]] = r
+    for bs, d in by.items():
+        s = d["summary"]
+        frac = (
+            f"{s['fraction_of_bandwidth_bound']:.0%} of {s['bandwidth_bound_tokens_per_s']:.0f}"
+            if "fraction_of_bandwidth_bound" in s
+            else "–"
+        )
+        lines.append(
+            f"| {bs} | {d['earlyexit']['tokens_per_s']:.1f} | {d['transformers']['tokens_per_s']:.1f} | "
+            f"{s['speedup_vs_transformers']:.2f}x | {s['outputs_identical']} | {d[ABLATION]['tokens_per_s']:.1f} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
+            f"{s['fraction_of_kernel_ceiling']:.0%} | {frac} |"
+        )
+    return "\n".join(lines)
+
+
+def main(
+    preset: str = "smollm-135m",
+    batch_sizes: list[int] | tuple[int, ...] = (1, 8),
+    new_tokens: int = 128,
+    prompt_len: int = 16,
+    repeats: int = 3,
+    threads: int | None = None,
+    out: str | None = "results/decode.json",
+    as_json: bool = False,
+) -> list[dict]:
+    """Run, write the JSON rows to ``out``, print a Markdown table (or the rows)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        from earlyexit.errors import EarlyExitError
+
+        raise EarlyExitError(
+            "bench decode compares against transformers: pip install 'earlyexit[hf]'"
+        ) from None
+    rows = run(preset, tuple(batch_sizes), new_tokens, prompt_len, repeats, threads)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(rows, indent=1) + "\n")
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        env = rows[0]["env"]
+        print(
+            f"decode benchmark: {preset}, fp32, {env['cpu']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}"
+        )
+        print(
+            f"copy bandwidth {rows[-1]['copy_bandwidth_GBps']:.1f} GB/s; {rows[-1]['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token"
+        )
+        print(format_table(rows))
+        if out:
+            print(f"rows written to {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="smollm-135m")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="results/decode.json")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    main(a.preset, a.batch_sizes, a.new_tokens, a.prompt_len, a.repeats, a.threads, a.out, a.json)

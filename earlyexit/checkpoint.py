@@ -1,0 +1,244 @@
+"""Checkpoints in the contract format: ``config.json`` + ``model.safetensors`` + ``tokenizer.json``.
+
+- Saving is atomic: everything is written into a temporary sibling directory, fsynced, and
+  renamed into place, so a kill at any moment leaves either the old or the new checkpoint.
+- Loading validates before it allocates: a missing directory, a Hugging Face directory given
+  where ours is expected, a newer format version, a corrupt or truncated safetensors file,
+  and missing, unexpected or mis-shaped tensors each raise :class:`CheckpointError` naming
+  the file and the tensor. Weights are only ever read through safetensors, never pickle.
+- The model is built on the meta device and the tensors are assigned in place, converted to
+  the target dtype one by one and read straight onto the target device: no second copy of
+  the model in host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from earlyexit.config import FORMAT_VERSION, ModelConfig
+from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.models.decoder import Decoder
+from earlyexit.tokenizer import Tokenizer
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, marker: str = CONFIG):
+    """Yield a temporary sibling directory that replaces ``out_dir`` when the block succeeds.
+
+    On any exception the temporary directory is removed and ``out_dir`` is untouched. An
+    existing ``out_dir`` is only replaced if it is empty or holds ``marker`` (by default a
+    ``config.json``: a model directory): pointing an output at a folder of unrelated files
+    is refused, not wiped.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not _replaceable(out_dir, marker):
+        raise CheckpointError(
+            f"{out_dir}: refusing to replace a non-empty directory without a {marker} "
+            f"(it does not look like earlyexit output)"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replaceable(path: Path, marker: str) -> bool:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    return not any(path.iterdir()) or (path / marker).is_file()
+
+
+def save_checkpoint(
+    model: Decoder,
+    out_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) to ``out_dir`` atomically, replacing what is there."""
+    with atomic_dir(out_dir) as tmp:
+        cfg = {"format_version": FORMAT_VERSION, **model.config.to_dict()}
+        _write(tmp / CONFIG, json.dumps(cfg, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        meta = {"format": "pt", "earlyexit_format_version": str(FORMAT_VERSION)}
+        save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        _fsync(tmp / WEIGHTS)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+            _fsync(tmp / TOKENIZER)
+        for name, content in (extra_files or {}).items():
+            _write(tmp / name, content)
+    return Path(out_dir)
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then removed."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    dfd = os.open(out_dir.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- loading
+def load_config(ckpt_dir: str | Path) -> ModelConfig:
+    """Read and validate ``config.json`` of an earlyexit checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists():
+        raise CheckpointError(f"{ckpt_dir}: no such directory")
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: not a directory (expected a checkpoint directory)")
+    path = ckpt_dir / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: not an earlyexit checkpoint (no {CONFIG})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    if "format_version" not in data:
+        if "model_type" in data or "architectures" in data:
+            raise CheckpointError(
+                f"{ckpt_dir}: this is a Hugging Face model directory; convert it first with "
+                f"`earlyexit convert hf-import {ckpt_dir} OUT_DIR`"
+            )
+        raise CheckpointError(f"{path}: missing 'format_version'; not an earlyexit config")
+    version = data.pop("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} is newer than this earlyexit supports "
+            f"({FORMAT_VERSION}); upgrade earlyexit"
+        )
+    try:
+        return ModelConfig.from_dict(data, source=str(path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def read_safetensors(
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file on ``device`` (floating ones cast to ``dtype``)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                t = f.get_tensor(name)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                out[name] = t
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    return out
+
+
+def build_model(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    source: str,
+    device: torch.device | str = "cpu",
+) -> Decoder:
+    """A :class:`Decoder` whose parameters are exactly ``state`` (validated by name and shape)."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing tensor(s) {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}"
+            + (" ..." if len(unexpected) > 5 else "")
+        )
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise CheckpointError(
+                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(shape)} from config.json"
+            )
+        if not state[k].is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {k} has dtype {state[k].dtype}, expected floating point"
+            )
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rebuild_buffers(device)  # non-persistent buffers were created on the meta device
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(f"{source}: tensor {name} was not loaded")
+    return model.eval()
+
+
+def load_checkpoint(
+    ckpt_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[Decoder, Tokenizer | None]:
+    """Load an earlyexit checkpoint directory: the model (in eval mode) and its tokenizer.
+
+    Args:
+        ckpt_dir: directory with config.json, model.safetensors and optionally tokenizer.json.
+        device: where the weights go (read straight there).
+        dtype: floating dtype of the weights (default: as stored).
+
+    Raises:
+        CheckpointError: anything wrong with the directory, naming the file and tensor.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    config = load_config(ckpt_dir)
+    state = read_safetensors(ckpt_dir / WEIGHTS, device, dtype)
+    model = build_model(config, state, str(ckpt_dir / WEIGHTS), device)
+    tokenizer = None
+    if (ckpt_dir / TOKENIZER).is_file():
+        tokenizer = Tokenizer.from_file(ckpt_dir / TOKENIZER)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise CheckpointError(
+                f"{ckpt_dir / TOKENIZER}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                f"vocabulary has {config.vocab_size}; they do not belong together"
+            )
+    return model, tokenizer

@@ -1,0 +1,258 @@
+"""``earlyexit <command>``: the command-line interface.
+
+Each command parses its flags here and calls one typed function of the library (the same
+functions the Python API exposes). User errors print one line (``earlyexit: error: ...``) and
+exit with status 1; usage errors exit with 2 (argparse); never a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from earlyexit.errors import EarlyExitError, InputError
+
+
+# ---------------------------------------------------------------------- shared flags
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weight and compute dtype (default: as stored)",
+    )
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    g.add_argument(
+        "--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 or 0 = disabled"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = disabled"
+    )
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop string (repeatable); the text is cut before it",
+    )
+    g.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens"
+    )
+
+
+# ---------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    import earlyexit
+    from earlyexit.decoding.sampling import SamplingParams
+
+    prompt = " ".join(args.prompt) if args.prompt else None
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise InputError("no prompt: pass it as an argument or on standard input")
+        prompt = sys.stdin.read()
+    if args.ids:
+        try:
+            prompt_in: str | list[int] = [int(t) for t in prompt.replace(",", " ").split()]
+        except ValueError:
+            raise InputError("--ids expects comma- or space-separated integers") from None
+        if not prompt_in:
+            raise InputError("the prompt is empty")
+    else:
+        if not prompt.strip():
+            raise InputError("the prompt is empty")
+        prompt_in = prompt
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    ).validate()
+    lm = earlyexit.load(args.model, device=args.device, dtype=args.dtype)
+    params.validate(lm.config.vocab_size)
+    t0 = time.perf_counter()
+    if args.stream and not args.json:
+        result = None
+        events = []
+        for ev in lm.stream(prompt_in, params):
+            events.append(ev)
+            sys.stdout.write(ev.text if ev.text is not None else f"{ev.token_id} ")
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        n = len(events)
+        depths = [e.depth for e in events]
+        finish = events[-1].finish_reason if events else ""
+    else:
+        result = lm.generate(prompt_in, params)
+        n, depths, finish = len(result.token_ids), result.depths, result.finish_reason
+    dt = time.perf_counter() - t0
+    if args.json:
+        out = result.to_dict()
+        out.update(
+            model=str(args.model),
+            strategy="full",
+            n_steps=lm.model.n_steps,
+            seconds=round(dt, 4),
+            tokens_per_second=round(n / dt, 2),
+        )
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        if result is not None:
+            print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
+        mean = sum(depths) / max(n, 1)
+        print(
+            f"[{n} tokens, finish={finish}, mean depth {mean:.1f}/{lm.model.n_steps}, "
+            f"{n / dt:.1f} tok/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------- convert
+def _check_dst(dst: str, force: bool) -> None:
+    p = Path(dst)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not force:
+        raise InputError(f"{dst}: already exists; pass --force to replace it")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from earlyexit.models import hf
+
+    _check_dst(args.dst, args.force)
+    if args.kind == "hf-import":
+        out = hf.hf_import(args.src, args.dst)
+    else:
+        from earlyexit.checkpoint import load_checkpoint
+
+        model, tok = load_checkpoint(args.src)
+        out = hf.hf_export(model, args.dst, tok)
+    if args.json:
+        print(json.dumps({"kind": args.kind, "src": str(args.src), "dst": str(out)}))
+    else:
+        print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "decode":
+        from earlyexit.bench.decode import main as decode_main
+
+        decode_main(
+            preset=args.preset,
+            batch_sizes=args.batch_sizes,
+            new_tokens=args.new_tokens,
+            prompt_len=args.prompt_len,
+            repeats=args.repeats,
+            threads=args.threads,
+            out=args.out,
+            as_json=args.json,
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from earlyexit.demo import main as demo_main
+
+    return demo_main(out_dir=args.out, quick=args.quick, as_json=args.json)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="earlyexit",
+        description="Adaptive-depth LLM inference: FREE early exit, Relaxed Recursive Transformers, Mixture-of-Recursions.",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face directory")
+    g.add_argument("prompt", nargs="*", help="the prompt (default or '-': read standard input)")
+    g.add_argument(
+        "--model", required=True, help="earlyexit checkpoint or Hugging Face model directory"
+    )
+    g.add_argument(
+        "--ids", action="store_true", help="the prompt is token ids (comma or space separated)"
+    )
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument(
+        "--json", action="store_true", help="print one JSON object: text, token_ids, depths, ..."
+    )
+    _add_sampling_flags(g)
+    _add_device_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert between Hugging Face and earlyexit checkpoints")
+    c.add_argument(
+        "kind",
+        choices=["hf-import", "hf-export"],
+        help="hf-import: HF directory or hub name -> ours; hf-export: ours (dense) -> HF directory",
+    )
+    c.add_argument("src", help="source directory (or hub name for hf-import, when online)")
+    c.add_argument("dst", help="destination directory")
+    c.add_argument("--force", action="store_true", help="replace an existing destination")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(func=cmd_convert)
+
+    b = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
+    b.add_argument(
+        "name", choices=["decode"], help="decode: our full-depth decoder vs transformers generate()"
+    )
+    b.add_argument("--preset", default="smollm-135m", help="model shape (random init)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to run")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run")
+    b.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per row")
+    b.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repetitions (median reported)"
+    )
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    b.add_argument("--out", default="results/decode.json", help="JSON rows are written here")
+    b.add_argument("--json", action="store_true", help="print the rows as JSON")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="the main job: what earlyexit does, end to end, no downloads")
+    d.add_argument("--out", default=None, help="work directory (default: ~/.cache/earlyexit/demo)")
+    d.add_argument("--quick", action="store_true", help="a seconds-long version (CI smoke test)")
+    d.add_argument("--json", action="store_true", help="print the results as JSON")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _version() -> str:
+    from earlyexit import __version__
+
+    return f"earlyexit {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EarlyExitError as e:
+        print(f"earlyexit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("earlyexit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

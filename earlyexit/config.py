@@ -1,0 +1,428 @@
+"""Model configuration: :class:`ModelConfig`, its sub-configs, presets and strict (de)serialisation.
+
+- One dataclass describes every model family we run (Llama, Mistral, Qwen2, SmolLM shapes):
+  sizes, GQA, RoPE (with Llama-3 and linear scaling), biases, tied head, sliding window.
+- :class:`SharingConfig` turns the layer count into a *depth plan* (``models/plan.py``); the
+  plan is derived, stored in ``config.json`` for readers, and checked on load.
+- ``from_dict`` is strict: unknown keys and wrong types are refused with the key named,
+  so a typo in a config file never silently falls back to a default.
+- Presets live in ``PRESETS`` behind :meth:`ModelConfig.from_name` (gpt-fast style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from earlyexit.errors import ConfigError
+from earlyexit.models.plan import Step, build_plan, n_blocks, n_kv_slots
+
+# Bumped when the on-disk checkpoint layout changes incompatibly. Loaders refuse newer ones.
+FORMAT_VERSION = 1
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling (HF ``rope_scaling`` / ``rope_parameters``).
+
+    Attributes:
+        type: ``default`` (none), ``linear`` (positions divided by ``factor``) or ``llama3``
+            (Llama 3.1 wavelength-dependent scaling).
+        factor: scaling factor.
+        low_freq_factor: llama3 only.
+        high_freq_factor: llama3 only.
+        original_max_position: llama3 only: the pre-scaling context length.
+    """
+
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise ConfigError(
+                f"rope_scaling.type {self.type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            )
+        if self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.type == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor):
+            raise ConfigError("rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor")
+
+
+@dataclass
+class SharingConfig:
+    """How unrolled steps map onto shared blocks (see ``models/plan.py``).
+
+    Attributes:
+        scheme: ``none`` (dense), ``cycle``, ``sequence``, ``middle_cycle``, ``middle_sequence``.
+        loops: number of recursions B (1 for dense).
+    """
+
+    scheme: str = "none"
+    loops: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only Llama-family model.
+
+    Attributes:
+        name: free-form name (the preset's, or the source model's).
+        vocab_size: rows of the embedding and of the LM head.
+        d_model: residual-stream width.
+        n_layers: depth of the unrolled model (length of the plan).
+        n_heads: query heads.
+        n_kv_heads: key/value heads (GQA when < n_heads; must divide n_heads).
+        head_dim: per-head width; defaults to d_model // n_heads.
+        d_ff: SwiGLU hidden width.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base.
+        rope_scaling: optional RoPE scaling.
+        tie_embeddings: LM head shares the embedding matrix.
+        qkv_bias: bias on q, k, v projections (Qwen2; Llama's ``attention_bias``).
+        o_bias: bias on the attention output projection (Llama's ``attention_bias``).
+        mlp_bias: bias on gate, up and down projections.
+        max_context: longest sequence (prompt + generation) the model accepts.
+        sliding_window: attend only to the last ``sliding_window`` positions (Mistral), or None.
+        eos_token_ids: tokens that end generation by default.
+        bos_token_id: beginning-of-sequence token (informative: whether prompts get it is the
+            tokenizer's post-processor's decision, as in Hugging Face).
+        init_std: std of the normal init of linear and embedding weights.
+        sharing: layer sharing; builds the plan.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None
+    d_ff: int = 128
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_context: int = 256
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    init_std: float = 0.02
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    # Derived in __post_init__, never set by hand.
+    plan: tuple[Step, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "max_context",
+            "head_dim",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
+            raise ConfigError("norm_eps, rope_theta and init_std must be > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
+        for t in (*self.eos_token_ids, self.bos_token_id):
+            if t is not None and not 0 <= t < self.vocab_size:
+                raise ConfigError(
+                    f"special token id {t} is outside the vocabulary (size {self.vocab_size})"
+                )
+        self.eos_token_ids = tuple(self.eos_token_ids)
+        self.plan = build_plan(self.n_layers, self.sharing.scheme, self.sharing.loops)
+
+    # ----------------------------------------------------------------- derived sizes
+    @property
+    def n_blocks(self) -> int:
+        """Unique blocks (transformer layers with their own weights)."""
+        return n_blocks(self.plan)
+
+    @property
+    def n_kv_slots(self) -> int:
+        """KV-cache slots the plan writes."""
+        return n_kv_slots(self.plan)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def block_params(self) -> int:
+        """Parameters of one block (attention, MLP, two norms)."""
+        d, q, kv, f = self.d_model, self.q_dim, self.kv_dim, self.d_ff
+        n = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+        n += (q + 2 * kv) * self.qkv_bias + d * self.o_bias + (2 * f + d) * self.mlp_bias
+        return n
+
+    def param_counts(self) -> dict[str, int]:
+        """Unique parameters: ``embedding``, ``head`` (0 when tied), ``non_embedding``, ``total``."""
+        emb = self.vocab_size * self.d_model
+        head = 0 if self.tie_embeddings else emb
+        non_emb = self.n_blocks * self.block_params() + self.d_model  # + final norm
+        return {
+            "embedding": emb,
+            "head": head,
+            "non_embedding": non_emb,
+            "total": emb + head + non_emb,
+        }
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict, including the derived plan (informative; checked on load)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
+        d["sharing"] = dataclasses.asdict(self.sharing)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        d["plan"] = [s.to_dict() for s in self.plan]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Strictly parse a dict produced by :meth:`to_dict` (or written by hand).
+
+        Raises:
+            ConfigError: unknown key, wrong type, invalid value, or a stored plan that does not
+                match the sharing config. The message names ``source`` and the key.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        stored_plan = data.pop("plan", None)
+        try:
+            cfg = _parse_dataclass(cls, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        if stored_plan is not None:
+            derived = [s.to_dict() for s in cfg.plan]
+            if stored_plan != derived:
+                raise ConfigError(
+                    f"{source}: 'plan' does not match the plan built from 'sharing' and "
+                    f"'n_layers'; remove 'plan' to rebuild it"
+                )
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(data, dict):
+            data.pop("format_version", None)
+        return cls.from_dict(data, source=str(path))
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def from_name(cls, preset: str, /, **overrides: Any) -> ModelConfig:
+        """A preset by exact name, or by an unambiguous case-insensitive substring.
+
+        Raises:
+            ConfigError: no preset or several presets match.
+        """
+        key = preset.lower()
+        if key in PRESETS:
+            match = key
+        else:
+            hits = [p for p in PRESETS if key in p]
+            if len(hits) != 1:
+                what = "matches several presets" if hits else "matches no preset"
+                raise ConfigError(f"{preset!r} {what}; presets: {', '.join(sorted(PRESETS))}")
+            match = hits[0]
+        data = {"name": match, **PRESETS[match], **overrides}
+        return cls.from_dict(data, source=f"preset {match!r}")
+
+
+# One line per model; numbers from the models' Hugging Face configs.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: runs everything on a CPU in milliseconds.
+    "tiny": dict(
+        vocab_size=512,
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        max_context=256,
+        tie_embeddings=False,
+    ),
+    # HuggingFaceTB/SmolLM-135M (also MoR's 135M base shape).
+    "smollm-135m": dict(
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_context=2048,
+        tie_embeddings=True,
+        eos_token_ids=(0,),
+        bos_token_id=0,
+    ),
+    # HuggingFaceTB/SmolLM2-135M.
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_context=8192,
+        tie_embeddings=True,
+        eos_token_ids=(0,),
+        bos_token_id=1,
+    ),
+    # HuggingFaceTB/SmolLM-360M (MoR's 360M base shape).
+    "smollm-360m": dict(
+        vocab_size=49152,
+        d_model=960,
+        n_layers=32,
+        n_heads=15,
+        n_kv_heads=5,
+        d_ff=2560,
+        max_context=2048,
+        tie_embeddings=True,
+        eos_token_ids=(0,),
+        bos_token_id=0,
+    ),
+    # meta-llama/Llama-3.2-1B shape (Llama-3 RoPE scaling, GQA 32/8, tied head).
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position=8192,
+        ),
+        max_context=131072,
+        tie_embeddings=True,
+        eos_token_ids=(128001,),
+        bos_token_id=128000,
+    ),
+    # TinyLlama-1.1B shape (the recursive paper's 22-layer model).
+    "tinyllama-1.1b": dict(
+        vocab_size=32000,
+        d_model=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        d_ff=5632,
+        max_context=2048,
+        tie_embeddings=False,
+        eos_token_ids=(2,),
+        bos_token_id=1,
+    ),
+}
+
+
+# --------------------------------------------------------------------- strict parsing
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (JSON-shaped), converting lists to tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own, more precise error
+            return _coerce(value, candidates[0], key)
+        for arg in candidates:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        (elem, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _parse_dataclass(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug, not user input
+
+
+def _parse_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a JSON object; ``prefix`` names nested keys in errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(repr(prefix + k) for k in unknown)
+        raise ConfigError(f"unknown key(s) {names}; known: {', '.join(fields)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)

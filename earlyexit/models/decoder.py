@@ -1,0 +1,141 @@
+"""The one decoder class: ``embed -> run_step(s) -> logits`` over any depth plan.
+
+- ``Decoder`` holds the unique blocks; the plan (``config.plan``) says which block each step
+  runs. Dense models have one step per block; recursive and MoR models reuse blocks.
+- Pure compute. Which rows run which steps, when to exit and what to sample are decided by
+  ``decoding/`` and ``engine/``; they call :meth:`embed`, :meth:`run_steps` and
+  :meth:`logits` directly. :meth:`forward` is the full-depth convenience path.
+- Every exit reuses the final norm and head through :meth:`logits` (FREE/CALM/RRT all do), so
+  a dense export stays a plain Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from earlyexit.config import ModelConfig
+from earlyexit.models.kernels import Linear, linear
+from earlyexit.models.kv_cache import ForwardContext, KVCache
+from earlyexit.models.layers import Block, RMSNorm, rope_cos_sin, rope_inv_freq
+
+
+class Decoder(nn.Module):
+    """A decoder-only transformer whose depth is a plan of steps over shared blocks."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.plan = config.plan
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = (
+            None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        )
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) linears and embedding, zero biases, unit norms (HF Llama init)."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std, generator=generator)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        self.rebuild_buffers(self.tok_embeddings.weight.device)
+
+    def rebuild_buffers(self, device: torch.device | str) -> None:
+        """Recompute non-persistent buffers (RoPE inverse frequencies) on ``device``."""
+        cfg = self.config
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def n_steps(self) -> int:
+        return len(self.plan)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, T) -> hidden states (B, T, d_model)."""
+        return self.tok_embeddings(tokens)
+
+    def context(
+        self,
+        positions: Tensor,
+        cache: KVCache | None = None,
+        rows: np.ndarray | list[int] | None = None,
+        n_new: np.ndarray | list[int] | None = None,
+    ) -> ForwardContext:
+        """Per-forward state shared by every step: RoPE tables, cache, rows and valid counts.
+
+        Args:
+            positions: RoPE positions (B, T).
+            cache: KV cache to read and append to, or None for an uncached forward.
+            rows: cache rows of the B batch rows (default 0..B-1).
+            n_new: valid tokens per row (default T); the rest is right padding.
+        """
+        dtype = self.tok_embeddings.weight.dtype
+        cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
+        return ForwardContext(
+            positions=positions,
+            cos=cos,
+            sin=sin,
+            cache=cache,
+            rows=None if rows is None else np.asarray(rows, dtype=np.int64),
+            n_new=None if n_new is None else np.asarray(n_new, dtype=np.int64),
+            sliding_window=self.config.sliding_window,
+        )
+
+    def run_step(self, i: int, h: Tensor, ctx: ForwardContext) -> Tensor:
+        """Run step ``i`` of the plan on hidden states (B, T, d_model)."""
+        step = self.plan[i]
+        return self.blocks[step.block](h, ctx, step.kv_slot)
+
+    def run_steps(self, start: int, stop: int, h: Tensor, ctx: ForwardContext) -> Tensor:
+        """Run steps ``start .. stop-1`` in order (the common fused range)."""
+        for i in range(start, stop):
+            step = self.plan[i]
+            h = self.blocks[step.block](h, ctx, step.kv_slot)
+        return h
+
+    def head_weight(self) -> Tensor:
+        return self.tok_embeddings.weight if self.head is None else self.head.weight
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final norm + LM head: (..., d_model) -> (..., vocab). Every exit uses this."""
+        return linear(self.norm(h), self.head_weight())
+
+    # ------------------------------------------------------------------ full depth
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: np.ndarray | list[int] | None = None,
+        n_new: np.ndarray | list[int] | None = None,
+    ) -> Tensor:
+        """Full-depth logits (B, T, vocab) for ``tokens`` (B, T).
+
+        Without ``positions``, positions continue from the cache (row-wise) or start at 0.
+        """
+        if positions is None:
+            positions = self.default_positions(tokens.shape, cache, rows)
+        ctx = self.context(positions, cache, rows, n_new)
+        h = self.run_steps(0, self.n_steps, self.embed(tokens), ctx)
+        return self.logits(h)
+
+    def default_positions(self, shape: torch.Size, cache: KVCache | None, rows=None) -> Tensor:
+        """Positions continuing each row's first KV slot, or 0..T-1 without a cache."""
+        B, T = shape
+        dev = self.tok_embeddings.weight.device
+        t = torch.arange(T, device=dev)[None, :]
+        if cache is None:
+            return t.expand(B, T)
+        r = np.arange(B) if rows is None else np.asarray(rows)
+        start = torch.as_tensor(cache.lengths[self.plan[0].kv_slot, r], device=dev)[:, None]
+        return start + t

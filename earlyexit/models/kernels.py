@@ -1,0 +1,60 @@
+"""Fast paths for hot operations, with a plain PyTorch fallback for everything else.
+
+- :func:`linear`: on CPU, outside autograd, fp32/bf16 matmuls go through oneDNN
+  (``torch.ops.mkldnn._linear_pointwise``, the kernel ``torch.compile`` uses for frozen CPU
+  linears). Measured on our 2-core CI machine in one run (BENCHMARKS.md, `decode`): oneDNN's
+  GEMV streams the weights at ~35 GB/s where ``F.linear`` (MKL) reaches ~17 GB/s, and at
+  batch 8 ~22 vs ~11 GB/s. Decoding is weight-streaming bound, so this is most of our speed.
+  Results agree with ``F.linear`` to float rounding (different summation order).
+- Anything needing gradients, other devices and other dtypes use ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@contextlib.contextmanager
+def onednn_linear(enabled: bool):
+    """Temporarily enable or disable the oneDNN path (benchmarks use it for an ablation)."""
+    global _ONEDNN
+    before = _ONEDNN
+    _ONEDNN = enabled and before
+    try:
+        yield
+    finally:
+        _ONEDNN = before
+
+
+def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
+    return (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias``, through oneDNN on CPU inference, else ``F.linear``."""
+    global _ONEDNN
+    if _onednn_ok(x, weight):
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        except RuntimeError:  # an unusual build or CPU: fall back for good
+            _ONEDNN = False
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,212 @@
+"""KV cache with per-(slot, row) lengths, and the per-forward context that attention reads.
+
+- One preallocated key and value buffer per KV slot (``plan.py``), each (B, Hkv, S, D).
+- Lengths are kept per (slot, row) on the host: rows of one batch may hold prompts of
+  different lengths, and slots may hold different numbers of tokens (a FREE deep slot lags
+  its shallow slots; a MoR recursion caches only the tokens routed to it). Keeping them on
+  the host means building indices and masks never waits on the device.
+- A forward appends ``T`` entries per row at each slot it runs, at indices
+  ``length .. length+T-1``; only the first ``n_new[row]`` count (right padding for ragged
+  prompts), so padding is overwritten by the next write and never attended to.
+- Causality is by cache index (entries are appended in position order in every plan we run);
+  the sliding window is by RoPE position, which the cache stores per entry (only for models
+  with a window: nothing else reads it).
+
+The mask for (slot, rows, lengths) is computed once per forward and shared by every step
+whose slot has the same lengths: a dense forward builds one mask, not one per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from earlyexit.errors import InputError
+
+
+@dataclass
+class ForwardContext:
+    """Everything a step needs besides its hidden states; built once per forward.
+
+    Attributes:
+        positions: RoPE positions (B, T), int64, on the model's device.
+        cos, sin: RoPE tables for ``positions`` (B, 1, T, head_dim) in the compute dtype.
+        cache: the KV cache, or None for an uncached forward.
+        rows: host int array (B,) of cache rows this batch occupies (None: rows 0..B-1).
+        n_new: host int array (B,) of valid new tokens per row (None: all T).
+        sliding_window: attend only to the last ``sliding_window`` positions, or None.
+    """
+
+    positions: Tensor
+    cos: Tensor
+    sin: Tensor
+    cache: KVCache | None = None
+    rows: np.ndarray | None = None
+    n_new: np.ndarray | None = None
+    sliding_window: int | None = None
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def uncached_mask(self) -> Tensor | None:
+        """Mask for an uncached forward: causal by index (None means ``is_causal``)."""
+        if self.sliding_window is None:
+            return None
+        if "uncached" not in self._memo:
+            qpos = self.positions[:, :, None]  # (B, T, 1)
+            kpos = self.positions[:, None, :]  # (B, 1, T)
+            T = self.positions.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=qpos.device).tril()
+            mask = causal & (qpos - kpos < self.sliding_window)
+            self._memo["uncached"] = mask[:, None]  # (B, 1, T, T)
+        return self._memo["uncached"]
+
+
+class KVCache:
+    """Preallocated keys and values for every KV slot of a plan.
+
+    Args:
+        n_slots: number of KV slots (``ModelConfig.n_kv_slots``).
+        batch_size: rows.
+        max_len: entries per (slot, row).
+        n_kv_heads, head_dim: attention shape.
+        device, dtype: buffer placement.
+    """
+
+    def __init__(
+        self,
+        n_slots: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_slots)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_slots)]
+        # RoPE position of every entry (only read for sliding-window masks).
+        self.pos = [
+            torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
+            for _ in range(n_slots)
+        ]
+        self.lengths = np.zeros((n_slots, batch_size), dtype=np.int64)  # host-side
+        self.batch_size, self.max_len, self.n_slots = batch_size, max_len, n_slots
+        self.device = torch.device(device)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
+        """A cache sized for ``model`` (a ``Decoder``), on its device and dtype."""
+        cfg = model.config
+        p = model.tok_embeddings.weight
+        return cls(
+            cfg.n_kv_slots, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, p.device, p.dtype
+        )
+
+    def reset(self, rows: np.ndarray | list[int] | None = None) -> None:
+        """Forget the contents of ``rows`` (all rows by default) in every slot."""
+        if rows is None:
+            self.lengths[:] = 0
+        else:
+            self.lengths[:, np.asarray(rows)] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    # ------------------------------------------------------------------ the hot path
+    def update(
+        self, slot: int, k: Tensor, v: Tensor, ctx: ForwardContext
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Append ``k``, ``v`` (B, Hkv, T, D) for ``ctx.rows`` at ``slot``; return what to attend.
+
+        Returns:
+            keys and values (B, Hkv, W, D) covering every valid entry of these rows, and a
+            boolean mask (B or 1, 1, T, W), or None when every query may see every key.
+        """
+        B, _, T, _ = k.shape
+        if ctx.rows is None:
+            rows, lens = np.arange(B), self.lengths[slot, :B]  # (B,) host
+        else:
+            rows, lens = ctx.rows, self.lengths[slot, ctx.rows]
+        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
+        key = (lens.tobytes(), None if ctx.rows is None else rows.tobytes(), n_new.tobytes(), T)
+        meta = ctx._memo.get(key)
+        if meta is None:
+            meta = ctx._memo[key] = self._plan_update(lens, rows, n_new, T, ctx)
+        row_sl, col_idx, W, mask = meta
+        kb, vb, pb = self.k[slot], self.v[slot], self.pos[slot]
+        windowed = ctx.sliding_window is not None  # positions are only read for windows
+        if isinstance(row_sl, slice) and isinstance(col_idx, slice):
+            kb[row_sl, :, col_idx] = k
+            vb[row_sl, :, col_idx] = v
+            if windowed:
+                pb[row_sl, col_idx] = ctx.positions
+        else:
+            if isinstance(row_sl, slice):
+                r = torch.arange(row_sl.start, row_sl.stop, device=self.device)[:, None]
+            else:
+                r = row_sl
+            kb[r, :, col_idx] = k.transpose(1, 2)  # (B, T, Hkv, D) by advanced indexing
+            vb[r, :, col_idx] = v.transpose(1, 2)
+            if windowed:
+                pb[r, col_idx] = ctx.positions
+        self.lengths[slot, rows] = lens + n_new
+        if isinstance(row_sl, slice):
+            k_all, v_all = kb[row_sl, :, :W], vb[row_sl, :, :W]
+        else:
+            k_all, v_all = kb[row_sl[:, 0], :, :W], vb[row_sl[:, 0], :, :W]  # gathers a copy
+        if windowed:
+            mask = self._window_mask(mask, pb, row_sl, W, ctx)
+        return k_all, v_all, mask
+
+    def _plan_update(
+        self, lens: np.ndarray, rows: np.ndarray, n_new: np.ndarray, T: int, ctx: ForwardContext
+    ):
+        """Indices and mask for one (rows, lengths) pattern; host arithmetic only."""
+        B = len(rows)
+        if (lens + T).max() > self.max_len:
+            raise InputError(
+                f"KV cache full: {int(lens.max())} + {T} entries exceed its length {self.max_len}"
+            )
+        if (n_new < 0).any() or (n_new > T).any():
+            raise ValueError(f"n_new must be within [0, {T}], got {n_new}")
+        contiguous = rows[0] >= 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + B))
+        dev = self.device
+        if contiguous:
+            row_sl = slice(int(rows[0]), int(rows[0]) + B)
+        else:
+            row_sl = torch.as_tensor(rows, device=dev)[:, None]  # (B, 1)
+        uniform = bool((lens == lens[0]).all() and (n_new == T).all())
+        if uniform and contiguous:
+            L = int(lens[0])
+            col_idx = slice(L, L + T)
+            W = L + T
+            mask = None
+            if T > 1:  # causal with an offset of L past entries
+                mask = torch.ones(T, W, dtype=torch.bool, device=dev).tril(diagonal=L)[None, None]
+            return row_sl, col_idx, W, mask
+        W = int((lens + T).max())
+        lens_t = torch.as_tensor(lens, device=dev)[:, None]  # (B, 1)
+        t = torch.arange(T, device=dev)[None, :]  # (1, T)
+        col_idx = lens_t + t  # (B, T) write positions
+        j = torch.arange(W, device=dev)[None, None, :]  # (1, 1, W)
+        q_idx = col_idx[:, :, None]  # (B, T, 1)
+        valid = j < (lens_t + torch.as_tensor(n_new, device=dev)[:, None])[:, :, None]
+        # Causal by index among valid entries; each query also sees its own slot so a
+        # padding query never has an empty row (its output is discarded anyway).
+        mask = (valid & (j <= q_idx)) | (j == q_idx)  # (B, T, W)
+        return row_sl, col_idx, W, mask[:, None]
+
+    @staticmethod
+    def _window_mask(
+        mask: Tensor | None, pb: Tensor, row_sl, W: int, ctx: ForwardContext
+    ) -> Tensor:
+        kpos = pb[row_sl, :W] if isinstance(row_sl, slice) else pb[row_sl[:, 0], :W]  # (B, W)
+        qpos = ctx.positions  # (B, T)
+        in_window = (qpos[:, :, None] - kpos[:, None, :]) < ctx.sliding_window  # (B, T, W)
+        T = qpos.shape[1]
+        if mask is None:
+            mask = torch.ones(1, 1, T, W, dtype=torch.bool, device=pb.device)
+        return mask & in_window[:, None]

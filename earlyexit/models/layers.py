@@ -1,0 +1,139 @@
+"""Llama-family building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, Block.
+
+- Numerics follow Hugging Face ``modeling_llama`` exactly (RMSNorm in fp32 then cast back,
+  ``rotate_half`` RoPE with cos/sin computed in fp32), so parity with ``transformers`` holds
+  to float rounding; see ``tests/test_hf.py``.
+- q/k/v and gate/up are fused into one linear each (``wqkv``, ``w13``): fewer kernel launches
+  per decode step. The Hugging Face key map splits and joins them.
+- Attention is ``F.scaled_dot_product_attention``; the KV cache (``kv_cache.py``) supplies
+  keys, values and the mask. Nothing here makes a policy decision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from earlyexit.config import ModelConfig, RopeScaling
+from earlyexit.models.kernels import Linear
+from earlyexit.models.kv_cache import ForwardContext
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as HF Llama does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # same arithmetic, two fewer dispatches on the hot path
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with optional linear or Llama-3 scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None or scaling.type == "default":
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (B, 1, T, head_dim) for integer ``positions`` (B, T)."""
+    freqs = positions.float()[:, None, :, None] * inv_freq.float()  # (B, 1, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (B, H, T, D) by per-position cos/sin (B, 1, T, D)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_dim, self.kv_dim = cfg.q_dim, cfg.kv_dim
+        self.wqkv = Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(cfg.q_dim, cfg.d_model, bias=cfg.o_bias)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, kv_slot: int) -> Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
+        n_qk = self.n_heads + self.n_kv_heads
+        # q and k heads are rotated together: one RoPE application instead of two.
+        # (Slicing rather than .split(): this runs once per layer per token.)
+        qk = qkv[..., : n_qk * self.head_dim].view(B, T, n_qk, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qk, ctx.cos, ctx.sin)  # (B, H + Hkv, T, D)
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # (B, H, T, D), (B, Hkv, T, D)
+        v = qkv[..., n_qk * self.head_dim :].view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.transpose(1, 2)  # (B, Hkv, T, D)
+        if ctx.cache is not None:
+            k, v, mask = ctx.cache.update(kv_slot, k, v, ctx)  # (B, Hkv, W, D), mask (B|1, 1, T, W)
+        else:
+            mask = ctx.uncached_mask()
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None and ctx.cache is None and T > 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*D)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.d_ff = cfg.d_ff
+        self.w13 = Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.mlp_bias)  # [gate; up]
+        self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gu = self.w13(x)  # (B, T, 2 d_ff)
+        return self.w2(F.silu(gu[..., : self.d_ff]) * gu[..., self.d_ff :])
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer. A shared block is run by several steps of the plan."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: Tensor, ctx: ForwardContext, kv_slot: int) -> Tensor:
+        h = h + self.attn(self.attn_norm(h), ctx, kv_slot)
+        return h + self.mlp(self.mlp_norm(h))

@@ -1,0 +1,177 @@
+"""Model-core equivalences: cached == uncached, ragged rows == single rows, shared blocks."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from earlyexit.config import SharingConfig
+from earlyexit.errors import InputError
+from earlyexit.models.decoder import Decoder
+from earlyexit.models.kernels import linear
+from earlyexit.models.kv_cache import KVCache
+from tests.conftest import make_model
+
+ATOL = 1e-5
+
+
+def _incremental(model, x, chunks, batch_rows=None):
+    cache = KVCache.for_model(model, x.shape[0], x.shape[1] + 4)
+    outs, t = [], 0
+    with torch.inference_mode():
+        for c in chunks:
+            outs.append(model(x[:, t : t + c], cache=cache))
+            t += c
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("chunks", [[24], [1] * 24, [7, 1, 1, 15], [5, 10, 9]])
+def test_cached_decoding_equals_uncached_forward(tiny, chunks):
+    x = torch.randint(0, tiny.config.vocab_size, (3, 24))
+    with torch.inference_mode():
+        full = tiny(x)
+    inc, cache = _incremental(tiny, x, chunks)
+    torch.testing.assert_close(inc, full, atol=ATOL, rtol=0)
+    assert (cache.lengths == 24).all()
+
+
+def test_ragged_prompts_in_one_batch_equal_each_row_alone(tiny):
+    V = tiny.config.vocab_size
+    lens = [5, 11, 1, 8]
+    seqs = [torch.randint(0, V, (n + 3,)) for n in lens]  # prompt + 3 decoded tokens
+    padded = torch.zeros(4, max(lens), dtype=torch.long)
+    for b, n in enumerate(lens):
+        padded[b, :n] = seqs[b][:n]
+    cache = KVCache.for_model(tiny, 4, 32)
+    with torch.inference_mode():
+        pre = tiny(padded, cache=cache, n_new=lens)
+        steps = [
+            tiny(torch.stack([s[n + i] for s, n in zip(seqs, lens)])[:, None], cache=cache)
+            for i in range(3)
+        ]
+        for b, n in enumerate(lens):
+            ref = tiny(seqs[b][None])[0]  # (n+3, V)
+            torch.testing.assert_close(pre[b, :n], ref[:n], atol=ATOL, rtol=0)
+            for i in range(3):
+                torch.testing.assert_close(steps[i][b, 0], ref[n + i], atol=ATOL, rtol=0)
+    assert cache.lengths[0].tolist() == [n + 3 for n in lens]
+
+
+def test_a_subset_of_rows_and_zero_new_tokens(tiny):
+    V = tiny.config.vocab_size
+    x = torch.randint(0, V, (3, 10))
+    cache = KVCache.for_model(tiny, 3, 16)
+    with torch.inference_mode():
+        tiny(x[:, :8], cache=cache)
+        # rows 2 and 0 (non-contiguous, out of order) advance; row 1 does not run
+        out = tiny(x[[2, 0], 8:9], cache=cache, rows=[2, 0])
+        torch.testing.assert_close(out[0, 0], tiny(x[2:3, :9])[0, -1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out[1, 0], tiny(x[0:1, :9])[0, -1], atol=ATOL, rtol=0)
+        assert cache.lengths[0].tolist() == [9, 8, 9]
+        # a row with n_new = 0 writes nothing that counts
+        tiny(x[:, 9:10], cache=cache, n_new=[1, 0, 1], positions=torch.tensor([[9], [8], [9]]))
+        assert cache.lengths[0].tolist() == [10, 8, 10]
+        out = tiny(x[1:2, 8:9], cache=cache, rows=[1])
+        torch.testing.assert_close(out[0, 0], tiny(x[1:2, :9])[0, -1], atol=ATOL, rtol=0)
+
+
+def test_sliding_window_cached_equals_uncached():
+    model = make_model(sliding_window=5)
+    x = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.inference_mode():
+        full = model(x)
+        no_window = make_model()(x)
+    assert (full - no_window).abs().max() > 1e-3  # the window changes the result
+    inc, _ = _incremental(model, x, [6, 1, 1, 12])
+    torch.testing.assert_close(inc, full, atol=ATOL, rtol=0)
+
+
+def test_cache_overflow_is_a_clear_error(tiny):
+    cache = KVCache.for_model(tiny, 1, 8)
+    with torch.inference_mode():
+        tiny(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+        with pytest.raises(InputError, match="KV cache full"):
+            tiny(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_run_step_pieces_compose_to_forward(tiny):
+    x = torch.randint(0, tiny.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        ctx = tiny.context(tiny.default_positions(x.shape, None))
+        h = tiny.embed(x)
+        for i in range(tiny.n_steps):
+            h = tiny.run_step(i, h, ctx)
+        torch.testing.assert_close(tiny.logits(h), tiny(x), atol=0, rtol=0)
+
+
+def _unrolled(shared: Decoder) -> Decoder:
+    """A dense model whose block i is a copy of the block step i runs."""
+    cfg = dataclasses.replace(shared.config, sharing=SharingConfig())
+    dense = Decoder(cfg).eval()
+    sd = {k: v for k, v in shared.state_dict().items() if not k.startswith("blocks.")}
+    for i, step in enumerate(shared.plan):
+        for k, v in shared.blocks[step.block].state_dict().items():
+            sd[f"blocks.{i}.{k}"] = v.clone()
+    dense.load_state_dict(sd)
+    return dense
+
+
+@pytest.mark.parametrize("scheme", ["cycle", "sequence", "middle_cycle", "middle_sequence"])
+def test_shared_blocks_equal_the_unrolled_dense_model(scheme):
+    shared = make_model(
+        n_layers=8 if scheme.startswith("middle") else 6, sharing={"scheme": scheme, "loops": 3}
+    )
+    assert len(shared.blocks) == shared.config.n_blocks < shared.n_steps
+    dense = _unrolled(shared)
+    x = torch.randint(0, shared.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(shared(x), dense(x), atol=ATOL, rtol=0)
+        inc, _ = _incremental(shared, x, [8, 1, 3])
+        torch.testing.assert_close(inc, dense(x), atol=ATOL, rtol=0)
+
+
+def test_editing_a_shared_block_changes_every_step_that_runs_it():
+    shared = make_model(n_layers=6, sharing={"scheme": "cycle", "loops": 2})
+    x = torch.randint(0, shared.config.vocab_size, (1, 6))
+    with torch.inference_mode():
+        before = shared(x)
+        shared.blocks[1].mlp.w2.weight.mul_(0)
+        after = shared(x)
+    assert (before - after).abs().max() > 1e-4
+    dense = _unrolled(shared)  # both copies of block 1 see the edit
+    with torch.inference_mode():
+        torch.testing.assert_close(dense(x), after, atol=ATOL, rtol=0)
+
+
+def test_fast_linear_matches_reference_and_keeps_gradients():
+    x, w, b = torch.randn(2, 3, 16), torch.randn(8, 16), torch.randn(8)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5
+        )
+    w.requires_grad_(True)
+    linear(x, w, b).sum().backward()  # autograd path: plain F.linear
+    torch.testing.assert_close(w.grad, x.reshape(-1, 16).sum(0).expand(8, 16))
+
+
+def test_bfloat16_forward_runs_and_stays_close(tiny):
+    x = torch.randint(0, tiny.config.vocab_size, (2, 12))
+    bf = copy.deepcopy(tiny).to(torch.bfloat16)
+    with torch.inference_mode():
+        ref = tiny(x)
+        out = bf(x).float()
+        inc, _ = _incremental(bf, x, [6, 1, 5])
+    # bf16 has 8 mantissa bits: stated tolerance 5% of the logit scale
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() < 0.05 * scale
+    assert (inc.float() - out).abs().max() < 0.05 * scale
+
+
+def test_positions_continue_each_row(tiny):
+    cache = KVCache.for_model(tiny, 2, 16)
+    cache.lengths[:, 1] = 5
+    pos = tiny.default_positions((2, 3), cache)
+    assert pos.tolist() == [[0, 1, 2], [5, 6, 7]]
+    np.testing.assert_array_equal(cache.lengths[:, 0], 0)
