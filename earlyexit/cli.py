@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,6 +149,89 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- prepare / train / eval
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from earlyexit.training.corpus import prepare
+
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+    m = prepare(args.corpus, args.out, args.vocab_size, args.tokenizer, args.val_fraction, say)
+    if args.json:
+        print(
+            json.dumps(
+                {k: m[k] for k in ("counts", "tokenizer", "dtype", "eot_id")} | {"out": args.out}
+            )
+        )
+    return 0
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The TrainConfig a ``train`` command line describes: recipe or file, then flags."""
+    from earlyexit.training.loop import RECIPES, TrainConfig
+
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k in TrainConfig.__dataclass_fields__ and v is not None
+    }
+    if args.config:
+        return TrainConfig.from_file(args.config, **flags).validate()
+    base = {}
+    if args.preset:
+        if args.preset not in RECIPES:
+            raise InputError(
+                f"unknown training preset {args.preset!r}; presets: {', '.join(RECIPES)}"
+            )
+        base = RECIPES[args.preset]
+    return TrainConfig(**{**base, **flags}).validate()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from earlyexit.training.loop import train
+
+    cfg = train_config_from_args(args)
+    summary = train(
+        cfg,
+        resume=args.resume,
+        progress=not args.no_progress and not args.json,
+        log=(lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr)),
+    )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
+    if args.json:
+        print(json.dumps(summary))
+    elif summary["finished"] and summary["val_nll"] is not None:
+        mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] else ""
+        print(
+            f"done: {summary['steps']} steps, val nll {summary['val_nll']:.4f}, "
+            f"{summary['tokens_per_s']:,.0f} tokens/s{mfu}; model in {summary['final']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from earlyexit.evaluation.perplexity import perplexity
+
+    res = perplexity(
+        args.model,
+        args.data,
+        split=args.split,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(
+            f"{args.split} NLL {res['nll']:.4f}  perplexity {res['perplexity']:.3f}  "
+            f"({res['tokens']:,} tokens, {res['tokens_per_s']:,.0f} tokens/s)"
+        )
+    return 0
+
+
 # ---------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.name == "decode":
@@ -209,6 +293,125 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing destination")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=cmd_convert)
+
+    pr = sub.add_parser(
+        "prepare", help="tokenize a corpus for training (default: the Python standard library)"
+    )
+    pr.add_argument(
+        "--corpus",
+        nargs="+",
+        default=["stdlib"],
+        help="stdlib, files, folders, globs, or hf:NAME (several allowed)",
+    )
+    pr.add_argument("--out", default="data/stdlib", help="output directory")
+    pr.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help="BPE vocabulary to train (special token included)",
+    )
+    pr.add_argument(
+        "--tokenizer", default=None, help="use this tokenizer.json instead of training one"
+    )
+    pr.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="share of documents held out for validation",
+    )
+    pr.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    pr.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", help="train or fine-tune a model (also under torchrun)")
+    t.add_argument("--preset", default=None, help="a named recipe (stdlib-small)")
+    t.add_argument("--config", default=None, help="a TrainConfig JSON file (flags override it)")
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    tg = t.add_argument_group("run")
+    tg.add_argument("--data", help="prepared data directory")
+    tg.add_argument("--out", help="run directory")
+    tg.add_argument("--model", help="model preset or ModelConfig JSON (from scratch)")
+    tg.add_argument("--init-from", dest="init_from", help="checkpoint to fine-tune instead")
+    tg.add_argument("--objective", help="training objective (lm)")
+    tg.add_argument("--device", help="cpu, cuda or auto")
+    tg.add_argument("--threads", type=int, help="torch CPU threads (0: default)")
+    tg.add_argument(
+        "--fsdp", action="store_true", default=None, help="shard with FSDP2 under torchrun"
+    )
+    tg.add_argument("--seed", type=int, help="seed of initialisation and data order")
+    og = t.add_argument_group("optimisation")
+    og.add_argument("--steps", type=int, help="optimizer steps")
+    og.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per window")
+    og.add_argument(
+        "--batch-size", dest="batch_size", type=int, help="windows per micro-batch per process"
+    )
+    og.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per step")
+    og.add_argument("--lr", type=float, help="peak learning rate")
+    og.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float, help="final lr / peak lr")
+    og.add_argument("--schedule", choices=["cosine", "wsd"], help="lr schedule")
+    og.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps")
+    og.add_argument(
+        "--decay-fraction",
+        dest="decay_fraction",
+        type=float,
+        help="wsd: fraction of steps decaying",
+    )
+    og.add_argument(
+        "--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (matrices only)"
+    )
+    og.add_argument(
+        "--grad-clip", dest="grad_clip", type=float, help="max gradient norm; <= 0 disables"
+    )
+    og.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        help="bfloat16: autocast with fp32 master weights",
+    )
+    og.add_argument("--nonfinite", choices=["stop", "skip"], help="what a NaN/inf loss does")
+    lg = t.add_argument_group("logging and checkpoints")
+    lg.add_argument(
+        "--eval-every",
+        dest="eval_every",
+        type=int,
+        help="steps between validations; <= 0: at the end only",
+    )
+    lg.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation batches")
+    lg.add_argument(
+        "--save-every",
+        dest="save_every",
+        type=int,
+        help="steps between checkpoints; <= 0: at the end only",
+    )
+    lg.add_argument(
+        "--keep-last", dest="keep_last", type=int, help="checkpoints kept; <= 0 keeps all"
+    )
+    lg.add_argument("--log-every", dest="log_every", type=int, help="steps between metric lines")
+    lg.add_argument(
+        "--stop-at-step",
+        dest="stop_at_step",
+        type=int,
+        help="end the process after this step as if interrupted (-1: never)",
+    )
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    e.add_argument(
+        "kind", choices=["perplexity"], help="perplexity: validation NLL of a prepared corpus"
+    )
+    e.add_argument("--model", required=True, help="checkpoint or Hugging Face directory")
+    e.add_argument("--data", required=True, help="prepared data directory")
+    e.add_argument("--split", default="val", choices=["val", "train"], help="which split")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    e.add_argument(
+        "--max-batches", type=int, default=-1, help="stop after this many batches (-1: all)"
+    )
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_device_flags(e)
+    e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
     b.add_argument(

@@ -284,6 +284,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_context=256,
         tie_embeddings=False,
     ),
+    # The embedded default trained on the Python standard library (training/loop.py
+    # RECIPES). 8 layers: FREE 2/8 shallow-deep, recursive 4x2 cycle and MoR middle-cycle
+    # 1 + 2x3 + 1 all fit without adding layers. The vocabulary comes from the data.
+    "stdlib-small": dict(
+        vocab_size=8192,
+        d_model=256,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=768,
+        max_context=1024,
+        tie_embeddings=True,
+    ),
     # HuggingFaceTB/SmolLM-135M (also MoR's 135M base shape).
     "smollm-135m": dict(
         vocab_size=49152,

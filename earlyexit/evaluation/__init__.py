@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, agreement with full depth, lm-eval adapter, exit statistics."""

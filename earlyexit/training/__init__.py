@@ -1,0 +1,1 @@
+"""Training: corpus preparation, tokenizer training, the training loop and its objectives."""

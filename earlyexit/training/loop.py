@@ -1,0 +1,627 @@
+"""``earlyexit train``: one training loop for every objective, on one process or many.
+
+- Model from a preset or a config file (from scratch) or an existing checkpoint
+  (``init_from``); the vocabulary is taken from the prepared data's tokenizer.
+- AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only: not on norms, biases or
+  embeddings), warmup + cosine or warmup-stable-decay, gradient clipping, gradient
+  accumulation, optional bf16 autocast with fp32 master weights.
+- The objective is pluggable (``training/losses.py``): the loop only backpropagates
+  ``objective(model, inputs, targets).loss``.
+- Periodic validation NLL, a progress bar (loss, lr, tokens/s, ETA), ``metrics.jsonl``, and
+  atomic checkpoints every ``save_every`` steps keeping the last ``keep_last``
+  (``training/state.py``).
+- Exact resume: model, optimizer moments, step, data position (one integer; the batch
+  order is a pure function of it) and RNG states are restored, so a resumed run retraces
+  the uninterrupted one (tested to 1e-6 in fp32).
+- Multi-process: the same entry point under ``torchrun`` uses DDP (gloo on CPU, NCCL on
+  GPU) or FSDP2 (``fsdp=True``). Rank r reads its slice of each global batch, so
+  R ranks x batch b equals 1 rank x batch R*b.
+- A NaN/inf loss stops with the step and a hint (or skips the step, ``nonfinite="skip"``);
+  the last good checkpoint is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from earlyexit.checkpoint import load_checkpoint, load_config, save_checkpoint
+from earlyexit.config import ModelConfig, _parse_dataclass
+from earlyexit.device import resolve_device
+from earlyexit.errors import ConfigError, EarlyExitError, InputError
+from earlyexit.models.decoder import Decoder
+from earlyexit.models.layers import RMSNorm
+from earlyexit.tokenizer import Tokenizer
+from earlyexit.training.data import TrainBatches, Windows, load_manifest, token_file, val_batches
+from earlyexit.training.losses import evaluate_nll, get_objective
+from earlyexit.training.schedule import SCHEDULES, lr_at
+from earlyexit.training.state import (
+    latest_checkpoint,
+    load_training_state,
+    lock_run,
+    restore_rng,
+    save_training_checkpoint,
+)
+
+
+class TrainingError(EarlyExitError):
+    """Training cannot go on (non-finite loss, incompatible resume)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. ``-1`` / ``0`` disable where noted.
+
+    Attributes:
+        data: prepared data directory (``earlyexit prepare``).
+        out: run directory (checkpoints, metrics, final model).
+        model: model preset name or path to a ModelConfig JSON (training from scratch).
+        init_from: checkpoint to start from instead (fine-tuning); overrides ``model``.
+        objective: training objective (``lm``; later ``exits``, ``uptrain``, ``mor``).
+        seq_len: tokens per training window.
+        batch_size: windows per micro-batch per process.
+        grad_accum: micro-batches per optimizer step.
+        steps: optimizer steps in the run (the schedule spans them).
+        lr: peak learning rate.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        schedule: ``cosine`` or ``wsd`` (warmup-stable-decay).
+        warmup_steps: linear warmup steps.
+        decay_fraction: ``wsd`` only: fraction of steps spent decaying.
+        weight_decay: AdamW weight decay on matrices (not norms, biases, embeddings).
+        beta1, beta2: AdamW betas.
+        grad_clip: max global gradient norm (<= 0 disables).
+        precision: ``float32``, or ``bfloat16`` autocast with fp32 master weights.
+        eval_every: steps between validation evaluations (<= 0: only at the end).
+        eval_batches: validation batches per evaluation.
+        save_every: steps between checkpoints (<= 0: only at the end).
+        keep_last: checkpoints kept (<= 0 keeps all).
+        log_every: steps between metric lines.
+        seed: seed of initialisation and data order.
+        nonfinite: ``stop`` or ``skip`` on a NaN/inf loss.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        threads: torch CPU threads (0: leave torch's default).
+        fsdp: shard with FSDP2 instead of replicating with DDP (multi-process runs).
+        stop_at_step: end the process after this step as if interrupted (-1: never); for
+            resume tests and time-sliced jobs.
+    """
+
+    data: str = "data/stdlib"
+    out: str = "runs/stdlib-small"
+    model: str = "stdlib-small"
+    init_from: str | None = None
+    objective: str = "lm"
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "float32"
+    eval_every: int = 100
+    eval_batches: int = 16
+    save_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+    nonfinite: str = "stop"
+    device: str = "auto"
+    threads: int = 0
+    fsdp: bool = False
+    stop_at_step: int = -1
+
+    def validate(self) -> TrainConfig:
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.precision not in ("float32", "bfloat16"):
+            raise ConfigError(f"precision must be float32 or bfloat16, got {self.precision!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
+            raise ConfigError("min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return _parse_dataclass(cls, {**data, **overrides}, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+# Named recipes: `earlyexit train --preset NAME`. Each must run as documented on 2 CPU cores.
+RECIPES: dict[str, dict] = {
+    # The embedded default: the small dense model the demo builds on, trained on the
+    # Python standard library (1.8M tokens, ~0.6 epoch) in ~12 minutes on 2 cores
+    # (BENCHMARKS.md, "train"). bf16 autocast is 1.45x faster than fp32 on AVX512-BF16 CPUs.
+    "stdlib-small": dict(
+        model="stdlib-small",
+        data="data/stdlib",
+        out="runs/stdlib-small",
+        seq_len=256,
+        batch_size=16,
+        steps=450,
+        lr=2e-3,
+        warmup_steps=30,
+        precision="bfloat16",
+        eval_every=50,
+        save_every=50,
+    ),
+}
+
+
+# ---------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group ``torchrun`` describes (no-op for a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local)
+
+
+def _all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world
+    return x
+
+
+# ---------------------------------------------------------------------- model and optimizer
+def build_config(cfg: TrainConfig, tokenizer: Tokenizer, eot: int) -> ModelConfig:
+    """The model config: preset or file, with the vocabulary of the data's tokenizer."""
+    over = {"vocab_size": tokenizer.vocab_size, "eos_token_ids": [eot]}
+    if Path(cfg.model).suffix == ".json":
+        mc = ModelConfig.load(cfg.model)
+        data = mc.to_dict()
+        data.pop("plan")
+        return ModelConfig.from_dict({**data, **over}, source=cfg.model)
+    return ModelConfig.from_name(cfg.model, **over)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on linear matrices only; not on norms, biases or embeddings."""
+    decay, no_decay = [], []
+    no_decay_ids = set()
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, torch.nn.Embedding)):
+            no_decay_ids.update(id(p) for p in m.parameters(recurse=False))
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5
+) -> float:
+    """FLOP/s of an n x n x n matmul in ``dtype``, measured here and now (for MFU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters run per token (shared blocks count
+    once per step) + 6 x layers x seq_len x d (causal attention scores and values)."""
+    per_step = mc.block_params() - 2 * mc.d_model  # matmul weights of one block
+    n = mc.n_layers * per_step + mc.vocab_size * mc.d_model  # + the head
+    return 6 * n + 6 * mc.n_layers * seq_len * mc.q_dim
+
+
+def _git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Run (or resume) a training run; returns a summary dict. See the module docstring."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    d = setup_distributed(device)
+    if device.type == "cuda" and d.world > 1:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    lock = lock_run(Path(cfg.out)) if d.main else None  # one trainer per run directory
+    try:
+        return _train(cfg, resume, progress, log, device, d)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(
+    cfg: TrainConfig, resume: bool, progress: bool, log, device: torch.device, d: Dist
+) -> dict:
+    say = log if d.main else (lambda *a, **k: None)
+    run = Path(cfg.out)
+    manifest = load_manifest(cfg.data)
+    tok_path = Path(cfg.data) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tok_path)
+    train_w = Windows(token_file(cfg.data, "train"), cfg.seq_len)
+    val_w = Windows(token_file(cfg.data, "val"), cfg.seq_len)
+
+    # ------------------------------------------------------------------ model
+    start_step, tokens_seen = 0, 0
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None:
+        say(f"{run}: no checkpoint to resume from; starting from scratch")
+    if not resume and (run / "latest").exists():
+        raise InputError(
+            f"{run}: already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if ckpt is not None:  # resuming: the run's own config (its weights come below)
+        mc = load_config(ckpt)
+        model = Decoder(mc).to(device)
+        model.train()
+    elif cfg.init_from:
+        model, _ = load_checkpoint(cfg.init_from, device)
+        model.train()
+        mc = model.config
+        if tokenizer.vocab_size > mc.vocab_size:
+            raise InputError(
+                f"{tok_path}: {tokenizer.vocab_size} tokens do not fit the vocabulary of {cfg.init_from} ({mc.vocab_size})"
+            )
+    else:
+        mc = build_config(cfg, tokenizer, manifest["eot_id"])
+        torch.manual_seed(cfg.seed)
+        model = Decoder(mc).to(device)
+        model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed))
+        model.train()
+    if cfg.seq_len > mc.max_context:
+        raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's context ({mc.max_context})")
+    fingerprint = _fingerprint(cfg, mc, d)
+    state = None
+    if ckpt is not None:
+        model_state, optim_state, state = load_training_state(ckpt, device)
+        _check_fingerprint(ckpt, state, fingerprint)
+        model.load_state_dict(model_state, strict=True)
+    objective = get_objective(cfg.objective)
+    objective.setup(model)
+    net = _wrap(model, cfg, d, device)  # FSDP2 swaps parameters: build the optimizer after
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
+    )
+    if ckpt is not None:
+        _load_optimizer(ckpt, model, optimizer, optim_state)
+        restore_rng(ckpt, state)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        say(f"resuming {run} from {ckpt.name} (step {start_step})")
+
+    # ------------------------------------------------------------------ bookkeeping
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "train_config.json").write_text(
+            json.dumps(
+                {**dataclasses.asdict(cfg), "world_size": d.world, "git": _git_revision()}, indent=1
+            )
+            + "\n"
+        )
+        _truncate_metrics(run / "metrics.jsonl", start_step)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * d.world
+    fpt = flops_per_token(mc, cfg.seq_len)
+    compute_dtype = torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32
+    peak = matmul_peak(device, compute_dtype) if d.main else 0.0
+    batches = TrainBatches(train_w, cfg.batch_size, cfg.seed, d.rank, d.world)
+    if cfg.precision == "bfloat16":  # fp32 master weights, bf16 compute
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+    say(
+        f"training {mc.name}: {mc.param_counts()['total'] / 1e6:.2f}M parameters, {d.world} process(es), "
+        f"{tokens_per_step:,} tokens/step, steps {start_step}->{cfg.steps}"
+    )
+
+    bar = None
+    if progress and d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    skipped, last_eval = 0, None
+    t_start, tok_start = time.perf_counter(), tokens_seen
+    completed = start_step
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(
+            step,
+            lr=cfg.lr,
+            steps=cfg.steps,
+            warmup=cfg.warmup_steps,
+            schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+            decay_fraction=cfg.decay_fraction,
+        )
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = batches.batch(step * cfg.grad_accum + micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # DDP: all-reduce gradients only on the last micro-batch of the step
+            last = micro == cfg.grad_accum - 1
+            sync = (
+                net.no_sync()
+                if (d.world > 1 and not cfg.fsdp and not last)
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with autocast():
+                    out = objective(net, x, y)
+                (out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach()
+        loss = _all_mean(loss_sum / cfg.grad_accum, d)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            if cfg.nonfinite == "stop":
+                last = latest_checkpoint(run)
+                raise TrainingError(
+                    f"non-finite loss ({loss_value}) at step {step + 1}; try a lower --lr, "
+                    f"--grad-clip 1.0 or --precision float32. Last good checkpoint: {last or 'none'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            say(f"step {step + 1}: non-finite loss, step skipped ({skipped} so far)")
+            continue
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        done = completed = step + 1
+        elapsed = time.perf_counter() - t_start
+        tps = (tokens_seen - tok_start) / max(elapsed, 1e-9)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        if d.main and (done % cfg.log_every == 0 or done == cfg.steps or done == 1):
+            _append(
+                run / "metrics.jsonl",
+                {
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": float(gnorm),
+                    "tokens": tokens_seen,
+                    "tokens_per_s": tps,
+                    "mfu": tps * fpt / peak if peak else None,
+                    "elapsed_s": elapsed,
+                    "skipped": skipped,
+                },
+            )
+        if (cfg.eval_every > 0 and done % cfg.eval_every == 0) or done == cfg.steps:
+            last_eval = _evaluate(model, val_w, cfg, device, d)
+            if d.main:
+                _append(
+                    run / "metrics.jsonl",
+                    {
+                        "step": done,
+                        "val_nll": last_eval,
+                        "val_ppl": math.exp(min(last_eval, 50)),
+                        "tokens": tokens_seen,
+                    },
+                )
+                if bar is not None:
+                    bar.write(
+                        f"step {done}: val nll {last_eval:.4f} (ppl {math.exp(min(last_eval, 50)):.2f})"
+                    )
+        if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == cfg.steps:
+            _save(run, done, tokens_seen, model, optimizer, mc, tok_path, cfg, fingerprint, d)
+        if cfg.stop_at_step > 0 and done >= cfg.stop_at_step and done < cfg.steps:
+            say(f"stopping at step {done} (--stop-at-step)")
+            break
+    if bar is not None:
+        bar.close()
+    finished = completed >= cfg.steps
+    if finished and last_eval is None:  # resumed a run that had already finished
+        last_eval = _evaluate(model, val_w, cfg, device, d)
+    if finished:
+        final = _full_model(model, mc)  # a collective: every rank takes part, rank 0 gets it
+        if d.main:
+            save_checkpoint(final, run / "final", tokenizer)
+    if d.world > 1:
+        dist.barrier()
+    elapsed = time.perf_counter() - t_start
+    tps = (tokens_seen - tok_start) / max(elapsed, 1e-9)
+    return {
+        "run": str(run),
+        "steps": completed,
+        "finished": finished,
+        "val_nll": last_eval,
+        "tokens": tokens_seen,
+        "tokens_per_s": tps,
+        "mfu": tps * fpt / peak if peak else None,
+        "matmul_peak_flops": peak,
+        "flops_per_token": fpt,
+        "skipped_steps": skipped,
+        "final": str(run / "final") if finished else None,
+    }
+
+
+def _wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device):
+    if d.world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _fingerprint(cfg: TrainConfig, mc: ModelConfig, d: Dist) -> dict:
+    """What must not change across a resume for it to be exact."""
+    return {
+        "model": {k: v for k, v in mc.to_dict().items() if k != "name"},
+        "seq_len": cfg.seq_len,
+        "global_batch": cfg.batch_size * d.world,
+        "grad_accum": cfg.grad_accum,
+        "seed": cfg.seed,
+        "objective": cfg.objective,
+        "data": str(Path(cfg.data).resolve()),
+    }
+
+
+def _check_fingerprint(ckpt: Path, state: dict, fingerprint: dict) -> None:
+    old = state.get("fingerprint", {})
+    changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+    if changed:
+        raise TrainingError(
+            f"{ckpt}: cannot resume: {', '.join(changed)} differ from the run being resumed "
+            f"(start a new run with another --out, or restore the original settings)"
+        )
+
+
+def _load_optimizer(ckpt: Path, model, optimizer, optim_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [n for n in names.values() if n not in optim_state["state"]]
+    if missing:
+        raise TrainingError(f"{ckpt}: optimizer state lacks {', '.join(missing[:3])}")
+    groups = optimizer.state_dict()["param_groups"]
+    optim_state["param_groups"] = [
+        {
+            **{k: v for k, v in g.items() if k != "params"},
+            "params": [names[id(p)] for p in optimizer.param_groups[i]["params"]],
+        }
+        for i, g in enumerate(groups)
+    ]
+    set_optimizer_state_dict(
+        model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def _full_model(model, mc: ModelConfig) -> Decoder | None:
+    """A plain Decoder with the full weights on rank 0 (None elsewhere); gathers FSDP shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=opts)
+    if not sd:  # with cpu_offload only rank 0 receives the full state
+        return None
+    with torch.device("meta"):
+        plain = Decoder(mc)
+    plain.load_state_dict({k: v.detach().cpu() for k, v in sd.items()}, assign=True)
+    plain.rebuild_buffers("cpu")
+    return plain.eval()
+
+
+def _save(
+    run: Path, step: int, tokens: int, model, optimizer, mc, tok_path, cfg, fingerprint, d: Dist
+) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)  # collective under FSDP: every rank calls it
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if d.main:
+        state = {
+            "step": step,
+            "tokens": tokens,
+            "micro_batch": step * cfg.grad_accum,
+            "fingerprint": fingerprint,
+        }
+        save_training_checkpoint(run, step, msd, mc.to_dict(), tok_path, osd, state, cfg.keep_last)
+    if d.world > 1:
+        dist.barrier()
+
+
+def _evaluate(model, val_w: Windows, cfg: TrainConfig, device, d: Dist) -> float:
+    """Validation NLL on every rank's copy (identical data; FSDP needs all ranks anyway)."""
+    model.eval()
+    try:
+        nll, _ = evaluate_nll(model, val_batches(val_w, cfg.batch_size, cfg.eval_batches))
+    finally:
+        model.train()
+    return nll
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written by a run killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln).get("step", 0) <= step
+    ]
+    path.write_text("".join(ln + "\n" for ln in keep))
