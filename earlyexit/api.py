@@ -20,6 +20,7 @@ from earlyexit.decoding.generate import GenerationResult, TokenEvent
 from earlyexit.decoding.generate import generate as _generate
 from earlyexit.decoding.generate import stream as _stream
 from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.decoding.strategies import make_strategy
 from earlyexit.device import resolve_device, resolve_dtype
 from earlyexit.errors import InputError
 from earlyexit.models.decoder import Decoder
@@ -59,20 +60,28 @@ class LM:
                 raise InputError(str(e)) from None
         return params
 
+    def strategy(self, name: str = "full", **options) -> Strategy:
+        """A decoding strategy for this model (``full``, ``static``, ``calm``, ``free``,
+        ``speculative``); options as in :func:`earlyexit.decoding.strategies.make_strategy`.
+        Reuse the object across calls to keep state (FREE's adaptive threshold)."""
+        return make_strategy(self.model, name, **options)
+
     def generate(
         self,
         prompt: Prompt | Sequence[Prompt],
         params: SamplingParams | None = None,
-        strategy: Strategy | None = None,
+        strategy: Strategy | str | None = None,
         **kwargs,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (text or ids) or a list of prompts (batched).
 
         Keyword arguments are :class:`SamplingParams` fields (``max_new_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ...).
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ...). ``strategy`` is a
+        :class:`Strategy` (see :meth:`strategy`) or a name with default options.
         """
         single, prompts = _as_batch(prompt)
         ids = [self.encode(p) for p in prompts]
+        strategy = self.strategy(strategy) if isinstance(strategy, str) else strategy
         out = _generate(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
         return out[0] if single else out
 
@@ -80,12 +89,13 @@ class LM:
         self,
         prompt: Prompt | Sequence[Prompt],
         params: SamplingParams | None = None,
-        strategy: Strategy | None = None,
+        strategy: Strategy | str | None = None,
         **kwargs,
     ) -> Iterator[TokenEvent]:
         """Yield :class:`TokenEvent` s as tokens are generated."""
         _, prompts = _as_batch(prompt)
         ids = [self.encode(p) for p in prompts]
+        strategy = self.strategy(strategy) if isinstance(strategy, str) else strategy
         return _stream(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
 
 

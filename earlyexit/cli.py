@@ -55,10 +55,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------- generate
-def cmd_generate(args: argparse.Namespace) -> int:
-    import earlyexit
-    from earlyexit.decoding.sampling import SamplingParams
-
+def _read_prompt(args: argparse.Namespace) -> str | list[int]:
     prompt = " ".join(args.prompt) if args.prompt else None
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -66,15 +63,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if args.ids:
         try:
-            prompt_in: str | list[int] = [int(t) for t in prompt.replace(",", " ").split()]
+            ids = [int(t) for t in prompt.replace(",", " ").split()]
         except ValueError:
             raise InputError("--ids expects comma- or space-separated integers") from None
-        if not prompt_in:
+        if not ids:
             raise InputError("the prompt is empty")
-    else:
-        if not prompt.strip():
-            raise InputError("the prompt is empty")
-        prompt_in = prompt
+        return ids
+    if not prompt.strip():
+        raise InputError("the prompt is empty")
+    return prompt
+
+
+# 256-colour ramp from green (shallow) to red (full depth)
+_RAMP = (46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196)
+
+
+def _colour(text: str, depth: int, n_steps: int) -> str:
+    c = _RAMP[round((len(_RAMP) - 1) * (depth - 1) / max(n_steps - 1, 1))]
+    return f"\x1b[38;5;{c}m{text}\x1b[0m"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import warnings
+
+    import earlyexit
+    from earlyexit.decoding.sampling import SamplingParams
+    from earlyexit.decoding.strategies import make_strategy
+
+    prompt_in = _read_prompt(args)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -86,28 +102,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ).validate()
     lm = earlyexit.load(args.model, device=args.device, dtype=args.dtype)
     params.validate(lm.config.vocab_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        strategy = make_strategy(
+            lm.model,
+            args.strategy,
+            exit_step=args.exit_step,
+            threshold=args.threshold,
+            adaptive=args.adaptive,
+            measure=args.confidence,
+            min_exit=args.min_exit,
+            decay_tau=args.decay_tau,
+            draft_k=args.draft_k,
+        )
+    for w in caught:
+        print(f"earlyexit: warning: {w.message}", file=sys.stderr)
+    L = lm.model.n_steps
     t0 = time.perf_counter()
-    if args.stream and not args.json:
+    if (args.stream or args.show_depth) and not args.json:
         result = None
         events = []
-        for ev in lm.stream(prompt_in, params):
+        if args.show_depth:
+            legend = " ".join(_colour(str(d), d, L) for d in range(1, L + 1))
+            print(f"depth: {legend}", file=sys.stderr)
+        for ev in lm.stream(prompt_in, params, strategy=strategy):
             events.append(ev)
-            sys.stdout.write(ev.text if ev.text is not None else f"{ev.token_id} ")
+            text = ev.text if ev.text is not None else f"{ev.token_id} "
+            sys.stdout.write(_colour(text, ev.depth, L) if args.show_depth else text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        n = len(events)
-        depths = [e.depth for e in events]
+        n, depths = len(events), [e.depth for e in events]
         finish = events[-1].finish_reason if events else ""
     else:
-        result = lm.generate(prompt_in, params)
+        result = lm.generate(prompt_in, params, strategy=strategy)
         n, depths, finish = len(result.token_ids), result.depths, result.finish_reason
     dt = time.perf_counter() - t0
+    exit_rate = sum(d < L for d in depths) / max(n, 1)
     if args.json:
-        out = result.to_dict()
+        out = result.to_dict() if result is not None else {}
         out.update(
             model=str(args.model),
-            strategy="full",
-            n_steps=lm.model.n_steps,
+            strategy=strategy.name,
+            strategy_stats=strategy.stats(),
+            n_steps=L,
+            exit_rate=exit_rate,
             seconds=round(dt, 4),
             tokens_per_second=round(n / dt, 2),
         )
@@ -116,9 +154,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if result is not None:
             print(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
         mean = sum(depths) / max(n, 1)
+        extra = ""
+        st = strategy.stats()
+        if "threshold" in st:
+            extra += f", threshold {st['threshold']:.3g}"
+        if "acceptance_rate" in st:
+            extra += f", drafts accepted {st['acceptance_rate']:.0%}"
         print(
-            f"[{n} tokens, finish={finish}, mean depth {mean:.1f}/{lm.model.n_steps}, "
-            f"{n / dt:.1f} tok/s]",
+            f"[{strategy.name}: {n} tokens, finish={finish}, mean depth {mean:.2f}/{L}, "
+            f"exit rate {exit_rate:.0%}{extra}, {n / dt:.1f} tok/s]",
             file=sys.stderr,
         )
     return 0
@@ -234,19 +278,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
+    out = args.out or f"results/{args.name.replace('-', '_')}.json"
     if args.name == "decode":
         from earlyexit.bench.decode import main as decode_main
 
         decode_main(
             preset=args.preset,
-            batch_sizes=args.batch_sizes,
-            new_tokens=args.new_tokens,
-            prompt_len=args.prompt_len,
-            repeats=args.repeats,
+            batch_sizes=args.batch_sizes or [1, 8],
+            new_tokens=args.new_tokens or 128,
+            prompt_len=args.prompt_len or 16,
+            repeats=args.repeats or 3,
             threads=args.threads,
-            out=args.out,
+            out=out,
             as_json=args.json,
         )
+        return 0
+    if args.name == "plot":
+        from earlyexit.bench.plots import plot_all
+
+        for path in plot_all(args.results, args.plots):
+            print(f"wrote {path}")
+        return 0
+    from earlyexit.bench.early_exit import main_batched_exit, main_early_exit
+
+    if args.model is None:
+        raise InputError(f"bench {args.name} needs --model (a checkpoint with trained exits)")
+    if args.name == "early-exit":
+        rows = main_early_exit(
+            args.model,
+            args.data,
+            args.calm_model,
+            args.prompts or 16,
+            args.prompt_len or 32,
+            args.new_tokens or 64,
+            args.repeats or 2,
+            args.threads,
+            out,
+        )
+    else:
+        rows = main_batched_exit(
+            args.model,
+            args.data,
+            tuple(args.batch_sizes or (1, 8, 16, 32)),
+            args.threshold,
+            args.prompts or 32,
+            args.prompt_len or 32,
+            args.new_tokens or 64,
+            args.repeats or 2,
+            args.threads,
+            out,
+        )
+    if args.json:
+        print(json.dumps(rows))
+    print(f"rows written to {out}", file=sys.stderr)
     return 0
 
 
@@ -275,6 +359,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--ids", action="store_true", help="the prompt is token ids (comma or space separated)"
     )
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument(
+        "--show-depth", action="store_true", help="colour each token by the depth it ran (streams)"
+    )
+    xg = g.add_argument_group("early exit")
+    xg.add_argument(
+        "--strategy",
+        default="full",
+        choices=["full", "static", "calm", "free", "speculative"],
+        help="which steps each token runs (default: full)",
+    )
+    xg.add_argument(
+        "--exit-step",
+        type=int,
+        default=None,
+        help="static/free/speculative: the shallow exit (default: the model's first exit)",
+    )
+    xg.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="calm/free: exit when confidence passes this, in [-1, 1] (1: never)",
+    )
+    xg.add_argument(
+        "--adaptive", action="store_true", help="free: fit the threshold online (Beta mixture)"
+    )
+    xg.add_argument(
+        "--confidence",
+        default="margin",
+        choices=["margin", "max-prob", "saturation", "classifier"],
+        help="calm/free: confidence measure",
+    )
+    xg.add_argument(
+        "--min-exit",
+        type=int,
+        default=None,
+        help="calm: first exit to check (default: the first exit)",
+    )
+    xg.add_argument(
+        "--decay-tau",
+        type=float,
+        default=None,
+        help="calm: decaying threshold temperature (default: constant)",
+    )
+    xg.add_argument(
+        "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
+    )
     g.add_argument(
         "--json", action="store_true", help="print one JSON object: text, token_ids, depths, ..."
     )
@@ -371,6 +501,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="bfloat16: autocast with fp32 master weights",
     )
     og.add_argument("--nonfinite", choices=["stop", "skip"], help="what a NaN/inf loss does")
+    xg = t.add_argument_group("early exits (--objective exits | exit-classifier)")
+    xg.add_argument(
+        "--exit-steps",
+        dest="exit_steps",
+        type=int,
+        nargs="+",
+        help="exit after these many steps (e.g. 2, or 2 4 6)",
+    )
+    xg.add_argument(
+        "--exit-loss",
+        dest="exit_loss",
+        choices=["weighted", "aggressive", "shallow-deep"],
+        help="weighted: CALM; aggressive: RRT (0.1 + KD); shallow-deep: FREE (default)",
+    )
+    xg.add_argument(
+        "--exit-coef",
+        dest="exit_coef",
+        type=float,
+        help="aggressive: weight of intermediate exits (0.1)",
+    )
+    xg.add_argument(
+        "--kd-alpha",
+        dest="kd_alpha",
+        type=float,
+        help="shallow-deep: weight of layer-wise distillation (0.5)",
+    )
+    xg.add_argument(
+        "--exit-norms",
+        dest="exit_norms",
+        action="store_true",
+        default=None,
+        help="a small RMSNorm per intermediate exit",
+    )
+    xg.add_argument(
+        "--exit-classifier",
+        dest="exit_classifier",
+        action="store_true",
+        default=None,
+        help="add a learned confidence classifier per exit",
+    )
     lg = t.add_argument_group("logging and checkpoints")
     lg.add_argument(
         "--eval-every",
@@ -415,17 +585,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
     b.add_argument(
-        "name", choices=["decode"], help="decode: our full-depth decoder vs transformers generate()"
+        "name",
+        choices=["decode", "early-exit", "batched-exit", "plot"],
+        help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; plot: figures from the JSON rows",
     )
-    b.add_argument("--preset", default="smollm-135m", help="model shape (random init)")
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to run")
-    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run")
-    b.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per row")
+    b.add_argument("--preset", default="smollm-135m", help="decode: model shape (random init)")
     b.add_argument(
-        "--repeats", type=int, default=3, help="interleaved repetitions (median reported)"
+        "--model", default=None, help="early-exit/batched-exit: checkpoint with trained exits"
+    )
+    b.add_argument(
+        "--calm-model", default=None, help="early-exit: a second checkpoint (CALM-trained exits)"
+    )
+    b.add_argument(
+        "--data",
+        default="data/stdlib",
+        help="prepared data: prompts come from its validation split",
+    )
+    b.add_argument("--prompts", type=int, default=None, help="number of validation prompts")
+    b.add_argument(
+        "--threshold",
+        type=float,
+        default=0.3,
+        help="batched-exit: exit threshold of naive and ours",
+    )
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to run")
+    b.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt")
+    b.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row")
+    b.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repetitions (median reported)"
     )
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    b.add_argument("--out", default="results/decode.json", help="JSON rows are written here")
+    b.add_argument(
+        "--out", default=None, help="JSON rows are written here (default: results/NAME.json)"
+    )
+    b.add_argument("--results", default="results", help="plot: folder of JSON rows")
+    b.add_argument("--plots", default="results/plots", help="plot: output folder")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.set_defaults(func=cmd_bench)
 

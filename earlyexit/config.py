@@ -72,6 +72,29 @@ class SharingConfig:
 
 
 @dataclass
+class ExitConfig:
+    """Early-exit points (FREE, CALM, recursive loop exits).
+
+    Every exit reuses the final norm and LM head, so a model with exits is still a plain
+    dense model (Hugging Face export keeps working); ``norms`` adds a small per-exit RMSNorm
+    instead, initialised from the final norm.
+
+    Attributes:
+        steps: exits after these many plan steps, strictly increasing, each in
+            [1, n_layers - 1]; the last step is always an exit too.
+        norms: give each intermediate exit its own RMSNorm.
+        classifier: give each intermediate exit a learned confidence classifier (CALM's
+            early-exit classifier / FREE's meta): MLP d -> d -> 2 on the normed state.
+        trained: set once exit training ran (exit strategies warn on untrained exits).
+    """
+
+    steps: tuple[int, ...] = ()
+    norms: bool = False
+    classifier: bool = False
+    trained: bool = False
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only Llama-family model.
 
@@ -98,6 +121,7 @@ class ModelConfig:
             tokenizer's post-processor's decision, as in Hugging Face).
         init_std: std of the normal init of linear and embedding weights.
         sharing: layer sharing; builds the plan.
+        exits: early-exit points.
     """
 
     name: str = "custom"
@@ -121,6 +145,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     init_std: float = 0.02
     sharing: SharingConfig = field(default_factory=SharingConfig)
+    exits: ExitConfig = field(default_factory=ExitConfig)
     # Derived in __post_init__, never set by hand.
     plan: tuple[Step, ...] = field(init=False, repr=False, compare=False)
 
@@ -160,6 +185,12 @@ class ModelConfig:
                 )
         self.eos_token_ids = tuple(self.eos_token_ids)
         self.plan = build_plan(self.n_layers, self.sharing.scheme, self.sharing.loops)
+        ex = self.exits.steps = tuple(self.exits.steps)
+        if any(not 1 <= s < self.n_layers for s in ex) or list(ex) != sorted(set(ex)):
+            raise ConfigError(
+                f"exits.steps must be strictly increasing and within [1, {self.n_layers - 1}] "
+                f"(the last step {self.n_layers} is always an exit), got {list(ex)}"
+            )
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -171,6 +202,11 @@ class ModelConfig:
     def n_kv_slots(self) -> int:
         """KV-cache slots the plan writes."""
         return n_kv_slots(self.plan)
+
+    @property
+    def exit_points(self) -> tuple[int, ...]:
+        """Step counts after which logits may be read: the configured exits and the last step."""
+        return (*self.exits.steps, self.n_layers)
 
     @property
     def q_dim(self) -> int:
@@ -205,6 +241,7 @@ class ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
         d["sharing"] = dataclasses.asdict(self.sharing)
+        d["exits"] = {**dataclasses.asdict(self.exits), "steps": list(self.exits.steps)}
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["plan"] = [s.to_dict() for s in self.plan]
         return d

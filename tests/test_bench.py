@@ -31,3 +31,77 @@ def test_bench_decode_tiny(tmp_path, capsys):
         if r["impl"] in ("earlyexit", "transformers"):
             assert len(r["seconds"]) == 2 and r["tokens_per_s"] > 0
     assert "| 1 |" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def exit_setup(tmp_path_factory):
+    """A tiny prepared corpus and a tiny model with an exit, saved as a checkpoint."""
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.tokenizer import Tokenizer
+    from earlyexit.training.corpus import prepare
+    from tests.conftest import make_model
+
+    root = tmp_path_factory.mktemp("bench")
+    src = root / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"m{i}.py").write_text(
+            "".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(40))
+        )
+    prepare([str(src)], root / "data", vocab_size=300, log=lambda *a: None)
+    tok = Tokenizer.from_file(root / "data" / "tokenizer.json")
+    model = make_model(
+        vocab_size=300, n_layers=4, exits={"steps": [1, 2], "trained": True}, init_std=0.3
+    )
+    save_checkpoint(model, root / "model", tokenizer=tok)
+    return root
+
+
+def test_bench_early_exit_and_batched_exit_and_plots(exit_setup, tmp_path, monkeypatch):
+    from earlyexit.bench import early_exit, plots
+
+    monkeypatch.setattr(early_exit, "FREE_SWEEP", (0.05, 1.0))
+    monkeypatch.setattr(early_exit, "CALM_SWEEP", (0.05,))
+    monkeypatch.setattr(early_exit, "DRAFT_SWEEP", (2,))
+    rows = early_exit.main_early_exit(
+        str(exit_setup / "model"),
+        str(exit_setup / "data"),
+        n_prompts=3,
+        prompt_len=8,
+        new_tokens=6,
+        repeats=1,
+        threads=1,
+        out=str(tmp_path / "early_exit.json"),
+    )
+    by = {r["label"]: r for r in rows}
+    assert set(by) == {
+        "static@1",
+        "static@2",
+        "free λ=0.05",
+        "free λ=1.0",
+        "free adaptive",
+        "calm λ=0.05",
+        "speculative k=2",
+    }
+    assert by["free λ=1.0"]["identical"] and by["free λ=1.0"]["exit_rate"] == 0
+    assert by["speculative k=2"]["identical"] and by["speculative k=2"]["rouge_l"] == 1.0
+    assert by["static@1"]["mean_depth"] < 2 and all(r["speedup"] > 0 for r in rows)
+    rows = early_exit.main_batched_exit(
+        str(exit_setup / "model"),
+        str(exit_setup / "data"),
+        batch_sizes=(1, 4),
+        threshold=0.05,
+        n_prompts=4,
+        prompt_len=8,
+        new_tokens=6,
+        repeats=1,
+        threads=1,
+        out=str(tmp_path / "batched_exit.json"),
+    )
+    assert {(r["variant"], r["batch_size"]) for r in rows} == {
+        (v, b) for v in ("full", "naive", "ours") for b in (1, 4)
+    }
+    assert all(r["identical"] for r in rows if r["variant"] == "full")
+    made = plots.plot_all(tmp_path, tmp_path / "plots")
+    assert {p.name for p in made} == {"pareto.png", "batched_exit.png"}
+    assert all(p.stat().st_size > 1000 for p in made)

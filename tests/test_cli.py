@@ -54,7 +54,7 @@ def test_generate_reads_stdin_and_streams(tiny_lm_dir):
         timeout=120,
     )
     assert p.returncode == 0, p.stderr
-    assert "5 tokens" in p.stderr and "mean depth 4.0/4" in p.stderr
+    assert "5 tokens" in p.stderr and "mean depth 4.00/4" in p.stderr
 
 
 def test_generate_from_token_ids(capsys, tiny_lm_dir):
@@ -159,3 +159,118 @@ def test_demo_quick(tmp_path):
     if "skipped" not in res["parity"]:
         assert res["parity"]["greedy_tokens_identical"] and res["parity"]["max_logit_diff"] < 1e-4
     assert len(res["result"]["token_ids"]) == 16
+
+
+@pytest.fixture
+def exit_lm_dir(tmp_path, tokenizer):
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.tokenizer import EOT
+    from tests.conftest import make_model
+
+    model = make_model(
+        vocab_size=tokenizer.vocab_size,
+        eos_token_ids=[tokenizer.token_to_id(EOT)],
+        exits={"steps": [2], "trained": True},
+        init_std=0.3,
+    )
+    return save_checkpoint(model, tmp_path / "exits", tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("strategy", ["full", "static", "calm", "free", "speculative"])
+def test_generate_with_each_strategy(capsys, exit_lm_dir, strategy):
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(exit_lm_dir),
+        "--strategy",
+        strategy,
+        "--threshold",
+        "0.05",
+        "--json",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "def f(",
+    )
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["strategy"] == strategy and len(res["depths"]) == 12
+    assert all(1 <= d <= 4 for d in res["depths"]) and 0 <= res["exit_rate"] <= 1
+    assert isinstance(res["strategy_stats"], dict)
+
+
+def test_show_depth_colours_tokens_and_summarises(capsys, exit_lm_dir):
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(exit_lm_dir),
+        "--strategy",
+        "free",
+        "--threshold",
+        "-1",
+        "--show-depth",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        "def f(",
+    )
+    assert code == 0
+    assert "\x1b[38;5;" in out and "depth:" in err
+    assert "mean depth 2.33/4" in err and "exit rate 83%" in err  # 1 prefill token + 5 exits
+
+
+def test_exit_strategy_errors_and_warnings(capsys, exit_lm_dir, tiny_lm_dir):
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(exit_lm_dir),
+        "--strategy",
+        "free",
+        "--exit-step",
+        "9",
+        "x",
+    )
+    assert code == 1 and "outside the model's depth" in err
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(exit_lm_dir),
+        "--strategy",
+        "free",
+        "--threshold",
+        "2",
+        "x",
+    )
+    assert code == 1 and "threshold must be in [-1, 1]" in err
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(exit_lm_dir),
+        "--strategy",
+        "speculative",
+        "--temperature",
+        "0.5",
+        "x",
+    )
+    assert code == 1 and "greedy-only" in err
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_lm_dir),
+        "--strategy",
+        "static",
+        "--exit-step",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "x",
+    )
+    assert code == 0 and "earlyexit: warning: step 2 is not an exit point" in err

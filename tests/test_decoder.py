@@ -175,3 +175,19 @@ def test_positions_continue_each_row(tiny):
     pos = tiny.default_positions((2, 3), cache)
     assert pos.tolist() == [[0, 1, 2], [5, 6, 7]]
     np.testing.assert_array_equal(cache.lengths[:, 0], 0)
+
+
+def test_padding_never_writes_past_a_rows_capacity(tiny):
+    """A row near the end of its cache can share a chunk with a row writing many tokens."""
+    V = tiny.config.vocab_size
+    seqs = [torch.randint(0, V, (10,)) for _ in range(2)]
+    cache = KVCache.for_model(tiny, 2, 10)
+    with torch.inference_mode():
+        tiny(torch.stack([seqs[0][:9], seqs[1][:9]]), cache=cache, n_new=[9, 2])
+        chunk = torch.stack([torch.cat([seqs[0][9:10], seqs[0][:4]]), seqs[1][2:7]])  # (2, 5)
+        out = tiny(
+            chunk, cache=cache, n_new=[1, 5], positions=torch.tensor([[9] * 5, [2, 3, 4, 5, 6]])
+        )
+        assert cache.lengths[0].tolist() == [10, 7]
+        torch.testing.assert_close(out[0, 0], tiny(seqs[0][None])[0, 9], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out[1], tiny(seqs[1][None, :7])[0, 2:7], atol=ATOL, rtol=0)

@@ -220,3 +220,20 @@ def test_shared_models_do_not_export(tmp_path):
     model = make_model(n_layers=4, sharing={"scheme": "cycle", "loops": 2})
     with pytest.raises(ConfigError, match="only dense models export"):
         hf_export(model, tmp_path / "x")
+
+
+def test_exits_norms_and_classifiers_survive_the_hf_round_trip(tmp_path):
+    from tests.conftest import make_model
+
+    model = make_model(exits={"steps": [1, 3], "norms": True, "classifier": True, "trained": True})
+    out = hf_export(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        out
+    ).eval()  # plain transformers still loads
+    x = torch.randint(0, 512, (1, 12))
+    with torch.inference_mode():
+        assert (hf(x).logits - model(x)).abs().max().item() < 1e-4
+    back, _ = load_hf(out)
+    assert back.config.exits == model.config.exits
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k

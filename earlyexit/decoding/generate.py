@@ -172,13 +172,17 @@ def _run(
         raise InputError("stop strings need a tokenizer")
     prompts = check_prompts(prompts, model)
     strategy = strategy or FullDepth()
+    if strategy.greedy_only and params.temperature > 0:
+        raise InputError(
+            f"the {strategy.name} strategy is greedy-only (it is lossless against greedy "
+            f"full-depth decoding); use temperature 0"
+        )
     cfg = model.config
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], dtype=np.int64)
     dev = model.tok_embeddings.weight.device
-    cache = KVCache.for_model(
-        model, B, int(min(cfg.max_context, lens.max() + params.max_new_tokens))
-    )
+    length = int(min(cfg.max_context, lens.max() + params.max_new_tokens)) + strategy.cache_slack
+    cache = KVCache.for_model(model, B, length)
     padded = torch.zeros(B, int(lens.max()), dtype=torch.long)
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.tensor(p)
@@ -189,29 +193,36 @@ def _run(
     rows = [_Row(int(n), tokenizer, params.stop) for n in lens]
 
     with torch.inference_mode():
+        strategy.begin(model, cache, B, params.max_new_tokens)
         out = strategy.prefill(model, cache, padded.to(dev), lens)
         while True:
-            nxt = sample(out.logits, params.temperature, params.top_k, params.top_p, gen)  # (B,)
-            toks = nxt.tolist()  # the one host sync of the step
+            if out.tokens is None:
+                nxt = sample(out.logits, params.temperature, params.top_k, params.top_p, gen)
+                toks = [[t] for t in nxt.tolist()]  # the one host sync of the step
+                deps = [[d] for d in out.depths]
+            else:  # the strategy decided one or more tokens per row itself
+                toks, deps = out.tokens, out.token_depths
             for b, row in enumerate(rows):
-                if row.done:
-                    continue
-                text, stopped = row.push(toks[b], out.depths[b])
-                reason = None
-                n = len(row.result.token_ids)
-                if stopped or toks[b] in stop_ids:
-                    reason = "stop"
-                elif n >= params.max_new_tokens or lens[b] + n >= cfg.max_context:
-                    reason = "length"
-                if reason is not None:
-                    tail = row.finish(reason)
-                    text = None if text is None else text + (tail or "")
-                event = TokenEvent(b, toks[b], out.depths[b], text, reason)
-                yield event, (row.result if reason is not None else None)
+                for tok, depth in zip(toks[b], deps[b]):
+                    if row.done:
+                        break
+                    text, stopped = row.push(tok, depth)
+                    reason = None
+                    n = len(row.result.token_ids)
+                    if stopped or tok in stop_ids:
+                        reason = "stop"
+                    elif n >= params.max_new_tokens or lens[b] + n >= cfg.max_context:
+                        reason = "length"
+                    if reason is not None:
+                        tail = row.finish(reason)
+                        text = None if text is None else text + (tail or "")
+                    event = TokenEvent(b, tok, depth, text, reason)
+                    yield event, (row.result if reason is not None else None)
             if all(r.done for r in rows):
                 return
             n_new = np.array([0 if r.done else 1 for r in rows], dtype=np.int64)
-            out = strategy.decode(model, cache, nxt, None if n_new.all() else n_new)
+            last = torch.tensor([t[-1] for t in toks], device=dev)  # (B,) next input per row
+            out = strategy.decode(model, cache, last, None if n_new.all() else n_new)
 
 
 def generate(

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -18,7 +20,24 @@ from torch import Tensor, nn
 from earlyexit.config import ModelConfig
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext, KVCache
-from earlyexit.models.layers import Block, RMSNorm, rope_cos_sin, rope_inv_freq
+from earlyexit.models.layers import Block, ExitClassifier, RMSNorm, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class ExitOutput:
+    """Everything exit training needs from one forward.
+
+    Attributes:
+        hidden: output of every step, n_steps x (B, T, d) (pre-norm residual stream).
+        normed: the same after the final norm (FREE's layer-wise distillation targets).
+        exit_logits: logits at each exit point (``config.exit_points``), last = final.
+        classifier_logits: (B, T, 2) per intermediate exit, when the model has classifiers.
+    """
+
+    hidden: list[Tensor]
+    normed: list[Tensor]
+    exit_logits: list[Tensor]
+    classifier_logits: list[Tensor] | None = None
 
 
 class Decoder(nn.Module):
@@ -31,6 +50,18 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        ex = config.exits
+        # Optional per-exit norms and confidence classifiers, one per intermediate exit.
+        self.exit_norms = (
+            nn.ModuleList(RMSNorm(config.d_model, config.norm_eps) for _ in ex.steps)
+            if ex.norms
+            else None
+        )
+        self.exit_classifiers = (
+            nn.ModuleList(ExitClassifier(config.d_model) for _ in ex.steps)
+            if ex.classifier
+            else None
+        )
         self.head = (
             None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         )
@@ -48,6 +79,8 @@ class Decoder(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        for m in self.exit_classifiers or ():
+            m.reset_parameters(generator)
         self.rebuild_buffers(self.tok_embeddings.weight.device)
 
     def rebuild_buffers(self, device: torch.device | str) -> None:
@@ -110,6 +143,40 @@ class Decoder(nn.Module):
         """Final norm + LM head: (..., d_model) -> (..., vocab). Every exit uses this."""
         return linear(self.norm(h), self.head_weight())
 
+    # ------------------------------------------------------------------ exits
+    def exit_index(self, step: int) -> int | None:
+        """Index of the intermediate exit after ``step`` steps (None otherwise)."""
+        steps = self.config.exits.steps
+        return steps.index(step) if step in steps else None
+
+    def exit_norm(self, h: Tensor, step: int) -> Tensor:
+        """The norm the exit after ``step`` steps applies: its own, or the final norm."""
+        i = self.exit_index(step)
+        if i is not None and self.exit_norms is not None:
+            return self.exit_norms[i](h)
+        return self.norm(h)
+
+    def exit_logits(self, h: Tensor, step: int) -> Tensor:
+        """Logits of the exit after ``step`` steps: its norm + the shared LM head."""
+        return linear(self.exit_norm(h, step), self.head_weight())
+
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
+        """Uncached forward returning every step's output: n_steps tensors (B, T, d)."""
+        if positions is None:
+            positions = self.default_positions(tokens.shape, None)
+        ctx = self.context(positions)
+        h, out = self.embed(tokens), []
+        for i in range(self.n_steps):
+            h = self.run_step(i, h, ctx)
+            out.append(h)
+        return out
+
+    def kv_only_step(self, i: int, h: Tensor, ctx: ForwardContext) -> None:
+        """Write step ``i``'s keys and values for ``h`` without running the rest of its block
+        (CALM's state propagation: an exited token's state stands in for skipped layers)."""
+        step = self.plan[i]
+        self.blocks[step.block].write_kv(h, ctx, step.kv_slot)
+
     # ------------------------------------------------------------------ full depth
     def forward(
         self,
@@ -118,16 +185,32 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         rows: np.ndarray | list[int] | None = None,
         n_new: np.ndarray | list[int] | None = None,
-    ) -> Tensor:
+        *,
+        exits: bool = False,
+    ) -> Tensor | ExitOutput:
         """Full-depth logits (B, T, vocab) for ``tokens`` (B, T).
 
         Without ``positions``, positions continue from the cache (row-wise) or start at 0.
+        With ``exits=True`` returns an :class:`ExitOutput` instead (training objectives use
+        it: going through ``forward`` keeps DDP and FSDP hooks in the loop).
         """
         if positions is None:
             positions = self.default_positions(tokens.shape, cache, rows)
         ctx = self.context(positions, cache, rows, n_new)
-        h = self.run_steps(0, self.n_steps, self.embed(tokens), ctx)
-        return self.logits(h)
+        if not exits:
+            return self.logits(self.run_steps(0, self.n_steps, self.embed(tokens), ctx))
+        h, hidden = self.embed(tokens), []
+        for i in range(self.n_steps):
+            h = self.run_step(i, h, ctx)
+            hidden.append(h)
+        points = self.config.exit_points
+        exit_logits = [self.exit_logits(hidden[s - 1], s) for s in points]
+        cls = None
+        if self.exit_classifiers is not None:
+            cls = [
+                c(self.exit_norm(hidden[s - 1], s)) for c, s in zip(self.exit_classifiers, points)
+            ]
+        return ExitOutput(hidden, [self.norm(x) for x in hidden], exit_logits, cls)
 
     def default_positions(self, shape: torch.Size, cache: KVCache | None, rows=None) -> Tensor:
         """Positions continuing each row's first KV slot, or 0..T-1 without a cache."""

@@ -15,6 +15,7 @@ Parity with ``transformers`` on the same weights is tested in ``tests/test_hf.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -23,12 +24,13 @@ from typing import Any
 import torch
 
 from earlyexit.checkpoint import atomic_dir, build_model, read_safetensors, save_checkpoint
-from earlyexit.config import ModelConfig, RopeScaling, SharingConfig
+from earlyexit.config import ExitConfig, ModelConfig, RopeScaling, SharingConfig, _parse_dataclass
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2")  # SmolLM repositories are model_type "llama"
+SUPPORTED = ("llama", "mistral", "qwen2")
+EXTRA_KEY = "earlyexit"  # config key and tensor prefix for what plain transformers ignores  # SmolLM repositories are model_type "llama"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -94,7 +96,14 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     eos = hf.get("eos_token_id")
     cfg["eos_token_ids"] = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
     cfg["bos_token_id"] = hf.get("bos_token_id")
-    return ModelConfig(**cfg, sharing=SharingConfig())
+    exits = ExitConfig()
+    extra = hf.get(EXTRA_KEY)  # written by hf_export: exits survive a round trip
+    if isinstance(extra, dict) and extra.get("exits"):
+        try:
+            exits = _parse_dataclass(ExitConfig, extra["exits"], f"{EXTRA_KEY}.exits.")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return ModelConfig(**cfg, sharing=SharingConfig(), exits=exits)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -151,6 +160,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf["sliding_window"] = cfg.sliding_window
     if mtype == "qwen2":
         hf["use_sliding_window"] = False
+    if cfg.exits.steps:  # transformers ignores this key; hf-import reads it back
+        hf[EXTRA_KEY] = {"exits": {**dataclasses.asdict(cfg.exits), "steps": list(cfg.exits.steps)}}
     return hf
 
 
@@ -194,6 +205,8 @@ def state_from_hf(
                 p + "mlp.{gate,up}_proj.bias",
             )
             out[q + "mlp.w2.bias"] = take(p + "mlp.down_proj.bias")
+    for k in [k for k in hf_state if k.startswith(EXTRA_KEY + ".")]:  # exit norms, classifiers
+        out[k[len(EXTRA_KEY) + 1 :]] = hf_state.pop(k)
     leftover = sorted(k for k in hf_state if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
         raise CheckpointError(
@@ -240,6 +253,9 @@ def state_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
             gb, ub = sd[q + "mlp.w13.bias"].split(cfg.d_ff)
             out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = gb, ub
             out[p + "mlp.down_proj.bias"] = sd[q + "mlp.w2.bias"]
+    for k, v in sd.items():  # per-exit norms and classifiers ride along under our prefix
+        if k.startswith(("exit_norms.", "exit_classifiers.")):
+            out[f"{EXTRA_KEY}.{k}"] = v
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 

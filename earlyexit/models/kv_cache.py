@@ -18,6 +18,7 @@ whose slot has the same lengths: a dense forward builds one mask, not one per la
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,20 +139,17 @@ class KVCache:
         row_sl, col_idx, W, mask = meta
         kb, vb, pb = self.k[slot], self.v[slot], self.pos[slot]
         windowed = ctx.sliding_window is not None  # positions are only read for windows
-        if isinstance(row_sl, slice) and isinstance(col_idx, slice):
+        if isinstance(col_idx, slice):  # every row writes T entries at the same offset
             kb[row_sl, :, col_idx] = k
             vb[row_sl, :, col_idx] = v
             if windowed:
                 pb[row_sl, col_idx] = ctx.positions
-        else:
-            if isinstance(row_sl, slice):
-                r = torch.arange(row_sl.start, row_sl.stop, device=self.device)[:, None]
-            else:
-                r = row_sl
-            kb[r, :, col_idx] = k.transpose(1, 2)  # (B, T, Hkv, D) by advanced indexing
-            vb[r, :, col_idx] = v.transpose(1, 2)
+        else:  # only the valid (row, t) pairs are written; padding never touches the cache
+            w_rows, w_cols, b_sel, t_sel = col_idx
+            kb[w_rows, :, w_cols] = k.transpose(1, 2)[b_sel, t_sel]  # (N, Hkv, D)
+            vb[w_rows, :, w_cols] = v.transpose(1, 2)[b_sel, t_sel]
             if windowed:
-                pb[r, col_idx] = ctx.positions
+                pb[w_rows, w_cols] = ctx.positions[b_sel, t_sel]
         self.lengths[slot, rows] = lens + n_new
         if isinstance(row_sl, slice):
             k_all, v_all = kb[row_sl, :, :W], vb[row_sl, :, :W]
@@ -166,12 +164,12 @@ class KVCache:
     ):
         """Indices and mask for one (rows, lengths) pattern; host arithmetic only."""
         B = len(rows)
-        if (lens + T).max() > self.max_len:
-            raise InputError(
-                f"KV cache full: {int(lens.max())} + {T} entries exceed its length {self.max_len}"
-            )
         if (n_new < 0).any() or (n_new > T).any():
             raise ValueError(f"n_new must be within [0, {T}], got {n_new}")
+        if (lens + n_new).max() > self.max_len:
+            raise InputError(
+                f"KV cache full: {int((lens + n_new).max())} entries exceed its length {self.max_len}"
+            )
         contiguous = rows[0] >= 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + B))
         dev = self.device
         if contiguous:
@@ -179,7 +177,7 @@ class KVCache:
         else:
             row_sl = torch.as_tensor(rows, device=dev)[:, None]  # (B, 1)
         uniform = bool((lens == lens[0]).all() and (n_new == T).all())
-        if uniform and contiguous:
+        if uniform and contiguous and lens[0] + T <= self.max_len:
             L = int(lens[0])
             col_idx = slice(L, L + T)
             W = L + T
@@ -187,17 +185,20 @@ class KVCache:
             if T > 1:  # causal with an offset of L past entries
                 mask = torch.ones(T, W, dtype=torch.bool, device=dev).tril(diagonal=L)[None, None]
             return row_sl, col_idx, W, mask
-        W = int((lens + T).max())
-        lens_t = torch.as_tensor(lens, device=dev)[:, None]  # (B, 1)
-        t = torch.arange(T, device=dev)[None, :]  # (1, T)
-        col_idx = lens_t + t  # (B, T) write positions
+        # Write only the valid (row, t) pairs: padding never lands in the cache, so a row
+        # near its capacity can share a chunk with a longer one.
+        b_sel, t_sel = np.nonzero(np.arange(T)[None, :] < n_new[:, None])
+        as_t = functools.partial(torch.as_tensor, device=dev)
+        writes = (as_t(rows[b_sel]), as_t(lens[b_sel] + t_sel), as_t(b_sel), as_t(t_sel))
+        W = max(int((lens + n_new).max()), 1)
+        lens_t = as_t(lens)[:, None]  # (B, 1)
+        q_idx = (lens_t + torch.arange(T, device=dev)[None, :])[:, :, None]  # (B, T, 1)
         j = torch.arange(W, device=dev)[None, None, :]  # (1, 1, W)
-        q_idx = col_idx[:, :, None]  # (B, T, 1)
-        valid = j < (lens_t + torch.as_tensor(n_new, device=dev)[:, None])[:, :, None]
-        # Causal by index among valid entries; each query also sees its own slot so a
-        # padding query never has an empty row (its output is discarded anyway).
-        mask = (valid & (j <= q_idx)) | (j == q_idx)  # (B, T, W)
-        return row_sl, col_idx, W, mask[:, None]
+        valid = j < (lens_t + as_t(n_new)[:, None])[:, :, None]
+        # Causal by index among valid entries. Padding queries (outputs discarded) also see
+        # one slot of their own so that no softmax row is empty (no NaN anywhere).
+        mask = (valid & (j <= q_idx)) | (j == q_idx.clamp(max=W - 1))  # (B, T, W)
+        return row_sl, writes, W, mask[:, None]
 
     @staticmethod
     def _window_mask(

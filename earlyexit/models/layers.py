@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earlyexit.config import ModelConfig, RopeScaling
-from earlyexit.models.kernels import Linear
+from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext
 
 
@@ -86,6 +86,16 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.q_dim, cfg.d_model, bias=cfg.o_bias)
 
+    def write_kv(self, x: Tensor, ctx: ForwardContext, kv_slot: int) -> None:
+        """Project ``x`` (B, T, d) to keys and values and append them to the cache only."""
+        B, T, _ = x.shape
+        w = self.wqkv.weight[self.q_dim :]  # the k and v rows of the fused projection
+        b = None if self.wqkv.bias is None else self.wqkv.bias[self.q_dim :]
+        kv = linear(x, w, b)  # (B, T, 2 kv_dim)
+        k = kv[..., : self.kv_dim].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = kv[..., self.kv_dim :].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        ctx.cache.update(kv_slot, apply_rope(k, ctx.cos, ctx.sin), v, ctx)
+
     def forward(self, x: Tensor, ctx: ForwardContext, kv_slot: int) -> Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
@@ -137,3 +147,26 @@ class Block(nn.Module):
     def forward(self, h: Tensor, ctx: ForwardContext, kv_slot: int) -> Tensor:
         h = h + self.attn(self.attn_norm(h), ctx, kv_slot)
         return h + self.mlp(self.mlp_norm(h))
+
+    def write_kv(self, h: Tensor, ctx: ForwardContext, kv_slot: int) -> None:
+        """Cache the keys and values this block would write for ``h``; skip the rest."""
+        self.attn.write_kv(self.attn_norm(h), ctx, kv_slot)
+
+
+class ExitClassifier(nn.Module):
+    """Learned exit confidence: MLP d -> d -> 2 on the exit's normed state; class 1 means
+    "this exit's argmax equals the final argmax" (CALM's classifier, FREE's ``meta``)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.fc1 = Linear(d_model, d_model)
+        self.fc2 = Linear(d_model, 2)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for fc in (self.fc1, self.fc2):
+            nn.init.normal_(fc.weight, 0.0, fc.in_features**-0.5, generator=generator)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, h_normed: Tensor) -> Tensor:
+        """Logits (..., 2): disagree, agree."""
+        return self.fc2(F.relu(self.fc1(h_normed)))

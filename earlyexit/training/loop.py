@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from earlyexit.checkpoint import load_checkpoint, load_config, save_checkpoint
-from earlyexit.config import ModelConfig, _parse_dataclass
+from earlyexit.config import ExitConfig, ModelConfig, _parse_dataclass
 from earlyexit.device import resolve_device
 from earlyexit.errors import ConfigError, EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
@@ -94,6 +94,13 @@ class TrainConfig:
         fsdp: shard with FSDP2 instead of replicating with DDP (multi-process runs).
         stop_at_step: end the process after this step as if interrupted (-1: never); for
             resume tests and time-sliced jobs.
+        exit_steps: set the model's early-exit points (None: keep the model's).
+        exit_loss: ``--objective exits``: ``weighted`` (CALM), ``aggressive`` (RRT) or
+            ``shallow-deep`` (FREE).
+        exit_coef: ``aggressive``: weight of the intermediate exits.
+        kd_alpha: ``shallow-deep``: weight of the layer-wise distillation.
+        exit_norms: give each intermediate exit its own RMSNorm (initialised from the final).
+        exit_classifier: give each intermediate exit a confidence classifier.
     """
 
     data: str = "data/stdlib"
@@ -126,6 +133,12 @@ class TrainConfig:
     threads: int = 0
     fsdp: bool = False
     stop_at_step: int = -1
+    exit_steps: tuple[int, ...] | None = None
+    exit_loss: str = "shallow-deep"
+    exit_coef: float = 0.1
+    kd_alpha: float = 0.5
+    exit_norms: bool = False
+    exit_classifier: bool = False
 
     def validate(self) -> TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"):
@@ -179,6 +192,57 @@ RECIPES: dict[str, dict] = {
         eval_every=50,
         save_every=50,
     ),
+    # Exit fine-tuning of the embedded model (run after stdlib-small): FREE's shallow-deep
+    # loss with the shallow exit after 2 of 8 layers, and CALM's weighted loss on exits
+    # after 2, 4 and 6 layers, for the early-exit benchmarks.
+    "stdlib-small-free": dict(
+        init_from="runs/stdlib-small/final",
+        data="data/stdlib",
+        out="runs/stdlib-small-free",
+        objective="exits",
+        exit_steps=(2,),
+        exit_loss="shallow-deep",
+        seq_len=256,
+        batch_size=16,
+        steps=300,
+        lr=1e-3,
+        warmup_steps=20,
+        precision="bfloat16",
+        eval_every=100,
+        save_every=100,
+    ),
+    # CALM's learned exit classifier on the frozen FREE model (confidence without the head).
+    "stdlib-small-free-cls": dict(
+        init_from="runs/stdlib-small-free/final",
+        data="data/stdlib",
+        out="runs/stdlib-small-free-cls",
+        objective="exit-classifier",
+        exit_classifier=True,
+        seq_len=256,
+        batch_size=16,
+        steps=150,
+        lr=1e-3,
+        warmup_steps=10,
+        precision="bfloat16",
+        eval_every=150,
+        save_every=150,
+    ),
+    "stdlib-small-calm": dict(
+        init_from="runs/stdlib-small/final",
+        data="data/stdlib",
+        out="runs/stdlib-small-calm",
+        objective="exits",
+        exit_steps=(2, 4, 6),
+        exit_loss="weighted",
+        seq_len=256,
+        batch_size=16,
+        steps=300,
+        lr=1e-3,
+        warmup_steps=20,
+        precision="bfloat16",
+        eval_every=100,
+        save_every=100,
+    ),
 }
 
 
@@ -223,6 +287,37 @@ def build_config(cfg: TrainConfig, tokenizer: Tokenizer, eot: int) -> ModelConfi
         data.pop("plan")
         return ModelConfig.from_dict({**data, **over}, source=cfg.model)
     return ModelConfig.from_name(cfg.model, **over)
+
+
+def exit_config(current: ExitConfig, cfg: TrainConfig) -> ExitConfig:
+    """The model's exits with the run's ``exit_*`` settings applied."""
+    return dataclasses.replace(
+        current,
+        steps=current.steps if cfg.exit_steps is None else tuple(cfg.exit_steps),
+        norms=current.norms or cfg.exit_norms,
+        classifier=current.classifier or cfg.exit_classifier,
+    )
+
+
+def with_exits(model: Decoder, cfg: TrainConfig) -> Decoder:
+    """``model`` with the run's exit settings; new per-exit norms start as copies of the
+    final norm, new classifiers at random, everything else keeps its trained weights."""
+    exits = exit_config(model.config.exits, cfg)
+    if exits == model.config.exits:
+        return model
+    mc = dataclasses.replace(model.config, exits=exits)
+    new = Decoder(mc).to(model.tok_embeddings.weight.device)
+    new.init_weights()
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    stale = [k for k in unexpected if not k.startswith(("exit_norms.", "exit_classifiers."))]
+    if stale or any(not k.startswith(("exit_norms.", "exit_classifiers.")) for k in missing):
+        raise ConfigError(f"cannot change the exits of {cfg.init_from}: {stale or missing}")
+    if new.exit_norms is not None:
+        for i, s in enumerate(mc.exits.steps):
+            old = model.exit_index(s)
+            src = model.norm if old is None or model.exit_norms is None else model.exit_norms[old]
+            new.exit_norms[i].weight.data.copy_(src.weight.data)
+    return new
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -322,6 +417,7 @@ def _train(
         model.train()
     elif cfg.init_from:
         model, _ = load_checkpoint(cfg.init_from, device)
+        model = with_exits(model, cfg)
         model.train()
         mc = model.config
         if tokenizer.vocab_size > mc.vocab_size:
@@ -330,6 +426,7 @@ def _train(
             )
     else:
         mc = build_config(cfg, tokenizer, manifest["eot_id"])
+        mc = dataclasses.replace(mc, exits=exit_config(mc.exits, cfg))
         torch.manual_seed(cfg.seed)
         model = Decoder(mc).to(device)
         model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed))
@@ -342,7 +439,7 @@ def _train(
         model_state, optim_state, state = load_training_state(ckpt, device)
         _check_fingerprint(ckpt, state, fingerprint)
         model.load_state_dict(model_state, strict=True)
-    objective = get_objective(cfg.objective)
+    objective = get_objective(cfg.objective, cfg)
     objective.setup(model)
     net = _wrap(model, cfg, d, device)  # FSDP2 swaps parameters: build the optimizer after
     optimizer = torch.optim.AdamW(
@@ -399,6 +496,7 @@ def _train(
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        extra: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             x, y = batches.batch(step * cfg.grad_accum + micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -414,6 +512,8 @@ def _train(
                     out = objective(net, x, y)
                 (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach()
+            for k, v in out.metrics.items():  # objective-specific metrics, averaged per step
+                extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
         loss = _all_mean(loss_sum / cfg.grad_accum, d)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -451,6 +551,7 @@ def _train(
                     "tokens_per_s": tps,
                     "mfu": tps * fpt / peak if peak else None,
                     "elapsed_s": elapsed,
+                    **{k: float(v) for k, v in extra.items()},
                     "skipped": skipped,
                 },
             )
@@ -527,6 +628,7 @@ def _fingerprint(cfg: TrainConfig, mc: ModelConfig, d: Dist) -> dict:
         "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "objective": cfg.objective,
+        "exit_loss": cfg.exit_loss if cfg.objective == "exits" else None,
         "data": str(Path(cfg.data).resolve()),
     }
 

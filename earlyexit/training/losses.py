@@ -53,11 +53,20 @@ class LanguageModeling(Objective):
 OBJECTIVES: dict[str, type[Objective]] = {"lm": LanguageModeling}
 
 
-def get_objective(name: str) -> Objective:
+def get_objective(name: str, cfg=None) -> Objective:
+    """The objective ``name``, configured from a ``TrainConfig`` where it takes options."""
     from earlyexit.errors import ConfigError
+    from earlyexit.training.exit_losses import ExitClassifierTraining, ExitTraining
 
+    if name == "exits":
+        if cfg is None:
+            return ExitTraining()
+        return ExitTraining(cfg.exit_loss, cfg.exit_coef, cfg.kd_alpha)
+    if name == "exit-classifier":
+        return ExitClassifierTraining()
     if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}; available: {', '.join(OBJECTIVES)}")
+        known = [*OBJECTIVES, "exits", "exit-classifier"]
+        raise ConfigError(f"unknown objective {name!r}; available: {', '.join(known)}")
     return OBJECTIVES[name]()
 
 

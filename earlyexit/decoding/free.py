@@ -1,0 +1,179 @@
+"""FREE: shallow-deep early exit with synchronized parallel decoding (arXiv 2310.05424 §3).
+
+Decoder-only and batched (the official code is T5 and batch 1). Per row:
+
+- Every token runs the shallow steps 0..L_s-1, so the shallow KV is always complete.
+- If the shallow exit's confidence is > lambda, its token is emitted and the layer-L_s
+  residual state is pushed on the row's stack S; the deep KV lags by |S|.
+- Otherwise one deep pass runs steps L_s..L-1 on [S, current] (original positions, causal
+  inside the chunk, full view of the deep past): it fills the missing deep KV *exactly*
+  and the current token is decided by the deep model. S is cleared.
+
+All rows that go deep in a step share **one** batched deep call: their chunks are
+right-padded to the longest stack (``n_new`` per row), so there is no per-row Python loop
+and one host sync per step (the exit decisions). Finished rows ride along without writing.
+Invariant per row: deep length + |S| = shallow length.
+
+With ``adaptive=True`` the threshold is FREE's Beta-mixture estimate (``threshold.py``),
+fed with (confidence, shallow == deep argmax) pairs from every deep pass over a stack.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from earlyexit.decoding.base import StepOutput, Strategy, run_rows
+from earlyexit.decoding.confidence import confidence
+from earlyexit.decoding.threshold import BetaMixtureThreshold
+from earlyexit.models.decoder import Decoder
+from earlyexit.models.kv_cache import KVCache
+
+
+class FREE(Strategy):
+    """Shallow-deep decoding with synchronized parallel decoding.
+
+    Args:
+        exit_step: L_s, steps of the shallow model (an exit point of the model).
+        threshold: lambda (exit iff confidence > lambda); the initial value when adaptive.
+        adaptive: fit lambda online with the Beta mixture.
+        measure: confidence measure (``margin`` as in FREE, ``max-prob``, ``classifier``).
+        calibrator: a shared :class:`BetaMixtureThreshold` (kept across generations).
+    """
+
+    name = "free"
+
+    def __init__(
+        self,
+        exit_step: int,
+        threshold: float = 0.9,
+        adaptive: bool = False,
+        measure: str = "margin",
+        calibrator: BetaMixtureThreshold | None = None,
+    ) -> None:
+        self.ls, self.threshold, self.adaptive, self.measure = (
+            exit_step,
+            threshold,
+            adaptive,
+            measure,
+        )
+        self.calibrator = calibrator or (
+            BetaMixtureThreshold(initial=threshold) if adaptive else None
+        )
+        self.counts = {"tokens": 0, "shallow": 0, "deep_passes": 0, "caught_up": 0}
+
+    @property
+    def current_threshold(self) -> float:
+        return self.calibrator.value if self.adaptive else self.threshold
+
+    def begin(self, model: Decoder, cache: KVCache, batch_size: int, max_new_tokens: int) -> None:
+        d = model.config.d_model
+        p = model.tok_embeddings.weight
+        cap = cache.max_len + 1
+        self.stack = torch.zeros(batch_size, cap, d, device=p.device, dtype=p.dtype)  # S per row
+        self.n_stack = np.zeros(batch_size, dtype=np.int64)
+        self.stack_conf: list[list[float]] = [[] for _ in range(batch_size)]
+        self.stack_arg: list[list[int]] = [[] for _ in range(batch_size)]
+        if self.adaptive:
+            self.calibrator.start_sequences(batch_size)
+
+    def decode(
+        self, model: Decoder, cache: KVCache, tokens: Tensor, n_new: np.ndarray | None = None
+    ) -> StepOutput:
+        B = tokens.shape[0]
+        L, ls = model.n_steps, self.ls
+        rows = np.arange(B)
+        live = np.ones(B, dtype=bool) if n_new is None else n_new.astype(bool)
+        h = run_rows(model, cache, model.embed(tokens[:, None]), 0, ls, rows, n_new)[:, 0]  # (B, d)
+        lam = self.current_threshold
+        if self.measure == "classifier" and not self.adaptive:
+            # The classifier decides from the hidden state alone, so only exiting rows pay
+            # for the shallow LM head (at d=256, vocab 8192 the head costs 2.7 blocks).
+            conf = confidence("classifier", None, model, ls, h)
+            host = [(conf > lam).float().tolist()]  # the one host sync of the step
+            ex = np.nonzero(np.array(host[0], dtype=bool) & live)[0]
+            logits = torch.zeros(B, model.config.vocab_size, device=h.device, dtype=h.dtype)
+            if len(ex):
+                ex_t = torch.as_tensor(ex, device=h.device)
+                logits[ex_t] = model.exit_logits(h[ex_t], ls)
+        else:
+            logits = model.exit_logits(h, ls)  # (B, V)
+            conf = confidence(self.measure, logits, model, ls, h)
+            # the one host sync of the step: decisions, confidences and shallow argmaxes
+            host = torch.stack([(conf > lam).float(), conf.float(), logits.argmax(-1).float()]).tolist()  # fmt: skip
+        exits = np.array(host[0], dtype=bool) & live
+        deep = ~exits & live
+        depths = [ls if e else L for e in exits]
+        self.counts["tokens"] += int(live.sum())
+        self.counts["shallow"] += int(exits.sum())
+
+        if not exits.any() and not self.n_stack.any():
+            # nothing exits and nothing is pending: a plain full-depth step, no stacking
+            hd = run_rows(model, cache, h[:, None], ls, L, rows, n_new)
+            self.counts["deep_passes"] += int(live.sum())
+            return StepOutput(model.logits(hd[:, 0]), depths)
+
+        # push exited rows' layer-L_s states (and write the deep rows' current state too:
+        # it becomes the last element of their chunk)
+        push = rows[live]
+        idx = torch.as_tensor(push, device=h.device)
+        self.stack[idx, torch.as_tensor(self.n_stack[push], device=h.device)] = h[idx]
+        if self.adaptive:
+            for b in rows[exits]:
+                self.stack_conf[b].append(host[1][b])
+                self.stack_arg[b].append(int(host[2][b]))
+        self.n_stack[push] += 1
+
+        if deep.any():
+            d_rows = rows[deep]
+            n = self.n_stack[d_rows]  # chunk lengths: |S| + the current token
+            chunk = self.stack[
+                torch.as_tensor(d_rows, device=h.device), : int(n.max())
+            ]  # (D, Tmax, d)
+            hd = run_rows(model, cache, chunk, ls, L, d_rows, n)  # writes |S|+1 deep KV rows each
+            last = torch.as_tensor(n - 1, device=h.device)
+            d_idx = torch.arange(len(d_rows), device=h.device)
+            logits = logits.clone()
+            logits[torch.as_tensor(d_rows, device=h.device)] = model.logits(hd[d_idx, last])
+            self.counts["deep_passes"] += len(d_rows)
+            self.counts["caught_up"] += int((n - 1).sum())
+            if self.adaptive:
+                self._calibrate(model, hd, d_rows, n, host)
+            self.n_stack[d_rows] = 0
+            for b in d_rows:
+                self.stack_conf[b].clear()
+                self.stack_arg[b].clear()
+        return StepOutput(logits, depths)
+
+    def _calibrate(
+        self, model: Decoder, hd: Tensor, d_rows: np.ndarray, n: np.ndarray, host
+    ) -> None:
+        """Log (confidence, shallow == deep) for every stacked token and the trigger."""
+        has_stack = n > 1
+        if not has_stack.any():
+            return  # deep passes over an empty stack log nothing
+        deep_arg = (
+            model.logits(hd[torch.as_tensor(np.nonzero(has_stack)[0], device=hd.device)])
+            .argmax(-1)
+            .tolist()
+        )
+        confs, labels = [], []
+        for j, b in enumerate(d_rows[has_stack]):
+            k = int(n[np.nonzero(has_stack)[0][j]])
+            shallow = [*self.stack_arg[b], int(host[2][b])]
+            confs += [*self.stack_conf[b], host[1][b]]
+            labels += [int(s == t) for s, t in zip(shallow, deep_arg[j][:k])]
+        self.calibrator.observe(confs, labels)
+
+    def stats(self) -> dict:
+        c = self.counts
+        out = {
+            "exit_step": self.ls,
+            "threshold": self.current_threshold,
+            "exit_rate": c["shallow"] / max(c["tokens"], 1),
+            **c,
+        }
+        if self.adaptive:
+            out["calibrator"] = self.calibrator.state()
+        return out

@@ -1,0 +1,123 @@
+"""Building a decoding strategy by name, with the checks a user needs before it runs.
+
+``make_strategy(model, "free", threshold=0.8)`` validates the options against the model
+(exit step within the depth, threshold range, classifier present, ...) and warns, naming
+the consequence, when an exit strategy runs on exits that were never trained.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from earlyexit.decoding.base import Strategy
+from earlyexit.decoding.calm import CALM
+from earlyexit.decoding.confidence import MEASURES
+from earlyexit.decoding.free import FREE
+from earlyexit.decoding.full import FullDepth, StaticExit
+from earlyexit.decoding.speculative import SelfSpeculative
+from earlyexit.decoding.threshold import BetaMixtureThreshold
+from earlyexit.errors import InputError
+
+STRATEGIES = ("full", "static", "calm", "free", "speculative")
+
+
+class ExitWarning(UserWarning):
+    """An exit strategy runs where its quality cannot be trusted (untrained exits)."""
+
+
+def make_strategy(
+    model,
+    name: str = "full",
+    *,
+    exit_step: int | None = None,
+    threshold: float = 0.9,
+    adaptive: bool = False,
+    measure: str = "margin",
+    min_exit: int | None = None,
+    decay_tau: float | None = None,
+    draft_k: int = 4,
+    sync_batch: bool = False,
+    calibrator: BetaMixtureThreshold | None = None,
+) -> Strategy:
+    """A ready strategy for ``model``; see each strategy's module for the options' meaning.
+
+    Raises:
+        InputError: unknown strategy or measure, an exit step outside the model's depth, a
+            threshold outside [-1, 1], a classifier measure on a model without classifiers.
+    """
+    if name not in STRATEGIES:
+        raise InputError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}")
+    if name == "full":
+        return FullDepth()
+    cfg = model.config
+    L = model.n_steps
+    if measure not in MEASURES:
+        raise InputError(
+            f"unknown confidence measure {measure!r}; available: {', '.join(MEASURES)}"
+        )
+    if not (
+        isinstance(threshold, (int, float)) and math.isfinite(threshold) and -1 <= threshold <= 1
+    ):
+        raise InputError(
+            f"threshold must be in [-1, 1] (1 never exits, -1 always does), got {threshold}"
+        )
+    if measure == "classifier" and model.exit_classifiers is None:
+        raise InputError(
+            "--confidence classifier needs a model with exit classifiers (train --objective exit-classifier --exit-classifier)"
+        )
+    if L < 2:
+        raise InputError(f"the {name} strategy needs at least 2 steps; this model has {L}")
+    if name == "calm":
+        if min_exit is None:
+            min_exit = cfg.exits.steps[0] if cfg.exits.steps else 1
+        if not 1 <= min_exit <= L:
+            raise InputError(f"min_exit must be within [1, {L}], got {min_exit}")
+        if decay_tau is not None and not decay_tau > 0:
+            raise InputError(f"decay_tau must be > 0, got {decay_tau}")
+        if not cfg.exits.steps:
+            raise InputError(
+                "the calm strategy checks the model's exit points, and this model has none (train with --exit-steps)"
+            )
+        _warn_untrained(cfg, name)
+        return CALM(threshold, min_exit, decay_tau, measure, sync_batch)
+    if exit_step is None:
+        if not cfg.exits.steps:
+            raise InputError(
+                f"the {name} strategy needs an exit step: this model has no exit points; pass --exit-step N"
+            )
+        exit_step = cfg.exits.steps[0]
+    if not 1 <= exit_step < L:
+        raise InputError(
+            f"exit step {exit_step} is outside the model's depth: it must be within [1, {L - 1}]"
+        )
+    if exit_step not in cfg.exits.steps:
+        warnings.warn(
+            f"step {exit_step} is not an exit point of this model ({list(cfg.exits.steps)}): its "
+            f"logits use the final norm and head without exit training, so quality will suffer",
+            ExitWarning,
+            stacklevel=2,
+        )
+    else:
+        _warn_untrained(cfg, name)
+    if name == "static":
+        return StaticExit(exit_step)
+    if name == "free":
+        return FREE(exit_step, threshold, adaptive, measure, calibrator)
+    if not 1 <= draft_k <= 32:
+        raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
+    return SelfSpeculative(exit_step, draft_k)
+
+
+def _warn_untrained(cfg, name: str) -> None:
+    if not cfg.exits.trained:
+        consequence = (
+            "drafts will rarely be accepted and decoding will be slower than full depth"
+            if name == "speculative"
+            else "early tokens will be of poor quality"
+        )
+        warnings.warn(
+            f"this model's exits were never trained (earlyexit train --objective exits): {consequence}",
+            ExitWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,324 @@
+"""Early exit: free.md §7 invariants, CALM, static exit, self-speculation, batching."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from earlyexit.decoding import free as free_mod
+from earlyexit.decoding.calm import CALM
+from earlyexit.decoding.free import FREE
+from earlyexit.decoding.full import StaticExit
+from earlyexit.decoding.generate import generate
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.decoding.speculative import SelfSpeculative
+from earlyexit.decoding.strategies import ExitWarning, make_strategy
+from earlyexit.decoding.threshold import GRID, BetaMixtureThreshold, beta_moments
+from earlyexit.errors import InputError
+from earlyexit.models.kv_cache import KVCache
+from tests.conftest import make_model
+
+warnings.filterwarnings("ignore", category=ExitWarning)
+GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture
+def model():
+    # init_std 0.3: peaked enough distributions that thresholds near 0.06 split the tokens
+    return make_model(n_layers=6, exits={"steps": [2, 4], "trained": True}, init_std=0.3)
+
+
+def prompts(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, 512, (int(k),), generator=g).tolist()
+        for k in torch.randint(2, 9, (n,), generator=g)
+    ]
+
+
+def tokens_of(res):
+    return [r.token_ids for r in res]
+
+
+def test_last_exit_equals_the_full_model(model):
+    x = torch.randint(0, 512, (2, 10))
+    with torch.inference_mode():
+        out = model(x, exits=True)
+        torch.testing.assert_close(out.exit_logits[-1], model(x), atol=0, rtol=0)
+        h = model.hidden_states(x)
+        torch.testing.assert_close(model.exit_logits(h[1], 2), out.exit_logits[0], atol=0, rtol=0)
+    plain = make_model(n_layers=6, init_std=0.3)  # same weights, no exits configured
+    with torch.inference_mode():
+        assert torch.equal(plain(x), model(x))
+
+
+def test_free_never_exiting_equals_full(model):
+    ps = prompts()
+    full = tokens_of(generate(model, ps, GREEDY))
+    s = FREE(exit_step=2, threshold=1.0)
+    assert tokens_of(generate(model, ps, GREEDY, strategy=s)) == full
+    st = s.stats()
+    assert st["shallow"] == 0 and st["deep_passes"] == st["tokens"] and st["caught_up"] == 0
+
+
+def test_free_always_exiting_equals_static_exit_and_deep_kv_stays(model):
+    ps = prompts()
+    static = generate(model, ps, GREEDY, strategy=StaticExit(2))
+    s = FREE(exit_step=2, threshold=-1.0)
+    res = generate(model, ps, GREEDY, strategy=s)
+    assert tokens_of(res) == tokens_of(static)
+    assert all(r.depths[0] == 6 and set(r.depths[1:]) == {2} for r in res)  # first from prefill
+    assert s.stats()["deep_passes"] == 0
+
+
+class _Scripted:
+    """Confidence stand-in: row b exits at decode step t iff pattern[b][t] (mocks §7.3)."""
+
+    def __init__(self, pattern):
+        self.pattern, self.t = pattern, 0
+
+    def __call__(self, kind, logits, *a, **k):
+        col = [p[self.t % len(p)] for p in self.pattern]
+        self.t += 1
+        return torch.tensor([1.0 if c else 0.0 for c in col])
+
+
+def _teacher_forced_cache(model, seqs):
+    """Caches of a full-depth forward over each row's emitted prefix."""
+    caches = []
+    for s in seqs:
+        c = KVCache.for_model(model, 1, len(s) + 1)
+        with torch.inference_mode():
+            model(torch.tensor([s]), cache=c)
+        caches.append(c)
+    return caches
+
+
+@pytest.mark.parametrize(
+    "pattern", [[[1, 1, 0, 1, 0, 0, 1, 1, 1, 0]], [[1, 0], [0, 1], [1, 1, 1, 0]]]
+)
+def test_free_deep_kv_is_exact_and_deep_tokens_are_the_full_models(pattern, monkeypatch):
+    """§7.3 KV exactness, §7.5 deep decision, §7.6 lengths, §7.7 chunk == token by token."""
+    # exits are scripted, so the small default init (small activations, tight tolerance) fits
+    model = make_model(n_layers=6, exits={"steps": [2, 4], "trained": True})
+    monkeypatch.setattr(free_mod, "confidence", _Scripted(pattern))
+    ps = prompts(len(pattern), seed=1)
+    s = FREE(exit_step=2, threshold=0.5)
+    caches = {}
+    orig_decode = s.decode
+
+    def spy(model_, cache, tokens, n_new=None):
+        caches["c"] = cache
+        return orig_decode(model_, cache, tokens, n_new)
+
+    s.decode = spy
+    res = generate(model, ps, SamplingParams(max_new_tokens=10, ignore_eos=True), strategy=s)
+    cache = caches["c"]
+    for b, (p, r) in enumerate(zip(ps, res)):
+        seq = p + r.token_ids[:-1]  # what has been fed through the model
+        shallow_len = cache.lengths[model.plan[0].kv_slot, b]
+        deep_len = cache.lengths[model.plan[2].kv_slot, b]
+        assert shallow_len == len(seq)
+        assert deep_len == len(seq) - s.n_stack[b]  # deep length + |S| = shallow length
+        ref = _teacher_forced_cache(model, [seq])[0]
+        for step in model.plan:
+            n = cache.lengths[step.kv_slot, b]
+            torch.testing.assert_close(
+                cache.k[step.kv_slot][b, :, :n], ref.k[step.kv_slot][0, :, :n], atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(
+                cache.v[step.kv_slot][b, :, :n], ref.v[step.kv_slot][0, :, :n], atol=1e-5, rtol=1e-5
+            )
+        # every token decided at full depth is the full model's argmax given the emitted prefix
+        with torch.inference_mode():
+            full_logits = model(torch.tensor([p + r.token_ids]))[0]
+        for t, (tok, depth) in enumerate(zip(r.token_ids, r.depths)):
+            if depth == model.n_steps:
+                assert tok == int(full_logits[len(p) - 1 + t].argmax())
+
+
+def test_free_calibration_logs_n_plus_one_pairs(model, monkeypatch):
+    # one row: exit, exit, deep (2 stacked + trigger = 3 pairs), deep (empty stack: none)
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 1, 0, 0]]))
+    s = FREE(exit_step=2, threshold=0.5, adaptive=True)
+    generate(model, prompts(1), SamplingParams(max_new_tokens=5, ignore_eos=True), strategy=s)
+    assert len(s.calibrator.conf) == len(s.calibrator.agree) == 3
+    assert s.calibrator.conf[:2] == [1.0, 1.0] and s.calibrator.conf[2] == 0.0
+
+
+def test_beta_mixture_threshold():
+    rng = np.random.default_rng(0)
+    x = rng.beta(2.0, 5.0, 200_000)
+    a, b = beta_moments(x, np.ones_like(x))
+    assert abs(a - 2.0) < 0.05 and abs(b - 5.0) < 0.1
+    bmm = BetaMixtureThreshold(initial=0.77, max_fits=3)
+    assert bmm.start_sequences() == 0.77  # no data: the user's value
+    agree = rng.beta(8, 2, 500)
+    disagree = rng.beta(2, 6, 500)
+    bmm.observe(list(agree) + list(disagree), [1] * 500 + [0] * 500)
+    assert bmm.value == 0.77  # changes only when a sequence starts
+    lam = bmm.start_sequences()
+    assert lam in GRID and 0.3 <= lam <= 0.9 and bmm.fits == 1
+    bmm.observe([0.99] * 50, [0] * 50)  # would move it, but only 3 sequences get fits
+    bmm.start_sequences(5)
+    frozen = bmm.value
+    bmm.observe([0.5] * 500, [1] * 500)
+    assert bmm.start_sequences() == frozen and bmm.state()["frozen"]
+
+
+def test_free_adaptive_threshold_stays_on_the_grid_and_is_visible(model):
+    s = make_strategy(model, "free", threshold=0.3, adaptive=True)
+    for seed in range(3):
+        generate(model, prompts(2, seed=seed), GREEDY, strategy=s)
+    st = s.stats()["calibrator"]
+    assert st["sequences"] == 6 and (st["threshold"] in GRID or st["threshold"] == 0.3)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculative_equals_full_token_for_token(model, k):
+    ps = prompts(4, seed=2)
+    full = generate(model, ps, GREEDY)
+    s = SelfSpeculative(exit_step=2, k=k)
+    spec = generate(model, ps, GREEDY, strategy=s)
+    assert tokens_of(spec) == tokens_of(full)
+    st = s.stats()
+    assert 0 <= st["acceptance_rate"] <= 1 and st["emitted"] >= st["calls"]
+
+
+def test_speculative_refuses_sampling(model):
+    with pytest.raises(InputError, match="greedy-only"):
+        generate(model, prompts(1), SamplingParams(temperature=0.7), strategy=SelfSpeculative(2))
+
+
+def test_speculative_with_a_perfect_drafter_accepts_everything():
+    m = make_model(n_layers=4, exits={"steps": [2], "trained": True})
+    with torch.no_grad():  # blocks 2 and 3 add nothing: the shallow exit is the full model
+        for blk in m.blocks[2:]:
+            blk.attn.wo.weight.zero_()
+            blk.mlp.w2.weight.zero_()
+    s = SelfSpeculative(exit_step=2, k=4)
+    res = generate(m, prompts(2), SamplingParams(max_new_tokens=21, ignore_eos=True), strategy=s)
+    assert tokens_of(res) == tokens_of(
+        generate(m, prompts(2), SamplingParams(max_new_tokens=21, ignore_eos=True))
+    )
+    assert s.stats()["acceptance_rate"] == 1.0 and s.stats()["tokens_per_deep_pass"] == 5.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FREE(exit_step=2, threshold=0.06),
+        lambda: CALM(threshold=0.06, min_exit=2),
+        lambda: CALM(threshold=0.06, min_exit=2, decay_tau=4.0),
+        lambda: StaticExit(4),
+        lambda: SelfSpeculative(exit_step=2, k=3),
+    ],
+)
+def test_batched_equals_one_row_at_a_time(model, make):
+    ps = prompts(4, seed=3)
+    strategy = make()
+    batched = generate(model, ps, GREEDY, strategy=strategy)
+    depths = {d for r in batched for d in r.depths[1:]}
+    if not isinstance(strategy, (StaticExit, SelfSpeculative)):
+        assert len(depths) > 1, "the threshold should make some tokens exit and others not"
+    for p, r in zip(ps, batched):
+        single = generate(model, [p], GREEDY, strategy=make())[0]
+        assert r.token_ids == single.token_ids and r.depths == single.depths
+
+
+def test_rows_exit_on_their_own(model):
+    s = FREE(exit_step=2, threshold=0.06)
+    res = generate(
+        model, prompts(4, seed=3), SamplingParams(max_new_tokens=24, ignore_eos=True), strategy=s
+    )
+    per_row = [tuple(r.depths) for r in res]
+    assert len(set(per_row)) > 1 and 0 < s.stats()["exit_rate"] < 1
+
+
+def test_calm_extremes_and_state_propagation(model):
+    ps = prompts(3, seed=4)
+    full = tokens_of(generate(model, ps, GREEDY))
+    assert tokens_of(generate(model, ps, GREEDY, strategy=CALM(threshold=1.0, min_exit=2))) == full
+    static = tokens_of(generate(model, ps, GREEDY, strategy=StaticExit(2)))
+    assert (
+        tokens_of(generate(model, ps, GREEDY, strategy=CALM(threshold=-1.0, min_exit=2))) == static
+    )
+
+
+def test_calm_propagated_kv_is_the_exit_state_projected(model):
+    """After an exit at step e, every skipped step's K/V come from the exit state."""
+    s = CALM(threshold=-1.0, min_exit=2)  # every generated token exits at step 2
+    p = prompts(1, seed=5)[0]
+    cache_box = {}
+    orig = s.decode
+
+    def spy(m, cache, tokens, n_new=None):
+        cache_box["c"] = cache
+        return orig(m, cache, tokens, n_new)
+
+    s.decode = spy
+    res = generate(model, [p], SamplingParams(max_new_tokens=3, ignore_eos=True), strategy=s)[0]
+    cache = cache_box["c"]
+    tok = res.token_ids[0]  # the first decoded input (fed at position len(p))
+    with torch.inference_mode():
+        ref = KVCache.for_model(model, 1, len(p) + 2)
+        model(torch.tensor([p]), cache=ref)  # the prompt's context, at full depth
+        ctx = model.context(torch.tensor([[len(p)]]), ref)
+        h = model.run_steps(0, 2, model.embed(torch.tensor([[tok]])), ctx)  # the exit state
+        for j in range(2, 6):
+            blk = model.blocks[model.plan[j].block]
+            kv = torch.nn.functional.linear(
+                blk.attn_norm(h), blk.attn.wqkv.weight[blk.attn.q_dim :]
+            )
+            v = kv[..., blk.attn.kv_dim :].view(1, 1, -1, blk.attn.head_dim).transpose(1, 2)
+            torch.testing.assert_close(
+                cache.v[model.plan[j].kv_slot][0, :, len(p)], v[0, :, 0], atol=1e-5, rtol=0
+            )
+
+
+def test_naive_batched_exit_waits_for_the_least_confident_row(model):
+    s = CALM(threshold=0.06, min_exit=2, sync_batch=True)
+    res = generate(
+        model, prompts(4, seed=3), SamplingParams(max_new_tokens=12, ignore_eos=True), strategy=s
+    )
+    for t in range(1, 12):  # every decode step: all rows left at the same depth
+        assert len({r.depths[t] for r in res}) == 1
+
+
+def test_strategy_validation(model):
+    with pytest.raises(InputError, match="unknown strategy"):
+        make_strategy(model, "medusa")
+    with pytest.raises(InputError, match="outside the model's depth"):
+        make_strategy(model, "free", exit_step=6)
+    with pytest.raises(InputError, match="threshold must be in"):
+        make_strategy(model, "free", threshold=1.5)
+    with pytest.raises(InputError, match="exit classifiers"):
+        make_strategy(model, "calm", measure="classifier")
+    with pytest.raises(InputError, match="no exit points"):
+        make_strategy(make_model(), "free")
+    with pytest.warns(ExitWarning, match="never trained"):
+        make_strategy(make_model(exits={"steps": [2]}), "free")
+    with pytest.warns(ExitWarning, match="not an exit point"):
+        make_strategy(model, "static", exit_step=3)
+
+
+def test_free_with_a_classifier_confidence():
+    m = make_model(
+        n_layers=6, exits={"steps": [2], "classifier": True, "trained": True}, init_std=0.3
+    )
+    ps = prompts(3, seed=6)
+    full = tokens_of(generate(m, ps, GREEDY))
+    assert tokens_of(generate(m, ps, GREEDY, strategy=FREE(2, 1.0, measure="classifier"))) == full
+    static = tokens_of(generate(m, ps, GREEDY, strategy=StaticExit(2)))
+    assert (
+        tokens_of(generate(m, ps, GREEDY, strategy=FREE(2, -1.0, measure="classifier"))) == static
+    )
+    mixed = FREE(2, 0.5, measure="classifier")
+    res = generate(m, ps, GREEDY, strategy=mixed)
+    for p, r in zip(ps, res):  # deep tokens are still the full model's
+        with torch.inference_mode():
+            logits = m(torch.tensor([p + r.token_ids]))[0]
+        for t, (tok, d) in enumerate(zip(r.token_ids, r.depths)):
+            if d == 6:
+                assert tok == int(logits[len(p) - 1 + t].argmax())
