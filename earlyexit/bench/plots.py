@@ -33,11 +33,14 @@ def pareto(rows: list[dict], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 5))
     curves = defaultdict(list)
     for r in rows:
-        kind = "free (adaptive)" if r["options"].get("adaptive") else r["strategy"]
+        kind = r["strategy"]
+        if r["options"].get("adaptive"):
+            kind = "free (adaptive)"
+        elif r["options"].get("measure") == "classifier":
+            kind = "free (classifier)"
         curves[(r["model"], kind)].append((r["speedup"], r["rouge_l"]))
     for (model, kind), pts in sorted(curves.items()):
-        pts.sort()
-        xs, ys = zip(*pts)
+        xs, ys = zip(*pts)  # in sweep order (threshold or draft length), not re-sorted
         ax.plot(
             xs,
             ys,
