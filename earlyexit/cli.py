@@ -176,21 +176,71 @@ def _check_dst(dst: str, force: bool) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import earlyexit
+    from earlyexit.checkpoint import save_checkpoint
     from earlyexit.models import hf
 
     _check_dst(args.dst, args.force)
+    info: dict = {}
     if args.kind == "hf-import":
         out = hf.hf_import(args.src, args.dst)
-    else:
-        from earlyexit.checkpoint import load_checkpoint
+    elif args.kind == "hf-export":
+        lm = earlyexit.load(args.src, device="cpu")
+        out = hf.hf_export(lm.model, args.dst, lm.tokenizer)
+    elif args.kind == "recursive":
+        from earlyexit.models.recursive import convert_recursive
 
-        model, tok = load_checkpoint(args.src)
-        out = hf.hf_export(model, args.dst, tok)
+        lm = earlyexit.load(args.src, device="cpu")  # ours, or a Hugging Face directory
+        model = convert_recursive(
+            lm.model,
+            args.loops,
+            args.sharing,
+            args.init,
+            _lora_config(args),
+            args.lora_init,
+            args.seed,
+        )
+        out = save_checkpoint(model, args.dst, lm.tokenizer)
+        counts = model.config.param_counts()
+        info = {
+            "non_embedding_params": counts["non_embedding"],
+            "source_non_embedding_params": lm.config.param_counts()["non_embedding"],
+        }
+    else:  # merge
+        from earlyexit.models.recursive import unroll
+
+        lm = earlyexit.load(args.src, device="cpu")
+        if lm.config.sharing.scheme == "none":
+            raise InputError(f"{args.src} is already dense; nothing to merge")
+        out = save_checkpoint(unroll(lm.model), args.dst, lm.tokenizer)
     if args.json:
-        print(json.dumps({"kind": args.kind, "src": str(args.src), "dst": str(out)}))
+        print(json.dumps({"kind": args.kind, "src": str(args.src), "dst": str(out), **info}))
     else:
-        print(f"wrote {out}")
+        print(
+            f"wrote {out}"
+            + (
+                f" ({info['non_embedding_params'] / 1e6:.2f}M non-embedding parameters, source {info['source_non_embedding_params'] / 1e6:.2f}M)"
+                if info
+                else ""
+            )
+        )
     return 0
+
+
+def _lora_config(args: argparse.Namespace):
+    from earlyexit.config import LORA_TARGETS, LoraConfig
+
+    per = {}
+    for item in filter(None, (args.lora_ranks or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in LORA_TARGETS or not value.lstrip("-").isdigit():
+            raise InputError(
+                f"--lora-ranks expects target=rank pairs for {', '.join(LORA_TARGETS)}, got {item!r}"
+            )
+        per[name] = int(value)
+    if args.lora_rank < 0 or any(v < 0 for v in per.values()):
+        raise InputError("LoRA ranks must be >= 0")
+    return LoraConfig(rank=args.lora_rank, **per)
 
 
 # ---------------------------------------------------------------------- prepare / train / eval
@@ -415,12 +465,42 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert between Hugging Face and earlyexit checkpoints")
     c.add_argument(
         "kind",
-        choices=["hf-import", "hf-export"],
-        help="hf-import: HF directory or hub name -> ours; hf-export: ours (dense) -> HF directory",
+        choices=["hf-import", "hf-export", "recursive", "merge"],
+        help="hf-import: HF directory or hub name -> ours; hf-export: ours (dense) -> HF directory; recursive: dense -> layer-shared (+ LoRA); merge: recursive -> the equivalent dense model",
     )
     c.add_argument("src", help="source directory (or hub name for hf-import, when online)")
     c.add_argument("dst", help="destination directory")
     c.add_argument("--force", action="store_true", help="replace an existing destination")
+    rg = c.add_argument_group("recursive")
+    rg.add_argument(
+        "--loops", type=int, default=2, help="recursions B (the shared part's layers / B blocks)"
+    )
+    rg.add_argument(
+        "--sharing",
+        default="cycle",
+        choices=["cycle", "sequence", "middle_cycle", "middle_sequence"],
+        help="sharing scheme",
+    )
+    rg.add_argument(
+        "--init",
+        default="stepwise",
+        choices=["stepwise", "average", "lower", "random"],
+        help="initialisation of the shared blocks",
+    )
+    rg.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="per-step LoRA rank of every target (0: no relaxation)",
+    )
+    rg.add_argument("--lora-ranks", default=None, help="per-target ranks, e.g. q=64,k=32,down=128")
+    rg.add_argument(
+        "--lora-init",
+        default="svd",
+        choices=["svd", "zero"],
+        help="svd: truncated SVD of the residual; zero: standard init",
+    )
+    rg.add_argument("--seed", type=int, default=0, help="seed of random and standard inits")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=cmd_convert)
 
@@ -540,6 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="add a learned confidence classifier per exit",
+    )
+    ug = t.add_argument_group("recursive uptraining (--objective uptrain)")
+    ug.add_argument("--teacher", help="the dense source model distilled from")
+    ug.add_argument(
+        "--distill-weight",
+        dest="distill_weight",
+        type=float,
+        help="weight of KL(teacher || student) (1.0)",
     )
     lg = t.add_argument_group("logging and checkpoints")
     lg.add_argument(

@@ -71,6 +71,40 @@ class SharingConfig:
     loops: int = 1
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoraConfig:
+    """Per-step LoRA relaxing shared blocks (Relaxed Recursive Transformers, §2).
+
+    Every step of a shared block adds its own B_l A_l x to each target linear, with scale
+    exactly 1 (no alpha / r). ``rank`` applies to every target unless a per-target field is
+    set; ranks are capped at min(r, d_in, d_out); 0 disables a target.
+
+    Attributes:
+        rank: default rank of every target.
+        q, k, v, o, gate, up, down: per-target ranks (None: ``rank``).
+    """
+
+    rank: int = 0
+    q: int | None = None
+    k: int | None = None
+    v: int | None = None
+    o: int | None = None
+    gate: int | None = None
+    up: int | None = None
+    down: int | None = None
+
+    def requested(self, target: str) -> int:
+        r = getattr(self, target)
+        return self.rank if r is None else r
+
+    @property
+    def enabled(self) -> bool:
+        return any(self.requested(t) > 0 for t in LORA_TARGETS)
+
+
 @dataclass
 class ExitConfig:
     """Early-exit points (FREE, CALM, recursive loop exits).
@@ -122,6 +156,7 @@ class ModelConfig:
         init_std: std of the normal init of linear and embedding weights.
         sharing: layer sharing; builds the plan.
         exits: early-exit points.
+        lora: per-step LoRA relaxation of shared blocks.
     """
 
     name: str = "custom"
@@ -146,6 +181,7 @@ class ModelConfig:
     init_std: float = 0.02
     sharing: SharingConfig = field(default_factory=SharingConfig)
     exits: ExitConfig = field(default_factory=ExitConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Derived in __post_init__, never set by hand.
     plan: tuple[Step, ...] = field(init=False, repr=False, compare=False)
 
@@ -184,7 +220,12 @@ class ModelConfig:
                     f"special token id {t} is outside the vocabulary (size {self.vocab_size})"
                 )
         self.eos_token_ids = tuple(self.eos_token_ids)
-        self.plan = build_plan(self.n_layers, self.sharing.scheme, self.sharing.loops)
+        for t in LORA_TARGETS:
+            if self.lora.requested(t) < 0:
+                raise ConfigError(f"lora ranks must be >= 0, got {t}={self.lora.requested(t)}")
+        self.plan = build_plan(
+            self.n_layers, self.sharing.scheme, self.sharing.loops, relaxed=self.lora.enabled
+        )
         ex = self.exits.steps = tuple(self.exits.steps)
         if any(not 1 <= s < self.n_layers for s in ex) or list(ex) != sorted(set(ex)):
             raise ConfigError(
@@ -202,6 +243,24 @@ class ModelConfig:
     def n_kv_slots(self) -> int:
         """KV-cache slots the plan writes."""
         return n_kv_slots(self.plan)
+
+    def lora_shape(self, target: str) -> tuple[int, int, int]:
+        """(rank, d_in, d_out) of a LoRA target, the rank capped at min(r, d_in, d_out)."""
+        d_in, d_out = {
+            "q": (self.d_model, self.q_dim),
+            "k": (self.d_model, self.kv_dim),
+            "v": (self.d_model, self.kv_dim),
+            "o": (self.q_dim, self.d_model),
+            "gate": (self.d_model, self.d_ff),
+            "up": (self.d_model, self.d_ff),
+            "down": (self.d_ff, self.d_model),
+        }[target]
+        return min(self.lora.requested(target), d_in, d_out), d_in, d_out
+
+    def lora_params(self) -> int:
+        """LoRA parameters: sum over relaxed steps and targets of r (d_in + d_out)."""
+        per_step = sum(r * (i + o) for r, i, o in map(self.lora_shape, LORA_TARGETS))
+        return per_step * sum(s.lora is not None for s in self.plan)
 
     @property
     def exit_points(self) -> tuple[int, ...]:
@@ -224,10 +283,11 @@ class ModelConfig:
         return n
 
     def param_counts(self) -> dict[str, int]:
-        """Unique parameters: ``embedding``, ``head`` (0 when tied), ``non_embedding``, ``total``."""
+        """Unique parameters: ``embedding``, ``head`` (0 when tied), ``non_embedding`` (blocks,
+        final norm, LoRA), ``total``."""
         emb = self.vocab_size * self.d_model
         head = 0 if self.tie_embeddings else emb
-        non_emb = self.n_blocks * self.block_params() + self.d_model  # + final norm
+        non_emb = self.n_blocks * self.block_params() + self.d_model + self.lora_params()
         return {
             "embedding": emb,
             "head": head,
@@ -242,6 +302,7 @@ class ModelConfig:
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
         d["sharing"] = dataclasses.asdict(self.sharing)
         d["exits"] = {**dataclasses.asdict(self.exits), "steps": list(self.exits.steps)}
+        d["lora"] = dataclasses.asdict(self.lora)
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["plan"] = [s.to_dict() for s in self.plan]
         return d
@@ -332,6 +393,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_kv_heads=4,
         d_ff=768,
         max_context=1024,
+        tie_embeddings=True,
+    ),
+    # Gemma-2B *shape* as a Llama (MQA, head_dim 256, tied 256k vocab; SwiGLU has the same
+    # parameter count as Gemma's GeGLU): reproduces the recursive paper's parameter counts.
+    "gemma-2b-shape": dict(
+        vocab_size=256000,
+        d_model=2048,
+        n_layers=18,
+        n_heads=8,
+        n_kv_heads=1,
+        head_dim=256,
+        d_ff=16384,
+        max_context=8192,
         tie_embeddings=True,
     ),
     # HuggingFaceTB/SmolLM-135M (also MoR's 135M base shape).

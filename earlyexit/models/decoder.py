@@ -48,7 +48,11 @@ class Decoder(nn.Module):
         self.config = config
         self.plan = config.plan
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
+        slots = [
+            sum(s.block == b and s.lora is not None for s in config.plan)
+            for b in range(config.n_blocks)
+        ]
+        self.blocks = nn.ModuleList(Block(config, slots[b]) for b in range(config.n_blocks))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         ex = config.exits
         # Optional per-exit norms and confidence classifiers, one per intermediate exit.
@@ -81,6 +85,9 @@ class Decoder(nn.Module):
                 nn.init.ones_(m.weight)
         for m in self.exit_classifiers or ():
             m.reset_parameters(generator)
+        for b in self.blocks:
+            if b.lora is not None:
+                b.lora.reset_parameters(generator)
         self.rebuild_buffers(self.tok_embeddings.weight.device)
 
     def rebuild_buffers(self, device: torch.device | str) -> None:
@@ -127,14 +134,26 @@ class Decoder(nn.Module):
     def run_step(self, i: int, h: Tensor, ctx: ForwardContext) -> Tensor:
         """Run step ``i`` of the plan on hidden states (B, T, d_model)."""
         step = self.plan[i]
-        return self.blocks[step.block](h, ctx, step.kv_slot)
+        return self.blocks[step.block](h, ctx, step.kv_slot, step.lora)
 
     def run_steps(self, start: int, stop: int, h: Tensor, ctx: ForwardContext) -> Tensor:
         """Run steps ``start .. stop-1`` in order (the common fused range)."""
         for i in range(start, stop):
             step = self.plan[i]
-            h = self.blocks[step.block](h, ctx, step.kv_slot)
+            h = self.blocks[step.block](h, ctx, step.kv_slot, step.lora)
         return h
+
+    def run_block(
+        self,
+        block: int,
+        h: Tensor,
+        ctx: ForwardContext,
+        kv_slot: int,
+        lora_slots: Tensor | None = None,
+    ) -> Tensor:
+        """Run shared ``block`` on rows that may be at different steps of it: each row applies
+        its own LoRA slot ``lora_slots`` (B,) in one call (depth-wise batching)."""
+        return self.blocks[block](h, ctx, kv_slot, lora_slots)
 
     def head_weight(self) -> Tensor:
         return self.tok_embeddings.weight if self.head is None else self.head.weight
@@ -175,7 +194,7 @@ class Decoder(nn.Module):
         """Write step ``i``'s keys and values for ``h`` without running the rest of its block
         (CALM's state propagation: an exited token's state stands in for skipped layers)."""
         step = self.plan[i]
-        self.blocks[step.block].write_kv(h, ctx, step.kv_slot)
+        self.blocks[step.block].write_kv(h, ctx, step.kv_slot, step.lora)
 
     # ------------------------------------------------------------------ full depth
     def forward(

@@ -20,6 +20,18 @@ from torch import Tensor, nn
 from earlyexit.config import ModelConfig, RopeScaling
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext
+from earlyexit.models.lora import LoraBank
+
+Lora = tuple[LoraBank, "int | Tensor"] | None  # a block's LoRA bank and the slot(s) to apply
+
+
+def _add_lora(out: Tensor, lora: Lora, target: str, x: Tensor, lo: int, hi: int) -> None:
+    """out[..., lo:hi] += B A x for ``target``, in place (no-op without LoRA)."""
+    if lora is None:
+        return
+    d = lora[0].delta(target, x, lora[1])
+    if d is not None:
+        out[..., lo:hi] += d
 
 
 class RMSNorm(nn.Module):
@@ -86,19 +98,26 @@ class Attention(nn.Module):
         self.wqkv = Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.q_dim, cfg.d_model, bias=cfg.o_bias)
 
-    def write_kv(self, x: Tensor, ctx: ForwardContext, kv_slot: int) -> None:
+    def write_kv(self, x: Tensor, ctx: ForwardContext, kv_slot: int, lora: Lora = None) -> None:
         """Project ``x`` (B, T, d) to keys and values and append them to the cache only."""
         B, T, _ = x.shape
         w = self.wqkv.weight[self.q_dim :]  # the k and v rows of the fused projection
         b = None if self.wqkv.bias is None else self.wqkv.bias[self.q_dim :]
         kv = linear(x, w, b)  # (B, T, 2 kv_dim)
+        _add_lora(kv, lora, "k", x, 0, self.kv_dim)
+        _add_lora(kv, lora, "v", x, self.kv_dim, 2 * self.kv_dim)
         k = kv[..., : self.kv_dim].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = kv[..., self.kv_dim :].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         ctx.cache.update(kv_slot, apply_rope(k, ctx.cos, ctx.sin), v, ctx)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, kv_slot: int) -> Tensor:
+    def forward(self, x: Tensor, ctx: ForwardContext, kv_slot: int, lora: Lora = None) -> Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
+        if lora is not None:
+            q_end, k_end = self.q_dim, self.q_dim + self.kv_dim
+            _add_lora(qkv, lora, "q", x, 0, q_end)
+            _add_lora(qkv, lora, "k", x, q_end, k_end)
+            _add_lora(qkv, lora, "v", x, k_end, k_end + self.kv_dim)
         n_qk = self.n_heads + self.n_kv_heads
         # q and k heads are rotated together: one RoPE application instead of two.
         # (Slicing rather than .split(): this runs once per layer per token.)
@@ -117,7 +136,9 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*D)
-        return self.wo(y)
+        out = self.wo(y)
+        _add_lora(out, lora, "o", y, 0, out.shape[-1])
+        return out
 
 
 class MLP(nn.Module):
@@ -129,28 +150,44 @@ class MLP(nn.Module):
         self.w13 = Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.mlp_bias)  # [gate; up]
         self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lora: Lora = None) -> Tensor:
         gu = self.w13(x)  # (B, T, 2 d_ff)
-        return self.w2(F.silu(gu[..., : self.d_ff]) * gu[..., self.d_ff :])
+        _add_lora(gu, lora, "gate", x, 0, self.d_ff)
+        _add_lora(gu, lora, "up", x, self.d_ff, 2 * self.d_ff)
+        z = F.silu(gu[..., : self.d_ff]) * gu[..., self.d_ff :]
+        out = self.w2(z)
+        _add_lora(out, lora, "down", z, 0, out.shape[-1])
+        return out
 
 
 class Block(nn.Module):
     """Pre-norm transformer layer. A shared block is run by several steps of the plan."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, lora_slots: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # one LoRA slot per step that runs this block (relaxed recursive models only)
+        self.lora = LoraBank(cfg, lora_slots) if lora_slots else None
 
-    def forward(self, h: Tensor, ctx: ForwardContext, kv_slot: int) -> Tensor:
-        h = h + self.attn(self.attn_norm(h), ctx, kv_slot)
-        return h + self.mlp(self.mlp_norm(h))
+    def _lora(self, slot: int | Tensor | None) -> Lora:
+        return None if slot is None or self.lora is None else (self.lora, slot)
 
-    def write_kv(self, h: Tensor, ctx: ForwardContext, kv_slot: int) -> None:
+    def forward(
+        self, h: Tensor, ctx: ForwardContext, kv_slot: int, lora_slot: int | Tensor | None = None
+    ) -> Tensor:
+        """``lora_slot``: this step's LoRA slot, or per-row slots (B,) for mixed-depth rows."""
+        lora = self._lora(lora_slot)
+        h = h + self.attn(self.attn_norm(h), ctx, kv_slot, lora)
+        return h + self.mlp(self.mlp_norm(h), lora)
+
+    def write_kv(
+        self, h: Tensor, ctx: ForwardContext, kv_slot: int, lora_slot: int | Tensor | None = None
+    ) -> None:
         """Cache the keys and values this block would write for ``h``; skip the rest."""
-        self.attn.write_kv(self.attn_norm(h), ctx, kv_slot)
+        self.attn.write_kv(self.attn_norm(h), ctx, kv_slot, self._lora(lora_slot))
 
 
 class ExitClassifier(nn.Module):

@@ -54,8 +54,14 @@ class Step:
         }
 
 
-def build_plan(n_layers: int, scheme: str = "none", loops: int = 1) -> tuple[Step, ...]:
+def build_plan(
+    n_layers: int, scheme: str = "none", loops: int = 1, relaxed: bool = False
+) -> tuple[Step, ...]:
     """Build the plan of ``n_layers`` unrolled steps for a sharing scheme.
+
+    With ``relaxed`` every step of a shared block gets its own LoRA slot in that block: the
+    slot index is the step's recursion (Relaxed Recursive Transformers, §2). Unique blocks
+    (the first and last of the middle schemes) get none: they are not shared.
 
     Raises:
         ConfigError: unknown scheme, or a layer count the scheme cannot split into
@@ -72,6 +78,10 @@ def build_plan(n_layers: int, scheme: str = "none", loops: int = 1) -> tuple[Ste
     if scheme == "none":
         if loops != 1:
             raise ConfigError("sharing.loops must be 1 when sharing.scheme is 'none'")
+        if relaxed:
+            raise ConfigError(
+                "LoRA relaxation needs shared blocks; this model has none (sharing.scheme is 'none')"
+            )
         return tuple(Step(i, None, i, None) for i in range(n_layers))
 
     middle = scheme.startswith("middle_")
@@ -92,7 +102,7 @@ def build_plan(n_layers: int, scheme: str = "none", loops: int = 1) -> tuple[Ste
             block, rec = j % k, j // k
         else:  # sequence: each block repeated `loops` times in place
             block, rec = j // loops, j % loops
-        steps.append(Step(offset + block, None, len(steps), rec))
+        steps.append(Step(offset + block, rec if relaxed else None, len(steps), rec))
     if middle:
         steps.append(Step(k + 1, None, len(steps), None))
     return tuple(steps)

@@ -101,6 +101,8 @@ class TrainConfig:
         kd_alpha: ``shallow-deep``: weight of the layer-wise distillation.
         exit_norms: give each intermediate exit its own RMSNorm (initialised from the final).
         exit_classifier: give each intermediate exit a confidence classifier.
+        teacher: ``--objective uptrain``: the dense model distilled from.
+        distill_weight: ``uptrain``: weight of KL(teacher || student) next to the LM loss.
     """
 
     data: str = "data/stdlib"
@@ -139,6 +141,8 @@ class TrainConfig:
     kd_alpha: float = 0.5
     exit_norms: bool = False
     exit_classifier: bool = False
+    teacher: str | None = None
+    distill_weight: float = 1.0
 
     def validate(self) -> TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"):
@@ -629,6 +633,7 @@ def _fingerprint(cfg: TrainConfig, mc: ModelConfig, d: Dist) -> dict:
         "seed": cfg.seed,
         "objective": cfg.objective,
         "exit_loss": cfg.exit_loss if cfg.objective == "exits" else None,
+        "teacher": cfg.teacher if cfg.objective == "uptrain" else None,
         "data": str(Path(cfg.data).resolve()),
     }
 

@@ -50,6 +50,43 @@ class LanguageModeling(Objective):
         return LossOutput(loss, {"ce": loss.detach()})
 
 
+class Uptraining(Objective):
+    """Recursive uptraining (RRT §3): LM loss + weight x forward KL(teacher || student) from a
+    frozen dense teacher whose logits are computed online."""
+
+    name = "uptrain"
+
+    def __init__(self, teacher: str | None, weight: float = 1.0) -> None:
+        from earlyexit.errors import ConfigError
+
+        if not teacher:
+            raise ConfigError("--objective uptrain needs --teacher DIR (the dense source model)")
+        if weight < 0:
+            raise ConfigError(f"distill weight must be >= 0, got {weight}")
+        self.teacher_dir, self.weight = teacher, weight
+
+    def setup(self, model: nn.Module) -> None:
+        from earlyexit.checkpoint import load_checkpoint
+        from earlyexit.errors import ConfigError
+
+        device = next(model.parameters()).device
+        self.teacher, _ = load_checkpoint(self.teacher_dir, device)
+        self.teacher.requires_grad_(False)
+        if self.teacher.config.vocab_size != getattr(model, "config", model).vocab_size:
+            raise ConfigError(
+                f"{self.teacher_dir}: the teacher's vocabulary differs from the student's"
+            )
+
+    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> LossOutput:
+        logits = model(inputs)
+        ce = cross_entropy(logits, targets)
+        with torch.no_grad():
+            teacher = self.teacher(inputs).float().log_softmax(-1).flatten(0, 1)
+        student = logits.float().log_softmax(-1).flatten(0, 1)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return LossOutput(ce + self.weight * kl, {"ce": ce.detach(), "kl": kl.detach()})
+
+
 OBJECTIVES: dict[str, type[Objective]] = {"lm": LanguageModeling}
 
 
@@ -64,8 +101,10 @@ def get_objective(name: str, cfg=None) -> Objective:
         return ExitTraining(cfg.exit_loss, cfg.exit_coef, cfg.kd_alpha)
     if name == "exit-classifier":
         return ExitClassifierTraining()
+    if name == "uptrain":
+        return Uptraining(getattr(cfg, "teacher", None), getattr(cfg, "distill_weight", 1.0))
     if name not in OBJECTIVES:
-        known = [*OBJECTIVES, "exits", "exit-classifier"]
+        known = [*OBJECTIVES, "exits", "exit-classifier", "uptrain"]
         raise ConfigError(f"unknown objective {name!r}; available: {', '.join(known)}")
     return OBJECTIVES[name]()
 

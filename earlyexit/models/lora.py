@@ -1,0 +1,67 @@
+"""Per-step LoRA on shared blocks: the relaxation of Relaxed Recursive Transformers (§2).
+
+- A shared block run by several steps holds one LoRA *slot* per step (the step's
+  recursion): for each target linear (q, k, v, o, gate, up, down) with rank r > 0,
+  A (slots, r, d_in) and B (slots, d_out, r). The step's output adds B_l A_l x with scale
+  exactly 1 (the paper has no alpha / r factor).
+- ``delta(target, x, slot)``: one slot for the whole batch (a plain step), or a (B,) tensor
+  of per-row slots: rows at different depths of the same block in one call, each with its
+  own LoRA, by gathering the rows' A and B (batched matmuls, no per-row Python loop). The
+  serving engine's depth-wise batching relies on this.
+- ``svd_init``: B = U_r S_r, A = V_r^T from the truncated SVD (fp32) of the residual
+  W_l - W' between the step's original and the shared weight; standard init (Gaussian A,
+  B = 0) where the residual is zero. Full rank reproduces W_l exactly (Eckart-Young).
+- ``merged``: W' + B_l A_l, for export or analysis.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from earlyexit.config import LORA_TARGETS, ModelConfig
+
+
+class LoraBank(nn.Module):
+    """The LoRA slots of one shared block."""
+
+    def __init__(self, cfg: ModelConfig, n_slots: int) -> None:
+        super().__init__()
+        self.n_slots = n_slots
+        self.shapes = {t: cfg.lora_shape(t) for t in LORA_TARGETS if cfg.lora_shape(t)[0] > 0}
+        self.A = nn.ParameterDict(
+            {t: nn.Parameter(torch.zeros(n_slots, r, i)) for t, (r, i, o) in self.shapes.items()}
+        )
+        self.B = nn.ParameterDict(
+            {t: nn.Parameter(torch.zeros(n_slots, o, r)) for t, (r, i, o) in self.shapes.items()}
+        )
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Standard LoRA init: Gaussian A (std 1/r), B = 0, so every delta starts at zero."""
+        for t, (r, _, _) in self.shapes.items():
+            nn.init.normal_(self.A[t], 0.0, 1.0 / r, generator=generator)
+            nn.init.zeros_(self.B[t])
+
+    def delta(self, target: str, x: Tensor, slot: int | Tensor) -> Tensor | None:
+        """B A x for ``x`` (B, T, d_in): one slot for all rows, or per-row slots (B,)."""
+        if target not in self.A:
+            return None
+        A, Bm = self.A[target], self.B[target]
+        if isinstance(slot, int):
+            return (x @ A[slot].transpose(0, 1)) @ Bm[slot].transpose(0, 1)  # (B, T, d_out)
+        a = A[slot]  # (B, r, d_in): each row's own slot
+        xa = torch.einsum("btd,brd->btr", x, a)  # (B, T, r)
+        return torch.einsum("btr,bor->bto", xa, Bm[slot])  # (B, T, d_out)
+
+    def merged_delta(self, target: str, slot: int) -> Tensor | None:
+        """B_slot A_slot (d_out, d_in), or None when the target has no LoRA."""
+        if target not in self.A:
+            return None
+        return self.B[target][slot] @ self.A[target][slot]
+
+
+def truncated_svd(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(B, A) with B A the best rank-``rank`` approximation of ``residual`` (d_out, d_in),
+    computed in fp32: B = U_r S_r, A = V_r^T."""
+    u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank]

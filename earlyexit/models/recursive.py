@@ -1,0 +1,156 @@
+"""Dense -> recursive conversion and back (Relaxed Recursive Transformers, arXiv 2410.20672 §1-2).
+
+- ``convert_recursive``: a dense model becomes one whose L steps run K shared blocks in a
+  sharing scheme (cycle, sequence, middle-cycle, middle-sequence; ``plan.py``). Everything in
+  a block is tied, norms included; embedding, final norm, head (and exits) stay unique.
+- Initialisation of the shared blocks (§1): ``stepwise`` takes dense layers
+  round(linspace(0, L-1, K)) (Python's round-half-even, as the authors' code; over layers
+  1..L-2 for the middle schemes, whose first and last layers stay unique); ``average`` the
+  mean of the layers tied to the block; ``lower`` the first K layers; ``random`` none.
+- Relaxation (§2): per-step LoRA initialised from the truncated SVD of (the step's dense
+  weight - the shared weight) in fp32, or standard init (``lora_init="zero"``, or wherever
+  the residual is exactly zero).
+- ``unroll``: the equivalent dense model, each step's weights = shared weights + its merged
+  LoRA (export to Hugging Face, analysis, tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from earlyexit.config import LORA_TARGETS, LoraConfig, SharingConfig
+from earlyexit.errors import ConfigError
+from earlyexit.models.decoder import Decoder
+from earlyexit.models.lora import truncated_svd
+
+INITS = ("stepwise", "average", "lower", "random")
+LORA_INITS = ("svd", "zero")
+
+
+def stepwise_indices(first: int, last: int, k: int) -> list[int]:
+    """round(linspace(first, last, k)) with Python's round-half-even (the authors' code)."""
+    return [round(float(x)) for x in np.linspace(first, last, k)]
+
+
+def target_weight(block, target: str) -> torch.Tensor:
+    """The (d_out, d_in) weight of a LoRA target inside a block (a view into the fused ones)."""
+    a, m = block.attn, block.mlp
+    q, kv = a.q_dim, a.kv_dim
+    return {
+        "q": lambda: a.wqkv.weight[:q],
+        "k": lambda: a.wqkv.weight[q : q + kv],
+        "v": lambda: a.wqkv.weight[q + kv :],
+        "o": lambda: a.wo.weight,
+        "gate": lambda: m.w13.weight[: m.d_ff],
+        "up": lambda: m.w13.weight[m.d_ff :],
+        "down": lambda: m.w2.weight,
+    }[target]()
+
+
+def convert_recursive(
+    dense: Decoder,
+    loops: int,
+    scheme: str = "cycle",
+    init: str = "stepwise",
+    lora: LoraConfig | None = None,
+    lora_init: str = "svd",
+    seed: int = 0,
+) -> Decoder:
+    """A recursive (optionally relaxed) model initialised from ``dense``.
+
+    Raises:
+        ConfigError: ``dense`` already shares layers, the layer count does not split into
+            ``loops`` recursions for ``scheme``, or an unknown init.
+    """
+    cfg = dense.config
+    if cfg.sharing.scheme != "none":
+        raise ConfigError(f"the model already shares layers ({cfg.sharing.scheme} x {cfg.sharing.loops}); convert a dense model")  # fmt: skip
+    if scheme == "none":
+        raise ConfigError(
+            "choose a sharing scheme: cycle, sequence, middle_cycle or middle_sequence"
+        )
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if lora_init not in LORA_INITS:
+        raise ConfigError(f"unknown LoRA init {lora_init!r}; choose svd or zero")
+    lora = lora or LoraConfig()
+    new_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-{scheme}x{loops}", sharing=SharingConfig(scheme, loops), lora=lora)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("cpu"):
+        model = Decoder(new_cfg)
+    model.init_weights(g)
+    model = model.to(dense.tok_embeddings.weight.device, dense.tok_embeddings.weight.dtype)
+    src = dense.state_dict()
+    own = model.state_dict()
+    with torch.no_grad():
+        for k, v in src.items():  # embedding, final norm, head, exit norms and classifiers
+            if not k.startswith("blocks."):
+                own[k].copy_(v)
+        steps_of = {b: [i for i, s in enumerate(new_cfg.plan) if s.block == b] for b in range(new_cfg.n_blocks)}  # fmt: skip
+        shared = [b for b, steps in steps_of.items() if len(steps) > 1]
+        middle = scheme.startswith("middle_")
+        chosen = stepwise_indices(1 if middle else 0, cfg.n_layers - (2 if middle else 1), len(shared))  # fmt: skip
+        for b, steps in steps_of.items():
+            if len(steps) == 1:
+                sources = steps  # a unique block keeps its own layer
+            elif init == "stepwise":
+                sources = [chosen[shared.index(b)]]
+            elif init == "lower":
+                sources = [shared.index(b) + (1 if middle else 0)]
+            elif init == "average":
+                sources = steps
+            else:  # random
+                continue
+            _copy_block_mean(dense, sources, model.blocks[b])
+        if new_cfg.lora.enabled and lora_init == "svd":
+            for i, step in enumerate(new_cfg.plan):
+                if step.lora is None:
+                    continue
+                blk = model.blocks[step.block]
+                for t in blk.lora.shapes:
+                    residual = target_weight(dense.blocks[i], t).float() - target_weight(blk, t).float()  # fmt: skip
+                    if not residual.any():
+                        continue  # zero residual: keep the standard init (delta starts at 0)
+                    r = blk.lora.shapes[t][0]
+                    bm, am = truncated_svd(residual, r)
+                    blk.lora.B[t][step.lora].copy_(bm)
+                    blk.lora.A[t][step.lora].copy_(am)
+    return model
+
+
+def _copy_block_mean(dense: Decoder, layers: list[int], block) -> None:
+    """Set every non-LoRA tensor of ``block`` to the mean of those of dense ``layers``."""
+    states = [dense.blocks[i].state_dict() for i in layers]
+    for k, v in block.state_dict().items():
+        if k.startswith("lora."):
+            continue
+        v.copy_(torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype))
+
+
+def unroll(model: Decoder) -> Decoder:
+    """The dense model ``model`` computes: step i's block copied, plus its merged LoRA."""
+    cfg = model.config
+    dense_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-unrolled", sharing=SharingConfig(), lora=LoraConfig())  # fmt: skip
+    with torch.device("meta"):
+        dense = Decoder(dense_cfg)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("blocks.")}  # fmt: skip
+    for i, step in enumerate(cfg.plan):
+        blk = model.blocks[step.block]
+        for k, v in blk.state_dict().items():
+            if not k.startswith("lora."):
+                sd[f"blocks.{i}.{k}"] = v.detach().clone()
+    dense.load_state_dict(sd, assign=True)
+    dense.rebuild_buffers(model.tok_embeddings.weight.device)
+    with torch.no_grad():
+        for i, step in enumerate(cfg.plan):
+            blk = model.blocks[step.block]
+            if step.lora is None or blk.lora is None:
+                continue
+            for t in LORA_TARGETS:
+                delta = blk.lora.merged_delta(t, step.lora)
+                if delta is not None:
+                    target_weight(dense.blocks[i], t).add_(delta.to(target_weight(dense.blocks[i], t).dtype))  # fmt: skip
+    return dense.eval()

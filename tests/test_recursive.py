@@ -1,0 +1,308 @@
+"""Relaxed Recursive Transformers: recursive.md §7 invariants, conversion, LoRA, uptraining."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from earlyexit.config import LoraConfig, ModelConfig
+from earlyexit.errors import ConfigError
+from earlyexit.models.kv_cache import KVCache
+from earlyexit.models.lora import truncated_svd
+from earlyexit.models.recursive import (
+    INITS,
+    convert_recursive,
+    stepwise_indices,
+    target_weight,
+    unroll,
+)
+from tests.conftest import make_model
+
+ATOL = 1e-5
+
+
+def tied_norm_dense(n_layers=8, **kw):
+    """A dense model whose norms are equal across layers (the spec's exactness condition)."""
+    m = make_model(n_layers=n_layers, **kw)
+    with torch.no_grad():
+        for blk in m.blocks[1:]:
+            blk.attn_norm.weight.copy_(m.blocks[0].attn_norm.weight)
+            blk.mlp_norm.weight.copy_(m.blocks[0].mlp_norm.weight)
+    return m
+
+
+def _cached(model, x, first=5):
+    cache = KVCache.for_model(model, x.shape[0], x.shape[1])
+    with torch.inference_mode():
+        out = [model(x[:, :first], cache=cache)]
+        out += [model(x[:, t : t + 1], cache=cache) for t in range(first, x.shape[1])]
+    return torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_one_loop_is_the_identity_conversion(init):
+    dense = make_model(n_layers=4)
+    rec = convert_recursive(dense, loops=1, init=init)
+    x = torch.randint(0, 512, (2, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(rec(x), dense(x), atol=0, rtol=0)
+
+
+def test_state_dict_holds_k_blocks_and_stepwise_indices():
+    rec = convert_recursive(make_model(n_layers=8), loops=2)
+    assert {k.split(".")[1] for k in rec.state_dict() if k.startswith("blocks.")} == {
+        "0",
+        "1",
+        "2",
+        "3",
+    }
+    assert stepwise_indices(0, 17, 9) == [0, 2, 4, 6, 8, 11, 13, 15, 17]
+    assert stepwise_indices(0, 5, 3) == [0, 2, 5]
+    assert stepwise_indices(0, 21, 11) == [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21]  # TinyLlama
+    assert stepwise_indices(0, 15, 8) == [0, 2, 4, 6, 9, 11, 13, 15]  # Pythia
+
+
+def test_stepwise_average_and_lower_take_the_right_layers():
+    dense = make_model(n_layers=6)
+    stepwise = convert_recursive(dense, loops=2, init="stepwise")  # K=3 blocks <- layers 0, 2, 5
+    for b, src in enumerate([0, 2, 5]):
+        assert torch.equal(stepwise.blocks[b].mlp.w2.weight, dense.blocks[src].mlp.w2.weight)
+    lower = convert_recursive(dense, loops=2, init="lower")
+    assert torch.equal(lower.blocks[1].attn.wqkv.weight, dense.blocks[1].attn.wqkv.weight)
+    avg = convert_recursive(dense, loops=2, init="average")  # block 1 <- mean of layers 1 and 4
+    for name in ("attn.wqkv.weight", "mlp_norm.weight"):
+        mean = (dense.blocks[1].state_dict()[name] + dense.blocks[4].state_dict()[name]) / 2
+        torch.testing.assert_close(avg.blocks[1].state_dict()[name], mean)
+    mid = convert_recursive(make_model(n_layers=8), loops=3, scheme="middle_cycle", init="stepwise")
+    dense8 = make_model(n_layers=8)
+    assert torch.equal(mid.blocks[0].mlp.w2.weight, dense8.blocks[0].mlp.w2.weight)  # unique first
+    assert torch.equal(mid.blocks[3].mlp.w2.weight, dense8.blocks[7].mlp.w2.weight)  # unique last
+    assert torch.equal(
+        mid.blocks[1].mlp.w2.weight, dense8.blocks[1].mlp.w2.weight
+    )  # linspace(1, 6, 2)
+    assert torch.equal(mid.blocks[2].mlp.w2.weight, dense8.blocks[6].mlp.w2.weight)
+
+
+@pytest.mark.parametrize(
+    "scheme,loops,layers", [("cycle", 2, 8), ("sequence", 2, 6), ("middle_cycle", 3, 8)]
+)
+def test_full_rank_svd_relaxation_reproduces_the_source(scheme, loops, layers):
+    dense = tied_norm_dense(n_layers=layers)
+    rec = convert_recursive(dense, loops, scheme, init="average", lora=LoraConfig(rank=10_000))
+    x = torch.randint(0, 512, (2, 14))
+    with torch.inference_mode():
+        ref = dense(x)
+        torch.testing.assert_close(rec(x), ref, atol=1e-4, rtol=0)
+        cached, cache = _cached(rec, x)
+    torch.testing.assert_close(cached, ref, atol=1e-4, rtol=0)
+    assert cache.n_slots == layers  # one KV entry per depth
+
+
+def test_rank_zero_equals_plain_recursive():
+    dense = make_model(n_layers=8)
+    plain = convert_recursive(dense, 2, init="average")
+    relaxed = convert_recursive(dense, 2, init="average", lora=LoraConfig(rank=4), lora_init="zero")
+    x = torch.randint(0, 512, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(relaxed(x), plain(x), atol=0, rtol=0)  # B = 0 everywhere
+    with torch.no_grad():  # and the svd-initialised model with every B zeroed
+        svd = convert_recursive(dense, 2, init="average", lora=LoraConfig(rank=4))
+        for b in svd.blocks:
+            for t in b.lora.B:
+                b.lora.B[t].zero_()
+    with torch.inference_mode():
+        torch.testing.assert_close(svd(x), plain(x), atol=0, rtol=0)
+
+
+def test_truncation_error_matches_eckart_young():
+    g = torch.Generator().manual_seed(0)
+    r_mat = torch.randn(24, 16, generator=g)
+    s = torch.linalg.svdvals(r_mat)
+    errs = []
+    for r in range(0, 17):
+        bm, am = truncated_svd(r_mat, r)
+        err = (r_mat - bm @ am).pow(2).sum()
+        torch.testing.assert_close(err, s[r:].pow(2).sum(), atol=1e-3, rtol=1e-4)
+        errs.append(float(err))
+    assert all(a >= b - 1e-4 for a, b in zip(errs, errs[1:]))
+    bm, am = truncated_svd(torch.zeros(5, 4), 3)
+    assert not (bm @ am).any()
+
+
+def test_shared_gradient_is_the_sum_of_untied_gradients():
+    rec = convert_recursive(make_model(n_layers=6), 3, init="average", lora=LoraConfig(rank=2))
+    rec.train()
+    dense = unroll(rec).train()
+    x = torch.randint(0, 512, (2, 8))
+    rec(x).pow(2).mean().backward()
+    dense(x).pow(2).mean().backward()
+    for b in range(rec.config.n_blocks):
+        steps = [i for i, s in enumerate(rec.plan) if s.block == b]
+        total = sum(dense.blocks[i].mlp_norm.weight.grad for i in steps)
+        torch.testing.assert_close(rec.blocks[b].mlp_norm.weight.grad, total, atol=1e-5, rtol=1e-4)
+
+
+def test_unroll_equals_the_relaxed_model():
+    rec = convert_recursive(
+        make_model(n_layers=8), 2, init="stepwise", lora=LoraConfig(rank=3, down=5)
+    )
+    dense = unroll(rec)
+    assert dense.config.sharing.scheme == "none" and len(dense.blocks) == 8
+    x = torch.randint(0, 512, (2, 11))
+    with torch.inference_mode():
+        torch.testing.assert_close(dense(x), rec(x), atol=ATOL, rtol=0)
+
+
+def test_gemma_2b_shaped_parameter_counts():
+    base = ModelConfig.from_name("gemma-2b-shape")
+    assert round(base.param_counts()["non_embedding"] / 1e9, 2) == 1.98
+    rec = ModelConfig.from_name("gemma-2b-shape", sharing={"scheme": "cycle", "loops": 2})
+    assert round(rec.param_counts()["non_embedding"] / 1e9, 2) == 0.99
+    for rank, billions in [(64, 1.07), (128, 1.15), (256, 1.30), (512, 1.60)]:
+        cfg = dataclasses.replace(rec, lora=LoraConfig(rank=rank))
+        assert round(cfg.param_counts()["non_embedding"] / 1e9, 2) == billions, rank
+
+
+def test_per_row_lora_slots_equal_each_row_at_its_own_step():
+    """Rows at different steps of one shared block in one call (depth-wise batching)."""
+    rec = convert_recursive(make_model(n_layers=6), 3, init="average", lora=LoraConfig(rank=4))
+    with torch.no_grad():  # make every slot's delta non-trivial
+        for b in rec.blocks:
+            for t in b.lora.B:
+                b.lora.B[t].normal_(0, 0.05)
+    h = torch.randn(3, 5, 64)
+    ctx = rec.context(rec.default_positions((3, 5), None))
+    slots = torch.tensor([2, 0, 1])
+    with torch.inference_mode():
+        mixed = rec.run_block(1, h, ctx, kv_slot=0, lora_slots=slots)
+        for row, s in enumerate(slots.tolist()):
+            c1 = rec.context(rec.default_positions((1, 5), None))
+            alone = rec.run_block(1, h[row : row + 1], c1, kv_slot=0, lora_slots=torch.tensor([s]))
+            step = next(i for i, st in enumerate(rec.plan) if st.block == 1 and st.lora == s)
+            ref = rec.run_step(step, h[row : row + 1], c1)
+            torch.testing.assert_close(mixed[row], alone[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(mixed[row], ref[0], atol=ATOL, rtol=0)
+
+
+def test_loop_exits_read_the_state_after_each_loop():
+    rec = convert_recursive(make_model(n_layers=8, exits={"steps": [4]}), 2)
+    x = torch.randint(0, 512, (1, 7))
+    with torch.inference_mode():
+        out = rec(x, exits=True)
+        h = rec.hidden_states(x)
+        torch.testing.assert_close(out.exit_logits[0], rec.logits(h[3]), atol=0, rtol=0)
+        plain = convert_recursive(make_model(n_layers=8), 2)
+        assert torch.equal(plain(x), rec(x))  # exits configured or not: same full output
+
+
+def test_conversion_errors():
+    with pytest.raises(ConfigError, match="positive multiple of 3"):
+        convert_recursive(make_model(n_layers=8), 3)
+    with pytest.raises(ConfigError, match="already shares layers"):
+        convert_recursive(convert_recursive(make_model(n_layers=4), 2), 2)
+    with pytest.raises(ConfigError, match="needs shared blocks"):
+        ModelConfig.from_name("tiny", lora={"rank": 4})
+    with pytest.raises(ConfigError, match="lora ranks must be >= 0"):
+        ModelConfig.from_name(
+            "tiny", n_layers=4, sharing={"scheme": "cycle", "loops": 2}, lora={"rank": -1}
+        )
+    with pytest.raises(ConfigError, match="unknown init"):
+        convert_recursive(make_model(n_layers=4), 2, init="magic")
+
+
+def test_target_weights_are_views_of_the_fused_linears():
+    m = make_model()
+    blk = m.blocks[0]
+    shapes = {
+        t: tuple(target_weight(blk, t).shape) for t in ("q", "k", "v", "o", "gate", "up", "down")
+    }
+    assert shapes == {
+        "q": (64, 64),
+        "k": (32, 64),
+        "v": (32, 64),
+        "o": (64, 64),
+        "gate": (128, 64),
+        "up": (128, 64),
+        "down": (64, 128),
+    }
+
+
+def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
+    import json
+
+    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+    from earlyexit.cli import main
+    from earlyexit.tokenizer import Tokenizer
+    from earlyexit.training.corpus import prepare
+    from earlyexit.training.loop import TrainConfig, train
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"m{i}.py").write_text(
+            "".join(f"def g{i}_{j}(a):\n    return a - {j}\n" for j in range(30))
+        )
+    prepare([str(src)], tmp_path / "data", vocab_size=300, log=lambda *a: None)
+    tok = Tokenizer.from_file(tmp_path / "data" / "tokenizer.json")
+    save_checkpoint(make_model(n_layers=4, vocab_size=300), tmp_path / "dense", tok)
+    assert (
+        main(
+            [
+                "convert",
+                "recursive",
+                str(tmp_path / "dense"),
+                str(tmp_path / "rec"),
+                "--loops",
+                "2",
+                "--init",
+                "average",
+                "--lora-ranks",
+                "q=4,down=8",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    info = json.loads(capsys.readouterr().out)
+    assert info["non_embedding_params"] < info["source_non_embedding_params"]
+    rec, _ = load_checkpoint(tmp_path / "rec")
+    assert rec.config.lora.q == 4 and rec.config.lora.down == 8 and rec.config.lora.rank == 0
+    assert main(["convert", "merge", str(tmp_path / "rec"), str(tmp_path / "merged")]) == 0
+    merged, _ = load_checkpoint(tmp_path / "merged")
+    x = torch.randint(0, 300, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(x), rec(x), atol=ATOL, rtol=0)
+    assert main(["convert", "merge", str(tmp_path / "dense"), str(tmp_path / "m2")]) == 1
+    assert "already dense" in capsys.readouterr().err
+    # uptraining with forward-KL distillation from the dense teacher
+    cfg = TrainConfig(
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "up"),
+        init_from=str(tmp_path / "rec"),
+        objective="uptrain",
+        teacher=str(tmp_path / "dense"),
+        distill_weight=0.5,
+        seq_len=16,
+        batch_size=4,
+        steps=3,
+        save_every=0,
+        eval_every=3,
+        eval_batches=1,
+        log_every=1,
+        device="cpu",
+    )
+    s = train(cfg, progress=False, log=lambda *a, **k: None)
+    rows = [
+        json.loads(line) for line in (tmp_path / "up" / "metrics.jsonl").read_text().splitlines()
+    ]
+    kl_rows = [r for r in rows if "kl" in r]
+    assert s["finished"] and kl_rows and all(r["kl"] >= 0 for r in kl_rows)
+    assert abs(kl_rows[0]["loss"] - (kl_rows[0]["ce"] + 0.5 * kl_rows[0]["kl"])) < 1e-4
+    up, _ = load_checkpoint(s["final"])
+    assert up.config.sharing.loops == 2 and up.config.lora.q == 4
+    with pytest.raises(ConfigError, match="needs --teacher"):
+        train(
+            TrainConfig(**{**cfg.__dict__, "teacher": None, "out": str(tmp_path / "up2")}),
+            progress=False,
+            log=lambda *a, **k: None,
+        )
