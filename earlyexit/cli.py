@@ -349,6 +349,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for path in plot_all(args.results, args.plots):
             print(f"wrote {path}")
         return 0
+    if args.name == "conversion":
+        from earlyexit.bench.conversion import run as conversion_run
+
+        rows = conversion_run(
+            args.source or "runs/stdlib-small/final",
+            args.data,
+            steps=args.steps or 120,
+            threads=args.threads,
+            out=out,
+        )
+        if args.json:
+            print(json.dumps(rows))
+        return 0
     from earlyexit.bench.early_exit import main_batched_exit, main_early_exit
 
     if args.model is None:
@@ -674,10 +687,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
     b.add_argument(
         "name",
-        choices=["decode", "early-exit", "batched-exit", "plot"],
+        choices=["decode", "early-exit", "batched-exit", "conversion", "plot"],
         help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; plot: figures from the JSON rows",
     )
     b.add_argument("--preset", default="smollm-135m", help="decode: model shape (random init)")
+    b.add_argument(
+        "--source",
+        default=None,
+        help="conversion: the dense source checkpoint (default runs/stdlib-small/final)",
+    )
+    b.add_argument(
+        "--steps", type=int, default=None, help="conversion: uptraining steps per variant (120)"
+    )
     b.add_argument(
         "--model", default=None, help="early-exit/batched-exit: checkpoint with trained exits"
     )

@@ -94,8 +94,9 @@ def check_prompts(prompts: Sequence[Sequence[int]], model: Decoder) -> list[list
     return out
 
 
-class _Row:
-    """Per-row bookkeeping of the generation loop (host only)."""
+class OutputTracker:
+    """One sequence's output bookkeeping (host only): tokens, depths, incremental text, stop
+    strings with streaming hold-back. Shared by ``generate`` and the serving engine."""
 
     def __init__(self, prompt_len: int, tokenizer: Tokenizer | None, stops: tuple[str, ...]):
         self.result = GenerationResult(prompt_tokens=prompt_len)
@@ -190,7 +191,7 @@ def _run(
     if not params.ignore_eos:
         stop_ids |= set(cfg.eos_token_ids)
     gen = make_generator(params.seed, dev)
-    rows = [_Row(int(n), tokenizer, params.stop) for n in lens]
+    rows = [OutputTracker(int(n), tokenizer, params.stop) for n in lens]
 
     with torch.inference_mode():
         strategy.begin(model, cache, B, params.max_new_tokens)

@@ -110,6 +110,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         rows: np.ndarray | list[int] | None = None,
         n_new: np.ndarray | list[int] | None = None,
+        kv_slots: np.ndarray | list[int] | None = None,
     ) -> ForwardContext:
         """Per-forward state shared by every step: RoPE tables, cache, rows and valid counts.
 
@@ -118,6 +119,7 @@ class Decoder(nn.Module):
             cache: KV cache to read and append to, or None for an uncached forward.
             rows: cache rows of the B batch rows (default 0..B-1).
             n_new: valid tokens per row (default T); the rest is right padding.
+            kv_slots: per-row KV slots for :meth:`run_block` on rows at different steps.
         """
         dtype = self.tok_embeddings.weight.dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
@@ -129,6 +131,7 @@ class Decoder(nn.Module):
             rows=None if rows is None else np.asarray(rows, dtype=np.int64),
             n_new=None if n_new is None else np.asarray(n_new, dtype=np.int64),
             sliding_window=self.config.sliding_window,
+            kv_slots=None if kv_slots is None else np.asarray(kv_slots, dtype=np.int64),
         )
 
     def run_step(self, i: int, h: Tensor, ctx: ForwardContext) -> Tensor:
@@ -148,11 +151,12 @@ class Decoder(nn.Module):
         block: int,
         h: Tensor,
         ctx: ForwardContext,
-        kv_slot: int,
+        kv_slot: int = -1,
         lora_slots: Tensor | None = None,
     ) -> Tensor:
-        """Run shared ``block`` on rows that may be at different steps of it: each row applies
-        its own LoRA slot ``lora_slots`` (B,) in one call (depth-wise batching)."""
+        """Run shared ``block`` on rows that may be at different steps of it (depth-wise
+        batching): each row writes its own KV slot (``ctx.kv_slots``, else ``kv_slot``) and
+        applies its own LoRA slot ``lora_slots`` (B,), all in one call."""
         return self.blocks[block](h, ctx, kv_slot, lora_slots)
 
     def head_weight(self) -> Tensor:

@@ -39,6 +39,8 @@ class ForwardContext:
         rows: host int array (B,) of cache rows this batch occupies (None: rows 0..B-1).
         n_new: host int array (B,) of valid new tokens per row (None: all T).
         sliding_window: attend only to the last ``sliding_window`` positions, or None.
+        kv_slots: host int array (B,): each row's own KV slot, overriding the step's
+            (rows at different steps of one shared block); None: the step's slot.
     """
 
     positions: Tensor
@@ -48,6 +50,7 @@ class ForwardContext:
     rows: np.ndarray | None = None
     n_new: np.ndarray | None = None
     sliding_window: int | None = None
+    kv_slots: np.ndarray | None = None
     _memo: dict = field(default_factory=dict, repr=False)
 
     def uncached_mask(self) -> Tensor | None:
@@ -85,14 +88,14 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_slots)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_slots)]
+        shape = (n_slots, batch_size, n_kv_heads, max_len, head_dim)
+        # One tensor per k / v so that rows at different steps (different slots) can be
+        # written and read in one call; self.k[slot] etc. are views of one slot.
+        self.k_all = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_all = torch.zeros(shape, device=device, dtype=dtype)
         # RoPE position of every entry (only read for sliding-window masks).
-        self.pos = [
-            torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
-            for _ in range(n_slots)
-        ]
+        self.pos_all = torch.zeros(n_slots, batch_size, max_len, device=device, dtype=torch.long)
+        self.k, self.v, self.pos = list(self.k_all), list(self.v_all), list(self.pos_all)
         self.lengths = np.zeros((n_slots, batch_size), dtype=np.int64)  # host-side
         self.batch_size, self.max_len, self.n_slots = batch_size, max_len, n_slots
         self.device = torch.device(device)
@@ -114,7 +117,7 @@ class KVCache:
             self.lengths[:, np.asarray(rows)] = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return 2 * self.k_all.numel() * self.k_all.element_size()
 
     # ------------------------------------------------------------------ the hot path
     def update(
@@ -126,6 +129,8 @@ class KVCache:
             keys and values (B, Hkv, W, D) covering every valid entry of these rows, and a
             boolean mask (B or 1, 1, T, W), or None when every query may see every key.
         """
+        if ctx.kv_slots is not None:
+            return self._update_per_row_slots(k, v, ctx)
         B, _, T, _ = k.shape
         if ctx.rows is None:
             rows, lens = np.arange(B), self.lengths[slot, :B]  # (B,) host
@@ -157,6 +162,52 @@ class KVCache:
             k_all, v_all = kb[row_sl[:, 0], :, :W], vb[row_sl[:, 0], :, :W]  # gathers a copy
         if windowed:
             mask = self._window_mask(mask, pb, row_sl, W, ctx)
+        return k_all, v_all, mask
+
+    def _update_per_row_slots(self, k: Tensor, v: Tensor, ctx: ForwardContext):
+        """Each row appends to its own slot ``ctx.kv_slots[b]`` (rows at different steps of one
+        shared block: depth-wise batching). Keys and values are gathered per (slot, row)."""
+        B, _, T, _ = k.shape
+        rows = np.arange(B) if ctx.rows is None else ctx.rows
+        slots = ctx.kv_slots
+        lens = self.lengths[slots, rows]
+        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
+        key = ("slots", slots.tobytes(), rows.tobytes(), lens.tobytes(), n_new.tobytes(), T)
+        meta = ctx._memo.get(key)
+        if meta is None:
+            if (lens + n_new).max() > self.max_len:
+                raise InputError(
+                    f"KV cache full: {int((lens + n_new).max())} entries exceed its length {self.max_len}"
+                )
+            b_sel, t_sel = np.nonzero(np.arange(T)[None, :] < n_new[:, None])
+            as_t = functools.partial(torch.as_tensor, device=self.device)
+            writes = (
+                as_t(slots[b_sel]),
+                as_t(rows[b_sel]),
+                as_t(lens[b_sel] + t_sel),
+                as_t(b_sel),
+                as_t(t_sel),
+            )
+            W = max(int((lens + n_new).max()), 1)
+            lens_t = as_t(lens)[:, None]
+            q_idx = (lens_t + torch.arange(T, device=self.device)[None, :])[:, :, None]
+            j = torch.arange(W, device=self.device)[None, None, :]
+            valid = j < (lens_t + as_t(n_new)[:, None])[:, :, None]
+            mask = ((valid & (j <= q_idx)) | (j == q_idx.clamp(max=W - 1)))[:, None]
+            meta = ctx._memo[key] = (writes, W, mask, as_t(slots), as_t(rows))
+        (s_w, r_w, c_w, b_sel, t_sel), W, mask, slots_t, rows_t = meta
+        self.k_all[s_w, r_w, :, c_w] = k.transpose(1, 2)[b_sel, t_sel]  # (N, Hkv, D)
+        self.v_all[s_w, r_w, :, c_w] = v.transpose(1, 2)[b_sel, t_sel]
+        windowed = ctx.sliding_window is not None
+        if windowed:
+            self.pos_all[s_w, r_w, c_w] = ctx.positions[b_sel, t_sel]
+        self.lengths[slots, rows] = lens + n_new
+        k_all = self.k_all[slots_t, rows_t, :, :W]  # (B, Hkv, W, D) gathered
+        v_all = self.v_all[slots_t, rows_t, :, :W]
+        if windowed:
+            kpos = self.pos_all[slots_t, rows_t, :W]  # (B, W)
+            in_window = (ctx.positions[:, :, None] - kpos[:, None, :]) < ctx.sliding_window
+            mask = mask & in_window[:, None]
         return k_all, v_all, mask
 
     def _plan_update(

@@ -1,0 +1,16 @@
+"""Serving engine: requests, a pure-Python scheduler, a tensor-only runner, the engine."""
+
+from earlyexit.engine.engine import LLMEngine, QueueFull
+from earlyexit.engine.request import ExitMode, Request, RequestOutput, RequestStatus
+from earlyexit.engine.scheduler import POLICIES, Scheduler
+
+__all__ = [
+    "POLICIES",
+    "ExitMode",
+    "LLMEngine",
+    "QueueFull",
+    "Request",
+    "RequestOutput",
+    "RequestStatus",
+    "Scheduler",
+]

@@ -1,0 +1,263 @@
+"""``LLMEngine``: requests in, streaming outputs out; the scheduler decides, the runner runs.
+
+Per request and per token, the engine's host logic decides the next segment of steps:
+
+- full depth: steps 0..L-1, then the final logits;
+- early exit (``ExitMode``, FREE's synchronized parallel decoding): steps 0..L_s-1, then the
+  shallow exit's margin decides. Above the threshold the shallow token is emitted and the
+  layer-L_s state is kept; otherwise the deep steps L_s..L-1 run on [kept states, current]
+  (exact deep KV) and the deep model decides the token.
+
+With the ``depthwise`` policy every step is a separate work item, so items of many requests
+at different depths share each block call; with ``static`` or ``continuous`` whole segments
+run in lock-step. Greedy outputs equal single-request decoding with the same strategy
+(``FullDepth`` / ``FREE``), token for token (tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+
+import torch
+
+from earlyexit.decoding.generate import OutputTracker
+from earlyexit.decoding.sampling import SamplingParams, make_generator
+from earlyexit.engine.request import ExitMode, Request, RequestOutput, RequestStatus
+from earlyexit.engine.runner import ModelRunner
+from earlyexit.engine.scheduler import Scheduler
+from earlyexit.errors import InputError
+from earlyexit.models.decoder import Decoder
+from earlyexit.tokenizer import Tokenizer
+
+
+class QueueFull(InputError):
+    """The waiting queue is at its limit (the server answers 503)."""
+
+
+class LLMEngine:
+    """A serving engine over one model.
+
+    Args:
+        model: the decoder (eval mode).
+        tokenizer: for text prompts, stop strings and text outputs (optional).
+        policy: ``static``, ``continuous`` or ``depthwise``.
+        max_batch: concurrent requests (cache rows).
+        max_len: cache entries per request: prompt + generated tokens must fit.
+        max_queue: waiting requests beyond which ``add_request`` raises :class:`QueueFull`.
+    """
+
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer: Tokenizer | None = None,
+        policy: str = "depthwise",
+        max_batch: int = 32,
+        max_len: int | None = None,
+        max_queue: int = 4096,
+    ) -> None:
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.L = model.n_steps
+        self.max_len = min(max_len or model.config.max_context, model.config.max_context)
+        self.max_queue = max_queue
+        self.scheduler = Scheduler(policy, max_batch, [s.block for s in model.plan])
+        self.runner = ModelRunner(model, max_batch, self.max_len)
+        self.requests: dict[str, Request] = {}
+        self._trackers: dict[str, OutputTracker] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._ids = itertools.count()
+        self.stats = Counter()
+        self.depth_histogram: Counter[int] = Counter()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        exit: ExitMode | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises :class:`InputError` on bad input."""
+        params = (params or SamplingParams()).validate(self.model.config.vocab_size)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer; send token ids")
+            if not prompt:
+                raise InputError("the prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InputError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.model.config.vocab_size:
+            raise InputError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        if len(ids) + params.max_new_tokens > self.max_len:
+            raise InputError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                f"context of {self.max_len} tokens"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer")
+        if exit is not None and not (1 <= exit.step < self.L and -1 <= exit.threshold <= 1):
+            raise InputError(f"exit step must be in [1, {self.L - 1}] and threshold in [-1, 1]")
+        if self.scheduler.num_waiting >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise InputError(f"duplicate request id {rid!r}")
+        req = Request(rid, ids, params, exit)
+        self.requests[rid] = req
+        self._trackers[rid] = OutputTracker(len(ids), self.tokenizer, params.stop)
+        self._generators[rid] = make_generator(params.seed, self.runner.device)
+        self.scheduler.add(rid)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its slot; False if unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_waiting > 0 or self.scheduler.num_running > 0
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return what each touched request produced."""
+        out = self.scheduler.schedule()
+        self.stats["iterations"] += 1
+        events: list[RequestOutput] = []
+        if out.admit:
+            rids = [rid for rid, _ in out.admit]
+            rows = [row for _, row in out.admit]
+            for rid in rids:
+                self.requests[rid].status = RequestStatus.RUNNING
+            last = self.runner.prefill(rows, [self.requests[r].prompt_ids for r in rids])
+            logits = self.model.logits(last)
+            self._emit(rids, logits, [self.L] * len(rids), events)
+        if out.run:
+            rows = self.scheduler.rows
+            items = [(rows[rid], start, stop) for rid, start, stop in out.run]
+            self.runner.run(items, one_block=out.block is not None)
+            ended = []
+            for rid, _, stop in out.run:
+                self.scheduler.advance(rid, stop)
+                if stop == self.scheduler.cursors[rid].end:
+                    ended.append(rid)
+            if ended:
+                self._decide(ended, events)
+        return events
+
+    def _decide(self, rids: list[str], events: list[RequestOutput]) -> None:
+        """Segments ended: exit checks at the shallow exit, tokens at the end."""
+        rows = self.scheduler.rows
+        steps = [self.scheduler.cursors[r].end for r in rids]
+        logits = self.runner.logits([rows[r] for r in rids], steps)
+        shallow = [i for i, (r, s) in enumerate(zip(rids, steps)) if s < self.L]
+        go_deep = set()
+        if shallow:
+            idx = torch.as_tensor(shallow, device=logits.device)
+            conf = self.runner.margins(logits[idx]).tolist()  # one host sync for all checks
+            for i, c in zip(shallow, conf):
+                if not c > self.requests[rids[i]].exit.threshold:
+                    go_deep.add(i)
+        for i in sorted(go_deep):
+            r = rids[i]
+            self.runner.start_catch_up(rows[r])
+            self.scheduler.set_segment(r, steps[i], self.L)
+        emit = [i for i in range(len(rids)) if i not in go_deep]
+        if emit:
+            for i in emit:
+                if steps[i] < self.L:
+                    self.runner.push_stack(rows[rids[i]])  # exited: keep its state
+                else:
+                    self.runner.stack[rows[rids[i]]] = []
+            idx = torch.as_tensor(emit, device=logits.device)
+            self._emit([rids[i] for i in emit], logits[idx], [steps[i] for i in emit], events)
+
+    def _emit(
+        self, rids: list[str], logits: torch.Tensor, depths: list[int], events: list[RequestOutput]
+    ) -> None:
+        """Sample one token per request, record it, start its next segment or finish it."""
+        reqs = [self.requests[r] for r in rids]
+        tokens = self.runner.sample(
+            logits, [q.params for q in reqs], [self._generators[r] for r in rids]
+        ).tolist()
+        now = time.monotonic()
+        cont_rows, cont_tokens = [], []
+        for req, tok, depth in zip(reqs, tokens, depths):
+            tracker = self._trackers[req.request_id]
+            text, stopped = tracker.push(tok, depth)
+            req.output_ids.append(tok)
+            req.depths.append(depth)
+            req.first_token_time = req.first_token_time or now
+            self.stats["tokens"] += 1
+            self.depth_histogram[depth] += 1
+            p = req.params
+            stop_ids = set(p.stop_token_ids or ()) | (
+                set() if p.ignore_eos else set(self.model.config.eos_token_ids)
+            )
+            reason = None
+            if stopped or tok in stop_ids:
+                reason = RequestStatus.FINISHED_STOPPED
+            elif len(req.output_ids) >= p.max_new_tokens:
+                reason = RequestStatus.FINISHED_LENGTH
+            if reason is not None:
+                tail = self._finish(req, reason)
+                text = None if text is None else text + (tail or "")
+            else:
+                cont_rows.append(self.scheduler.rows[req.request_id])
+                cont_tokens.append(tok)
+                end = req.exit.step if req.exit is not None else self.L
+                self.scheduler.set_segment(req.request_id, 0, end)
+            events.append(
+                RequestOutput(
+                    req.request_id,
+                    [tok],
+                    [depth],
+                    text,
+                    req.finished,
+                    req.status.value if req.finished else None,
+                    req,
+                )
+            )
+        if cont_rows:
+            self.runner.start_tokens(cont_rows, cont_tokens)
+
+    def _finish(self, req: Request, status: RequestStatus) -> str | None:
+        req.status = status
+        req.finish_time = time.monotonic()
+        if req.request_id in self.scheduler.rows:
+            self.runner.release(self.scheduler.rows[req.request_id])
+        self.scheduler.finish(req.request_id)
+        self._generators.pop(req.request_id, None)
+        return self._trackers[req.request_id].finish(status.value)
+
+    def text_of(self, request_id: str) -> str | None:
+        return self._trackers[request_id].result.text
+
+    # ------------------------------------------------------------------ offline use
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | None = None,
+        exit: ExitMode | None = None,
+    ) -> list[Request]:
+        """Add every prompt, run until all finish, return the requests in prompt order."""
+        rids = [self.add_request(p, params, exit) for p in prompts]
+        while self.has_unfinished():
+            self.step()
+        return [self.requests[r] for r in rids]
+
+    def occupancy(self) -> dict:
+        """Running / waiting requests and the mean rows per block call so far."""
+        calls = self.runner.rows_per_call
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "block_calls": self.runner.block_calls,
+            "mean_rows_per_block_call": sum(calls) / max(len(calls), 1),
+        }

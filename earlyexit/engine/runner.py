@@ -1,0 +1,167 @@
+"""The model runner: executes what the scheduler decided. Tensors only, no policy.
+
+- Owns the KV cache (one row per running request) and each request's in-flight hidden
+  states: the (T, d) input of its next step (one token, a prompt, or FREE's catch-up chunk).
+- ``prefill``: full-depth forward of newly admitted prompts (ragged, right-padded).
+- ``run``: execute (row, start, stop) items. Whole segments (static / continuous) run per
+  group of equal (start, stop) with ``run_steps``; a depth-wise iteration runs one block on
+  rows at different steps of it in **one** call, each row with its own KV slot, cache
+  length, positions and LoRA slot (``Decoder.run_block``).
+- ``logits`` at an exit point or the end, ``margin`` confidences, and sampling with each
+  request's own parameters and generator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from earlyexit.decoding.confidence import confidence
+from earlyexit.decoding.sampling import sample
+from earlyexit.models.decoder import Decoder
+from earlyexit.models.kv_cache import KVCache
+
+
+class ModelRunner:
+    """Executes prefill, steps and sampling for the engine."""
+
+    def __init__(self, model: Decoder, max_batch: int, max_len: int) -> None:
+        self.model, self.plan, self.L = model, model.plan, model.n_steps
+        self.cache = KVCache.for_model(model, max_batch, max_len)
+        self.device = model.tok_embeddings.weight.device
+        self.hidden: dict[int, Tensor] = {}  # cache row -> (T, d) input of its next step
+        self.stack: dict[int, list[Tensor]] = {}  # cache row -> FREE's pending shallow states
+        self.block_calls = 0
+        self.rows_per_call: list[int] = []
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> Tensor:
+        """Full-depth forward of new prompts in cache ``rows``; last hidden states (G, d)."""
+        self.cache.reset(rows)
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        tokens = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        tokens = tokens.to(self.device)
+        m = self.model
+        positions = torch.arange(tokens.shape[1], device=self.device)[None].expand(len(rows), -1)
+        ctx = m.context(positions, self.cache, rows=np.asarray(rows), n_new=lens)
+        h = m.run_steps(0, self.L, m.embed(tokens), ctx)  # (G, T, d)
+        self.block_calls += self.L
+        self.rows_per_call += [len(rows)] * self.L
+        last = h[
+            torch.arange(len(rows), device=self.device),
+            torch.as_tensor(lens - 1, device=self.device),
+        ]
+        for r in rows:
+            self.stack[r] = []
+        return last
+
+    # ------------------------------------------------------------------ steps
+    @torch.inference_mode()
+    def run(self, items: list[tuple[int, int, int]], one_block: bool) -> None:
+        """Run (row, start, stop) items on each row's in-flight hidden states, in place."""
+        if one_block:
+            self._run_block(items)
+            return
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, start, stop in items:
+            groups.setdefault((start, stop), []).append(row)
+        for (start, stop), rows in groups.items():
+            h, n = self._gather(rows)
+            slot = self.plan[start].kv_slot
+            pos = self._positions(rows, [slot] * len(rows), h.shape[1])
+            ctx = self.model.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
+            out = self.model.run_steps(start, stop, h, ctx)
+            self.block_calls += stop - start
+            self.rows_per_call += [len(rows)] * (stop - start)
+            self._scatter(rows, out, n)
+
+    def _run_block(self, items: list[tuple[int, int, int]]) -> None:
+        m = self.model
+        rows = [r for r, _, _ in items]
+        steps = [s for _, s, _ in items]
+        h, n = self._gather(rows)
+        kv_slots = [self.plan[s].kv_slot for s in steps]
+        pos = self._positions(rows, kv_slots, h.shape[1])
+        if len(set(steps)) == 1:  # every row at the same step: the plain step path
+            ctx = m.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
+            out = m.run_step(steps[0], h, ctx)
+        else:
+            ctx = m.context(pos, self.cache, rows=np.asarray(rows), n_new=n, kv_slots=kv_slots)
+            loras = [self.plan[s].lora for s in steps]
+            lora_t = None if loras[0] is None else torch.tensor(loras, device=self.device)
+            out = m.run_block(self.plan[steps[0]].block, h, ctx, lora_slots=lora_t)
+        self.block_calls += 1
+        self.rows_per_call.append(len(rows))
+        self._scatter(rows, out, n)
+
+    def _gather(self, rows: list[int]) -> tuple[Tensor, np.ndarray]:
+        """Right-pad the rows' hidden states into (G, Tmax, d); valid lengths (G,)."""
+        hs = [self.hidden[r] for r in rows]
+        n = np.array([x.shape[0] for x in hs], dtype=np.int64)
+        if (n == n[0]).all():
+            return torch.stack(hs), n
+        return torch.nn.utils.rnn.pad_sequence(hs, batch_first=True), n
+
+    def _scatter(self, rows: list[int], out: Tensor, n: np.ndarray) -> None:
+        for i, r in enumerate(rows):
+            self.hidden[r] = out[i, : n[i]]
+
+    def _positions(self, rows: list[int], slots: list[int], T: int) -> Tensor:
+        start = torch.as_tensor(
+            self.cache.lengths[np.asarray(slots), np.asarray(rows)], device=self.device
+        )
+        return start[:, None] + torch.arange(T, device=self.device)[None, :]
+
+    # ------------------------------------------------------------------ decisions
+    @torch.inference_mode()
+    def logits(self, rows: list[int], steps: list[int]) -> Tensor:
+        """Logits (G, V) of each row's last in-flight position at exit point ``steps[i]``."""
+        h = torch.stack([self.hidden[r][-1] for r in rows])  # (G, d)
+        out = torch.empty(
+            len(rows), self.model.config.vocab_size, device=self.device, dtype=h.dtype
+        )
+        for s in set(steps):
+            idx = [i for i, x in enumerate(steps) if x == s]
+            it = torch.as_tensor(idx, device=self.device)
+            out[it] = self.model.exit_logits(h[it], s) if s < self.L else self.model.logits(h[it])
+        return out
+
+    @staticmethod
+    def margins(logits: Tensor) -> Tensor:
+        return confidence("margin", logits)
+
+    @torch.inference_mode()
+    def sample(self, logits: Tensor, params: list, generators: list) -> Tensor:
+        return sample(
+            logits,
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            generators,
+        )
+
+    @torch.inference_mode()
+    def start_tokens(self, rows: list[int], tokens: list[int]) -> None:
+        """Each row's next input: the embedding of its new token."""
+        emb = self.model.embed(torch.tensor(tokens, device=self.device)[:, None])  # (G, 1, d)
+        for i, r in enumerate(rows):
+            self.hidden[r] = emb[i]
+
+    def push_stack(self, row: int) -> None:
+        """FREE: the token exited; keep its layer-L_s state for the deep catch-up."""
+        self.stack[row].append(self.hidden[row][-1])
+
+    def start_catch_up(self, row: int) -> None:
+        """FREE: the next segment runs the deep steps on [pending states, current]."""
+        pending = self.stack[row]
+        if pending:
+            self.hidden[row] = torch.cat([torch.stack(pending), self.hidden[row]])
+        self.stack[row] = []
+
+    def release(self, row: int) -> None:
+        self.hidden.pop(row, None)
+        self.stack.pop(row, None)

@@ -1,0 +1,220 @@
+"""The serving engine: scheduler invariants (pure Python), and every policy and model kind
+producing exactly what single-request decoding produces."""
+
+import random
+import warnings
+
+import pytest
+
+from earlyexit.config import LoraConfig
+from earlyexit.decoding.free import FREE
+from earlyexit.decoding.generate import generate
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.decoding.strategies import ExitWarning
+from earlyexit.engine import ExitMode, LLMEngine, QueueFull, Scheduler
+from earlyexit.errors import InputError
+from earlyexit.models.plan import build_plan
+from earlyexit.models.recursive import convert_recursive
+from tests.conftest import make_model
+
+warnings.filterwarnings("ignore", category=ExitWarning)
+
+
+# ---------------------------------------------------------------------- scheduler only
+def simulate(policy, plan, ls=None, max_batch=4, n_requests=30, seed=0, abort_rate=0.0):
+    """Drive a Scheduler with a fake executor; check its invariants as it runs."""
+    rng = random.Random(seed)
+    blocks = [s.block for s in plan]
+    L = len(plan)
+    s = Scheduler(policy, max_batch, blocks)
+    pending = [f"r{i}" for i in range(n_requests)]
+    budget = {r: rng.randint(1, 6) for r in pending}  # tokens each request generates
+    passes, depth_of_token, waits = {}, [], {}
+    live = set()
+    steps = 0
+    while pending or live or s.num_waiting:
+        steps += 1
+        assert steps < 20_000, "no progress"
+        for _ in range(rng.randint(0, 3)):  # random arrivals
+            if pending:
+                r = pending.pop(0)
+                s.add(r)
+                live.add(r)
+        if abort_rate and live and rng.random() < abort_rate:  # random aborts
+            victim = rng.choice(sorted(live))
+            s.finish(victim)
+            live.discard(victim)
+        out = s.schedule()
+        if policy != "static":  # no idle slot while work is queued
+            assert s.num_waiting == 0 or s.num_running == max_batch
+        for rid, _ in out.admit:  # prefill emits the first token at full depth
+            budget[rid] -= 1
+            if budget[rid] == 0:
+                s.finish(rid)
+                live.discard(rid)
+            else:
+                s.set_segment(rid, 0, ls or L)
+                passes[rid] = 0
+        for rid in list(s.cursors):
+            waits[rid] = waits.get(rid, 0) + 1
+        for rid, a, b in out.run:
+            passes[rid] += b - a
+            waits[rid] = 0
+            s.advance(rid, b)
+            if b < s.cursors[rid].end:
+                continue
+            if ls is not None and b == ls and rng.random() < 0.5:  # goes deep
+                s.set_segment(rid, ls, L)
+                continue
+            depth_of_token.append((passes[rid], b))  # token emitted after `passes` steps
+            passes[rid] = 0
+            budget[rid] -= 1
+            if budget[rid] == 0:
+                s.finish(rid)
+                live.discard(rid)
+            else:
+                s.set_segment(rid, 0, ls or L)
+        assert all(w <= 2 * s.max_wait + 2 for rid, w in waits.items() if rid in s.cursors), (
+            "starved"
+        )
+    return depth_of_token, s
+
+
+@pytest.mark.parametrize("policy", ["static", "continuous", "depthwise"])
+@pytest.mark.parametrize(
+    "plan", [build_plan(6), build_plan(6, "cycle", 3), build_plan(8, "middle_cycle", 3)]
+)
+@pytest.mark.parametrize("ls", [None, 2])
+def test_scheduler_invariants(policy, plan, ls):
+    for seed in range(3):
+        tokens, s = simulate(policy, plan, ls, seed=seed, abort_rate=0.05)
+        # every token ran exactly its depth's block passes
+        assert all(p == d for p, d in tokens)
+        assert s.num_running == 0 and s.num_waiting == 0
+        assert sorted(s.free_rows) == list(range(s.max_batch))
+
+
+def test_depthwise_groups_steps_of_one_block_across_loops():
+    s = Scheduler(
+        "depthwise", 8, [s.block for s in build_plan(6, "cycle", 3)]
+    )  # blocks 0,1,0,1,0,1
+    for i in range(3):
+        s.add(f"r{i}")
+    out = s.schedule()
+    for (rid, _), start in zip(out.admit, (0, 2, 4)):  # rows at loops 0, 1, 2, all before block 0
+        s.set_segment(rid, start, 6)
+    out = s.schedule()
+    assert out.block == 0 and sorted(a for _, a, _ in out.run) == [0, 2, 4]
+
+
+def test_static_admits_only_an_empty_batch():
+    s = Scheduler("static", 2, [0, 1])
+    for i in range(3):
+        s.add(f"r{i}")
+    assert [r for r, _ in s.schedule().admit] == ["r0", "r1"]
+    s.finish("r0")
+    assert s.schedule().admit == []  # r1 still runs: the static batch is not refilled
+    s.finish("r1")
+    assert [r for r, _ in s.schedule().admit] == ["r2"]
+
+
+# ---------------------------------------------------------------------- the real engine
+def prompts(n=7, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(rng.randint(1, 9))] for _ in range(n)]
+
+
+def models():
+    dense = make_model(n_layers=6, exits={"steps": [2], "trained": True}, init_std=0.3)
+    rec = convert_recursive(make_model(n_layers=6, init_std=0.3), 2, init="average")  # 3 blocks x 2
+    relaxed = convert_recursive(
+        make_model(n_layers=6, init_std=0.3), 2, init="average", lora=LoraConfig(rank=4)
+    )
+    mid = convert_recursive(
+        make_model(n_layers=8, init_std=0.3), 3, "middle_cycle", "average", LoraConfig(rank=2)
+    )
+    return {"dense": (dense, 2), "recursive": (rec, 3), "relaxed": (relaxed, 3), "middle": (mid, 3)}
+
+
+MODELS = models()
+
+
+@pytest.mark.parametrize("policy", ["static", "continuous", "depthwise"])
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("threshold", [None, 0.05])
+def test_engine_equals_single_request_decoding(policy, kind, threshold):
+    model, exit_step = MODELS[kind]
+    ps = prompts()
+    lengths = [3, 9, 5, 12, 1, 7, 10]
+    engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64)
+    exit = None if threshold is None else ExitMode(exit_step, threshold)
+    rids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
+        for p, n in zip(ps, lengths)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    depths = set()
+    for rid, p, n in zip(rids, ps, lengths):
+        strategy = None if threshold is None else FREE(exit_step, threshold)
+        ref = generate(
+            model, [p], SamplingParams(max_new_tokens=n, ignore_eos=True), strategy=strategy
+        )[0]
+        req = engine.requests[rid]
+        assert req.output_ids == ref.token_ids, (kind, policy, rid)
+        assert req.depths == ref.depths
+        depths |= set(req.depths[1:])
+    if threshold is not None:
+        assert len(depths) > 1, "some tokens should exit and others not"
+    assert engine.occupancy()["running"] == 0
+
+
+def test_depthwise_shares_block_calls_across_depths():
+    model, k = MODELS["recursive"]
+    dw = LLMEngine(model, policy="depthwise", max_batch=8, max_len=64)
+    dw.generate(prompts(8), SamplingParams(max_new_tokens=12, ignore_eos=True), ExitMode(k, 0.05))
+    cont = LLMEngine(model, policy="continuous", max_batch=8, max_len=64)
+    cont.generate(prompts(8), SamplingParams(max_new_tokens=12, ignore_eos=True), ExitMode(k, 0.05))
+    # depth-wise: fewer block calls for the same work, because rows at loop 1 and loop 2 of
+    # a block share a call
+    assert dw.occupancy()["block_calls"] < cont.occupancy()["block_calls"]
+    assert dw.occupancy()["mean_rows_per_block_call"] > cont.occupancy()["mean_rows_per_block_call"]
+
+
+def test_streaming_outputs_abort_and_bad_input(tokenizer):
+    model = make_model(vocab_size=tokenizer.vocab_size, n_layers=4)
+    engine = LLMEngine(model, tokenizer, policy="depthwise", max_batch=2, max_len=64, max_queue=3)
+    a = engine.add_request("def f(", SamplingParams(max_new_tokens=6, ignore_eos=True))
+    b = engine.add_request("import os", SamplingParams(max_new_tokens=40, ignore_eos=True))
+    texts = {a: "", b: ""}
+    aborted = False
+    while engine.has_unfinished():
+        for ev in engine.step():
+            texts[ev.request_id] += ev.text or ""
+            if ev.request_id == b and len(ev.request.output_ids) == 5 and not aborted:
+                assert engine.abort(b)
+                aborted = True
+    assert texts[a] == engine.text_of(a) and len(engine.requests[a].output_ids) == 6
+    assert engine.requests[b].status.value == "abort" and len(engine.requests[b].output_ids) == 5
+    assert engine.occupancy()["running"] == 0 and not engine.abort(b)
+    with pytest.raises(InputError, match="empty"):
+        engine.add_request("")
+    with pytest.raises(InputError, match="exceeds the context"):
+        engine.add_request([1] * 60, SamplingParams(max_new_tokens=10))
+    short = SamplingParams(max_new_tokens=5)
+    with pytest.raises(InputError, match="exit step"):
+        engine.add_request([1], short, exit=ExitMode(9, 0.5))
+    for _ in range(3):
+        engine.add_request([1, 2], short)
+    with pytest.raises(QueueFull):
+        engine.add_request([1, 2], short)
+
+
+def test_seeded_sampling_in_the_engine_is_per_request():
+    model, _ = MODELS["dense"]
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    e1 = LLMEngine(model, policy="depthwise", max_batch=4, max_len=64)
+    r1 = e1.generate([[1, 2, 3], [4, 5]], p)
+    e2 = LLMEngine(model, policy="continuous", max_batch=1, max_len=64)
+    r2 = e2.generate([[1, 2, 3], [4, 5]], p)
+    assert [r.output_ids for r in r1] == [r.output_ids for r in r2]
