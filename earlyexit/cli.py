@@ -349,6 +349,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for path in plot_all(args.results, args.plots):
             print(f"wrote {path}")
         return 0
+    if args.name == "depthwise":
+        from earlyexit.bench.depthwise import run as depthwise_run
+
+        rows = depthwise_run(
+            args.dense,
+            args.recursive,
+            args.data,
+            args.exit_model,
+            args.threshold,
+            args.prompts or 256,
+            args.max_batch,
+            args.threads,
+            out,
+        )
+        if args.json:
+            print(json.dumps(rows))
+        return 0
     if args.name == "conversion":
         from earlyexit.bench.conversion import run as conversion_run
 
@@ -394,6 +411,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
     print(f"rows written to {out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from earlyexit.serve.app import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"earlyexit: warning: serving on {args.host}, reachable beyond this machine"
+            + ("" if args.api_key else " and without --api-key"),
+            file=sys.stderr,
+        )
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        args.policy,
+        args.max_batch,
+        args.max_len,
+        args.max_queue,
+        args.api_key,
+        args.exit_step,
+        args.threshold,
+        args.device,
+        args.dtype,
+        args.name,
+    )
     return 0
 
 
@@ -687,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
     b.add_argument(
         "name",
-        choices=["decode", "early-exit", "batched-exit", "conversion", "plot"],
+        choices=["decode", "early-exit", "batched-exit", "conversion", "depthwise", "plot"],
         help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; plot: figures from the JSON rows",
     )
     b.add_argument("--preset", default="smollm-135m", help="decode: model shape (random init)")
@@ -699,6 +744,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--steps", type=int, default=None, help="conversion: uptraining steps per variant (120)"
     )
+    b.add_argument(
+        "--dense", default="runs/stdlib-small/final", help="depthwise: the vanilla dense model"
+    )
+    b.add_argument(
+        "--recursive",
+        default="runs/stdlib-small-rec-exit/final",
+        help="depthwise: the recursive model (with a loop exit)",
+    )
+    b.add_argument(
+        "--exit-model",
+        default=None,
+        help="depthwise: a dense model with exits for the naive static baseline",
+    )
+    b.add_argument("--max-batch", type=int, default=32, help="depthwise: concurrent requests")
     b.add_argument(
         "--model", default=None, help="early-exit/batched-exit: checkpoint with trained exits"
     )
@@ -731,6 +790,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plots", default="results/plots", help="plot: output folder")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    sv.add_argument("--model", required=True, help="checkpoint or Hugging Face model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="port")
+    sv.add_argument(
+        "--name", default=None, help="model name clients use (default: the directory name)"
+    )
+    sv.add_argument(
+        "--policy",
+        default="depthwise",
+        choices=["static", "continuous", "depthwise"],
+        help="batching policy",
+    )
+    sv.add_argument("--max-batch", type=int, default=32, help="concurrent requests")
+    sv.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="prompt + generated tokens per request (default: the model's context)",
+    )
+    sv.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="waiting requests beyond which the server answers 503",
+    )
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument(
+        "--exit-step", type=int, default=None, help="default early exit for requests (FREE)"
+    )
+    sv.add_argument(
+        "--threshold", type=float, default=None, help="default exit threshold (implies early exit)"
+    )
+    _add_device_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the main job: what earlyexit does, end to end, no downloads")
     d.add_argument("--out", default=None, help="work directory (default: ~/.cache/earlyexit/demo)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from earlyexit.errors import CheckpointError
+from earlyexit.errors import CheckpointError, InputError
 
 EOT = "<|endoftext|>"
 
@@ -48,6 +48,12 @@ class Tokenizer:
         return self._tk.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(
+                "the text is not valid Unicode (it has an unpaired surrogate)"
+            ) from None
         return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:

@@ -105,3 +105,51 @@ def test_bench_early_exit_and_batched_exit_and_plots(exit_setup, tmp_path, monke
     made = plots.plot_all(tmp_path, tmp_path / "plots")
     assert {p.name for p in made} == {"pareto.png", "batched_exit.png"}
     assert all(p.stat().st_size > 1000 for p in made)
+
+
+def test_bench_depthwise_tiny(exit_setup, tmp_path):
+    from earlyexit.bench import depthwise
+    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+    from earlyexit.models.recursive import convert_recursive
+
+    dense, tok = load_checkpoint(exit_setup / "model")
+    rec = convert_recursive(make_plain(dense), 2)
+    rec.config.exits.steps = (2,)
+    save_checkpoint(rec, tmp_path / "rec", tok)
+    stream = depthwise.request_stream(str(exit_setup / "data"), n=6, mean_len=8)
+    assert len(stream) == 6 and all(16 <= g <= 256 for _, g in stream)
+    rows = depthwise.run(
+        str(exit_setup / "model"),
+        str(tmp_path / "rec"),
+        str(exit_setup / "data"),
+        exit_model=str(exit_setup / "model"),
+        threshold=0.05,
+        n_requests=6,
+        max_batch=4,
+        threads=1,
+        out=str(tmp_path / "dw.json"),
+        mean_len=8,
+    )
+    labels = [r["label"] for r in rows]
+    assert (
+        "recursive + loop exit, depth-wise batching" in labels
+        and "naive dense early exit, static batch" in labels
+    )
+    assert [r["tokens"] for r in rows] == [sum(g for _, g in stream)] * len(rows), [
+        r["tokens"] for r in rows
+    ]
+    assert (
+        next(r for r in rows if r["label"] == "vanilla, static batching")["x_vanilla_static"] == 1.0
+    )
+
+
+def make_plain(model):
+    """The same weights without exit configuration (conversion keeps exits otherwise)."""
+    import dataclasses
+
+    from earlyexit.config import ExitConfig
+    from earlyexit.models.decoder import Decoder
+
+    plain = Decoder(dataclasses.replace(model.config, exits=ExitConfig()))
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()

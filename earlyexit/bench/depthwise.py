@@ -1,0 +1,201 @@
+"""Benchmark ``depthwise``: does continuous depth-wise batching deliver throughput?
+
+    earlyexit bench depthwise --dense runs/stdlib-small/final --recursive runs/stdlib-small-rec-exit/final \\
+        [--exit-model runs/stdlib-small-free/final] [--threshold 0.3]
+
+A seeded request stream (default 256 requests; prompts of 8-64 validation tokens;
+generation lengths ~ Normal(128, 32) clipped to [16, 256]) arrives all at once and is
+served by the engine at ``max_batch`` 32 under each configuration, one after the other in
+one process. Throughput = generated tokens / wall time. Each model's validation NLL sits
+beside it. Configurations:
+
+- vanilla dense, static batching (the baseline of the recursive paper's 2.66x);
+- vanilla dense, continuous (sequence-wise) batching;
+- recursive (B loops) with a loop exit, continuous depth-wise batching (the paper's CDB);
+- the same recursive model with continuous batching, and without exits: ablations;
+- naive dense early exit in a static batch (CALM's batching: the batch exits together).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from earlyexit.bench.common import environment, set_threads, write_rows
+from earlyexit.decoding.generate import generate
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.decoding.strategies import ExitWarning, make_strategy
+from earlyexit.engine import ExitMode, LLMEngine
+from earlyexit.evaluation.perplexity import perplexity
+from earlyexit.training.data import token_file
+
+
+def request_stream(data: str, n: int = 256, mean_len: float = 128.0, seed: int = 0):
+    """(prompt ids, generation length) per request, seeded; prompts from the validation split."""
+    rng = np.random.default_rng(seed)
+    val = token_file(data, "val")
+    out = []
+    for _ in range(n):
+        plen = int(rng.integers(8, 65))
+        start = int(rng.integers(0, len(val) - plen - 1))
+        glen = int(np.clip(round(rng.normal(mean_len, mean_len / 4)), 16, 256))
+        out.append((val[start : start + plen].astype(np.int64).tolist(), glen))
+    return out
+
+
+def _engine_run(model, stream, policy, max_batch, exit):
+    engine = LLMEngine(model, policy=policy, max_batch=max_batch, max_len=64 + 256 + 1)
+    t = time.perf_counter()
+    for prompt, glen in stream:
+        engine.add_request(prompt, SamplingParams(max_new_tokens=glen, ignore_eos=True), exit)
+    while engine.has_unfinished():
+        engine.step()
+    dt = time.perf_counter() - t
+    reqs = list(engine.requests.values())
+    tokens = sum(len(r.output_ids) for r in reqs)
+    depths = [d for r in reqs for d in r.depths]
+    occ = engine.occupancy()
+    return dt, tokens, depths, occ
+
+
+def _static_generate(model, stream, max_batch, strategy_factory):
+    """Static batching with the simple lock-step generator (requests in arrival order)."""
+    t = time.perf_counter()
+    tokens, depths = 0, []
+    for i in range(0, len(stream), max_batch):
+        chunk = stream[i : i + max_batch]
+        # one batch = one max_new_tokens; shorter requests stop early but hold their slot
+        res = generate(
+            model,
+            [p for p, _ in chunk],
+            SamplingParams(max_new_tokens=max(g for _, g in chunk), ignore_eos=True),
+            strategy=strategy_factory(),
+        )
+        for r, (_, g) in zip(res, chunk):
+            tokens += g
+            depths += r.depths[:g]
+    return time.perf_counter() - t, tokens, depths, {}
+
+
+def run(
+    dense: str,
+    recursive: str,
+    data: str = "data/stdlib",
+    exit_model: str | None = None,
+    threshold: float = 0.3,
+    n_requests: int = 256,
+    max_batch: int = 32,
+    threads: int | None = None,
+    out: str | None = "results/depthwise.json",
+    mean_len: float = 128.0,
+) -> list[dict]:
+    import earlyexit
+
+    threads = set_threads(threads)
+    env = environment(threads)
+    warnings.simplefilter("ignore", ExitWarning)
+    stream = request_stream(data, n_requests, mean_len)
+    dense_lm = earlyexit.load(dense, device="cpu")
+    rec_lm = earlyexit.load(recursive, device="cpu")
+    rec_cfg = rec_lm.config
+    exit_step = rec_cfg.exits.steps[0] if rec_cfg.exits.steps else None
+    nll = {
+        m: perplexity(m, data, seq_len=256, batch_size=8, device="cpu")["nll"]
+        for m in {dense, recursive, exit_model}
+        if m
+    }
+    configs = [
+        ("vanilla, static batching", dense, dense_lm, "static", None),
+        ("vanilla, continuous batching", dense, dense_lm, "continuous", None),
+        ("vanilla, depth-wise batching", dense, dense_lm, "depthwise", None),
+        ("recursive, continuous batching, no exit", recursive, rec_lm, "continuous", None),
+        ("recursive, depth-wise batching, no exit", recursive, rec_lm, "depthwise", None),
+    ]
+    if exit_step is not None:
+        mode = ExitMode(exit_step, threshold)
+        configs += [
+            ("recursive + loop exit, continuous batching", recursive, rec_lm, "continuous", mode),
+            ("recursive + loop exit, depth-wise batching", recursive, rec_lm, "depthwise", mode),
+        ]
+    rows = []
+    # warm up both models
+    _engine_run(dense_lm.model, stream[:4], "continuous", max_batch, None)
+    _engine_run(rec_lm.model, stream[:4], "depthwise", max_batch, None)
+    for label, path, lm, policy, mode in configs:
+        dt, tokens, depths, occ = _engine_run(lm.model, stream, policy, max_batch, mode)
+        rows.append(
+            _row(
+                label,
+                path,
+                policy,
+                mode,
+                dt,
+                tokens,
+                depths,
+                occ,
+                lm.model.n_steps,
+                nll[path],
+                env,
+                max_batch,
+                n_requests,
+            )
+        )
+        print(f"  {label:45s} {tokens / dt:8.1f} tok/s  depth {np.mean(depths):.2f}", flush=True)
+    if exit_model:
+        ex_lm = earlyexit.load(exit_model, device="cpu")
+        ls = ex_lm.config.exits.steps[0]
+
+        def factory():
+            return make_strategy(
+                ex_lm.model, "calm", threshold=threshold, min_exit=ls, sync_batch=True
+            )
+
+        dt, tokens, depths, occ = _static_generate(ex_lm.model, stream, max_batch, factory)
+        label = "naive dense early exit, static batch"
+        rows.append(
+            _row(
+                label,
+                exit_model,
+                "static",
+                ExitMode(ls, threshold),
+                dt,
+                tokens,
+                depths,
+                occ,
+                ex_lm.model.n_steps,
+                nll[exit_model],
+                env,
+                max_batch,
+                n_requests,
+            )
+        )
+        print(f"  {label:45s} {tokens / dt:8.1f} tok/s  depth {np.mean(depths):.2f}", flush=True)
+    base = {r["label"]: r["tokens_per_s"] for r in rows}
+    for r in rows:
+        r["x_vanilla_static"] = r["tokens_per_s"] / base["vanilla, static batching"]
+        r["x_vanilla_continuous"] = r["tokens_per_s"] / base["vanilla, continuous batching"]
+    write_rows(rows, out)
+    return rows
+
+
+def _row(label, path, policy, mode, dt, tokens, depths, occ, n_steps, nll, env, max_batch, n):
+    return {
+        "bench": "depthwise",
+        "label": label,
+        "model": path,
+        "policy": policy,
+        "exit": None if mode is None else {"step": mode.step, "threshold": mode.threshold},
+        "requests": n,
+        "max_batch": max_batch,
+        "seconds": dt,
+        "tokens": tokens,
+        "tokens_per_s": tokens / dt,
+        "mean_depth": float(np.mean(depths)),
+        "n_steps": n_steps,
+        "exit_rate": float(np.mean([d < n_steps for d in depths])),
+        "val_nll": nll,
+        "occupancy": occ,
+        "env": env,
+    }

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving over the engine (needs the [serve] extra)."""
