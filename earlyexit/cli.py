@@ -366,6 +366,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows))
         return 0
+    if args.name == "serve":
+        from earlyexit.bench.serve_load import run as serve_run
+
+        rows = serve_run(
+            args.model or "runs/stdlib-small-rec-exit/final",
+            args.data,
+            args.clients,
+            args.prompts or 256,
+            threshold=args.threshold,
+            max_batch=args.max_batch,
+            threads=args.threads,
+            out=out,
+        )
+        if args.json:
+            print(json.dumps(rows))
+        return 0
     if args.name == "conversion":
         from earlyexit.bench.conversion import run as conversion_run
 
@@ -732,7 +748,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
     b.add_argument(
         "name",
-        choices=["decode", "early-exit", "batched-exit", "conversion", "depthwise", "plot"],
+        choices=[
+            "decode",
+            "early-exit",
+            "batched-exit",
+            "conversion",
+            "depthwise",
+            "serve",
+            "plot",
+        ],
         help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; plot: figures from the JSON rows",
     )
     b.add_argument("--preset", default="smollm-135m", help="decode: model shape (random init)")
@@ -757,7 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="depthwise: a dense model with exits for the naive static baseline",
     )
-    b.add_argument("--max-batch", type=int, default=32, help="depthwise: concurrent requests")
+    b.add_argument("--max-batch", type=int, default=32, help="depthwise/serve: concurrent requests")
+    b.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     b.add_argument(
         "--model", default=None, help="early-exit/batched-exit: checkpoint with trained exits"
     )

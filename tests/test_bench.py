@@ -153,3 +153,22 @@ def make_plain(model):
     plain = Decoder(dataclasses.replace(model.config, exits=ExitConfig()))
     plain.load_state_dict(model.state_dict())
     return plain.eval()
+
+
+def test_bench_serve_tiny(exit_setup, tmp_path):
+    pytest.importorskip("uvicorn")
+    from earlyexit.bench import serve_load
+
+    rows = serve_load.run(
+        str(exit_setup / "model"),
+        str(exit_setup / "data"),
+        clients=4,
+        n_requests=8,
+        threshold=0.05,
+        max_batch=4,
+        threads=1,
+        out=str(tmp_path / "serve.json"),
+        mean_len=8,
+    )
+    r = rows[0]
+    assert r["failed"] == 0 and r["ratio"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] > 0

@@ -231,6 +231,41 @@ RECIPES: dict[str, dict] = {
         eval_every=150,
         save_every=150,
     ),
+    # Relaxed Recursive Transformers on the embedded model: after
+    #   earlyexit convert recursive runs/stdlib-small/final runs/stdlib-small-rec-init --loops 2
+    # uptrain with distillation from the dense source, then train the loop-1 exit (RRT §4:
+    # aggressive coefficient 0.1 + KD toward the final loop).
+    "stdlib-small-rec": dict(
+        init_from="runs/stdlib-small-rec-init",
+        teacher="runs/stdlib-small/final",
+        objective="uptrain",
+        data="data/stdlib",
+        out="runs/stdlib-small-rec",
+        seq_len=256,
+        batch_size=16,
+        steps=120,
+        lr=1e-3,
+        warmup_steps=10,
+        precision="bfloat16",
+        eval_every=60,
+        save_every=60,
+    ),
+    "stdlib-small-rec-exit": dict(
+        init_from="runs/stdlib-small-rec/final",
+        objective="exits",
+        exit_steps=(4,),
+        exit_loss="aggressive",
+        data="data/stdlib",
+        out="runs/stdlib-small-rec-exit",
+        seq_len=256,
+        batch_size=16,
+        steps=150,
+        lr=1e-3,
+        warmup_steps=10,
+        precision="bfloat16",
+        eval_every=75,
+        save_every=75,
+    ),
     "stdlib-small-calm": dict(
         init_from="runs/stdlib-small/final",
         data="data/stdlib",

@@ -1,0 +1,154 @@
+"""Benchmark ``serve``: does the HTTP server keep the engine's throughput under concurrent clients?
+
+    earlyexit bench serve --model runs/stdlib-small-rec-exit/final [--clients 64] [--prompts 256]
+
+The same seeded request stream as ``depthwise`` is served twice, in one process: by the
+engine offline (all requests added at once), and through the OpenAI-compatible server on
+loopback by ``clients`` concurrent streaming clients (threads with httpx, each sending its
+share of the requests one after another). Reports throughput of both and their ratio,
+failed requests, and per-request latency (p50 / p99) and time to first token.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from earlyexit.bench.common import environment, set_threads, write_rows
+from earlyexit.bench.depthwise import request_stream
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.engine import ExitMode, LLMEngine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(
+    model: str,
+    data: str = "data/stdlib",
+    clients: int = 64,
+    n_requests: int = 256,
+    policy: str = "depthwise",
+    threshold: float | None = 0.3,
+    max_batch: int = 32,
+    threads: int | None = None,
+    out: str | None = "results/serve.json",
+    mean_len: float = 128.0,
+) -> list[dict]:
+    import httpx
+    import uvicorn
+
+    import earlyexit
+    from earlyexit.serve.app import build_app
+
+    threads = set_threads(threads)
+    env = environment(threads)
+    lm = earlyexit.load(model, device="cpu")
+    stream = request_stream(data, n_requests, mean_len)
+    exit = (
+        ExitMode(lm.config.exits.steps[0], threshold)
+        if threshold is not None and lm.config.exits.steps
+        else None
+    )
+    max_len = 64 + 256 + 1
+    # offline engine, same stream
+    engine = LLMEngine(lm.model, policy=policy, max_batch=max_batch, max_len=max_len)
+    t = time.perf_counter()
+    for prompt, g in stream:
+        engine.add_request(prompt, SamplingParams(max_new_tokens=g, ignore_eos=True), exit)
+    while engine.has_unfinished():
+        engine.step()
+    offline_s = time.perf_counter() - t
+    tokens = sum(len(r.output_ids) for r in engine.requests.values())
+    # the server on loopback
+    app = build_app(
+        lm, "bench", policy, max_batch, max_len, max_queue=4 * n_requests, default_exit=exit
+    )
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    latencies, ttfts, failures, got = [], [], [], [0]
+    lock = threading.Lock()
+
+    def client(share):
+        with httpx.Client(timeout=600) as c:
+            for prompt, g in share:
+                t0 = time.perf_counter()
+                first = None
+                n = 0
+                try:
+                    with c.stream(
+                        "POST",
+                        url,
+                        json={
+                            "prompt": prompt,
+                            "max_tokens": g,
+                            "temperature": 0,
+                            "stream": True,
+                            "ignore_eos": True,
+                        },
+                    ) as r:
+                        if r.status_code != 200:
+                            raise RuntimeError(f"HTTP {r.status_code}")
+                        for line in r.iter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            first = first or time.perf_counter()
+                            n += len(json.loads(line[6:]).get("depths", []))
+                    if n != g:
+                        raise RuntimeError(f"got {n} of {g} tokens")
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+                        ttfts.append(first - t0)
+                        got[0] += n
+                except Exception as e:
+                    with lock:
+                        failures.append(repr(e))
+
+    shares = [stream[i::clients] for i in range(clients)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(client, shares))
+    served_s = time.perf_counter() - t
+    server.should_exit = True
+    th.join(timeout=10)
+    row = {
+        "bench": "serve",
+        "model": model,
+        "policy": policy,
+        "exit": None if exit is None else {"step": exit.step, "threshold": exit.threshold},
+        "clients": clients,
+        "requests": n_requests,
+        "tokens": tokens,
+        "offline_seconds": offline_s,
+        "offline_tokens_per_s": tokens / offline_s,
+        "served_seconds": served_s,
+        "served_tokens_per_s": got[0] / served_s,
+        "ratio": (got[0] / served_s) / (tokens / offline_s),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
+        "latency_p99_s": float(np.percentile(latencies, 99)) if latencies else None,
+        "ttft_p50_s": float(np.percentile(ttfts, 50)) if ttfts else None,
+        "ttft_p99_s": float(np.percentile(ttfts, 99)) if ttfts else None,
+        "env": env,
+    }
+    print(
+        f"  offline {row['offline_tokens_per_s']:.0f} tok/s, served {row['served_tokens_per_s']:.0f} tok/s "
+        f"({row['ratio']:.2f}x), failed {row['failed']}, p50 {row['latency_p50_s']:.2f}s p99 {row['latency_p99_s']:.2f}s",
+        flush=True,
+    )
+    write_rows([row], out)
+    return [row]
