@@ -170,11 +170,10 @@ class LLMEngine:
             self.scheduler.set_segment(r, steps[i], self.L)
         emit = [i for i in range(len(rids)) if i not in go_deep]
         if emit:
-            for i in emit:
-                if steps[i] < self.L:
-                    self.runner.push_stack(rows[rids[i]])  # exited: keep its state
-                else:
-                    self.runner.stack[rows[rids[i]]] = []
+            exited = [rows[rids[i]] for i in emit if steps[i] < self.L]
+            if exited:
+                self.runner.push_stack(exited)  # exited: keep their states for the catch-up
+            self.runner.clear_stack([rows[rids[i]] for i in emit if steps[i] == self.L])
             idx = torch.as_tensor(emit, device=logits.device)
             self._emit([rids[i] for i in emit], logits[idx], [steps[i] for i in emit], events)
 

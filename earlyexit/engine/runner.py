@@ -1,7 +1,8 @@
 """The model runner: executes what the scheduler decided. Tensors only, no policy.
 
 - Owns the KV cache (one row per running request) and each request's in-flight hidden
-  states: the (T, d) input of its next step (one token, a prompt, or FREE's catch-up chunk).
+  states: the (T, d) input of its next step (one token or FREE's catch-up chunk), kept in
+  one (rows, T, d) buffer so a call gathers and scatters its rows in one op each.
 - ``prefill``: full-depth forward of newly admitted prompts (ragged, right-padded).
 - ``run``: execute (row, start, stop) items. Whole segments (static / continuous) run per
   group of equal (start, stop) with ``run_steps``; a depth-wise iteration runs one block on
@@ -29,9 +30,15 @@ class ModelRunner:
     def __init__(self, model: Decoder, max_batch: int, max_len: int) -> None:
         self.model, self.plan, self.L = model, model.plan, model.n_steps
         self.cache = KVCache.for_model(model, max_batch, max_len)
-        self.device = model.tok_embeddings.weight.device
-        self.hidden: dict[int, Tensor] = {}  # cache row -> (T, d) input of its next step
-        self.stack: dict[int, list[Tensor]] = {}  # cache row -> FREE's pending shallow states
+        p = model.tok_embeddings.weight
+        self.device = p.device
+        d = model.config.d_model
+        # row -> (T, d) input of its next step; T = hlen[row] (1, or FREE's chunk length)
+        self.hbuf = torch.zeros(max_batch, max_len + 1, d, device=p.device, dtype=p.dtype)
+        self.hlen = np.zeros(max_batch, dtype=np.int64)
+        # row -> FREE's pending layer-L_s states of exited tokens
+        self.sbuf = torch.zeros(max_batch, max_len + 1, d, device=p.device, dtype=p.dtype)
+        self.slen = np.zeros(max_batch, dtype=np.int64)
         self.block_calls = 0
         self.rows_per_call: list[int] = []
 
@@ -55,8 +62,7 @@ class ModelRunner:
             torch.arange(len(rows), device=self.device),
             torch.as_tensor(lens - 1, device=self.device),
         ]
-        for r in rows:
-            self.stack[r] = []
+        self.slen[rows] = 0
         return last
 
     # ------------------------------------------------------------------ steps
@@ -99,16 +105,14 @@ class ModelRunner:
         self._scatter(rows, out, n)
 
     def _gather(self, rows: list[int]) -> tuple[Tensor, np.ndarray]:
-        """Right-pad the rows' hidden states into (G, Tmax, d); valid lengths (G,)."""
-        hs = [self.hidden[r] for r in rows]
-        n = np.array([x.shape[0] for x in hs], dtype=np.int64)
-        if (n == n[0]).all():
-            return torch.stack(hs), n
-        return torch.nn.utils.rnn.pad_sequence(hs, batch_first=True), n
+        """The rows' hidden states right-padded as (G, Tmax, d); valid lengths (G,)."""
+        n = self.hlen[rows]
+        idx = torch.as_tensor(rows, device=self.device)
+        return self.hbuf[idx, : int(n.max())], n
 
     def _scatter(self, rows: list[int], out: Tensor, n: np.ndarray) -> None:
-        for i, r in enumerate(rows):
-            self.hidden[r] = out[i, : n[i]]
+        idx = torch.as_tensor(rows, device=self.device)
+        self.hbuf[idx, : out.shape[1]] = out
 
     def _positions(self, rows: list[int], slots: list[int], T: int) -> Tensor:
         start = torch.as_tensor(
@@ -120,7 +124,8 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, rows: list[int], steps: list[int]) -> Tensor:
         """Logits (G, V) of each row's last in-flight position at exit point ``steps[i]``."""
-        h = torch.stack([self.hidden[r][-1] for r in rows])  # (G, d)
+        last = torch.as_tensor(self.hlen[rows] - 1, device=self.device)
+        h = self.hbuf[torch.as_tensor(rows, device=self.device), last]  # (G, d)
         out = torch.empty(
             len(rows), self.model.config.vocab_size, device=self.device, dtype=h.dtype
         )
@@ -147,21 +152,31 @@ class ModelRunner:
     @torch.inference_mode()
     def start_tokens(self, rows: list[int], tokens: list[int]) -> None:
         """Each row's next input: the embedding of its new token."""
-        emb = self.model.embed(torch.tensor(tokens, device=self.device)[:, None])  # (G, 1, d)
-        for i, r in enumerate(rows):
-            self.hidden[r] = emb[i]
+        emb = self.model.embed(torch.tensor(tokens, device=self.device))  # (G, d)
+        self.hbuf[torch.as_tensor(rows, device=self.device), 0] = emb
+        self.hlen[rows] = 1
 
-    def push_stack(self, row: int) -> None:
-        """FREE: the token exited; keep its layer-L_s state for the deep catch-up."""
-        self.stack[row].append(self.hidden[row][-1])
+    def push_stack(self, rows: list[int]) -> None:
+        """FREE: these tokens exited; keep their layer-L_s states for the deep catch-up."""
+        idx = torch.as_tensor(rows, device=self.device)
+        pos = torch.as_tensor(self.slen[rows], device=self.device)
+        last = torch.as_tensor(self.hlen[rows] - 1, device=self.device)
+        self.sbuf[idx, pos] = self.hbuf[idx, last]
+        self.slen[rows] += 1
 
     def start_catch_up(self, row: int) -> None:
         """FREE: the next segment runs the deep steps on [pending states, current]."""
-        pending = self.stack[row]
-        if pending:
-            self.hidden[row] = torch.cat([torch.stack(pending), self.hidden[row]])
-        self.stack[row] = []
+        n = int(self.slen[row])
+        if n:
+            current = self.hbuf[row, 0].clone()
+            self.hbuf[row, :n] = self.sbuf[row, :n]
+            self.hbuf[row, n] = current
+            self.hlen[row] = n + 1
+        self.slen[row] = 0
+
+    def clear_stack(self, rows: list[int]) -> None:
+        self.slen[rows] = 0
 
     def release(self, row: int) -> None:
-        self.hidden.pop(row, None)
-        self.stack.pop(row, None)
+        self.hlen[row] = 0
+        self.slen[row] = 0
