@@ -218,3 +218,19 @@ def test_seeded_sampling_in_the_engine_is_per_request():
     e2 = LLMEngine(model, policy="continuous", max_batch=1, max_len=64)
     r2 = e2.generate([[1, 2, 3], [4, 5]], p)
     assert [r.output_ids for r in r1] == [r.output_ids for r in r2]
+
+
+def test_compute_accounting_counts_catch_up_work():
+    model, k = MODELS["recursive"]
+    e = LLMEngine(model, policy="depthwise", max_batch=4, max_len=64)
+    full = e.generate(prompts(3), SamplingParams(max_new_tokens=10, ignore_eos=True))
+    for r in full:
+        assert r.steps_run == 6 * len(r.output_ids)
+    e = LLMEngine(model, policy="depthwise", max_batch=4, max_len=64)
+    ex = e.generate(prompts(3), SamplingParams(max_new_tokens=10, ignore_eos=True), ExitMode(k, 0.05))
+    for r in ex:
+        n_exit = sum(d < 6 for d in r.depths)
+        # every token runs the 3 shallow steps; deep steps run for deep tokens and for the
+        # exited tokens caught up by a later deep pass
+        assert 3 * len(r.depths) + 3 * (len(r.depths) - n_exit) <= r.steps_run <= 6 * len(r.depths)
+    assert sum(r.steps_run for r in ex) < sum(r.steps_run for r in full)

@@ -136,11 +136,15 @@ class LLMEngine:
             for rid in rids:
                 self.requests[rid].status = RequestStatus.RUNNING
             last = self.runner.prefill(rows, [self.requests[r].prompt_ids for r in rids])
+            for rid in rids:
+                self.requests[rid].steps_run += self.L
             logits = self.model.logits(last)
             self._emit(rids, logits, [self.L] * len(rids), events)
         if out.run:
             rows = self.scheduler.rows
             items = [(rows[rid], start, stop) for rid, start, stop in out.run]
+            for rid, start, stop in out.run:  # compute accounting: steps x tokens in flight
+                self.requests[rid].steps_run += (stop - start) * int(self.runner.hlen[rows[rid]])
             self.runner.run(items, one_block=out.block is not None)
             ended = []
             for rid, _, stop in out.run:

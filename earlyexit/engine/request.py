@@ -57,6 +57,9 @@ class Request:
     depths: list[int] = field(default_factory=list)
     first_token_time: float | None = None
     finish_time: float | None = None
+    # block passes actually computed for generated tokens, FREE's catch-up of exited
+    # tokens included (the first token counts its L steps of the prefill's last position)
+    steps_run: int = 0
 
     @property
     def finished(self) -> bool:

@@ -118,16 +118,21 @@ class EngineThread:
 
 
 def output_usage(request, n_steps: int) -> dict:
-    """OpenAI ``usage`` plus compute accounting: steps run, mean depth, share of full depth."""
-    steps = sum(request.depths)
+    """OpenAI ``usage`` plus compute accounting.
+
+    ``average_depth`` is the mean number of steps after which each token was decided;
+    ``steps_run`` counts the block passes actually computed for the generated tokens,
+    including FREE's deep catch-up of exited tokens; ``full_depth_fraction`` is steps_run
+    over what full depth would have computed (n_tokens x n_steps).
+    """
     n = len(request.output_ids)
     return {
         "prompt_tokens": len(request.prompt_ids),
         "completion_tokens": n,
         "total_tokens": len(request.prompt_ids) + n,
-        "steps_run": steps,
-        "average_depth": steps / n if n else 0.0,
-        "full_depth_fraction": steps / (n * n_steps) if n else 0.0,
+        "steps_run": request.steps_run,
+        "average_depth": sum(request.depths) / n if n else 0.0,
+        "full_depth_fraction": request.steps_run / (n * n_steps) if n else 0.0,
     }
 
 
