@@ -628,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--seed", type=int, help="seed of initialisation and data order")
     og = t.add_argument_group("optimisation")
     og.add_argument("--steps", type=int, help="optimizer steps")
+    og.add_argument(
+        "--flops-budget",
+        dest="flops_budget",
+        type=float,
+        help="set the steps from a forward-FLOP budget (MoR's accountant)",
+    )
     og.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per window")
     og.add_argument(
         "--batch-size", dest="batch_size", type=int, help="windows per micro-batch per process"

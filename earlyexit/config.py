@@ -71,6 +71,42 @@ class SharingConfig:
     loops: int = 1
 
 
+ROUTER_KINDS = ("none", "expert", "token")
+
+
+@dataclass
+class RouterConfig:
+    """Mixture-of-Recursions routing (arXiv 2507.10524 §2): who runs how many recursions.
+
+    Attributes:
+        kind: ``none``, ``expert`` (one router per recursion, capacity top-k in training,
+            sigmoid(score) > 0.5 at inference) or ``token`` (one router over depths).
+        router: ``linear`` (d -> 1 or N_r, no bias) or ``mlp`` (d -> 2d -> out, GELU).
+        activation: expert-choice gate: ``sigmoid`` or ``tanh``, scaled by ``alpha``.
+        alpha: gate scale (None: 0.1 for expert-choice, 1.0 for token-choice).
+        capacities: expert-choice share of tokens kept at each recursion (None:
+            (N_r - r + 1) / N_r for r = 1..N_r); non-increasing, the first 1.
+        gating: ``code``: selected states become H + g F(H) (the official code, F including
+            its residual); ``replace``: H <- F(H), which makes c = 1 a plain recursive model.
+        aux_coef: expert-choice BCE (router score vs top-k selection) weight.
+        balance_coef, z_coef: token-choice balancing and router z-loss weights.
+    """
+
+    kind: str = "none"
+    router: str = "linear"
+    activation: str = "sigmoid"
+    alpha: float | None = None
+    capacities: tuple[float, ...] | None = None
+    gating: str = "code"
+    aux_coef: float = 0.001
+    balance_coef: float = 0.1
+    z_coef: float = 1e-5
+
+    @property
+    def gate_scale(self) -> float:
+        return self.alpha if self.alpha is not None else (0.1 if self.kind == "expert" else 1.0)
+
+
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -157,6 +193,7 @@ class ModelConfig:
         sharing: layer sharing; builds the plan.
         exits: early-exit points.
         lora: per-step LoRA relaxation of shared blocks.
+        router: Mixture-of-Recursions routing over the recursions of ``sharing``.
     """
 
     name: str = "custom"
@@ -182,6 +219,7 @@ class ModelConfig:
     sharing: SharingConfig = field(default_factory=SharingConfig)
     exits: ExitConfig = field(default_factory=ExitConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     # Derived in __post_init__, never set by hand.
     plan: tuple[Step, ...] = field(init=False, repr=False, compare=False)
 
@@ -226,12 +264,53 @@ class ModelConfig:
         self.plan = build_plan(
             self.n_layers, self.sharing.scheme, self.sharing.loops, relaxed=self.lora.enabled
         )
+        self._check_router()
         ex = self.exits.steps = tuple(self.exits.steps)
         if any(not 1 <= s < self.n_layers for s in ex) or list(ex) != sorted(set(ex)):
             raise ConfigError(
                 f"exits.steps must be strictly increasing and within [1, {self.n_layers - 1}] "
                 f"(the last step {self.n_layers} is always an exit), got {list(ex)}"
             )
+
+    def _check_router(self) -> None:
+        r = self.router
+        if r.kind not in ROUTER_KINDS:
+            raise ConfigError(
+                f"router.kind must be one of {', '.join(ROUTER_KINDS)}, got {r.kind!r}"
+            )
+        if r.kind == "none":
+            return
+        if self.sharing.scheme not in ("cycle", "middle_cycle") or self.sharing.loops < 2:
+            raise ConfigError(
+                "Mixture-of-Recursions needs sharing.scheme cycle or middle_cycle with loops >= 2"
+            )
+        if (
+            r.router not in ("linear", "mlp")
+            or r.activation not in ("sigmoid", "tanh")
+            or r.gating not in ("code", "replace")
+        ):
+            raise ConfigError(
+                "router.router must be linear|mlp, activation sigmoid|tanh, gating code|replace"
+            )
+        if r.capacities is not None:
+            caps = r.capacities = tuple(r.capacities)
+            if (
+                len(caps) != self.sharing.loops
+                or caps[0] != 1
+                or any(not 0 < c <= 1 for c in caps)
+                or list(caps) != sorted(caps, reverse=True)
+            ):
+                raise ConfigError(
+                    f"router.capacities must be {self.sharing.loops} non-increasing values in (0, 1] starting at 1, got {list(caps)}"
+                )
+        if self.exits.steps or self.lora.enabled:
+            raise ConfigError("Mixture-of-Recursions models do not combine with exits or LoRA here")
+
+    @property
+    def capacities(self) -> tuple[float, ...]:
+        """Expert-choice capacity of each recursion (default (N_r - r + 1) / N_r)."""
+        n = self.sharing.loops
+        return self.router.capacities or tuple((n - r) / n for r in range(n))
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -303,6 +382,9 @@ class ModelConfig:
         d["sharing"] = dataclasses.asdict(self.sharing)
         d["exits"] = {**dataclasses.asdict(self.exits), "steps": list(self.exits.steps)}
         d["lora"] = dataclasses.asdict(self.lora)
+        rc = dataclasses.asdict(self.router)
+        rc["capacities"] = None if self.router.capacities is None else list(self.router.capacities)
+        d["router"] = rc
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["plan"] = [s.to_dict() for s in self.plan]
         return d

@@ -227,7 +227,9 @@ def test_compute_accounting_counts_catch_up_work():
     for r in full:
         assert r.steps_run == 6 * len(r.output_ids)
     e = LLMEngine(model, policy="depthwise", max_batch=4, max_len=64)
-    ex = e.generate(prompts(3), SamplingParams(max_new_tokens=10, ignore_eos=True), ExitMode(k, 0.05))
+    ex = e.generate(
+        prompts(3), SamplingParams(max_new_tokens=10, ignore_eos=True), ExitMode(k, 0.05)
+    )
     for r in ex:
         n_exit = sum(d < 6 for d in r.depths)
         # every token runs the 3 shallow steps; deep steps run for deep tokens and for the

@@ -101,7 +101,9 @@ class FREE(Strategy):
             logits = model.exit_logits(h, ls)  # (B, V)
             conf = confidence(self.measure, logits, model, ls, h)
             # the one host sync of the step: decisions, confidences and shallow argmaxes
-            host = torch.stack([(conf > lam).float(), conf.float(), logits.argmax(-1).float()]).tolist()  # fmt: skip
+            host = torch.stack(
+                [(conf > lam).float(), conf.float(), logits.argmax(-1).float()]
+            ).tolist()
         exits = np.array(host[0], dtype=bool) & live
         deep = ~exits & live
         depths = [ls if e else L for e in exits]

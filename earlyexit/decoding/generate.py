@@ -21,6 +21,7 @@ import torch
 
 from earlyexit.decoding.base import Strategy
 from earlyexit.decoding.full import FullDepth
+from earlyexit.decoding.mor import RouterDepth
 from earlyexit.decoding.sampling import SamplingParams, make_generator, sample
 from earlyexit.errors import InputError
 from earlyexit.models.decoder import Decoder
@@ -172,7 +173,8 @@ def _run(
     if params.stop and tokenizer is None:
         raise InputError("stop strings need a tokenizer")
     prompts = check_prompts(prompts, model)
-    strategy = strategy or FullDepth()
+    if strategy is None:
+        strategy = FullDepth() if model.routers is None else RouterDepth()
     if strategy.greedy_only and params.temperature > 0:
         raise InputError(
             f"the {strategy.name} strategy is greedy-only (it is lossless against greedy "

@@ -15,6 +15,7 @@ from earlyexit.decoding.calm import CALM
 from earlyexit.decoding.confidence import MEASURES
 from earlyexit.decoding.free import FREE
 from earlyexit.decoding.full import FullDepth, StaticExit
+from earlyexit.decoding.mor import RouterDepth
 from earlyexit.decoding.speculative import SelfSpeculative
 from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.errors import InputError
@@ -48,8 +49,12 @@ def make_strategy(
     """
     if name not in STRATEGIES:
         raise InputError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}")
-    if name == "full":
-        return FullDepth()
+    if name == "full":  # a MoR model's "full" depth is whatever its routers grant
+        return FullDepth() if model.routers is None else RouterDepth()
+    if model.routers is not None:
+        raise InputError(
+            f"the {name} strategy is for models with exits; this Mixture-of-Recursions model's routers decide each token's depth (use full)"
+        )
     cfg = model.config
     L = model.n_steps
     if measure not in MEASURES:

@@ -21,6 +21,8 @@ from earlyexit.config import ModelConfig
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext, KVCache
 from earlyexit.models.layers import Block, ExitClassifier, RMSNorm, rope_cos_sin, rope_inv_freq
+from earlyexit.models.mor import MoROutput, mor_forward
+from earlyexit.models.routers import Routers
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Decoder(nn.Module):
         self.head = (
             None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         )
+        # Mixture-of-Recursions routers (per-token recursion depth), when configured
+        self.routers = Routers(config) if config.router.kind != "none" else None
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -88,6 +92,8 @@ class Decoder(nn.Module):
         for b in self.blocks:
             if b.lora is not None:
                 b.lora.reset_parameters(generator)
+        if self.routers is not None:
+            self.routers.reset_parameters(generator)
         self.rebuild_buffers(self.tok_embeddings.weight.device)
 
     def rebuild_buffers(self, device: torch.device | str) -> None:
@@ -210,15 +216,22 @@ class Decoder(nn.Module):
         n_new: np.ndarray | list[int] | None = None,
         *,
         exits: bool = False,
-    ) -> Tensor | ExitOutput:
+        routing: str | None = None,
+        return_routing: bool = False,
+    ) -> Tensor | ExitOutput | MoROutput:
         """Full-depth logits (B, T, vocab) for ``tokens`` (B, T).
 
         Without ``positions``, positions continue from the cache (row-wise) or start at 0.
         With ``exits=True`` returns an :class:`ExitOutput` instead (training objectives use
-        it: going through ``forward`` keeps DDP and FSDP hooks in the loop).
+        it: going through ``forward`` keeps DDP and FSDP hooks in the loop). MoR models
+        route each token (``routing``: ``causal`` by default, ``train`` for top-k) and
+        return a :class:`MoROutput` with ``return_routing=True``.
         """
         if positions is None:
             positions = self.default_positions(tokens.shape, cache, rows)
+        if self.routers is not None:  # MoR: the router decides each token's recursions
+            out = mor_forward(self, tokens, routing or "causal", positions, cache, rows, n_new)
+            return out if return_routing else out.logits
         ctx = self.context(positions, cache, rows, n_new)
         if not exits:
             return self.logits(self.run_steps(0, self.n_steps, self.embed(tokens), ctx))

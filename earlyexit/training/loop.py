@@ -103,6 +103,8 @@ class TrainConfig:
         exit_classifier: give each intermediate exit a confidence classifier.
         teacher: ``--objective uptrain``: the dense model distilled from.
         distill_weight: ``uptrain``: weight of KL(teacher || student) next to the LM loss.
+        flops_budget: set ``steps`` so the run spends this many forward FLOPs (MoR's
+            accountant, ``training/flops.py``): equal-compute comparisons.
     """
 
     data: str = "data/stdlib"
@@ -143,6 +145,7 @@ class TrainConfig:
     exit_classifier: bool = False
     teacher: str | None = None
     distill_weight: float = 1.0
+    flops_budget: float | None = None
 
     def validate(self) -> TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"):
@@ -472,6 +475,14 @@ def _train(
         model.train()
     if cfg.seq_len > mc.max_context:
         raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's context ({mc.max_context})")
+    if cfg.flops_budget:
+        from earlyexit.training.flops import steps_for_budget
+
+        tokens_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * d.world
+        cfg = dataclasses.replace(
+            cfg, steps=max(1, steps_for_budget(cfg.flops_budget, mc, cfg.seq_len, tokens_step))
+        )
+        say(f"--flops-budget {cfg.flops_budget:.3g}: {cfg.steps} steps")
     fingerprint = _fingerprint(cfg, mc, d)
     state = None
     if ckpt is not None:

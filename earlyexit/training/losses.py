@@ -46,6 +46,12 @@ class LanguageModeling(Objective):
     name = "lm"
 
     def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> LossOutput:
+        if getattr(getattr(model, "module", model), "routers", None) is not None:
+            # Mixture-of-Recursions: top-k routing in training, plus the router losses
+            out = model(inputs, routing="train", return_routing=True)
+            ce = cross_entropy(out.logits, targets)
+            metrics = {"ce": ce.detach(), "router_loss": out.aux_loss.detach(), **out.metrics}
+            return LossOutput(ce + out.aux_loss, metrics)
         loss = cross_entropy(model(inputs), targets)
         return LossOutput(loss, {"ce": loss.detach()})
 

@@ -1,0 +1,173 @@
+"""Mixture-of-Recursions: mor.md §8 invariants, causal inference, losses, FLOP accountant."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from earlyexit.config import ModelConfig, RouterConfig
+from earlyexit.decoding.generate import generate
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.errors import ConfigError
+from earlyexit.models.decoder import Decoder
+from earlyexit.models.kv_cache import KVCache
+from earlyexit.models.routers import balance_loss, expert_aux_loss, z_loss
+from earlyexit.training.flops import forward_flops_per_token, steps_for_budget
+from tests.conftest import make_model
+
+MOR = dict(n_layers=8, sharing={"scheme": "middle_cycle", "loops": 3})
+
+
+def mor_model(kind="expert", **kw):
+    m = make_model(**MOR, router={"kind": kind, **kw}, init_std=0.1)
+    with torch.no_grad():  # routers with real spread: some tokens pass, some do not
+        for p in m.routers.parameters():
+            p.normal_(0, 0.5)
+    return m
+
+
+def test_parameter_counts_of_the_360m_shapes():
+    for loops, millions in [(3, 118), (2, 167)]:
+        cfg = ModelConfig.from_name(
+            "smollm-360m", sharing={"scheme": "middle_cycle", "loops": loops}
+        )
+        assert round(cfg.param_counts()["non_embedding"] / 1e6) == millions
+
+
+def test_capacity_one_with_replace_gating_is_the_recursive_model():
+    m = mor_model(capacities=[1.0, 1.0, 1.0], gating="replace")
+    plain_cfg = dataclasses.replace(m.config, router=RouterConfig())
+    plain = Decoder(plain_cfg).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("routers.")})
+    x = torch.randint(0, 512, (2, 11))
+    with torch.inference_mode():
+        for mode in ("train", "causal"):
+            torch.testing.assert_close(m(x, routing=mode), plain(x), atol=0, rtol=0)
+
+
+def test_training_selection_keeps_k_per_recursion_hierarchically():
+    m = mor_model()
+    T = 12
+    x = torch.randint(0, 512, (3, T))
+    out = m(x, routing="train", return_routing=True)
+    for r, cap in enumerate(m.config.capacities):
+        k = max(1, math.floor(cap * T))
+        assert ((out.recursions >= r + 1).sum(1) == k).all()  # S_r has k_r tokens, S_r ⊆ S_{r-1}
+    assert out.aux_loss > 0 and 0 <= out.metrics["router_accuracy@2"] <= 1
+    g = m.routers.gate(torch.linspace(-10, 10, 101))
+    assert (g > 0).all() and (g < 0.1).all()  # g in (0, alpha)
+
+
+def test_causal_routing_is_causal_and_top_k_is_not():
+    m = mor_model()
+    x = torch.randint(0, 512, (1, 16))
+    y = x.clone()
+    y[0, 10:] = torch.randint(0, 512, (6,))
+    with torch.inference_mode():
+        a, b = m(x, routing="causal"), m(y, routing="causal")
+        torch.testing.assert_close(a[0, :10], b[0, :10], atol=1e-6, rtol=0)
+        leaks = any(
+            (m(x, routing="train")[0, :10] - m(z, routing="train")[0, :10]).abs().max() > 1e-4
+            for z in (y, torch.cat([x[:, :10], torch.randint(0, 512, (1, 6))], 1))
+        )
+    assert leaks, (
+        "top-k routing looks at the whole sequence, so later tokens leak into earlier ones"
+    )
+
+
+@pytest.mark.parametrize("kind", ["expert", "token"])
+def test_incremental_decoding_equals_the_full_causal_forward(kind):
+    m = mor_model(kind)
+    x = torch.randint(0, 512, (2, 14))
+    cache = KVCache.for_model(m, 2, 16)
+    with torch.inference_mode():
+        full = m(x, routing="causal", return_routing=True)
+        outs = [m(x[:, :6], cache=cache)]
+        outs += [m(x[:, t : t + 1], cache=cache) for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat(outs, 1), full.logits, atol=1e-5, rtol=0)
+    # each recursion's KV slots hold exactly the tokens that reached it
+    for step in m.plan:
+        reached = (
+            (full.recursions >= step.recursion + 1)
+            if step.recursion is not None
+            else torch.ones_like(full.recursions, dtype=torch.bool)
+        )
+        assert cache.lengths[step.kv_slot].tolist() == reached.sum(1).tolist()
+    assert len(set(full.recursions.flatten().tolist())) > 1  # routing really varies
+
+
+def test_batched_padded_generation_equals_one_at_a_time():
+    m = mor_model()
+    ps = [[5, 6, 7], [9] * 8, [1, 2]]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    batched = generate(m, ps, params)
+    for p, r in zip(ps, batched):
+        single = generate(m, [p], params)[0]
+        assert r.token_ids == single.token_ids and r.depths == single.depths
+    assert all(d in (4, 6, 8) for r in batched for d in r.depths)  # 1 + 2 x recursions + 1
+    with torch.inference_mode():  # greedy tokens are the causal full forward's argmax
+        logits = m(torch.tensor([ps[0] + batched[0].token_ids]))
+    assert batched[0].token_ids == logits[0, 2:-1].argmax(-1).tolist()
+
+
+def test_router_losses():
+    z = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    sel = torch.tensor([[True, False, False, True]])
+    cand = torch.tensor([[True, True, True, False]])
+    manual = torch.nn.functional.binary_cross_entropy_with_logits(z[cand], sel[cand].float())
+    torch.testing.assert_close(expert_aux_loss(z, sel, cand), manual)
+    n = 3
+    probs = torch.full((6, n), 1 / n)
+    choice = torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.testing.assert_close(balance_loss(probs, choice, n), torch.tensor(1.0))
+    logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    hand = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 2
+    assert abs(z_loss(logits).item() - hand) < 1e-5
+
+
+def test_flop_accountant_reproduces_the_released_360m_numbers():
+    def mor(n, layers, kv=False):
+        return ModelConfig.from_name(
+            "smollm-360m",
+            n_layers=layers,
+            sharing={"scheme": "middle_cycle", "loops": n},
+            router={"kind": "expert"},
+        ), kv
+
+    cases = [
+        ((ModelConfig.from_name("smollm-360m"), False), 833.6, 9438),
+        ((ModelConfig.from_name("smollm-360m", n_layers=34), False), 885.7, 8883),
+        (mor(2, 32), 623.5, 12619),
+        (mor(3, 32), 555.6, 14161),
+        (mor(4, 34), 553.5, 14216),
+        (mor(3, 32, kv=True), 536.2, 14672),
+    ]
+    for (cfg, kv), mflops, steps in cases:
+        assert round(forward_flops_per_token(cfg, 2048, kv) / 1e6, 1) == mflops
+        assert abs(steps_for_budget(16.5e18, cfg, 2048, 2048 * 1024, kv) - steps) <= 1
+
+
+def test_mor_config_errors_and_strategies():
+    with pytest.raises(ConfigError, match="middle_cycle"):
+        ModelConfig.from_name("tiny", router={"kind": "expert"})
+    with pytest.raises(ConfigError, match="capacities"):
+        ModelConfig.from_name("tiny", **MOR, router={"kind": "expert", "capacities": [1.0, 0.5]})
+    from earlyexit.decoding.strategies import make_strategy
+    from earlyexit.errors import InputError
+
+    m = mor_model()
+    assert make_strategy(m, "full").name == "mor"
+    with pytest.raises(InputError, match="routers decide"):
+        make_strategy(m, "free", exit_step=2)
+
+
+def test_training_step_includes_router_losses():
+    from earlyexit.training.losses import LanguageModeling
+
+    m = mor_model().train()
+    x = torch.randint(0, 512, (2, 12))
+    out = LanguageModeling()(m, x, torch.roll(x, -1, 1))
+    assert out.loss > out.metrics["ce"] and "router_accuracy@2" in out.metrics
+    out.loss.backward()
+    assert m.routers.nets[1].weight.grad.abs().sum() > 0
