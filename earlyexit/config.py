@@ -90,6 +90,9 @@ class RouterConfig:
             its residual); ``replace``: H <- F(H), which makes c = 1 a plain recursive model.
         aux_coef: expert-choice BCE (router score vs top-k selection) weight.
         balance_coef, z_coef: token-choice balancing and router z-loss weights.
+        kv_sharing: recursions after the first attend to the first recursion's keys and
+            values (of every token) instead of caching their own: KV memory / N_r, and no
+            K/V projections after the first recursion.
     """
 
     kind: str = "none"
@@ -101,6 +104,7 @@ class RouterConfig:
     aux_coef: float = 0.001
     balance_coef: float = 0.1
     z_coef: float = 1e-5
+    kv_sharing: bool = False
 
     @property
     def gate_scale(self) -> float:
@@ -262,7 +266,11 @@ class ModelConfig:
             if self.lora.requested(t) < 0:
                 raise ConfigError(f"lora ranks must be >= 0, got {t}={self.lora.requested(t)}")
         self.plan = build_plan(
-            self.n_layers, self.sharing.scheme, self.sharing.loops, relaxed=self.lora.enabled
+            self.n_layers,
+            self.sharing.scheme,
+            self.sharing.loops,
+            relaxed=self.lora.enabled,
+            kv_sharing=self.router.kv_sharing and self.router.kind != "none",
         )
         self._check_router()
         ex = self.exits.steps = tuple(self.exits.steps)

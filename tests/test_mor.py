@@ -171,3 +171,25 @@ def test_training_step_includes_router_losses():
     assert out.loss > out.metrics["ce"] and "router_accuracy@2" in out.metrics
     out.loss.backward()
     assert m.routers.nets[1].weight.grad.abs().sum() > 0
+
+
+def test_kv_sharing_reads_the_first_recursion_and_decodes_incrementally():
+    m = mor_model(kv_sharing=True)
+    assert m.config.n_kv_slots == 4  # first, 2 shared blocks (recursion 1 only), last
+    assert sum(s.shares_kv for s in m.plan) == 4
+    x = torch.randint(0, 512, (2, 13))
+    cache = KVCache.for_model(m, 2, 16)
+    with torch.inference_mode():
+        full = m(x, return_routing=True)
+        outs = [m(x[:, :5], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in range(5, 13)]
+    torch.testing.assert_close(torch.cat(outs, 1), full.logits, atol=1e-5, rtol=0)
+    assert (cache.lengths == 13).all()  # every slot holds every token: recursion 1 runs all
+    y = x.clone()
+    y[0, 8:] = 3
+    with torch.inference_mode():  # and it is causal
+        torch.testing.assert_close(m(y)[0, :8], full.logits[0, :8], atol=1e-6, rtol=0)
+    # the plain recursion-wise model with the same weights differs: sharing changes the keys
+    plain = make_model(**MOR, router={"kind": "expert"}, init_std=0.1)
+    plain.load_state_dict(m.state_dict())
+    with torch.inference_mode():
+        assert (plain(x) - full.logits).abs().max() > 1e-4

@@ -73,6 +73,7 @@ class Decoder(nn.Module):
         )
         # Mixture-of-Recursions routers (per-token recursion depth), when configured
         self.routers = Routers(config) if config.router.kind != "none" else None
+        self._stash_slots = frozenset(s.kv_slot for s in config.plan if s.shares_kv)
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -138,18 +139,19 @@ class Decoder(nn.Module):
             n_new=None if n_new is None else np.asarray(n_new, dtype=np.int64),
             sliding_window=self.config.sliding_window,
             kv_slots=None if kv_slots is None else np.asarray(kv_slots, dtype=np.int64),
+            stash_slots=self._stash_slots,
         )
 
     def run_step(self, i: int, h: Tensor, ctx: ForwardContext) -> Tensor:
         """Run step ``i`` of the plan on hidden states (B, T, d_model)."""
         step = self.plan[i]
-        return self.blocks[step.block](h, ctx, step.kv_slot, step.lora)
+        return self.blocks[step.block](h, ctx, step.kv_slot, step.lora, step.shares_kv)
 
     def run_steps(self, start: int, stop: int, h: Tensor, ctx: ForwardContext) -> Tensor:
         """Run steps ``start .. stop-1`` in order (the common fused range)."""
         for i in range(start, stop):
             step = self.plan[i]
-            h = self.blocks[step.block](h, ctx, step.kv_slot, step.lora)
+            h = self.blocks[step.block](h, ctx, step.kv_slot, step.lora, step.shares_kv)
         return h
 
     def run_block(

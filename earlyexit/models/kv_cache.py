@@ -41,6 +41,9 @@ class ForwardContext:
         sliding_window: attend only to the last ``sliding_window`` positions, or None.
         kv_slots: host int array (B,): each row's own KV slot, overriding the step's
             (rows at different steps of one shared block); None: the step's slot.
+        stash_slots: KV slots later steps read without writing (MoR KV sharing): their keys,
+            values and positions are kept in ``shared`` during an uncached forward, and their
+            entries' positions are recorded in the cache.
     """
 
     positions: Tensor
@@ -51,6 +54,8 @@ class ForwardContext:
     n_new: np.ndarray | None = None
     sliding_window: int | None = None
     kv_slots: np.ndarray | None = None
+    stash_slots: frozenset = frozenset()
+    shared: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
     def uncached_mask(self) -> Tensor | None:
@@ -143,17 +148,18 @@ class KVCache:
             meta = ctx._memo[key] = self._plan_update(lens, rows, n_new, T, ctx)
         row_sl, col_idx, W, mask = meta
         kb, vb, pb = self.k[slot], self.v[slot], self.pos[slot]
-        windowed = ctx.sliding_window is not None  # positions are only read for windows
+        windowed = ctx.sliding_window is not None
+        keep_pos = windowed or slot in ctx.stash_slots  # positions are read for these only
         if isinstance(col_idx, slice):  # every row writes T entries at the same offset
             kb[row_sl, :, col_idx] = k
             vb[row_sl, :, col_idx] = v
-            if windowed:
+            if keep_pos:
                 pb[row_sl, col_idx] = ctx.positions
         else:  # only the valid (row, t) pairs are written; padding never touches the cache
             w_rows, w_cols, b_sel, t_sel = col_idx
             kb[w_rows, :, w_cols] = k.transpose(1, 2)[b_sel, t_sel]  # (N, Hkv, D)
             vb[w_rows, :, w_cols] = v.transpose(1, 2)[b_sel, t_sel]
-            if windowed:
+            if keep_pos:
                 pb[w_rows, w_cols] = ctx.positions[b_sel, t_sel]
         self.lengths[slot, rows] = lens + n_new
         if isinstance(row_sl, slice):
@@ -163,6 +169,24 @@ class KVCache:
         if windowed:
             mask = self._window_mask(mask, pb, row_sl, W, ctx)
         return k_all, v_all, mask
+
+    def read(self, slot: int, ctx: ForwardContext) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values (B, Hkv, W, D) of ``slot`` for ``ctx.rows`` without appending, and a
+        mask letting each query see the entries at positions up to its own (KV sharing)."""
+        B = ctx.positions.shape[0]
+        rows = np.arange(B) if ctx.rows is None else ctx.rows
+        lens = self.lengths[slot, rows]
+        W = max(int(lens.max()), 1)
+        if rows[0] >= 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + B)):
+            sl = slice(int(rows[0]), int(rows[0]) + B)
+            k, v, kpos = self.k[slot][sl, :, :W], self.v[slot][sl, :, :W], self.pos[slot][sl, :W]
+        else:
+            r = torch.as_tensor(rows, device=self.device)
+            k, v, kpos = self.k[slot][r, :, :W], self.v[slot][r, :, :W], self.pos[slot][r, :W]
+        j = torch.arange(W, device=self.device)[None, None, :]
+        valid = j < torch.as_tensor(lens, device=self.device)[:, None, None]
+        mask = valid & (kpos[:, None, :] <= ctx.positions[:, :, None])  # (B, T, W)
+        return k, v, mask[:, None]
 
     def _update_per_row_slots(self, k: Tensor, v: Tensor, ctx: ForwardContext):
         """Each row appends to its own slot ``ctx.kv_slots[b]`` (rows at different steps of one

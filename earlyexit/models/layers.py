@@ -110,7 +110,38 @@ class Attention(nn.Module):
         v = kv[..., self.kv_dim :].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         ctx.cache.update(kv_slot, apply_rope(k, ctx.cos, ctx.sin), v, ctx)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, kv_slot: int, lora: Lora = None) -> Tensor:
+    def _read_only(self, x: Tensor, ctx: ForwardContext, kv_slot: int, lora: Lora) -> Tensor:
+        """MoR KV sharing: queries only, attending to the keys and values the first recursion
+        wrote into ``kv_slot`` (of every token up to each query's position)."""
+        B, T, _ = x.shape
+        w = self.wqkv.weight[: self.q_dim]
+        b = None if self.wqkv.bias is None else self.wqkv.bias[: self.q_dim]
+        q = linear(x, w, b)  # (B, T, q_dim): no K/V projections at all
+        _add_lora(q, lora, "q", x, 0, self.q_dim)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v, mask = ctx.cache.read(kv_slot, ctx)
+        else:
+            k, v, kpos = ctx.shared[kv_slot]
+            mask = (kpos[:, None, :] <= ctx.positions[:, :, None])[:, None]  # (B, 1, T, N)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.q_dim)
+        out = self.wo(y)
+        _add_lora(out, lora, "o", y, 0, out.shape[-1])
+        return out
+
+    def forward(
+        self,
+        x: Tensor,
+        ctx: ForwardContext,
+        kv_slot: int,
+        lora: Lora = None,
+        read_only: bool = False,
+    ) -> Tensor:
+        if read_only:
+            return self._read_only(x, ctx, kv_slot, lora)
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
         if lora is not None:
@@ -130,6 +161,8 @@ class Attention(nn.Module):
             k, v, mask = ctx.cache.update(kv_slot, k, v, ctx)  # (B, Hkv, W, D), mask (B|1, 1, T, W)
         else:
             mask = ctx.uncached_mask()
+            if kv_slot in ctx.stash_slots:  # later recursions will read these (KV sharing)
+                ctx.shared[kv_slot] = (k, v, ctx.positions)
         gqa = self.n_kv_heads != self.n_heads
         if mask is None and ctx.cache is None and T > 1:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -176,11 +209,17 @@ class Block(nn.Module):
         return None if slot is None or self.lora is None else (self.lora, slot)
 
     def forward(
-        self, h: Tensor, ctx: ForwardContext, kv_slot: int, lora_slot: int | Tensor | None = None
+        self,
+        h: Tensor,
+        ctx: ForwardContext,
+        kv_slot: int,
+        lora_slot: int | Tensor | None = None,
+        read_only: bool = False,
     ) -> Tensor:
-        """``lora_slot``: this step's LoRA slot, or per-row slots (B,) for mixed-depth rows."""
+        """``lora_slot``: this step's LoRA slot, or per-row slots (B,) for mixed-depth rows;
+        ``read_only``: attend to ``kv_slot`` without writing it (MoR KV sharing)."""
         lora = self._lora(lora_slot)
-        h = h + self.attn(self.attn_norm(h), ctx, kv_slot, lora)
+        h = h + self.attn(self.attn_norm(h), ctx, kv_slot, lora, read_only)
         return h + self.mlp(self.mlp_norm(h), lora)
 
     def write_kv(

@@ -60,7 +60,9 @@ def step_depth(model, recursions: Tensor) -> Tensor:
     return len(prefix) + len(suffix) + recursions * len(recs[0])
 
 
-def mor_forward(model, tokens: Tensor, mode: str, positions: Tensor, cache=None, rows=None, n_valid=None) -> MoROutput:  # fmt: skip
+def mor_forward(
+    model, tokens: Tensor, mode: str, positions: Tensor, cache=None, rows=None, n_valid=None
+) -> MoROutput:
     """The MoR forward of ``tokens`` (B, T); see the module docstring for ``mode``."""
     cfg = model.config
     routers = model.routers
@@ -69,7 +71,7 @@ def mor_forward(model, tokens: Tensor, mode: str, positions: Tensor, cache=None,
     prefix, recs, suffix = recursion_ranges(model.plan)
     valid = torch.ones(B, T, dtype=torch.bool, device=dev)
     if n_valid is not None:
-        valid = torch.arange(T, device=dev)[None, :] < torch.as_tensor(n_valid, device=dev)[:, None]  # fmt: skip
+        valid = torch.arange(T, device=dev)[None, :] < torch.as_tensor(n_valid, device=dev)[:, None]
     ctx = model.context(positions, cache, rows, n_new=n_valid)
     h = model.run_steps(prefix.start, prefix.stop, model.embed(tokens), ctx)
     h1 = h
@@ -110,13 +112,16 @@ def mor_forward(model, tokens: Tensor, mode: str, positions: Tensor, cache=None,
         if k_max == 0:
             break
         # selected indices in causal order, right-padded per row
-        order = torch.sort(torch.where(sel, torch.arange(T, device=dev)[None, :], T), dim=1).values[:, :k_max]  # fmt: skip
+        order = torch.sort(torch.where(sel, torch.arange(T, device=dev)[None, :], T), dim=1).values[
+            :, :k_max
+        ]
         pad = order >= T
         idx = order.masked_fill(pad, 0)  # (B, k)
         h_sel = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, k, d)
         pos_sel = positions.gather(1, idx)
         n_sel = counts.cpu().numpy().astype(np.int64)
         ctx_r = model.context(pos_sel, cache, rows, n_new=n_sel)
+        ctx_r.shared = ctx.shared  # KV sharing: later recursions read recursion 1's K/V
         out = model.run_steps(steps.start, steps.stop, h_sel, ctx_r)
         if routers.kind == "expert":
             if cfg.router.gating == "replace":
@@ -126,7 +131,7 @@ def mor_forward(model, tokens: Tensor, mode: str, positions: Tensor, cache=None,
         else:
             last = (choice.gather(1, idx) == r)[..., None]
             g = gate_tc.gather(1, idx)[..., None].to(out.dtype)
-            new = torch.where(last, h1.gather(1, idx[..., None].expand_as(h_sel)) + g * out, out)  # fmt: skip
+            new = torch.where(last, h1.gather(1, idx[..., None].expand_as(h_sel)) + g * out, out)
         b_i, t_i = torch.nonzero(~pad, as_tuple=True)
         h = h.index_put((b_i, idx[b_i, t_i]), new[b_i, t_i])
         runs = runs + sel.long()

@@ -38,24 +38,34 @@ class Step:
         lora: index of this step's LoRA slot, or None for the shared weights only.
         kv_slot: index of the KV-cache slot this step reads and writes.
         recursion: 0-based recursion (loop) this step belongs to, None outside any loop.
+        shares_kv: the step only reads ``kv_slot``, written by the same block in the first
+            recursion (MoR's recursive KV sharing); it computes no keys or values.
     """
 
     block: int
     lora: int | None
     kv_slot: int
     recursion: int | None
+    shares_kv: bool = False
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "block": self.block,
             "lora": self.lora,
             "kv_slot": self.kv_slot,
             "recursion": self.recursion,
         }
+        if self.shares_kv:
+            d["shares_kv"] = True
+        return d
 
 
 def build_plan(
-    n_layers: int, scheme: str = "none", loops: int = 1, relaxed: bool = False
+    n_layers: int,
+    scheme: str = "none",
+    loops: int = 1,
+    relaxed: bool = False,
+    kv_sharing: bool = False,
 ) -> tuple[Step, ...]:
     """Build the plan of ``n_layers`` unrolled steps for a sharing scheme.
 
@@ -105,7 +115,27 @@ def build_plan(
         steps.append(Step(offset + block, rec if relaxed else None, len(steps), rec))
     if middle:
         steps.append(Step(k + 1, None, len(steps), None))
+    if kv_sharing:
+        return _share_kv(steps)
     return tuple(steps)
+
+
+def _share_kv(steps: list[Step]) -> tuple[Step, ...]:
+    """Recursions after the first read the first recursion's KV slot of the same block;
+    the remaining slots are renumbered contiguously."""
+    first: dict[int, int] = {}  # block -> step index of its first-recursion use
+    for i, s in enumerate(steps):
+        if s.recursion == 0:
+            first.setdefault(s.block, i)
+    slot_of: dict[int, int] = {}
+    out = []
+    for i, s in enumerate(steps):
+        if s.recursion is not None and s.recursion > 0:
+            out.append(Step(s.block, s.lora, slot_of[first[s.block]], s.recursion, shares_kv=True))
+        else:
+            slot_of[i] = len(slot_of)
+            out.append(Step(s.block, s.lora, slot_of[i], s.recursion))
+    return tuple(out)
 
 
 def n_blocks(plan: tuple[Step, ...]) -> int:

@@ -67,7 +67,9 @@ def convert_recursive(
     """
     cfg = dense.config
     if cfg.sharing.scheme != "none":
-        raise ConfigError(f"the model already shares layers ({cfg.sharing.scheme} x {cfg.sharing.loops}); convert a dense model")  # fmt: skip
+        raise ConfigError(
+            f"the model already shares layers ({cfg.sharing.scheme} x {cfg.sharing.loops}); convert a dense model"
+        )
     if scheme == "none":
         raise ConfigError(
             "choose a sharing scheme: cycle, sequence, middle_cycle or middle_sequence"
@@ -77,7 +79,9 @@ def convert_recursive(
     if lora_init not in LORA_INITS:
         raise ConfigError(f"unknown LoRA init {lora_init!r}; choose svd or zero")
     lora = lora or LoraConfig()
-    new_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-{scheme}x{loops}", sharing=SharingConfig(scheme, loops), lora=lora)  # fmt: skip
+    new_cfg = dataclasses.replace(
+        cfg, name=f"{cfg.name}-{scheme}x{loops}", sharing=SharingConfig(scheme, loops), lora=lora
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.device("cpu"):
         model = Decoder(new_cfg)
@@ -89,10 +93,15 @@ def convert_recursive(
         for k, v in src.items():  # embedding, final norm, head, exit norms and classifiers
             if not k.startswith("blocks."):
                 own[k].copy_(v)
-        steps_of = {b: [i for i, s in enumerate(new_cfg.plan) if s.block == b] for b in range(new_cfg.n_blocks)}  # fmt: skip
+        steps_of = {
+            b: [i for i, s in enumerate(new_cfg.plan) if s.block == b]
+            for b in range(new_cfg.n_blocks)
+        }
         shared = [b for b, steps in steps_of.items() if len(steps) > 1]
         middle = scheme.startswith("middle_")
-        chosen = stepwise_indices(1 if middle else 0, cfg.n_layers - (2 if middle else 1), len(shared))  # fmt: skip
+        chosen = stepwise_indices(
+            1 if middle else 0, cfg.n_layers - (2 if middle else 1), len(shared)
+        )
         for b, steps in steps_of.items():
             if len(steps) == 1:
                 sources = steps  # a unique block keeps its own layer
@@ -111,7 +120,9 @@ def convert_recursive(
                     continue
                 blk = model.blocks[step.block]
                 for t in blk.lora.shapes:
-                    residual = target_weight(dense.blocks[i], t).float() - target_weight(blk, t).float()  # fmt: skip
+                    residual = (
+                        target_weight(dense.blocks[i], t).float() - target_weight(blk, t).float()
+                    )
                     if not residual.any():
                         continue  # zero residual: keep the standard init (delta starts at 0)
                     r = blk.lora.shapes[t][0]
@@ -133,10 +144,14 @@ def _copy_block_mean(dense: Decoder, layers: list[int], block) -> None:
 def unroll(model: Decoder) -> Decoder:
     """The dense model ``model`` computes: step i's block copied, plus its merged LoRA."""
     cfg = model.config
-    dense_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-unrolled", sharing=SharingConfig(), lora=LoraConfig())  # fmt: skip
+    dense_cfg = dataclasses.replace(
+        cfg, name=f"{cfg.name}-unrolled", sharing=SharingConfig(), lora=LoraConfig()
+    )
     with torch.device("meta"):
         dense = Decoder(dense_cfg)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("blocks.")}  # fmt: skip
+    sd = {
+        k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("blocks.")
+    }
     for i, step in enumerate(cfg.plan):
         blk = model.blocks[step.block]
         for k, v in blk.state_dict().items():
@@ -152,5 +167,7 @@ def unroll(model: Decoder) -> Decoder:
             for t in LORA_TARGETS:
                 delta = blk.lora.merged_delta(t, step.lora)
                 if delta is not None:
-                    target_weight(dense.blocks[i], t).add_(delta.to(target_weight(dense.blocks[i], t).dtype))  # fmt: skip
+                    target_weight(dense.blocks[i], t).add_(
+                        delta.to(target_weight(dense.blocks[i], t).dtype)
+                    )
     return dense.eval()

@@ -14,7 +14,10 @@ from __future__ import annotations
 from earlyexit.config import ModelConfig
 
 
-def forward_flops_per_token(cfg: ModelConfig, n_ctx: int, kv_sharing: bool = False) -> float:
+def forward_flops_per_token(cfg: ModelConfig, n_ctx: int, kv_sharing: bool | None = None) -> float:
+    """Forward FLOPs per token (``kv_sharing`` defaults to the model's router config)."""
+    if kv_sharing is None:
+        kv_sharing = cfg.router.kv_sharing
     d, f = cfg.d_model, cfg.d_ff
     linear = 2 * (4 * d * d + 3 * d * f)
     linear_no_kv = 2 * (2 * d * d + 3 * d * f)
@@ -35,7 +38,11 @@ def forward_flops_per_token(cfg: ModelConfig, n_ctx: int, kv_sharing: bool = Fal
 
 
 def steps_for_budget(
-    budget: float, cfg: ModelConfig, n_ctx: int, tokens_per_step: int, kv_sharing: bool = False
+    budget: float,
+    cfg: ModelConfig,
+    n_ctx: int,
+    tokens_per_step: int,
+    kv_sharing: bool | None = None,
 ) -> int:
     """Optimizer steps that spend ``budget`` forward FLOPs at ``tokens_per_step`` (rounded to
     the nearest step: this reproduces five of the six released 360M step counts exactly;
