@@ -236,3 +236,47 @@ def test_compute_accounting_counts_catch_up_work():
         # exited tokens caught up by a later deep pass
         assert 3 * len(r.depths) + 3 * (len(r.depths) - n_exit) <= r.steps_run <= 6 * len(r.depths)
     assert sum(r.steps_run for r in ex) < sum(r.steps_run for r in full)
+
+
+def mor_models():
+    out = {}
+    for name, router in [
+        ("mor-expert", {"kind": "expert"}),
+        ("mor-token", {"kind": "token"}),
+        ("mor-share", {"kind": "expert", "kv_sharing": True}),
+    ]:
+        m = make_model(
+            n_layers=8, sharing={"scheme": "middle_cycle", "loops": 3}, router=router, init_std=0.1
+        )
+        import torch
+
+        with torch.no_grad():
+            for p in m.routers.parameters():
+                p.normal_(0, 0.5)
+        out[name] = m
+    return out
+
+
+MOR_MODELS = mor_models()
+
+
+@pytest.mark.parametrize("policy", ["static", "continuous", "depthwise"])
+@pytest.mark.parametrize("kind", list(MOR_MODELS))
+def test_engine_serves_mor_models_exactly(policy, kind):
+    model = MOR_MODELS[kind]
+    ps = prompts(6, seed=4)
+    lengths = [4, 9, 6, 2, 8, 5]
+    engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64)
+    rids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        for p, n in zip(ps, lengths)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    depths = set()
+    for rid, p, n in zip(rids, ps, lengths):
+        ref = generate(model, [p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
+        assert engine.requests[rid].output_ids == ref.token_ids, (kind, policy)
+        assert engine.requests[rid].depths == ref.depths
+        depths |= set(ref.depths)
+    assert len(depths) > 1  # the routers give tokens different depths

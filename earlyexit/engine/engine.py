@@ -69,6 +69,18 @@ class LLMEngine:
         self._ids = itertools.count()
         self.stats = Counter()
         self.depth_histogram: Counter[int] = Counter()
+        # Mixture-of-Recursions: (prefix steps, recursion step ranges, suffix steps)
+        self.mor = None
+        if model.routers is not None:
+            from earlyexit.models.mor import recursion_ranges
+
+            self.mor = recursion_ranges(model.plan)
+            if len(self.mor[0]) == 0:
+                raise InputError(
+                    "the engine serves MoR models whose first layer is unique (middle_cycle sharing)"
+                )
+            self._mor_runs: dict[str, int] = {}
+            self._mor_choice: dict[str, int] = {}
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -135,11 +147,10 @@ class LLMEngine:
             rows = [row for _, row in out.admit]
             for rid in rids:
                 self.requests[rid].status = RequestStatus.RUNNING
-            last = self.runner.prefill(rows, [self.requests[r].prompt_ids for r in rids])
-            for rid in rids:
-                self.requests[rid].steps_run += self.L
-            logits = self.model.logits(last)
-            self._emit(rids, logits, [self.L] * len(rids), events)
+            logits, depths = self.runner.prefill(rows, [self.requests[r].prompt_ids for r in rids])
+            for rid, depth in zip(rids, depths):
+                self.requests[rid].steps_run += depth
+            self._emit(rids, logits, depths, events)
         if out.run:
             rows = self.scheduler.rows
             items = [(rows[rid], start, stop) for rid, start, stop in out.run]
@@ -157,6 +168,9 @@ class LLMEngine:
 
     def _decide(self, rids: list[str], events: list[RequestOutput]) -> None:
         """Segments ended: exit checks at the shallow exit, tokens at the end."""
+        if self.mor is not None:
+            self._decide_mor(rids, events)
+            return
         rows = self.scheduler.rows
         steps = [self.scheduler.cursors[r].end for r in rids]
         logits = self.runner.logits([rows[r] for r in rids], steps)
@@ -180,6 +194,62 @@ class LLMEngine:
             self.runner.clear_stack([rows[rids[i]] for i in emit if steps[i] == self.L])
             idx = torch.as_tensor(emit, device=logits.device)
             self._emit([rids[i] for i in emit], logits[idx], [steps[i] for i in emit], events)
+
+    def _decide_mor(self, rids: list[str], events: list[RequestOutput]) -> None:
+        """MoR segment ends: route after the prefix and after each recursion, emit at the end."""
+        prefix, recs, suffix = self.mor
+        rows = self.scheduler.rows
+        ends = {r: self.scheduler.cursors[r].end for r in rids}
+        done = [r for r in rids if ends[r] == self.L]
+        kind = self.model.config.router.kind
+        gating = self.model.config.router.gating
+        # finish the recursions that just ended (gated updates), then route
+        after_rec = {
+            r: next(i for i, R in enumerate(recs) if R.stop == ends[r])
+            for r in rids
+            if ends[r] != self.L and ends[r] != prefix.stop
+        }
+        if kind == "expert":
+            self.runner.finish_recursion([rows[r] for r in after_rec], gating)
+        else:
+            last = [r for r, i in after_rec.items() if self._mor_choice[r] == i]
+            self.runner.finish_recursion([rows[r] for r in last], "token")
+        nxt = {r: 0 for r in rids if ends[r] == prefix.stop}  # recursion to consider next
+        nxt.update({r: i + 1 for r, i in after_rec.items()})
+        go, stop = [], []
+        if kind == "token":
+            first = [r for r, i in nxt.items() if i == 0]
+            if first:
+                choice = self.runner.route_depth([rows[r] for r in first]).tolist()
+                self._mor_choice.update(zip(first, choice))
+            for r, i in nxt.items():
+                (go if i < len(recs) and self._mor_choice[r] >= i else stop).append(r)
+        else:
+            by_rec: dict[int, list[str]] = {}
+            for r, i in nxt.items():
+                if i < len(recs):
+                    by_rec.setdefault(i, []).append(r)
+                else:
+                    stop.append(r)
+            for i, group in by_rec.items():
+                z = self.runner.route([rows[r] for r in group], i)
+                keep = (
+                    [True] * len(group)
+                    if self.model.config.capacities[i] >= 1
+                    else (z > 0).tolist()
+                )
+                for r, k in zip(group, keep):
+                    (go if k else stop).append(r)
+        for r in go:
+            i = nxt[r]
+            self._mor_runs[r] += 1
+            self.scheduler.set_segment(r, recs[i].start, recs[i].stop)
+        for r in stop:
+            self.scheduler.set_segment(r, suffix.start, self.L)
+        if done:
+            logits = self.runner.logits([rows[r] for r in done], [self.L] * len(done))
+            depths = [len(prefix) + len(suffix) + self._mor_runs[r] * len(recs[0]) for r in done]
+            self._emit(done, logits, depths, events)
 
     def _emit(
         self, rids: list[str], logits: torch.Tensor, depths: list[int], events: list[RequestOutput]
@@ -214,7 +284,11 @@ class LLMEngine:
             else:
                 cont_rows.append(self.scheduler.rows[req.request_id])
                 cont_tokens.append(tok)
-                end = req.exit.step if req.exit is not None else self.L
+                if self.mor is not None:  # MoR: the prefix, then the router decides
+                    end = self.mor[0].stop
+                    self._mor_runs[req.request_id] = 0
+                else:
+                    end = req.exit.step if req.exit is not None else self.L
                 self.scheduler.set_segment(req.request_id, 0, end)
             events.append(
                 RequestOutput(

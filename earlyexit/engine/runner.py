@@ -39,13 +39,46 @@ class ModelRunner:
         # row -> FREE's pending layer-L_s states of exited tokens
         self.sbuf = torch.zeros(max_batch, max_len + 1, d, device=p.device, dtype=p.dtype)
         self.slen = np.zeros(max_batch, dtype=np.int64)
+        # MoR: each row's state entering its current recursion, the router's input (token-
+        # choice), and its gate
+        self.mor_in = torch.zeros(max_batch, d, device=p.device, dtype=p.dtype)
+        self.mor_h1 = torch.zeros(max_batch, d, device=p.device, dtype=p.dtype)
+        self.mor_gate = torch.zeros(max_batch, device=p.device, dtype=p.dtype)
         self.block_calls = 0
         self.rows_per_call: list[int] = []
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, rows: list[int], prompts: list[list[int]]) -> Tensor:
-        """Full-depth forward of new prompts in cache ``rows``; last hidden states (G, d)."""
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> tuple[Tensor, list[int]]:
+        """Forward new prompts in cache ``rows`` (full depth; a MoR model routes each token);
+        next-token logits at each prompt's end (G, V) and the steps that position ran."""
+        if self.model.routers is not None:
+            return self._prefill_mor(rows, prompts)
+        last = self._prefill_hidden(rows, prompts)
+        return self.model.logits(last), [self.L] * len(rows)
+
+    def _prefill_mor(self, rows: list[int], prompts: list[list[int]]) -> tuple[Tensor, list[int]]:
+        from earlyexit.models.mor import step_depth
+
+        self.cache.reset(rows)
+        self.slen[rows] = 0
+        tokens, lens, positions = self._pad(prompts)
+        out = self.model(
+            tokens, positions, self.cache, rows=np.asarray(rows), n_new=lens, return_routing=True
+        )
+        b = torch.arange(len(rows), device=self.device)
+        last = torch.as_tensor(lens - 1, device=self.device)
+        return out.logits[b, last], step_depth(self.model, out.recursions[b, last]).tolist()
+
+    def _pad(self, prompts: list[list[int]]):
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        positions = torch.arange(tokens.shape[1], device=self.device)[None].expand(len(prompts), -1)
+        return tokens.to(self.device), lens, positions
+
+    def _prefill_hidden(self, rows: list[int], prompts: list[list[int]]) -> Tensor:
         self.cache.reset(rows)
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
         tokens = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
@@ -77,8 +110,7 @@ class ModelRunner:
             groups.setdefault((start, stop), []).append(row)
         for (start, stop), rows in groups.items():
             h, n = self._gather(rows)
-            slot = self.plan[start].kv_slot
-            pos = self._positions(rows, [slot] * len(rows), h.shape[1])
+            pos = self._positions(rows, [start] * len(rows), h.shape[1])
             ctx = self.model.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
             out = self.model.run_steps(start, stop, h, ctx)
             self.block_calls += stop - start
@@ -89,17 +121,25 @@ class ModelRunner:
         m = self.model
         rows = [r for r, _, _ in items]
         steps = [s for _, s, _ in items]
+        shares = [self.plan[s].shares_kv for s in steps]
+        if any(shares) and not all(shares):  # MoR KV sharing: readers and writers apart
+            for want in (False, True):
+                self._run_block([it for it, sh in zip(items, shares) if sh == want])
+            return
         h, n = self._gather(rows)
         kv_slots = [self.plan[s].kv_slot for s in steps]
-        pos = self._positions(rows, kv_slots, h.shape[1])
+        pos = self._positions(rows, steps, h.shape[1])
         if len(set(steps)) == 1:  # every row at the same step: the plain step path
             ctx = m.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
             out = m.run_step(steps[0], h, ctx)
+        elif len(set(kv_slots)) == 1:  # KV sharing: different recursions, one shared slot
+            ctx = m.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
+            out = m.blocks[self.plan[steps[0]].block](h, ctx, kv_slots[0], None, shares[0])
         else:
             ctx = m.context(pos, self.cache, rows=np.asarray(rows), n_new=n, kv_slots=kv_slots)
             loras = [self.plan[s].lora for s in steps]
             lora_t = None if loras[0] is None else torch.tensor(loras, device=self.device)
-            out = m.run_block(self.plan[steps[0]].block, h, ctx, lora_slots=lora_t)
+            out = m.blocks[self.plan[steps[0]].block](h, ctx, -1, lora_t, shares[0])
         self.block_calls += 1
         self.rows_per_call.append(len(rows))
         self._scatter(rows, out, n)
@@ -114,10 +154,15 @@ class ModelRunner:
         idx = torch.as_tensor(rows, device=self.device)
         self.hbuf[idx, : out.shape[1]] = out
 
-    def _positions(self, rows: list[int], slots: list[int], T: int) -> Tensor:
-        start = torch.as_tensor(
-            self.cache.lengths[np.asarray(slots), np.asarray(rows)], device=self.device
-        )
+    def _positions(self, rows: list[int], starts: list[int], T: int) -> Tensor:
+        """RoPE positions of each row's in-flight tokens. The first step's slot holds every
+        token of the row: before step 0 runs, the in-flight tokens come after its entries;
+        afterwards they are its last ``hlen`` entries. (Deeper slots may hold fewer tokens:
+        FREE's lagging deep cache, MoR's recursion-wise caches.)"""
+        r = np.asarray(rows)
+        first = self.cache.lengths[self.plan[0].kv_slot, r]
+        written = np.where(np.asarray(starts) > 0, self.hlen[r], 0)
+        start = torch.as_tensor(first - written, device=self.device)
         return start[:, None] + torch.arange(T, device=self.device)[None, :]
 
     # ------------------------------------------------------------------ decisions
@@ -173,6 +218,40 @@ class ModelRunner:
             self.hbuf[row, n] = current
             self.hlen[row] = n + 1
         self.slen[row] = 0
+
+    # ------------------------------------------------------------------ MoR routing
+    @torch.inference_mode()
+    def route(self, rows: list[int], r: int) -> Tensor:
+        """Expert-choice scores z_r (G,) of the rows' current states; remembers each row's
+        recursion input and gate alpha * sigmoid(z)."""
+        idx = torch.as_tensor(rows, device=self.device)
+        h = self.hbuf[idx, 0]
+        z = self.model.routers.scores(r, h)
+        self.mor_in[idx] = h
+        self.mor_gate[idx] = self.model.routers.gate(z).to(h.dtype)
+        return z
+
+    @torch.inference_mode()
+    def route_depth(self, rows: list[int]) -> Tensor:
+        """Token-choice: each row's depth choice (G,) (0-based last recursion); remembers
+        the router input and the chosen probability as the gate."""
+        idx = torch.as_tensor(rows, device=self.device)
+        h = self.hbuf[idx, 0]
+        probs = self.model.routers.depth_logits(h).softmax(-1) * self.model.routers.alpha
+        choice = probs.argmax(-1)
+        self.mor_h1[idx] = h
+        self.mor_gate[idx] = probs.gather(-1, choice[:, None])[:, 0].to(h.dtype)
+        return choice
+
+    @torch.inference_mode()
+    def finish_recursion(self, rows: list[int], mode: str) -> None:
+        """Apply a finished recursion's update: ``code``: H_in + g F(H_in); ``token``:
+        H_1 + g F(H) (a token-choice row's last recursion); ``replace``: F(H) as is."""
+        if not rows or mode == "replace":
+            return
+        idx = torch.as_tensor(rows, device=self.device)
+        base = self.mor_in[idx] if mode == "code" else self.mor_h1[idx]
+        self.hbuf[idx, 0] = base + self.mor_gate[idx, None] * self.hbuf[idx, 0]
 
     def clear_stack(self, rows: list[int]) -> None:
         self.slen[rows] = 0
