@@ -309,6 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res = perplexity(
         args.model,
         args.data,
+        routing=args.routing,
         split=args.split,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -353,15 +354,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from earlyexit.bench.depthwise import run as depthwise_run
 
         rows = depthwise_run(
-            args.dense,
-            args.recursive,
-            args.data,
-            args.exit_model,
-            args.threshold,
-            args.prompts or 256,
-            args.max_batch,
-            args.threads,
-            out,
+            mor=args.mor,
+            dense=args.dense,
+            recursive=args.recursive,
+            data=args.data,
+            exit_model=args.exit_model,
+            threshold=args.threshold,
+            n_requests=args.prompts or 256,
+            max_batch=args.max_batch,
+            threads=args.threads,
+            out=out,
         )
         if args.json:
             print(json.dumps(rows))
@@ -379,6 +381,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             threads=args.threads,
             out=out,
         )
+        if args.json:
+            print(json.dumps(rows))
+        return 0
+    if args.name == "mor-isoflop":
+        from earlyexit.bench.isoflop import run as isoflop_run
+
+        rows = isoflop_run(args.data, args.threads, out)
         if args.json:
             print(json.dumps(rows))
         return 0
@@ -747,6 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--max-batches", type=int, default=-1, help="stop after this many batches (-1: all)"
     )
+    e.add_argument(
+        "--routing",
+        default="causal",
+        choices=["causal", "topk"],
+        help="MoR models: causal (default) or the training top-k rule (not causal; for comparison only)",
+    )
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device_flags(e)
     e.set_defaults(func=cmd_eval)
@@ -761,9 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
             "conversion",
             "depthwise",
             "serve",
+            "mor-isoflop",
             "plot",
         ],
-        help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; plot: figures from the JSON rows",
+        help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; conversion: dense -> recursive; depthwise: batching policies under a request stream; serve: HTTP vs offline; mor-isoflop: vanilla / recursive / MoR at equal FLOPs; plot: figures from the JSON rows",
     )
     b.add_argument("--preset", default="smollm-135m", help="decode: model shape (random init)")
     b.add_argument(
@@ -788,6 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="depthwise: a dense model with exits for the naive static baseline",
     )
     b.add_argument("--max-batch", type=int, default=32, help="depthwise/serve: concurrent requests")
+    b.add_argument(
+        "--mor", default=None, help="depthwise: a Mixture-of-Recursions model to serve too"
+    )
     b.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     b.add_argument(
         "--model", default=None, help="early-exit/batched-exit: checkpoint with trained exits"

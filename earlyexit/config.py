@@ -498,6 +498,45 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_context=8192,
         tie_embeddings=True,
     ),
+    # Mixture-of-Recursions variant of stdlib-small: the same 8-step depth as 1 + 2 x 3 + 1,
+    # 4 unique blocks, expert-choice routing with capacities 1, 2/3, 1/3.
+    "stdlib-small-mor": dict(
+        vocab_size=8192,
+        d_model=256,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=768,
+        max_context=1024,
+        tie_embeddings=True,
+        sharing=dict(scheme="middle_cycle", loops=3),
+        router=dict(kind="expert"),
+    ),
+    "stdlib-small-mor-token": dict(
+        vocab_size=8192,
+        d_model=256,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=768,
+        max_context=1024,
+        tie_embeddings=True,
+        sharing=dict(scheme="middle_cycle", loops=3),
+        router=dict(kind="token"),
+    ),
+    # The same shape without routers: every token runs all three recursions (the
+    # recursive baseline of the equal-FLOP comparison).
+    "stdlib-small-rec3": dict(
+        vocab_size=8192,
+        d_model=256,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=768,
+        max_context=1024,
+        tie_embeddings=True,
+        sharing=dict(scheme="middle_cycle", loops=3),
+    ),
     # HuggingFaceTB/SmolLM-135M (also MoR's 135M base shape).
     "smollm-135m": dict(
         vocab_size=49152,

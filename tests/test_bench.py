@@ -172,3 +172,57 @@ def test_bench_serve_tiny(exit_setup, tmp_path):
     )
     r = rows[0]
     assert r["failed"] == 0 and r["ratio"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] > 0
+
+
+def test_bench_mor_isoflop_tiny(exit_setup, tmp_path, monkeypatch):
+    import json as _json
+
+    from earlyexit.bench import isoflop
+    from earlyexit.training import loop
+
+    base = dict(
+        seq_len=16, batch_size=2, lr=1e-2, warmup_steps=1, eval_every=0, save_every=0, device="cpu"
+    )
+    cfgs = {
+        "dense": {
+            "name": "d",
+            "vocab_size": 300,
+            "d_model": 32,
+            "n_layers": 4,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "d_ff": 64,
+            "max_context": 64,
+        },
+    }
+    cfgs["mor"] = {
+        **cfgs["dense"],
+        "sharing": {"scheme": "middle_cycle", "loops": 2},
+        "router": {"kind": "expert"},
+    }
+    for k, v in cfgs.items():
+        (tmp_path / f"{k}.json").write_text(_json.dumps(v))
+    budget = 3 * 2 * 16 * 1e5
+    monkeypatch.setitem(
+        loop.RECIPES,
+        "t-dense",
+        dict(
+            model=str(tmp_path / "dense.json"),
+            out=str(tmp_path / "dense"),
+            flops_budget=budget,
+            **base,
+        ),
+    )
+    monkeypatch.setitem(
+        loop.RECIPES,
+        "t-mor",
+        dict(
+            model=str(tmp_path / "mor.json"), out=str(tmp_path / "mor"), flops_budget=budget, **base
+        ),
+    )
+    monkeypatch.setattr(isoflop, "RUNS", (("dense", "t-dense"), ("mor", "t-mor")))
+    rows = isoflop.run(str(exit_setup / "data"), threads=1, out=str(tmp_path / "iso.json"))
+    d, m = rows
+    assert m["steps"] > d["steps"]  # MoR is cheaper per token: more steps for the same FLOPs
+    assert abs(d["compute_budget"] - m["compute_budget"]) / d["compute_budget"] < 0.2
+    assert "val_nll_topk_noncausal" in m and len(m["recursion_shares_causal"]) == 2

@@ -13,7 +13,8 @@ beside it. Configurations:
 - vanilla dense, continuous (sequence-wise) batching;
 - recursive (B loops) with a loop exit, continuous depth-wise batching (the paper's CDB);
 - the same recursive model with continuous batching, and without exits: ablations;
-- naive dense early exit in a static batch (CALM's batching: the batch exits together).
+- naive dense early exit in a static batch (CALM's batching: the batch exits together);
+- Mixture-of-Recursions (router-decided depth) with continuous and depth-wise batching.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def run(
     threads: int | None = None,
     out: str | None = "results/depthwise.json",
     mean_len: float = 128.0,
+    mor: str | None = None,
 ) -> list[dict]:
     import earlyexit
 
@@ -103,7 +105,7 @@ def run(
     exit_step = rec_cfg.exits.steps[0] if rec_cfg.exits.steps else None
     nll = {
         m: perplexity(m, data, seq_len=256, batch_size=8, device="cpu")["nll"]
-        for m in {dense, recursive, exit_model}
+        for m in {dense, recursive, exit_model, mor}
         if m
     }
     configs = [
@@ -118,6 +120,12 @@ def run(
         configs += [
             ("recursive + loop exit, continuous batching", recursive, rec_lm, "continuous", mode),
             ("recursive + loop exit, depth-wise batching", recursive, rec_lm, "depthwise", mode),
+        ]
+    if mor:
+        mor_lm = earlyexit.load(mor, device="cpu")
+        configs += [
+            ("MoR, continuous batching", mor, mor_lm, "continuous", None),
+            ("MoR, depth-wise batching", mor, mor_lm, "depthwise", None),
         ]
     rows = []
     # warm up both models

@@ -28,8 +28,15 @@ def perplexity(
     max_batches: int = -1,
     device: str = "auto",
     dtype: str | None = None,
+    routing: str = "causal",
 ) -> dict:
-    """NLL, perplexity and throughput of the model in ``model_dir`` on ``data``'s ``split``."""
+    """NLL, perplexity and throughput of the model in ``model_dir`` on ``data``'s ``split``.
+
+    ``routing`` (Mixture-of-Recursions models only): ``causal`` (the default: each token's
+    depth from its own router scores, as in generation) or ``topk`` (the training rule,
+    which looks at the whole window: not causal, reported for comparison only)."""
+    if routing not in ("causal", "topk"):
+        raise InputError(f"routing must be causal or topk, got {routing!r}")
     import earlyexit
 
     if seq_len < 1 or batch_size < 1:
@@ -54,13 +61,26 @@ def perplexity(
     windows = Windows(token_file(data, split), seq_len)
     n_batches = max_batches if max_batches > 0 else math.ceil(windows.n / batch_size)
     t = time.perf_counter()
+    model = lm.model
+    if routing == "topk":
+        if model.routers is None:
+            raise InputError("--routing topk applies to Mixture-of-Recursions models only")
+
+        def model(x, _m=lm.model):
+            return _m(x, routing="train")
+
     with torch.inference_mode():
-        nll, tokens = evaluate_nll(lm.model, val_batches(windows, batch_size, n_batches))
+        nll, tokens = evaluate_nll(
+            model,
+            val_batches(windows, batch_size, n_batches),
+            device=lm.model.tok_embeddings.weight.device,
+        )
     dt = time.perf_counter() - t
     return {
         "model": str(model_dir),
         "data": str(data),
         "split": split,
+        "routing": routing if lm.model.routers is not None else None,
         "nll": nll,
         "perplexity": math.exp(min(nll, 50.0)),
         "tokens": tokens,

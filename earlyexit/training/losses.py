@@ -116,10 +116,11 @@ def get_objective(name: str, cfg=None) -> Objective:
 
 
 @torch.no_grad()
-def evaluate_nll(model: nn.Module, batches) -> tuple[float, int]:
-    """Mean token NLL of ``model`` over ``batches`` of (inputs, targets); returns (nll, tokens)."""
+def evaluate_nll(model, batches, device=None) -> tuple[float, int]:
+    """Mean token NLL of ``model`` (a module or a callable) over ``batches`` of (inputs,
+    targets); returns (nll, tokens)."""
     total, count = 0.0, 0
-    dev = next(model.parameters()).device
+    dev = device if device is not None else next(model.parameters()).device
     for x, y in batches:
         logits = model(x.to(dev))
         total += F.cross_entropy(
