@@ -90,6 +90,12 @@ class RouterConfig:
             its residual); ``replace``: H <- F(H), which makes c = 1 a plain recursive model.
         aux_coef: expert-choice BCE (router score vs top-k selection) weight.
         balance_coef, z_coef: token-choice balancing and router z-loss weights.
+        aux_router: expert-choice: a separate MLP per recursion on the *detached* states,
+            trained with the same BCE at 10x the learning rate, decides at inference
+            instead of the main router's sign (the main router still sets the gate).
+        loss_free_bias: token-choice: step u of the non-trainable per-depth bias added to
+            the routing scores for the choice (b_i += u sign(mean load - load_i) every
+            training forward); 0 disables.
         kv_sharing: recursions after the first attend to the first recursion's keys and
             values (of every token) instead of caching their own: KV memory / N_r, and no
             K/V projections after the first recursion.
@@ -105,6 +111,8 @@ class RouterConfig:
     balance_coef: float = 0.1
     z_coef: float = 1e-5
     kv_sharing: bool = False
+    aux_router: bool = False
+    loss_free_bias: float = 0.0
 
     @property
     def gate_scale(self) -> float:

@@ -193,3 +193,50 @@ def test_kv_sharing_reads_the_first_recursion_and_decodes_incrementally():
     plain.load_state_dict(m.state_dict())
     with torch.inference_mode():
         assert (plain(x) - full.logits).abs().max() > 1e-4
+
+
+def test_kv_memory_under_recursion_wise_caching_and_sharing():
+    """mor.md §8.7: with the default capacities the shared blocks' KV is (N_r+1)/(2N_r) of
+    per-depth caching, and 1/N_r under sharing."""
+    T, n = 12, 3
+    for sharing, expected in [(False, (n + 1) / (2 * n)), (True, 1 / n)]:
+        m = mor_model(kv_sharing=sharing)
+        cache = KVCache.for_model(m, 2, T)
+        with torch.inference_mode():
+            m(torch.randint(0, 512, (2, T)), cache=cache, routing="train")
+        shared_slots = {s.kv_slot for s in m.plan if s.recursion is not None}
+        entries = sum(int(cache.lengths[s, 0]) for s in shared_slots)
+        per_depth = sum(1 for s in m.plan if s.recursion is not None) * T
+        assert abs(entries / per_depth - expected) < 1 / T
+
+
+def test_auxiliary_router_decides_at_inference_and_trains_fast():
+    from earlyexit.training.loop import param_groups
+
+    m = mor_model(aux_router=True).train()
+    x = torch.randint(0, 512, (2, 12))
+    out = m(x, routing="train", return_routing=True)
+    assert "aux_router_accuracy@2" in out.metrics
+    out.aux_loss.backward()
+    assert m.routers.aux[1][0].weight.grad.abs().sum() > 0
+    groups = param_groups(m, 0.1)
+    assert groups[-1]["lr_scale"] == 10.0 and len(groups[-1]["params"]) == len(
+        list(m.routers.aux.parameters())
+    )
+    with torch.no_grad():  # at inference the auxiliary router, not the main one, selects
+        for p in m.routers.aux.parameters():
+            p.zero_()
+    m.eval()
+    with torch.inference_mode():
+        runs = m(x, return_routing=True).recursions
+    assert (runs == 1).all()  # aux scores 0 -> sigmoid 0.5, not > 0.5: nobody continues
+
+
+def test_loss_free_bias_moves_toward_underloaded_depths():
+    m = mor_model("token", loss_free_bias=1e-3).train()
+    x = torch.randint(0, 512, (2, 16))
+    before = m.routers.bias.clone()
+    out = m(x, routing="train", return_routing=True)
+    load = torch.bincount(out.recursions.flatten() - 1, minlength=3).float()
+    step = m.routers.bias - before
+    assert torch.allclose(step, 1e-3 * torch.sign(load.mean() - load))

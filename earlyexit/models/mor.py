@@ -82,7 +82,9 @@ def mor_forward(
     if routers.kind == "token":
         dlogits = routers.depth_logits(h1)  # (B, T, N)
         probs = dlogits.softmax(-1) * routers.alpha
-        choice = probs.argmax(-1)  # 0-based: the token's last recursion
+        choice = (probs + routers.bias).argmax(-1)  # 0-based: the token's last recursion
+        if mode == "train" and routers.bias_step > 0 and torch.is_grad_enabled():
+            routers.update_bias(choice[valid])  # loss-free balancing (no gradient)
         gate_tc = probs.gather(-1, choice[..., None]).squeeze(-1)
         aux = cfg.router.balance_coef * balance_loss(probs[valid], choice[valid], routers.n)
         aux = aux + cfg.router.z_coef * z_loss(dlogits[valid])
@@ -98,10 +100,18 @@ def mor_forward(
                 k = max(1, math.floor(cap * T))
                 top = z.masked_fill(~candidates, float("-inf")).topk(k, dim=-1).indices
                 sel = torch.zeros_like(candidates).scatter(1, top, True) & candidates
+            elif routers.aux is not None:
+                sel = candidates & (routers.aux_scores(r, h) > 0)  # the auxiliary router decides
             else:
                 sel = candidates & (z > 0)  # sigmoid(z) > 0.5, within the hierarchy
             if mode == "train" and cap < 1:
                 aux = aux + cfg.router.aux_coef * expert_aux_loss(z, sel, candidates)
+                if routers.aux is not None:  # the auxiliary router learns the same targets
+                    az = routers.aux_scores(r, h)
+                    aux = aux + expert_aux_loss(az, sel, candidates)
+                    metrics[f"aux_router_accuracy@{r + 1}"] = (
+                        ((az > 0) == sel)[candidates].float().mean().detach()
+                    )
                 agree = ((z > 0) == sel)[candidates].float().mean()
                 metrics[f"router_accuracy@{r + 1}"] = agree.detach()
             gate = routers.gate(z)

@@ -36,6 +36,14 @@ class Routers(nn.Module):
             self.nets = nn.ModuleList(_router(cfg.d_model, 1, r.router) for _ in range(self.n))
         else:
             self.nets = nn.ModuleList([_router(cfg.d_model, self.n, r.router)])
+        # the auxiliary router (expert-choice): decides at inference, learns from detached states
+        self.aux = (
+            nn.ModuleList(_router(cfg.d_model, 1, "mlp") for _ in range(self.n))
+            if r.aux_router and r.kind == "expert"
+            else None
+        )
+        self.bias_step = r.loss_free_bias
+        self.register_buffer("bias", torch.zeros(self.n))  # token-choice loss-free balancing
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for m in self.modules():
@@ -47,6 +55,16 @@ class Routers(nn.Module):
     def scores(self, r: int, h: Tensor) -> Tensor:
         """Expert-choice raw scores z_r (B, T) for hidden states (B, T, d)."""
         return self.nets[r](h).squeeze(-1).float()
+
+    def aux_scores(self, r: int, h: Tensor) -> Tensor:
+        """The auxiliary router's scores (B, T) on detached states."""
+        return self.aux[r](h.detach()).squeeze(-1).float()
+
+    @torch.no_grad()
+    def update_bias(self, choice: Tensor) -> None:
+        """Loss-free balancing: push the bias toward under-loaded depths."""
+        load = torch.bincount(choice.flatten(), minlength=self.n).float()
+        self.bias += self.bias_step * torch.sign(load.mean() - load)
 
     def gate(self, z: Tensor) -> Tensor:
         """alpha * sigmoid(z) (or tanh): the weight of the recursion's update, in (0, alpha)."""

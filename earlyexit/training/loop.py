@@ -415,10 +415,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    aux = getattr(getattr(model, "routers", None), "aux", None)
+    if aux is not None:  # MoR's auxiliary router: its own group at 10x the learning rate
+        ids = {id(p) for p in aux.parameters()}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+        groups.append({"params": list(aux.parameters()), "weight_decay": 0.0, "lr_scale": 10.0})
+    return groups
 
 
 def matmul_peak(
@@ -586,7 +593,7 @@ def _train(
             decay_fraction=cfg.decay_fraction,
         )
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=device)
         extra: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
