@@ -116,6 +116,25 @@ def decode(rows: list[dict], out: Path) -> Path:
     return out
 
 
+def depthwise(rows: list[dict], out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [r["label"] for r in rows]
+    vals = [r["x_vanilla_static"] for r in rows]
+    ax.barh(range(len(rows)), vals, color=["#888" if "vanilla" in x else "#2a7" for x in labels])
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="k", lw=0.5)
+    for i, r in enumerate(rows):
+        ax.text(vals[i], i, f" {vals[i]:.2f}x  (NLL {r['val_nll']:.3f})", va="center", fontsize=7)
+    ax.set_xlabel("throughput / vanilla with static batching (same run)")
+    ax.set_title("Serving a request stream (max batch 32)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plots") -> list[Path]:
     """Every figure whose rows exist in ``results``."""
     results, out_dir = Path(results), Path(out_dir)
@@ -125,6 +144,7 @@ def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plo
         ("early_exit.json", pareto, "pareto.png"),
         ("batched_exit.json", batched, "batched_exit.png"),
         ("decode.json", decode, "decode.png"),
+        ("depthwise.json", depthwise, "depthwise.png"),
     ):
         path = results / name
         if path.is_file():
