@@ -104,17 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params.validate(lm.config.vocab_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        strategy = make_strategy(
-            lm.model,
-            args.strategy,
-            exit_step=args.exit_step,
-            threshold=args.threshold,
-            adaptive=args.adaptive,
-            measure=args.confidence,
-            min_exit=args.min_exit,
-            decay_tau=args.decay_tau,
-            draft_k=args.draft_k,
-        )
+        strategy = make_strategy(lm.model, args.strategy, **_strategy_options(args))
     for w in caught:
         print(f"earlyexit: warning: {w.message}", file=sys.stderr)
     L = lm.model.n_steps
@@ -304,6 +294,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.kind == "lm-eval":
+        return _eval_lm_eval(args)
+    if not args.data:
+        raise InputError(f"eval {args.kind} needs --data DIR (a prepared corpus)")
+    if args.kind == "agreement":
+        from earlyexit.evaluation.agreement import agreement_eval
+
+        res = agreement_eval(
+            args.model,
+            args.data,
+            args.strategy,
+            _strategy_options(args) if args.strategy != "full" else {},
+            n_prompts=args.prompts,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(
+                f"{res['strategy']}: token match {res['token_match']:.3f}  ROUGE-L {res['rouge_l']:.3f}  "
+                f"speedup {res['speedup']:.2f}x  mean depth {res['mean_depth']:.2f}/{res['n_steps']}  "
+                f"exit rate {res['exit_rate']:.0%}"
+            )
+        return 0
     from earlyexit.evaluation.perplexity import perplexity
 
     res = perplexity(
@@ -327,6 +344,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        import lm_eval
+    except ImportError:
+        raise InputError("eval lm-eval needs lm-eval: pip install 'earlyexit[eval]'") from None
+    from lm_eval.tasks import TaskManager
+
+    from earlyexit.evaluation.lm_eval_adapter import EarlyExitLM
+
+    if not args.tasks:
+        raise InputError("eval lm-eval needs --tasks NAME[,NAME...]")
+    opts = {k: v for k, v in _strategy_options(args).items() if v is not None}
+    if args.strategy == "full":
+        opts = {}
+    lm = EarlyExitLM(args.model, args.strategy, device=args.device, dtype=args.dtype, **opts)
+    tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[t for t in args.tasks.split(",") if t],
+        task_manager=tm,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+    )
+    depths = lm.depths
+    out = {
+        "model": args.model,
+        "strategy": args.strategy,
+        "options": opts,
+        "results": res["results"],
+        "mean_depth": sum(depths) / max(len(depths), 1),
+        "n_steps": lm.lm.model.n_steps,
+    }
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        for task, metrics in res["results"].items():
+            shown = ", ".join(
+                f"{k} {v:.4f}"
+                for k, v in metrics.items()
+                if isinstance(v, float) and "stderr" not in k
+            )
+            print(f"{task}: {shown}")
+        print(f"[{args.strategy}: mean depth {out['mean_depth']:.2f}/{out['n_steps']}]")
+    return 0
+
+
 # ---------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out or f"results/{args.name.replace('-', '_')}.json"
@@ -344,6 +407,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             as_json=args.json,
         )
         return 0
+    if args.name == "reliability":
+        from earlyexit.bench.reliability import run as reliability_run
+
+        fig = reliability_run(n_requests=args.prompts or 1000, clients=args.clients, out=out)
+        print(json.dumps({k: v for k, v in fig.items() if k != "env"}, indent=1))
+        return 0 if fig["failures"] == 0 else 1
+    if args.name == "all":
+        from earlyexit.bench.suite import run_all
+
+        skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+        return 1 if run_all(skip, args.dry_run) else 0
     if args.name == "plot":
         from earlyexit.bench.plots import plot_all
 
@@ -471,30 +545,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from earlyexit.demo import main as demo_main
 
-    return demo_main(out_dir=args.out, quick=args.quick, as_json=args.json)
+    return demo_main(
+        out_dir=args.out,
+        quick=args.quick,
+        as_json=args.json,
+        model=args.model,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
 
 
 # ---------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="earlyexit",
-        description="Adaptive-depth LLM inference: FREE early exit, Relaxed Recursive Transformers, Mixture-of-Recursions.",
-    )
-    p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    g = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face directory")
-    g.add_argument("prompt", nargs="*", help="the prompt (default or '-': read standard input)")
-    g.add_argument(
-        "--model", required=True, help="earlyexit checkpoint or Hugging Face model directory"
-    )
-    g.add_argument(
-        "--ids", action="store_true", help="the prompt is token ids (comma or space separated)"
-    )
-    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    g.add_argument(
-        "--show-depth", action="store_true", help="colour each token by the depth it ran (streams)"
-    )
+def _add_strategy_flags(g: argparse.ArgumentParser) -> None:
+    """The early-exit strategy flags (generate, eval agreement, eval lm-eval)."""
     xg = g.add_argument_group("early exit")
     xg.add_argument(
         "--strategy",
@@ -538,6 +601,42 @@ def build_parser() -> argparse.ArgumentParser:
     xg.add_argument(
         "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
     )
+
+
+def _strategy_options(args: argparse.Namespace) -> dict:
+    """make_strategy keyword arguments from the strategy flags."""
+    return dict(
+        exit_step=args.exit_step,
+        threshold=args.threshold,
+        adaptive=args.adaptive,
+        measure=args.confidence,
+        min_exit=args.min_exit,
+        decay_tau=args.decay_tau,
+        draft_k=args.draft_k,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="earlyexit",
+        description="Adaptive-depth LLM inference: FREE early exit, Relaxed Recursive Transformers, Mixture-of-Recursions.",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face directory")
+    g.add_argument("prompt", nargs="*", help="the prompt (default or '-': read standard input)")
+    g.add_argument(
+        "--model", required=True, help="earlyexit checkpoint or Hugging Face model directory"
+    )
+    g.add_argument(
+        "--ids", action="store_true", help="the prompt is token ids (comma or space separated)"
+    )
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument(
+        "--show-depth", action="store_true", help="colour each token by the depth it ran (streams)"
+    )
+    _add_strategy_flags(g)
     g.add_argument(
         "--json", action="store_true", help="print one JSON object: text, token_ids, depths, ..."
     )
@@ -746,10 +845,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model")
     e.add_argument(
-        "kind", choices=["perplexity"], help="perplexity: validation NLL of a prepared corpus"
+        "kind",
+        choices=["perplexity", "agreement", "lm-eval"],
+        help="perplexity: validation NLL of a prepared corpus; agreement: a strategy's output "
+        "vs full depth (token match, ROUGE-L, speedup); lm-eval: lm-evaluation-harness tasks",
     )
     e.add_argument("--model", required=True, help="checkpoint or Hugging Face directory")
-    e.add_argument("--data", required=True, help="prepared data directory")
+    e.add_argument("--data", default=None, help="prepared data directory (perplexity, agreement)")
     e.add_argument("--split", default="val", choices=["val", "train"], help="which split")
     e.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     e.add_argument("--batch-size", type=int, default=8, help="windows per batch")
@@ -762,6 +864,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["causal", "topk"],
         help="MoR models: causal (default) or the training top-k rule (not causal; for comparison only)",
     )
+    ag = e.add_argument_group("agreement")
+    ag.add_argument("--prompts", type=int, default=16, help="validation prompts")
+    ag.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
+    ag.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt")
+    lg2 = e.add_argument_group("lm-eval")
+    lg2.add_argument("--tasks", default=None, help="comma-separated lm-eval task names")
+    lg2.add_argument("--include-path", default=None, help="folder of local task YAML files")
+    lg2.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
+    lg2.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples")
+    _add_strategy_flags(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_device_flags(e)
     e.set_defaults(func=cmd_eval)
@@ -778,6 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
             "serve",
             "mor-isoflop",
             "plot",
+            "reliability",
+            "all",
         ],
         help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; conversion: dense -> recursive; depthwise: batching policies under a request stream; serve: HTTP vs offline; mor-isoflop: vanilla / recursive / MoR at equal FLOPs; plot: figures from the JSON rows",
     )
@@ -839,6 +953,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--results", default="results", help="plot: folder of JSON rows")
     b.add_argument("--plots", default="results/plots", help="plot: output folder")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
+    b.add_argument("--skip", default="", help="all: comma-separated steps to leave out")
+    b.add_argument("--dry-run", action="store_true", help="all: print the commands only")
     b.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
@@ -880,6 +996,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: what earlyexit does, end to end, no downloads")
     d.add_argument("--out", default=None, help="work directory (default: ~/.cache/earlyexit/demo)")
     d.add_argument("--quick", action="store_true", help="a seconds-long version (CI smoke test)")
+    d.add_argument(
+        "--model",
+        default=None,
+        help="run the measurements on your model (directory or hub name) instead of training",
+    )
+    d.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.set_defaults(func=cmd_demo)
     return p

@@ -33,30 +33,6 @@ def test_bench_decode_tiny(tmp_path, capsys):
     assert "| 1 |" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def exit_setup(tmp_path_factory):
-    """A tiny prepared corpus and a tiny model with an exit, saved as a checkpoint."""
-    from earlyexit.checkpoint import save_checkpoint
-    from earlyexit.tokenizer import Tokenizer
-    from earlyexit.training.corpus import prepare
-    from tests.conftest import make_model
-
-    root = tmp_path_factory.mktemp("bench")
-    src = root / "src"
-    src.mkdir()
-    for i in range(40):
-        (src / f"m{i}.py").write_text(
-            "".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(40))
-        )
-    prepare([str(src)], root / "data", vocab_size=300, log=lambda *a: None)
-    tok = Tokenizer.from_file(root / "data" / "tokenizer.json")
-    model = make_model(
-        vocab_size=300, n_layers=4, exits={"steps": [1, 2], "trained": True}, init_std=0.3
-    )
-    save_checkpoint(model, root / "model", tokenizer=tok)
-    return root
-
-
 def test_bench_early_exit_and_batched_exit_and_plots(exit_setup, tmp_path, monkeypatch):
     from earlyexit.bench import early_exit, plots
 

@@ -35,7 +35,11 @@ TINY_MODEL = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
+    return make_setup(tmp_path_factory.mktemp("train"))
+
+
+def make_setup(root: Path) -> Path:
+    """A tiny prepared corpus and model config under ``root`` (shared with test_reliability)."""
     src = root / "src"
     src.mkdir()
     for i in range(30):

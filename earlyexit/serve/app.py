@@ -48,6 +48,10 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class _TooLarge(Exception):
+    """A request body over the server's limit (413)."""
+
+
 class _BadRequest(Exception):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -78,8 +82,12 @@ def build_app(
     default_exit: ExitMode | None = None,
     max_tokens_default: int = 16,
     chat_template: str | None = None,
+    max_body_bytes: int = 1 << 20,
 ):
-    """The FastAPI application serving ``lm`` (an ``earlyexit.LM``)."""
+    """The FastAPI application serving ``lm`` (an ``earlyexit.LM``).
+
+    ``max_body_bytes`` caps a request body (413 beyond it, before it is read in full): a
+    prompt that large cannot fit any context, and reading it would cost memory for nothing."""
     import contextlib
 
     from fastapi import FastAPI
@@ -153,8 +161,16 @@ def build_app(
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def _body(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _TooLarge(f"the body has {declared} bytes; the limit is {max_body_bytes}")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                raise _TooLarge(f"the body exceeds the limit of {max_body_bytes} bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(bytes(raw))
         except (ValueError, UnicodeDecodeError) as e:
             raise _BadRequest(f"the body is not valid JSON ({e.__class__.__name__})") from None
         if not isinstance(body, dict):
@@ -291,6 +307,8 @@ def build_app(
             first = await gen.__anext__()  # surfaces InputError / QueueFull before a 200
         except _BadRequest as e:
             return _error(400, str(e), param=e.param)
+        except _TooLarge as e:
+            return _error(413, str(e))
         except LookupError as e:
             return _error(404, str(e), "not_found_error", "model")
         except QueueFull as e:

@@ -1,0 +1,387 @@
+"""The demo's models: what it trains, where it caches them, and how it reuses them.
+
+Three models on one prepared corpus (the interpreter's standard library by default):
+
+- ``dense-exits``: a Llama-shaped decoder trained from scratch with FREE's shallow-deep loss
+  and its shallow exit after a quarter of the layers, so one model serves the static, CALM,
+  FREE and self-speculative strategies. (One exit, not CALM's three: on 2 cores the loss
+  over three extra vocabulary-sized heads trains at a quarter of the speed, measured);
+- ``recursive``: that model converted to a relaxed recursive one (cycle sharing, 2 loops,
+  stepwise init, per-loop LoRA from the truncated SVD of the residuals), uptrained with
+  distillation from its dense source, then given a loop exit after the first loop;
+- ``mor``: a Mixture-of-Recursions model (middle-cycle, expert-choice routers) pretrained
+  from scratch at the dense model's FLOP budget.
+
+Every stage is a :class:`~earlyexit.training.loop.TrainConfig` run through the same loop the
+CLI uses, so a stage interrupted by Ctrl-C or a kill resumes where it stopped on the next
+run, and a finished stage (its ``final`` checkpoint exists and its recipe is unchanged) is
+reused. The recipes are sized so that a first run on 2 CPU cores takes ~15 minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from earlyexit.errors import InputError
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run (``FULL`` or ``QUICK``)."""
+
+    corpus: tuple[str, ...]  # prepare --corpus
+    vocab_size: int
+    model: dict  # ModelConfig fields (the vocabulary comes from the data)
+    seq_len: int
+    batch_size: int
+    dense_steps: int
+    uptrain_steps: int
+    loop_exit_steps: int
+    mor_loops: int
+    lora_rank: int
+    lr: float
+    precision: str
+    prompts: int  # batch-1 strategy evaluation
+    prompt_len: int
+    new_tokens: int
+    requests: int  # engine request stream
+    mean_len: int
+    max_batch: int
+    eval_batches: int
+    seconds_per_step: dict = field(default_factory=dict)  # ETA model (2-core CPU)
+
+
+# The embedded default: stdlib-small's shape, fewer steps than its own recipe (BENCHMARKS.md).
+FULL = DemoPlan(
+    corpus=("stdlib",),
+    vocab_size=8192,
+    model=dict(
+        d_model=256,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=768,
+        max_context=1024,
+        tie_embeddings=True,
+    ),
+    seq_len=256,
+    batch_size=16,
+    dense_steps=200,
+    uptrain_steps=60,
+    loop_exit_steps=40,
+    mor_loops=3,
+    lora_rank=16,
+    lr=2e-3,
+    precision="bfloat16",
+    prompts=8,
+    prompt_len=32,
+    new_tokens=48,
+    requests=64,
+    mean_len=48,
+    max_batch=16,
+    eval_batches=16,
+    seconds_per_step={"prepare": 60.0, "dense": 1.1, "uptrain": 1.6, "loop_exit": 1.5, "mor": 0.9},
+)
+
+# --quick: seconds, for CI. A few standard-library packages, a 4-layer model, a few steps;
+# the numbers it prints are not meaningful, the path through every component is.
+QUICK = DemoPlan(
+    corpus=("stdlib:json/*.py", "stdlib:html/*.py", "stdlib:urllib/*.py"),
+    vocab_size=384,
+    model=dict(
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        max_context=256,
+        tie_embeddings=True,
+    ),
+    seq_len=64,
+    batch_size=8,
+    dense_steps=12,
+    uptrain_steps=4,
+    loop_exit_steps=4,
+    mor_loops=2,
+    lora_rank=4,
+    lr=3e-3,
+    precision="float32",
+    prompts=2,
+    prompt_len=16,
+    new_tokens=8,
+    requests=6,
+    mean_len=8,
+    max_batch=4,
+    eval_batches=2,
+    seconds_per_step={
+        "prepare": 2.0,
+        "dense": 0.05,
+        "uptrain": 0.05,
+        "loop_exit": 0.05,
+        "mor": 0.05,
+    },
+)
+
+
+def exit_steps(n_layers: int) -> tuple[int, ...]:
+    """FREE's shallow exit: after a quarter of the layers (2 of 8), within [1, L-1]."""
+    return (max(1, min(n_layers - 1, round(n_layers / 4))),)
+
+
+def corpus_spec(plan: DemoPlan) -> list[str]:
+    """``stdlib:PKG`` names one package of the running interpreter's standard library."""
+    import sysconfig
+
+    out = []
+    for c in plan.corpus:
+        if c.startswith("stdlib:"):
+            out.append(str(Path(sysconfig.get_paths()["stdlib"]) / c.split(":", 1)[1]))
+        else:
+            out.append(c)
+    return out
+
+
+def _model_file(work: Path, name: str, fields: dict) -> str:
+    """Write a ModelConfig JSON for a from-scratch stage (the vocabulary comes from the data)."""
+    path = work / "configs" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": f"demo-{name}", **fields}, indent=1) + "\n")
+    return str(path)
+
+
+@dataclass
+class Stage:
+    """One cached training stage: a TrainConfig, or a conversion (``convert`` set)."""
+
+    name: str
+    title: str
+    cfg: object | None = None  # TrainConfig
+    convert: dict | None = None  # convert_recursive arguments (source = init checkpoint)
+    source: str | None = None
+    eta_key: str = ""
+    steps: int = 0
+
+    @property
+    def final(self) -> Path:
+        return Path(self.cfg.out) / "final" if self.cfg is not None else Path(self.convert["dst"])
+
+    def recipe_hash(self) -> str:
+        body = dataclasses.asdict(self.cfg) if self.cfg is not None else self.convert
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stages(plan: DemoPlan, work: Path, data: Path, threads: int = 0) -> list[Stage]:
+    """The training stages of ``plan`` under ``work`` (in dependency order)."""
+    from earlyexit.training.loop import TrainConfig
+
+    runs = work / "runs"
+    n_layers = plan.model["n_layers"]
+    exits = exit_steps(n_layers)
+    common = dict(
+        data=str(data),
+        seq_len=plan.seq_len,
+        batch_size=plan.batch_size,
+        precision=plan.precision,
+        device="cpu",
+        threads=threads,
+        eval_batches=plan.eval_batches,
+        keep_last=1,
+        log_every=10,
+    )
+    dense = TrainConfig(
+        **common,
+        out=str(runs / "dense-exits"),
+        model=_model_file(work, "dense", plan.model),
+        objective="exits",
+        exit_steps=exits,
+        exit_loss="shallow-deep",
+        steps=plan.dense_steps,
+        lr=plan.lr,
+        warmup_steps=max(1, plan.dense_steps // 10),
+        eval_every=0,
+        save_every=max(1, plan.dense_steps // 4),
+    )
+    dense_final = str(runs / "dense-exits" / "final")
+    rec_init = str(runs / "recursive-init")
+    rank = plan.lora_rank
+    conversion = dict(
+        src=dense_final,
+        dst=rec_init,
+        loops=2,
+        scheme="cycle",
+        init="stepwise",
+        lora_rank=rank,
+        lora_init="svd",
+    )
+    uptrain = TrainConfig(
+        **common,
+        out=str(runs / "recursive-uptrain"),
+        init_from=rec_init,
+        teacher=dense_final,
+        objective="uptrain",
+        exit_steps=(),
+        steps=plan.uptrain_steps,
+        lr=plan.lr / 2,
+        warmup_steps=max(1, plan.uptrain_steps // 10),
+        eval_every=0,
+        save_every=max(1, plan.uptrain_steps // 2),
+    )
+    loop_exit = TrainConfig(
+        **common,
+        out=str(runs / "recursive"),
+        init_from=str(runs / "recursive-uptrain" / "final"),
+        objective="exits",
+        exit_steps=(n_layers // 2,),
+        exit_loss="aggressive",
+        steps=plan.loop_exit_steps,
+        lr=plan.lr / 2,
+        warmup_steps=max(1, plan.loop_exit_steps // 10),
+        eval_every=0,
+        save_every=max(1, plan.loop_exit_steps // 2),
+    )
+    from earlyexit.training.flops import forward_flops_per_token
+
+    mor_model = {
+        **plan.model,
+        "sharing": {"scheme": "middle_cycle", "loops": plan.mor_loops},
+        "router": {"kind": "expert"},
+    }
+    budget = _dense_budget(plan, work, forward_flops_per_token)
+    mor = TrainConfig(
+        **common,
+        out=str(runs / "mor"),
+        model=_model_file(work, "mor", mor_model),
+        objective="lm",
+        flops_budget=budget,
+        lr=plan.lr,
+        warmup_steps=max(1, plan.dense_steps // 10),
+        eval_every=0,
+        save_every=max(1, plan.dense_steps // 4),
+    )
+    return [
+        Stage(
+            "dense-exits", "dense model with exits", dense, eta_key="dense", steps=plan.dense_steps
+        ),
+        Stage("recursive-init", "relaxed recursive conversion", convert=conversion),
+        Stage(
+            "recursive-uptrain",
+            "recursive uptraining (KD from dense)",
+            uptrain,
+            eta_key="uptrain",
+            steps=plan.uptrain_steps,
+        ),
+        Stage(
+            "recursive",
+            "recursive loop exit",
+            loop_exit,
+            eta_key="loop_exit",
+            steps=plan.loop_exit_steps,
+        ),
+        # MoR steps follow from the budget; ~ dense steps x dense FLOPs / MoR FLOPs
+        Stage(
+            "mor",
+            "Mixture-of-Recursions pretraining",
+            mor,
+            eta_key="mor",
+            steps=int(plan.dense_steps * 1.35),
+        ),
+    ]
+
+
+def _dense_budget(plan: DemoPlan, work: Path, flops_fn) -> float:
+    """Forward FLOPs the dense stage spends: the MoR stage gets the same."""
+    from earlyexit.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=plan.vocab_size, **plan.model)
+    return plan.dense_steps * plan.batch_size * plan.seq_len * flops_fn(cfg, plan.seq_len)
+
+
+def is_done(stage: Stage) -> bool:
+    stamp = stage.final / "demo_recipe.txt"
+    return stamp.is_file() and stamp.read_text().strip() == stage.recipe_hash()
+
+
+def _mark(stage: Stage) -> None:
+    (stage.final / "demo_recipe.txt").write_text(stage.recipe_hash() + "\n")
+
+
+def eta_seconds(plan: DemoPlan, todo: list[Stage], data_ready: bool) -> float:
+    """Rough seconds for the stages still to run, from the plan's per-step timings."""
+    t = 0.0 if data_ready else plan.seconds_per_step.get("prepare", 0.0)
+    for s in todo:
+        t += s.steps * plan.seconds_per_step.get(s.eta_key, 0.0)
+    return t
+
+
+def build(
+    stages_: list[Stage], progress: bool, log
+) -> tuple[dict[str, Path], dict[str, float], list[str]]:
+    """Run (or reuse) every stage; returns (final paths, seconds per stage, reused names)."""
+    from earlyexit.training.loop import train
+
+    paths, seconds, reused = {}, {}, []
+    for i, st in enumerate(stages_):
+        if is_done(st):
+            reused.append(st.name)
+            paths[st.name] = st.final
+            continue
+        t = time.perf_counter()
+        log(f"[train {i + 1}/{len(stages_)}] {st.title} -> {st.final}")
+        if st.convert is not None:
+            _convert(st.convert)
+        else:
+            run = Path(st.cfg.out)
+            if (run / "final").exists() and not (run / "latest").exists():
+                shutil.rmtree(run / "final")  # a stale final without a run behind it
+            if run.exists() and not _same_recipe(run, st.cfg):
+                shutil.rmtree(run)  # the recipe changed: start that stage again
+            train(st.cfg, resume=True, progress=progress, log=log)
+        _mark(st)
+        paths[st.name] = st.final
+        seconds[st.name] = time.perf_counter() - t
+    return paths, seconds, reused
+
+
+def _same_recipe(run: Path, cfg) -> bool:
+    """Whether ``run`` was started with ``cfg`` (fields that change the result only)."""
+    f = run / "train_config.json"
+    if not f.is_file():
+        return True  # nothing recorded yet: let the loop decide
+    try:
+        old = json.loads(f.read_text())
+    except ValueError:
+        return False
+    new = dataclasses.asdict(cfg)
+    ignore = {"threads", "flops_budget", "steps"} if cfg.flops_budget else {"threads"}
+    return all(
+        json.dumps(old.get(k), default=str) == json.dumps(v, default=str)
+        for k, v in new.items()
+        if k not in ignore
+    )
+
+
+def _convert(c: dict) -> None:
+    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+    from earlyexit.config import LoraConfig
+    from earlyexit.models.recursive import convert_recursive
+
+    if not Path(c["src"]).is_dir():
+        raise InputError(f"{c['src']}: the dense stage has no final checkpoint")
+    dense, tok = load_checkpoint(c["src"], "cpu")
+    r = c["lora_rank"]
+    lora = LoraConfig(rank=r) if r > 0 else None
+    model = convert_recursive(
+        dense, c["loops"], c["scheme"], c["init"], lora=lora, lora_init=c["lora_init"]
+    )
+    # the dense exits carry over here; the uptraining stage drops them (exit_steps=()) and
+    # the loop-exit stage adds the exit after the first loop
+    dst = Path(c["dst"])
+    if dst.exists():
+        shutil.rmtree(dst)
+    save_checkpoint(model, dst, tokenizer=tok)

@@ -1,0 +1,516 @@
+"""``earlyexit demo``: the main job, end to end on this machine with no downloads.
+
+1. prepares the corpus (the running interpreter's standard library);
+2. trains, or reuses from the cache directory, a dense model with exits, its relaxed
+   recursive conversion (uptrained, with a loop exit) and a Mixture-of-Recursions model
+   (``pipeline.py``); checks the dense model against ``transformers`` on the same weights;
+3. decodes validation prompts with every strategy each model serves, and drives the engine
+   with a request stream under each batching policy (``evaluate.py``);
+4. prints one table and writes the report folder (``report.py``).
+
+``--model DIR`` (or a Hugging Face hub name, downloaded when online) runs steps 3-4 on a
+user's model instead of the trained ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from earlyexit.demo import pipeline, report
+from earlyexit.demo.evaluate import (
+    dense_configs,
+    engine_run,
+    recursive_configs,
+    request_stream,
+    strategy_rows,
+)
+from earlyexit.errors import InputError
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("EARLYEXIT_HOME", "~/.cache/earlyexit")).expanduser()
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def main(
+    out_dir: str | None = None,
+    quick: bool = False,
+    as_json: bool = False,
+    model: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> int:
+    plan = pipeline.QUICK if quick else pipeline.FULL
+    work = (
+        Path(out_dir).expanduser()
+        if out_dir
+        else default_home() / ("demo-quick" if quick else "demo")
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+
+    def say(*a) -> None:
+        print(*a, file=sys.stderr, flush=True)
+
+    progress = progress and not as_json and sys.stderr.isatty()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    say(f"earlyexit demo{' --quick' if quick else ''}: work directory {work}")
+
+    # ------------------------------------------------------------------ data + models
+    from earlyexit.training.corpus import prepare
+
+    user_tok = _user_tokenizer(model) if model else None
+    data = work / ("data" if user_tok is None else "data-user")
+    data_ready = (data / "manifest.json").is_file()
+    st = [] if model else pipeline.stages(plan, work, data, threads)
+    todo = [s for s in st if not pipeline.is_done(s)]
+    eval_eta = 40 if quick else 100
+    eta = pipeline.eta_seconds(plan, todo, data_ready) + eval_eta
+    say(
+        f"plan: {'reuse every cached model' if not todo else f'train {len(todo)} stage(s)'}; "
+        f"expected time ~{_fmt_s(eta)} on {threads} thread(s)" + ("" if todo else " (cached)")
+    )
+    t = time.perf_counter()
+    say("[data] preparing the corpus" + (" (cached)" if data_ready else ""))
+    prepare(
+        pipeline.corpus_spec(plan),
+        data,
+        vocab_size=plan.vocab_size,
+        tokenizer=user_tok,
+        log=lambda m: say(f"  {m}"),
+    )
+    timings["data"] = time.perf_counter() - t
+    if model:
+        paths = {"user": Path(_resolve_model(model))}
+        reused: list[str] = []
+    else:
+        t = time.perf_counter()
+        paths, trained_s, reused = pipeline.build(st, progress, lambda m: say(f"  {m}"))
+        timings["training"] = time.perf_counter() - t
+        timings.update({f"train {k}": v for k, v in trained_s.items()})
+        if reused:
+            say(f"[train] reused cached stage(s): {', '.join(reused)}")
+        paths = {
+            "dense": paths["dense-exits"],
+            "recursive": paths["recursive"],
+            "mor": paths["mor"],
+        }
+
+    # ------------------------------------------------------------------ measurements
+    import earlyexit
+    from earlyexit.bench.common import validation_prompts
+    from earlyexit.evaluation.perplexity import perplexity
+    from earlyexit.training.data import token_file
+
+    t = time.perf_counter()
+    lms = {k: earlyexit.load(p, device="cpu") for k, p in paths.items()}
+    parity = _parity(lms.get("dense") or lms["user"], work / "hf-export")
+    if "skipped" in parity:
+        say(f"[check] transformers parity skipped: {parity['skipped']}")
+    else:
+        say(
+            f"[check] exported to Hugging Face format and reloaded with transformers: max |logit diff| "
+            f"{parity['max_logit_diff']:.1e}, greedy tokens identical: {parity['greedy_tokens_identical']}"
+        )
+    nll = {
+        k: perplexity(
+            p, data, seq_len=plan.seq_len, batch_size=8, max_batches=plan.eval_batches, device="cpu"
+        )["nll"]
+        for k, p in paths.items()
+    }
+    prompts = validation_prompts(data, plan.prompts, plan.prompt_len)
+    jobs = []
+    for k, lm in lms.items():
+        if k == "recursive":
+            jobs.append((k, lm, recursive_configs(lm.model)))
+        elif k != "mor":
+            jobs.append((k, lm, dense_configs(lm.model)))
+    n_cfg = sum(len(c) + 2 for _, _, c in jobs) + (2 if "mor" in lms else 0)
+    bar = _bar(n_cfg, "strategies", progress)
+    say(
+        f"[decode] {plan.prompts} validation prompts x {plan.new_tokens} tokens, batch 1, every strategy"
+    )
+    rows, depths = [], {}
+    dense_full_time = None
+    for k, lm, cfgs in jobs:
+        r, d = strategy_rows(k, lm, prompts, plan.new_tokens, cfgs, nll[k], on_config=bar.update)
+        bar.update(2)
+        rows += r
+        depths[k] = (d, lm.model.n_steps)
+        if k == "dense":
+            dense_full_time = r[0]["seconds"]
+    if "mor" in lms:
+        r, d = strategy_rows(
+            "mor",
+            lms["mor"],
+            prompts,
+            plan.new_tokens,
+            [],
+            nll["mor"],
+            reference_time=dense_full_time,
+        )
+        bar.update(2)
+        rows += r
+        depths["mor"] = (d, lms["mor"].model.n_steps)
+    bar.close()
+    timings["decode"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stream = request_stream(
+        token_file(data, "val"), plan.requests, plan.mean_len, max_prompt=plan.prompt_len
+    )
+    eng_jobs = _engine_jobs(lms)
+    say(
+        f"[engine] {plan.requests} requests arriving at once, max batch {plan.max_batch}, under each batching policy"
+    )
+    bar = _bar(len(eng_jobs), "engine", progress)
+    engine = []
+    for label, key, policy, exit in eng_jobs:
+        res = engine_run(lms[key].model, stream, policy, plan.max_batch, exit)
+        engine.append(
+            {
+                "model_label": label,
+                "model": key,
+                "policy": policy,
+                "exit": None if exit is None else {"step": exit.step, "threshold": exit.threshold},
+                **res,
+            }
+        )
+        bar.update(1)
+    bar.close()
+    base = next(e["tokens_per_s"] for e in engine if e["policy"] == "static")
+    for e in engine:
+        e["x_static"] = e["tokens_per_s"] / base
+    timings["engine"] = time.perf_counter() - t
+
+    samples = _samples(lms, data)
+    timings["total"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ report
+    rep = work / "report"
+    rep.mkdir(exist_ok=True)
+    lines = report.table(rows)
+    say("\n" + report.text_table(report.HEADER, lines))
+    if "mor" in lms:
+        say(
+            "† MoR: speedup against the dense model's full depth (the same nominal depth); ROUGE-L is not defined across models."
+        )
+    say(
+        "\n"
+        + report.text_table(
+            ["model", "policy", "tokens/s", "vs dense static", "avg depth", "rows per block call"],
+            _engine_lines(engine),
+        )
+    )
+    figs = _figures(rows, depths, engine, rep, say)
+    report_md = _write_report(
+        rep, plan, quick, paths, rows, engine, parity, nll, timings, reused, figs, threads
+    )
+    if samples:
+        report.sample_html(samples["prompt"], samples["items"], rep / "sample.html")
+    (rep / "results.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "engine": [{k: v for k, v in e.items() if k != "depths"} for e in engine],
+                "parity": parity,
+                "timings": timings,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    say(f"\nreport: {report_md}   (done in {_fmt_s(timings['total'])})")
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "work": str(work),
+                    "report": str(report_md),
+                    "rows": rows,
+                    "engine": [{k: v for k, v in e.items() if k != "depths"} for e in engine],
+                    "parity": parity,
+                    "timings": timings,
+                    "reused": reused,
+                }
+            )
+        )
+    if "skipped" not in parity and not parity["greedy_tokens_identical"]:
+        say("error: our decoder and transformers disagree on the same weights")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------- helpers
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, desc: str, on: bool):
+    if not on:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, leave=False)
+
+
+def _resolve_model(model: str) -> str:
+    """A local directory, or a hub name downloaded with huggingface_hub (online only)."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return str(p)
+    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise InputError(f"{model}: not a model directory (and not a hub name like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise InputError(
+            f"{model}: downloading from the hub needs `pip install 'earlyexit[hf]'`"
+        ) from None
+    try:
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, unknown repo, gated...
+        raise InputError(
+            f"{model}: could not download from the Hugging Face hub ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _user_tokenizer(model: str) -> str:
+    path = Path(_resolve_model(model)) / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(
+            f"{model}: the demo needs the model's tokenizer.json to tokenize the corpus"
+        )
+    return str(path)
+
+
+def _engine_jobs(lms: dict) -> list[tuple]:
+    from earlyexit.engine import ExitMode
+
+    jobs = []
+    for key, title in (("dense", "dense"), ("user", "your model")):
+        if key in lms:
+            jobs += [(title, key, p, None) for p in ("static", "continuous", "depthwise")]
+            steps = lms[key].config.exits.steps
+            if steps and lms[key].config.exits.trained:
+                mode = ExitMode(steps[0], 0.3)
+                jobs += [
+                    (f"{title} + FREE exit", key, p, mode) for p in ("continuous", "depthwise")
+                ]
+    if "recursive" in lms:
+        steps = lms["recursive"].config.exits.steps
+        mode = ExitMode(steps[0], 0.3) if steps else None
+        jobs += [
+            ("relaxed recursive + loop exit", "recursive", p, mode)
+            for p in ("continuous", "depthwise")
+        ]
+    if "mor" in lms:
+        jobs += [("MoR", "mor", p, None) for p in ("continuous", "depthwise")]
+    return jobs
+
+
+def _engine_lines(engine: list[dict]) -> list[list[str]]:
+    return [
+        [
+            e["model_label"],
+            e["policy"],
+            f"{e['tokens_per_s']:.0f}",
+            f"{e['x_static']:.2f}x",
+            f"{e['mean_depth']:.2f}",
+            f"{e['occupancy']:.1f}",
+        ]
+        for e in engine
+    ]
+
+
+def _parity(lm, hf_dir: Path) -> dict:
+    """Export ``lm`` to ``hf_dir``, reload with transformers, compare logits and greedy tokens."""
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return {"skipped": "transformers is not installed (pip install 'earlyexit[hf]')"}
+    if lm.config.sharing.scheme != "none" or lm.config.exits.norms or lm.config.exits.classifier:
+        return {"skipped": "the model does not export as a plain Llama"}
+    transformers.utils.logging.disable_progress_bar()
+    from earlyexit.decoding.generate import generate
+    from earlyexit.decoding.sampling import SamplingParams
+    from earlyexit.models.hf import hf_export
+
+    hf_export(lm.model, hf_dir, lm.tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = torch.tensor([lm.encode("def main(argv):\n    ")])
+    with torch.inference_mode():
+        diff = (hf(ids).logits - lm.model(ids)).abs().max().item()
+        theirs = hf.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[
+            0, ids.shape[1] :
+        ].tolist()
+    ours = generate(
+        lm.model, [ids[0].tolist()], SamplingParams(max_new_tokens=16, ignore_eos=True)
+    )[0].token_ids
+    return {"max_logit_diff": diff, "greedy_tokens_identical": theirs == ours}
+
+
+def _samples(lms: dict, data: Path) -> dict | None:
+    """One prompt generated by each model with its most economical strategy, token by token."""
+    from earlyexit.decoding.sampling import SamplingParams
+
+    lm0 = next(iter(lms.values()))
+    if lm0.tokenizer is None:
+        return None
+    prompt = (
+        'import os\n\n\ndef read_config(path):\n    """Return the settings stored in *path*."""\n'
+    )
+    # sampled (seeded), not greedy: small models fall into greedy repetition loops
+    items = []
+    for key, strategy, opts, title in (
+        ("dense", "free", {"threshold": 0.1}, "dense + exits, FREE (λ = 0.1)"),
+        ("user", "full", {}, "your model, full depth"),
+        ("recursive", "free", {"threshold": 0.1}, "relaxed recursive, loop exit (FREE, λ = 0.1)"),
+        ("mor", "full", {}, "Mixture-of-Recursions, router-decided depth"),
+    ):
+        lm = lms.get(key)
+        if lm is None or (strategy != "full" and not lm.config.exits.steps):
+            continue
+        ids = lm.encode(prompt)
+        res = lm.generate(
+            ids,
+            strategy=lm.strategy(strategy, **opts),
+            params=SamplingParams(
+                max_new_tokens=64, temperature=0.7, top_p=0.95, seed=0, ignore_eos=True
+            ),
+        )
+        pieces, prev = [], ""
+        for i, d in enumerate(res.depths):
+            text = lm.tokenizer.decode(res.token_ids[: i + 1])
+            pieces.append((text[len(prev) :], d))
+            prev = text
+        items.append({"title": title, "pieces": pieces, "n_steps": lm.model.n_steps})
+    return {"prompt": prompt, "items": items}
+
+
+def _figures(rows, depths, engine, rep: Path, say) -> list[str]:
+    try:
+        report._plt()
+    except Exception as e:
+        say(f"figures skipped: {e}")
+        return []
+    hist = {}
+    pick = {
+        "dense": ("free λ=0.1", "dense + exits: FREE λ=0.1"),
+        "user": ("full", "your model"),
+        "recursive": ("loop exit free λ=0.1", "recursive: loop exit λ=0.1"),
+        "mor": ("full", "MoR: router depth"),
+    }
+    for k, (ds, n) in depths.items():
+        label, title = pick[k]
+        if label in ds:
+            hist[title] = (ds[label], n)
+    made = [
+        report.pareto(rows, rep / "pareto.png"),
+        report.depth_histogram(hist, rep / "depth_histogram.png"),
+        report.throughput(engine, rep / "throughput.png"),
+    ]
+    return [p.name for p in made]
+
+
+def _write_report(
+    rep, plan, quick, paths, rows, engine, parity, nll, timings, reused, figs, threads
+) -> Path:
+    from earlyexit import __version__
+
+    env = f"earlyexit {__version__}, torch {torch.__version__}, Python {platform.python_version()}, {threads} CPU thread(s)"
+    lines = [
+        "# earlyexit demo report",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M')} · {env}"
+        + (" · **--quick: tiny models, numbers not meaningful**" if quick else ""),
+        "",
+        "Every number below was measured by this run, on this machine (`earlyexit demo`); the",
+        "benchmark suite with larger runs is in BENCHMARKS.md.",
+        "",
+        "## Models",
+        "",
+        "| model | checkpoint | validation NLL |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {report.MODEL_TITLES.get(k, k)} | `{p}` | {nll[k]:.3f} |" for k, p in paths.items()
+    ]
+    if reused:
+        lines += [
+            "",
+            f"Reused from the cache: {', '.join(reused)} (delete the work directory to retrain).",
+        ]
+    if "skipped" not in parity:
+        lines += [
+            "",
+            f"Interop: the dense model exported to Hugging Face format and reloaded with `transformers` "
+            f"gives max |logit diff| {parity['max_logit_diff']:.1e}; greedy tokens identical: "
+            f"{parity['greedy_tokens_identical']}.",
+        ]
+    lines += [
+        "",
+        "## Strategies (batch 1)",
+        "",
+        f"{plan.prompts} validation prompts of {plan.prompt_len} tokens, {plan.new_tokens} greedy tokens each, one at a time. "
+        "**Quality** = agreement with the same model's full-depth output (ROUGE-L, token match); "
+        "**speedup** = full-depth time / strategy time in this run; **avg depth** = plan steps run per token.",
+        "",
+        report.markdown_table(report.HEADER, report.table(rows)),
+        "",
+        "† MoR has no full-depth twin: its speedup is against the dense model's full depth on the same prompts, "
+        "and its quality is its validation NLL."
+        if any(r["model"] == "mor" for r in rows)
+        else "",
+        "",
+        "How to read it: a strategy is worth using where its speedup is above 1 and its ROUGE-L near 1. "
+        "`speculative` is lossless by construction (ROUGE-L 1.000): its speedup is the draft acceptance "
+        "paying for the verification pass. FREE and CALM trade quality for depth through λ.",
+        "",
+        "## Serving (engine)",
+        "",
+        f"{plan.requests} requests arrive at once (prompts 8-{plan.prompt_len} tokens, ~{plan.mean_len} generated), "
+        f"max batch {plan.max_batch}. Ratios are against the dense model with static batching in this run.",
+        "",
+        report.markdown_table(
+            ["model", "policy", "tokens/s", "vs dense static", "avg depth", "rows per block call"],
+            _engine_lines(engine),
+        ),
+        "",
+        "## Figures",
+        "",
+    ]
+    captions = {
+        "pareto.png": "Quality vs speedup, one curve per strategy: up and to the right is better.",
+        "depth_histogram.png": "How deep generated tokens went: mass on the left is compute saved.",
+        "throughput.png": "Engine throughput by model and batching policy.",
+    }
+    lines += [f"![{f}]({f})\n\n{captions[f]}\n" for f in figs]
+    lines += [
+        "`sample.html`: one generation per model, each token coloured by its depth.",
+        "",
+        "## Time",
+        "",
+        ", ".join(f"{k} {_fmt_s(v)}" for k, v in timings.items()),
+        "",
+    ]
+    path = rep / "report.md"
+    path.write_text("\n".join(lines))
+    return path

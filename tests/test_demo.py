@@ -1,0 +1,121 @@
+"""The main job: `earlyexit demo --quick` end to end (training, checks, measurements, report),
+its cache, and `bench all`'s plan."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from earlyexit.demo import pipeline
+
+
+def _demo(out, *extra):
+    p = subprocess.run(
+        [sys.executable, "-m", "earlyexit", "demo", "--quick", "--json", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout), p.stderr
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, *_demo(out)
+
+
+def test_demo_quick_trains_measures_and_reports(first_run):
+    out, res, err = first_run
+    assert res["reused"] == []
+    models = {r["model"] for r in res["rows"]}
+    assert models == {"dense", "recursive", "mor"}
+    dense = {r["label"]: r for r in res["rows"] if r["model"] == "dense"}
+    assert dense["full"]["rouge_l"] == 1.0 and dense["full"]["speedup"] == pytest.approx(
+        1.0, rel=0.5
+    )
+    for label in ("static@1", "calm λ=0.5", "free λ=0.1", "free adaptive", "speculative k=2"):
+        assert label in dense
+    assert dense["speculative k=2"]["token_match"] == 1.0  # lossless by construction
+    assert dense["static@1"]["mean_depth"] < dense["full"]["mean_depth"]
+    rec = {r["label"] for r in res["rows"] if r["model"] == "recursive"}
+    assert "loop exit static@2" in rec
+    policies = {(e["model"], e["policy"]) for e in res["engine"]}
+    assert ("dense", "static") in policies and ("mor", "depthwise") in policies
+    assert all(e["tokens_per_s"] > 0 for e in res["engine"])
+    if "skipped" not in res["parity"]:
+        assert res["parity"]["greedy_tokens_identical"] and res["parity"]["max_logit_diff"] < 1e-4
+    rep = out / "report"
+    for f in ("report.md", "pareto.png", "depth_histogram.png", "throughput.png", "sample.html"):
+        assert (rep / f).is_file() and (rep / f).stat().st_size > 500, f
+    md = (rep / "report.md").read_text()
+    assert "speculative k=2" in md and "depthwise" in md
+    html = (rep / "sample.html").read_text()
+    assert html.count("title='depth ") > 10
+    assert "model" in err and "tokens/s" in err  # the printed tables
+
+
+def test_demo_second_run_reuses_every_stage(first_run):
+    out, first, _ = first_run
+    res, _ = _demo(out)
+    assert set(res["reused"]) == {
+        s.name for s in pipeline.stages(pipeline.QUICK, out, out / "data")
+    }
+    assert "training" in res["timings"] and res["timings"]["training"] < 5
+    # the same cached models give the same validation NLL
+    nll = {r["model"]: r["val_nll"] for r in first["rows"]}
+    assert {r["model"]: r["val_nll"] for r in res["rows"]} == pytest.approx(nll)
+
+
+def test_demo_stage_restarts_when_its_recipe_changes(tmp_path):
+    st = pipeline.stages(pipeline.QUICK, tmp_path, tmp_path / "data")
+    dense = st[0]
+    run = tmp_path / "runs" / "dense-exits"
+    run.mkdir(parents=True)
+    import dataclasses
+
+    (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(dense.cfg)))
+    assert pipeline._same_recipe(run, dense.cfg)
+    assert not pipeline._same_recipe(run, dataclasses.replace(dense.cfg, lr=1.0))
+    assert not pipeline.is_done(dense)
+
+
+def test_demo_rejects_a_missing_model(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "earlyexit", "demo", "--quick", "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 1 and "not a model directory" in p.stderr
+
+
+def test_bench_all_dry_run_lists_every_benchmark(capsys, tmp_path, monkeypatch):
+    from earlyexit.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing trained here: the plan starts with training
+    assert main(["bench", "all", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "earlyexit prepare --corpus stdlib --out data/stdlib"
+    for name in (
+        "decode",
+        "early-exit",
+        "batched-exit",
+        "conversion",
+        "mor-isoflop",
+        "depthwise",
+        "serve",
+        "plot",
+    ):
+        assert any(line.startswith(f"earlyexit bench {name}") for line in lines), name
+    assert main(["bench", "all", "--dry-run", "--skip", "nonsense"]) == 1
+
+
+def test_demo_on_a_users_model(tiny_lm_dir, tmp_path):
+    res, _ = _demo(tmp_path / "work", "--model", str(tiny_lm_dir))
+    assert {r["model"] for r in res["rows"]} == {"user"}
+    assert res["reused"] == [] and "training" not in res["timings"]
+    assert {e["policy"] for e in res["engine"]} == {"static", "continuous", "depthwise"}
+    assert (tmp_path / "work" / "report" / "report.md").is_file()
