@@ -305,7 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.model,
             args.data,
             args.strategy,
-            _strategy_options(args) if args.strategy != "full" else {},
+            _strategy_options(args) if args.strategy != "full" else {"compile": args.compile},
             n_prompts=args.prompts,
             prompt_len=args.prompt_len,
             new_tokens=args.new_tokens,
@@ -393,6 +393,10 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out or f"results/{args.name.replace('-', '_')}.json"
+    if args.name not in ("plot", "all"):
+        from earlyexit.bench.common import use_device
+
+        use_device(args.device, args.dtype)
     if args.name == "decode":
         from earlyexit.bench.decode import main as decode_main
 
@@ -405,6 +409,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             threads=args.threads,
             out=out,
             as_json=args.json,
+            device=args.device,
+            dtype=args.dtype,
+            compile=args.compile,
         )
         return 0
     if args.name == "reliability":
@@ -417,7 +424,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from earlyexit.bench.suite import run_all
 
         skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-        return 1 if run_all(skip, args.dry_run) else 0
+        device = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
+        return 1 if run_all(skip, args.dry_run, device=device) else 0
     if args.name == "plot":
         from earlyexit.bench.plots import plot_all
 
@@ -552,6 +560,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model=args.model,
         threads=args.threads,
         progress=not args.no_progress,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
@@ -601,6 +611,11 @@ def _add_strategy_flags(g: argparse.ArgumentParser) -> None:
     xg.add_argument(
         "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
     )
+    xg.add_argument(
+        "--compile",
+        action="store_true",
+        help="full: static-shape decode step under torch.compile (CUDA graphs on CUDA)",
+    )
 
 
 def _strategy_options(args: argparse.Namespace) -> dict:
@@ -613,6 +628,7 @@ def _strategy_options(args: argparse.Namespace) -> dict:
         min_exit=args.min_exit,
         decay_tau=args.decay_tau,
         draft_k=args.draft_k,
+        compile=args.compile,
     )
 
 
@@ -765,8 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     og.add_argument(
         "--precision",
-        choices=["float32", "bfloat16"],
-        help="bfloat16: autocast with fp32 master weights",
+        "--dtype",
+        dest="precision",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype: bfloat16 autocasts with fp32 master weights (float16 is refused)",
     )
     og.add_argument("--nonfinite", choices=["stop", "skip"], help="what a NaN/inf loss does")
     xg = t.add_argument_group("early exits (--objective exits | exit-classifier)")
@@ -955,6 +973,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.add_argument("--skip", default="", help="all: comma-separated steps to leave out")
     b.add_argument("--dry-run", action="store_true", help="all: print the commands only")
+    b.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode: add our static-shape decode step under torch.compile (CUDA graphs on CUDA)",
+    )
+    _add_device_flags(b)
     b.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
@@ -1004,6 +1028,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_device_flags(d)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -202,3 +202,22 @@ def test_bench_mor_isoflop_tiny(exit_setup, tmp_path, monkeypatch):
     assert m["steps"] > d["steps"]  # MoR is cheaper per token: more steps for the same FLOPs
     assert abs(d["compute_budget"] - m["compute_budget"]) / d["compute_budget"] < 0.2
     assert "val_nll_topk_noncausal" in m and len(m["recursion_shares_causal"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_decode_with_the_compiled_step(tmp_path):
+    from earlyexit.bench.decode import COMPILED, main
+
+    rows = main(
+        preset="tiny",
+        batch_sizes=[2],
+        new_tokens=6,
+        prompt_len=4,
+        repeats=1,
+        threads=1,
+        out=str(tmp_path / "d.json"),
+        compile=True,
+    )
+    summary = next(r for r in rows if r["impl"] == "summary")
+    assert summary["compiled_outputs_identical"] and summary["compiled_speedup_vs_transformers"] > 0
+    assert any(r["impl"] == COMPILED for r in rows)

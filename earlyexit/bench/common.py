@@ -25,7 +25,40 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(threads: int, device: str = "cpu") -> dict:
+# The device every benchmark in this process runs on (``earlyexit bench --device/--dtype``).
+_DEVICE: dict = {"device": "cpu", "dtype": None}
+
+
+def use_device(device: str = "auto", dtype: str | None = None) -> torch.device:
+    """Set the device (and weight dtype) benchmarks load models on; returns the device.
+    ``auto`` is CUDA when present. Raises DeviceError for an unavailable device or dtype."""
+    from earlyexit.device import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    resolve_dtype(dtype, dev)  # validate now, not in the middle of a run
+    _DEVICE.update(device=str(dev), dtype=dtype)
+    return dev
+
+
+def bench_device() -> str:
+    return _DEVICE["device"]
+
+
+def load_model(path):
+    """``earlyexit.load`` on the benchmark device and dtype."""
+    import earlyexit
+
+    return earlyexit.load(path, device=_DEVICE["device"], dtype=_DEVICE["dtype"])
+
+
+def sync() -> None:
+    """Wait for queued device work (timing on CUDA measures finished work, not launches)."""
+    if _DEVICE["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def environment(threads: int, device: str | None = None) -> dict:
+    device = device or _DEVICE["device"]
     env = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -33,6 +66,7 @@ def environment(threads: int, device: str = "cpu") -> dict:
         "cores": os.cpu_count(),
         "threads": threads,
         "device": device,
+        "dtype": _DEVICE["dtype"] or "as stored",
         "date": time.strftime("%Y-%m-%d"),
     }
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from earlyexit.bench.common import environment, set_threads, write_rows
+from earlyexit.bench.common import bench_device, environment, set_threads, write_rows
 from earlyexit.checkpoint import load_checkpoint, save_checkpoint
 from earlyexit.config import LoraConfig
 from earlyexit.evaluation.perplexity import perplexity
@@ -64,7 +64,7 @@ def run(
         eval_every=0,
         save_every=0,
         log_every=10,
-        device="cpu",
+        device=bench_device(),
     )
     quiet = {"progress": False, "log": lambda *a, **k: None}
 
@@ -73,7 +73,7 @@ def run(
         return str(work_dir / name)
 
     def nll(model_dir) -> float:
-        return perplexity(model_dir, data, seq_len=256, batch_size=8, device="cpu")["nll"]
+        return perplexity(model_dir, data, seq_len=256, batch_size=8, device=bench_device())["nll"]
 
     rows = []
 

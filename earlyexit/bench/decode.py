@@ -45,52 +45,73 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    return {
+    env = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "threads": threads,
-        "device": "cpu",
-        "dtype": "float32",
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
     }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
-    """Bytes read + written per second copying ``nbytes`` (median of ``reps``)."""
-    a = torch.randn(nbytes // 4)
-    b = torch.randn(nbytes // 4)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(
+    nbytes: int = 256 * 2**20, reps: int = 10, device: torch.device | None = None
+) -> float:
+    """Bytes read + written per second copying ``nbytes`` on ``device`` (median of ``reps``)."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        nbytes *= 8  # 2 GiB: large enough to leave the GPU's caches
+    a = torch.randn(nbytes // 4, device=device)
+    b = torch.randn(nbytes // 4, device=device)
     times = []
     for _ in range(reps + 2):
+        _sync(device)
         t = time.perf_counter()
         b.copy_(a)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return 2 * nbytes / statistics.median(times[2:])
 
 
-def bytes_per_token(cfg: ModelConfig) -> int:
-    """fp32 weight bytes one batch-1 decode step must read: every block, the final norm, the
-    head (the tied embedding matrix serves as head) and one embedding row."""
+def bytes_per_token(cfg: ModelConfig, element_size: int = 4) -> int:
+    """Weight bytes one batch-1 decode step must read: every block, the final norm, the head
+    (the tied embedding matrix serves as head) and one embedding row."""
     c = cfg.param_counts()
     head = cfg.vocab_size * cfg.d_model
-    return 4 * (c["non_embedding"] + head + cfg.d_model)
+    return element_size * (c["non_embedding"] + head + cfg.d_model)
 
 
 def kernel_ceiling(model, batch: int, reps: int = 5) -> float:
     """Tokens/s of the linear layers alone (same weights, same kernel), per decode step."""
     ws = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     ws.append((model.head_weight(), None))
-    xs = {w.shape[1]: torch.randn(batch, 1, w.shape[1]) for w, _ in ws}
+    w0 = ws[0][0]
+    xs = {
+        w.shape[1]: torch.randn(batch, 1, w.shape[1], device=w0.device, dtype=w0.dtype)
+        for w, _ in ws
+    }
     times = []
     with torch.inference_mode():
         for _ in range(reps + 2):
+            _sync(w0.device)
             t = time.perf_counter()
             for w, b in ws:
                 linear(xs[w.shape[1]], w, b)
+            _sync(w0.device)
             times.append(time.perf_counter() - t)
     return batch / statistics.median(times[2:])
 
@@ -98,9 +119,19 @@ def kernel_ceiling(model, batch: int, reps: int = 5) -> float:
 ABLATION = "earlyexit-F.linear"  # our decoder with the oneDNN linear path switched off
 
 
-def _run_ours(model, prompts: torch.Tensor, n: int, onednn: bool = True) -> list[list[int]]:
+COMPILED = "earlyexit-compiled"  # the static-shape decode step under torch.compile
+
+
+def _run_ours(
+    model, prompts: torch.Tensor, n: int, onednn: bool = True, strategy=None
+) -> list[list[int]]:
     with onednn_linear(onednn):
-        res = generate(model, prompts.tolist(), SamplingParams(max_new_tokens=n, ignore_eos=True))
+        res = generate(
+            model,
+            prompts.tolist(),
+            SamplingParams(max_new_tokens=n, ignore_eos=True),
+            strategy=strategy,
+        )
     return [r.token_ids for r in res]
 
 
@@ -125,11 +156,20 @@ def run(
     repeats: int = 3,
     threads: int | None = None,
     seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    compile: bool = False,
 ) -> list[dict]:
-    """Run the benchmark; return JSON-ready rows."""
+    """Run the benchmark; return JSON-ready rows. On CUDA the oneDNN ablation (a CPU
+    kernel choice) is skipped and bandwidth is the GPU's own copy bandwidth. ``compile``
+    adds our static-shape decode step under ``torch.compile`` (CUDA graphs on CUDA); one
+    compiled step object serves every run of a batch size, so compilation is paid in the
+    warm-up, not in the timed runs."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from earlyexit.decoding.full import FullDepth
+    from earlyexit.device import resolve_device, resolve_dtype
     from earlyexit.models.hf import config_to_hf, from_transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -138,24 +178,39 @@ def run(
     cfg = ModelConfig.from_name(preset)
     hf_cfg = AutoConfig.for_model(**config_to_hf(cfg))
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").eval()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev) or torch.float32
+    hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").eval().to(dev, dt)
     ours = from_transformers(hf)
-    env = environment(threads)
-    bpt = bytes_per_token(cfg)
+    env = environment(threads, dev, dt)
+    bpt = bytes_per_token(cfg, torch.empty((), dtype=dt).element_size())
+    on_cpu = dev.type == "cpu"
     rows: list[dict] = []
     g = torch.Generator().manual_seed(seed)
     for bs in batch_sizes:
-        prompts = torch.randint(0, cfg.vocab_size, (bs, prompt_len), generator=g)
-        bws = [copy_bandwidth()]  # re-measured in every repetition: the machine is noisy
+        prompts = torch.randint(0, cfg.vocab_size, (bs, prompt_len), generator=g).to(dev)
+        bws = [copy_bandwidth(device=dev)]  # re-measured every repetition: the machine is noisy
         _run_ours(ours, prompts, 4), _run_hf(hf, prompts, 4)  # warm up both
         run_ours = functools.partial(_run_ours, ours, prompts, new_tokens)
         run_hf = functools.partial(_run_hf, hf, prompts, new_tokens)
         run_ablation = functools.partial(_run_ours, ours, prompts, new_tokens, onednn=False)
-        times: dict[str, list[float]] = {"earlyexit": [], "transformers": [], ABLATION: []}
+        compiled = FullDepth(compile=True)
+        run_compiled = functools.partial(_run_ours, ours, prompts, new_tokens, strategy=compiled)
+        if compile:
+            run_compiled(), run_compiled()  # compile (and capture graphs) before timing
+        impls = ["earlyexit", "transformers"] + ([ABLATION] if on_cpu else [])
+        impls += [COMPILED] if compile else []
+        times: dict[str, list[float]] = {k: [] for k in impls}
         outs: dict[str, list] = {}
         for r in range(repeats):
-            bws.append(copy_bandwidth())
-            order = [("earlyexit", run_ours), ("transformers", run_hf), (ABLATION, run_ablation)]
+            bws.append(copy_bandwidth(device=dev))
+            order = [
+                ("earlyexit", run_ours),
+                ("transformers", run_hf),
+                (ABLATION, run_ablation),
+                (COMPILED, run_compiled),
+            ]
+            order = [(k, f) for k, f in order if k in impls]
             for name, fn in order if r % 2 == 0 else order[::-1]:
                 t = time.perf_counter()
                 outs[name] = fn()
@@ -174,15 +229,23 @@ def run(
             repeats=repeats,
             env=env,
         )
-        for name in ("earlyexit", "transformers", ABLATION):
+        for name in impls:
             rows.append({**common, "impl": name, "seconds": times[name], "tokens_per_s": tps[name]})
         summary = {
             **common,
             "impl": "summary",
             "speedup_vs_transformers": tps["earlyexit"] / tps["transformers"],
-            "speedup_of_onednn_linear": tps["earlyexit"] / tps[ABLATION],
-            "ablation_outputs_identical": outs[ABLATION] == outs["transformers"],
+            "speedup_of_onednn_linear": tps["earlyexit"] / tps[ABLATION] if on_cpu else None,
+            "ablation_outputs_identical": outs[ABLATION] == outs["transformers"]
+            if on_cpu
+            else None,
             "outputs_identical": identical,
+            "compiled_speedup_vs_transformers": tps[COMPILED] / tps["transformers"]
+            if compile
+            else None,
+            "compiled_outputs_identical": outs[COMPILED] == outs["transformers"]
+            if compile
+            else None,
             "rows_differing": mismatch_rows,
             "kernel_ceiling_tokens_per_s": ceiling,
             "fraction_of_kernel_ceiling": tps["earlyexit"] / ceiling,
@@ -202,8 +265,8 @@ def run(
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| batch | earlyexit tok/s | transformers tok/s | speedup | identical | with F.linear tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | earlyexit tok/s | transformers tok/s | speedup | identical | with F.linear tok/s | compiled tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {}
     for r in rows:
@@ -217,7 +280,8 @@ def format_table(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {bs} | {d['earlyexit']['tokens_per_s']:.1f} | {d['transformers']['tokens_per_s']:.1f} | "
-            f"{s['speedup_vs_transformers']:.2f}x | {s['outputs_identical']} | {d[ABLATION]['tokens_per_s']:.1f} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
+            f"{s['speedup_vs_transformers']:.2f}x | {s['outputs_identical']} | {d[ABLATION]['tokens_per_s'] if ABLATION in d else float('nan'):.1f} | "
+            f"{d[COMPILED]['tokens_per_s'] if COMPILED in d else float('nan'):.1f} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
             f"{s['fraction_of_kernel_ceiling']:.0%} | {frac} |"
         )
     return "\n".join(lines)
@@ -232,6 +296,9 @@ def main(
     threads: int | None = None,
     out: str | None = "results/decode.json",
     as_json: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+    compile: bool = False,
 ) -> list[dict]:
     """Run, write the JSON rows to ``out``, print a Markdown table (or the rows)."""
     try:
@@ -242,7 +309,17 @@ def main(
         raise EarlyExitError(
             "bench decode compares against transformers: pip install 'earlyexit[hf]'"
         ) from None
-    rows = run(preset, tuple(batch_sizes), new_tokens, prompt_len, repeats, threads)
+    rows = run(
+        preset,
+        tuple(batch_sizes),
+        new_tokens,
+        prompt_len,
+        repeats,
+        threads,
+        device=device,
+        dtype=dtype,
+        compile=compile,
+    )
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(rows, indent=1) + "\n")
@@ -251,7 +328,7 @@ def main(
     else:
         env = rows[0]["env"]
         print(
-            f"decode benchmark: {preset}, fp32, {env['cpu']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}"
+            f"decode benchmark: {preset}, {env['dtype']}, {env.get('gpu', env['cpu'])}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}"
         )
         print(
             f"copy bandwidth {rows[-1]['copy_bandwidth_GBps']:.1f} GB/s; {rows[-1]['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token"

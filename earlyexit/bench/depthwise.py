@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from earlyexit.bench.common import environment, set_threads, write_rows
+from earlyexit.bench.common import bench_device, environment, load_model, set_threads, write_rows
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
@@ -93,18 +93,17 @@ def run(
     mean_len: float = 128.0,
     mor: str | None = None,
 ) -> list[dict]:
-    import earlyexit
 
     threads = set_threads(threads)
     env = environment(threads)
     warnings.simplefilter("ignore", ExitWarning)
     stream = request_stream(data, n_requests, mean_len)
-    dense_lm = earlyexit.load(dense, device="cpu")
-    rec_lm = earlyexit.load(recursive, device="cpu")
+    dense_lm = load_model(dense)
+    rec_lm = load_model(recursive)
     rec_cfg = rec_lm.config
     exit_step = rec_cfg.exits.steps[0] if rec_cfg.exits.steps else None
     nll = {
-        m: perplexity(m, data, seq_len=256, batch_size=8, device="cpu")["nll"]
+        m: perplexity(m, data, seq_len=256, batch_size=8, device=bench_device())["nll"]
         for m in {dense, recursive, exit_model, mor}
         if m
     }
@@ -122,7 +121,7 @@ def run(
             ("recursive + loop exit, depth-wise batching", recursive, rec_lm, "depthwise", mode),
         ]
     if mor:
-        mor_lm = earlyexit.load(mor, device="cpu")
+        mor_lm = load_model(mor)
         configs += [
             ("MoR, continuous batching", mor, mor_lm, "continuous", None),
             ("MoR, depth-wise batching", mor, mor_lm, "depthwise", None),
@@ -152,7 +151,7 @@ def run(
         )
         print(f"  {label:45s} {tokens / dt:8.1f} tok/s  depth {np.mean(depths):.2f}", flush=True)
     if exit_model:
-        ex_lm = earlyexit.load(exit_model, device="cpu")
+        ex_lm = load_model(exit_model)
         ls = ex_lm.config.exits.steps[0]
 
         def factory():

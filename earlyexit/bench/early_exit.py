@@ -25,6 +25,7 @@ import warnings
 from earlyexit.bench.common import (
     agreement,
     environment,
+    load_model,
     set_threads,
     validation_prompts,
     write_rows,
@@ -84,9 +85,8 @@ def sweep(
     tag: str,
     env: dict,
 ) -> list[dict]:
-    import earlyexit
 
-    lm = earlyexit.load(model_dir, device="cpu")
+    lm = load_model(model_dir)
     model = lm.model
     prompts = validation_prompts(data, n_prompts, prompt_len)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -172,12 +172,11 @@ def main_batched_exit(
     threads: int | None = None,
     out: str | None = "results/batched_exit.json",
 ) -> list[dict]:
-    import earlyexit
 
     threads = set_threads(threads)
     env = environment(threads)
     warnings.simplefilter("ignore", ExitWarning)
-    lm = earlyexit.load(model, device="cpu")
+    lm = load_model(model)
     m = lm.model
     ls = m.config.exits.steps[0]
     prompts = validation_prompts(data, n_prompts, prompt_len)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyexit.bench.common import environment, set_threads, write_rows
+from earlyexit.bench.common import bench_device, environment, load_model, set_threads, write_rows
 from earlyexit.evaluation.perplexity import perplexity
 from earlyexit.training.flops import forward_flops_per_token
 from earlyexit.training.loop import RECIPES, TrainConfig, train
@@ -37,7 +37,6 @@ def run(
     threads: int | None = None,
     out: str | None = "results/mor_isoflop.json",
 ) -> list[dict]:
-    import earlyexit
     from earlyexit.training.data import Windows, token_file, val_batches
 
     threads = set_threads(threads)
@@ -54,10 +53,10 @@ def run(
                 progress=False,
                 log=lambda *a, **k: None,
             )
-        lm = earlyexit.load(final, device="cpu")
+        lm = load_model(final)
         mc = lm.config
         state = __import__("json").loads((Path(cfg.out) / "train_config.json").read_text())
-        res = perplexity(str(final), data, seq_len=cfg.seq_len, batch_size=8, device="cpu")
+        res = perplexity(str(final), data, seq_len=cfg.seq_len, batch_size=8, device=bench_device())
         row = {
             "bench": "mor-isoflop",
             "label": label,
@@ -74,7 +73,12 @@ def run(
         }
         if mc.router.kind != "none":
             row["val_nll_topk_noncausal"] = perplexity(
-                str(final), data, seq_len=cfg.seq_len, batch_size=8, device="cpu", routing="topk"
+                str(final),
+                data,
+                seq_len=cfg.seq_len,
+                batch_size=8,
+                device=bench_device(),
+                routing="topk",
             )["nll"]
             windows = Windows(token_file(data, "val"), cfg.seq_len)
             runs = []

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from earlyexit.bench.common import environment, set_threads, write_rows
+from earlyexit.bench.common import environment, load_model, set_threads, write_rows
 from earlyexit.bench.depthwise import request_stream
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.engine import ExitMode, LLMEngine
@@ -46,12 +46,11 @@ def run(
     import httpx
     import uvicorn
 
-    import earlyexit
     from earlyexit.serve.app import build_app
 
     threads = set_threads(threads)
     env = environment(threads)
-    lm = earlyexit.load(model, device="cpu")
+    lm = load_model(model)
     stream = request_stream(data, n_requests, mean_len)
     exit = (
         ExitMode(lm.config.exits.steps[0], threshold)

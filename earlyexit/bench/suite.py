@@ -120,12 +120,25 @@ def plan(skip: set[str]) -> list[tuple[str, list[str]]]:
     return steps + [(n, argv) for n, argv in BENCHMARKS if n not in skip]
 
 
-def run_all(skip: set[str] | None = None, dry_run: bool = False, log=print) -> int:
+def _with_device(argv: list[str], device: list[str]) -> list[str]:
+    """Benchmarks take ``--device`` and ``--dtype``; training takes ``--device`` (its
+    compute dtype is the recipe's ``--precision``); preparing and converting take neither."""
+    if argv[0] == "bench" and argv[1] != "plot":
+        return argv + device
+    if argv[0] == "train" and device[:1] == ["--device"]:
+        return argv + device[:2]
+    return argv
+
+
+def run_all(
+    skip: set[str] | None = None, dry_run: bool = False, device: list[str] | None = None, log=print
+) -> int:
     """Run the suite; returns the number of failed steps (each failure is reported and the
-    suite goes on with the steps that do not depend on it)."""
+    suite goes on with the steps that do not depend on it). ``device``: flags appended to
+    every training and benchmark step (``--device cuda --dtype bfloat16``)."""
     from earlyexit.cli import main as cli_main
 
-    steps = plan(skip or set())
+    steps = [(n, _with_device(argv, device or [])) for n, argv in plan(skip or set())]
     failed = []
     for name, argv in steps:
         cmd = "earlyexit " + shlex.join(argv)

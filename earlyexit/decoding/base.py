@@ -45,6 +45,10 @@ class Strategy(ABC):
     greedy_only: bool = False  # decides tokens itself (argmax): sampling is refused
     cache_slack: int = 0  # extra cache entries a call may write beyond the sequence
 
+    def make_cache(self, model: Decoder, batch_size: int, length: int) -> KVCache:
+        """The KV cache one generation runs on (a fresh one unless a strategy keeps its own)."""
+        return KVCache.for_model(model, batch_size, length)
+
     def begin(self, model: Decoder, cache: KVCache, batch_size: int, max_new_tokens: int) -> None:  # noqa: B027 (an optional hook)
         """Called once per generation before ``prefill`` (reset per-batch state)."""
 

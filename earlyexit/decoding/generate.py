@@ -25,7 +25,6 @@ from earlyexit.decoding.mor import RouterDepth
 from earlyexit.decoding.sampling import SamplingParams, make_generator, sample
 from earlyexit.errors import InputError
 from earlyexit.models.decoder import Decoder
-from earlyexit.models.kv_cache import KVCache
 from earlyexit.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -185,7 +184,7 @@ def _run(
     lens = np.array([len(p) for p in prompts], dtype=np.int64)
     dev = model.tok_embeddings.weight.device
     length = int(min(cfg.max_context, lens.max() + params.max_new_tokens)) + strategy.cache_slack
-    cache = KVCache.for_model(model, B, length)
+    cache = strategy.make_cache(model, B, length)
     padded = torch.zeros(B, int(lens.max()), dtype=torch.long)
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.tensor(p)

@@ -40,6 +40,7 @@ def make_strategy(
     draft_k: int = 4,
     sync_batch: bool = False,
     calibrator: BetaMixtureThreshold | None = None,
+    compile: bool = False,
 ) -> Strategy:
     """A ready strategy for ``model``; see each strategy's module for the options' meaning.
 
@@ -50,7 +51,11 @@ def make_strategy(
     if name not in STRATEGIES:
         raise InputError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}")
     if name == "full":  # a MoR model's "full" depth is whatever its routers grant
-        return FullDepth() if model.routers is None else RouterDepth()
+        return (
+            FullDepth(static=compile, compile=compile) if model.routers is None else RouterDepth()
+        )
+    if compile:
+        raise InputError("--compile applies to the full strategy only (a static-shape decode step)")
     if model.routers is not None:
         raise InputError(
             f"the {name} strategy is for models with exits; this Mixture-of-Recursions model's routers decide each token's depth (use full)"

@@ -155,6 +155,9 @@ def _model_file(work: Path, name: str, fields: dict) -> str:
     return str(path)
 
 
+RUNTIME_FIELDS = {"threads", "device"}
+
+
 @dataclass
 class Stage:
     """One cached training stage: a TrainConfig, or a conversion (``convert`` set)."""
@@ -173,10 +176,14 @@ class Stage:
 
     def recipe_hash(self) -> str:
         body = dataclasses.asdict(self.cfg) if self.cfg is not None else self.convert
+        # where and how fast it runs does not change the recipe
+        body = {k: v for k, v in body.items() if k not in RUNTIME_FIELDS}
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def stages(plan: DemoPlan, work: Path, data: Path, threads: int = 0) -> list[Stage]:
+def stages(
+    plan: DemoPlan, work: Path, data: Path, threads: int = 0, device: str = "cpu"
+) -> list[Stage]:
     """The training stages of ``plan`` under ``work`` (in dependency order)."""
     from earlyexit.training.loop import TrainConfig
 
@@ -188,7 +195,7 @@ def stages(plan: DemoPlan, work: Path, data: Path, threads: int = 0) -> list[Sta
         seq_len=plan.seq_len,
         batch_size=plan.batch_size,
         precision=plan.precision,
-        device="cpu",
+        device=device,
         threads=threads,
         eval_batches=plan.eval_batches,
         keep_last=1,
@@ -358,7 +365,7 @@ def _same_recipe(run: Path, cfg) -> bool:
     except ValueError:
         return False
     new = dataclasses.asdict(cfg)
-    ignore = {"threads", "flops_budget", "steps"} if cfg.flops_budget else {"threads"}
+    ignore = RUNTIME_FIELDS | ({"flops_budget", "steps"} if cfg.flops_budget else set())
     return all(
         json.dumps(old.get(k), default=str) == json.dumps(v, default=str)
         for k, v in new.items()

@@ -49,7 +49,13 @@ def main(
     model: str | None = None,
     threads: int | None = None,
     progress: bool = True,
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> int:
+    from earlyexit.device import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)  # one clear error before any work
+    resolve_dtype(dtype, dev)
     plan = pipeline.QUICK if quick else pipeline.FULL
     work = (
         Path(out_dir).expanduser()
@@ -74,7 +80,7 @@ def main(
     user_tok = _user_tokenizer(model) if model else None
     data = work / ("data" if user_tok is None else "data-user")
     data_ready = (data / "manifest.json").is_file()
-    st = [] if model else pipeline.stages(plan, work, data, threads)
+    st = [] if model else pipeline.stages(plan, work, data, threads, device=str(dev))
     todo = [s for s in st if not pipeline.is_done(s)]
     eval_eta = 40 if quick else 100
     eta = pipeline.eta_seconds(plan, todo, data_ready) + eval_eta
@@ -115,8 +121,8 @@ def main(
     from earlyexit.training.data import token_file
 
     t = time.perf_counter()
-    lms = {k: earlyexit.load(p, device="cpu") for k, p in paths.items()}
-    parity = _parity(lms.get("dense") or lms["user"], work / "hf-export")
+    lms = {k: earlyexit.load(p, device=dev, dtype=dtype) for k, p in paths.items()}
+    parity = _parity(paths.get("dense") or paths["user"], work / "hf-export")
     if "skipped" in parity:
         say(f"[check] transformers parity skipped: {parity['skipped']}")
     else:
@@ -126,7 +132,13 @@ def main(
         )
     nll = {
         k: perplexity(
-            p, data, seq_len=plan.seq_len, batch_size=8, max_batches=plan.eval_batches, device="cpu"
+            p,
+            data,
+            seq_len=plan.seq_len,
+            batch_size=8,
+            max_batches=plan.eval_batches,
+            device=str(dev),
+            dtype=dtype,
         )["nll"]
         for k, p in paths.items()
     }
@@ -339,13 +351,17 @@ def _engine_lines(engine: list[dict]) -> list[list[str]]:
     ]
 
 
-def _parity(lm, hf_dir: Path) -> dict:
-    """Export ``lm`` to ``hf_dir``, reload with transformers, compare logits and greedy tokens."""
+def _parity(path: Path, hf_dir: Path) -> dict:
+    """Export the model at ``path`` to ``hf_dir``, reload it with transformers, compare logits
+    and greedy tokens (on the CPU in fp32, whatever the demo's device: a parity check)."""
     try:
         import transformers
         from transformers import AutoModelForCausalLM
     except ImportError:
         return {"skipped": "transformers is not installed (pip install 'earlyexit[hf]')"}
+    import earlyexit
+
+    lm = earlyexit.load(path, device="cpu", dtype="float32")
     if lm.config.sharing.scheme != "none" or lm.config.exits.norms or lm.config.exits.classifier:
         return {"skipped": "the model does not export as a plain Llama"}
     transformers.utils.logging.disable_progress_bar()

@@ -32,6 +32,7 @@ STRATEGY_KEYS = (
     "min_exit",
     "decay_tau",
     "draft_k",
+    "compile",
 )
 
 

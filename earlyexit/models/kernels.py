@@ -35,6 +35,7 @@ def onednn_linear(enabled: bool):
 def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
     return (
         _ONEDNN
+        and not torch.compiler.is_compiling()  # inductor lowers CPU linears itself
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == x.dtype

@@ -157,6 +157,12 @@ class TrainConfig:
             raise ConfigError(
                 f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
+        if self.precision == "float16":
+            # fp16 training needs dynamic loss scaling (and its state in every checkpoint for
+            # exact resume); bf16 has fp32's range and the same speed where it exists
+            raise ConfigError(
+                "float16 training is not supported: use --precision bfloat16 (fp32 master weights)"
+            )
         if self.precision not in ("float32", "bfloat16"):
             raise ConfigError(f"precision must be float32 or bfloat16, got {self.precision!r}")
         if self.nonfinite not in ("stop", "skip"):
