@@ -133,3 +133,52 @@ def write_rows(rows: list[dict], out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def request_stream(
+    val_tokens: np.ndarray,
+    n: int,
+    mean_len: float,
+    max_prompt: int = 64,
+    min_gen: int = 16,
+    max_gen: int = 256,
+    seed: int = 0,
+) -> list[tuple[list[int], int]]:
+    """(prompt ids, generation length) per request, seeded: prompts of 8..``max_prompt``
+    validation tokens, lengths ~ Normal(mean, mean/4) clipped to [min_gen, max_gen]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        plen = int(rng.integers(8, max_prompt + 1))
+        start = int(rng.integers(0, len(val_tokens) - plen - 1))
+        glen = int(np.clip(round(rng.normal(mean_len, mean_len / 4)), min_gen, max_gen))
+        out.append((val_tokens[start : start + plen].astype(np.int64).tolist(), glen))
+    return out
+
+
+def serve_offline(model, stream, policy: str, max_batch: int, exit=None, max_len=None) -> dict:
+    """Serve ``stream`` (every request arriving at once) with the engine; throughput, each
+    generated token's depth and the engine's occupancy."""
+    from earlyexit.decoding.sampling import SamplingParams
+    from earlyexit.engine import LLMEngine
+
+    max_len = max_len or max(len(p) + g for p, g in stream) + 1
+    engine = LLMEngine(model, policy=policy, max_batch=max_batch, max_len=max_len)
+    t = time.perf_counter()
+    for prompt, glen in stream:
+        engine.add_request(prompt, SamplingParams(max_new_tokens=glen, ignore_eos=True), exit)
+    while engine.has_unfinished():
+        engine.step()
+    sync()
+    dt = time.perf_counter() - t
+    reqs = list(engine.requests.values())
+    tokens = sum(len(r.output_ids) for r in reqs)
+    depths = [d for r in reqs for d in r.depths]
+    return {
+        "seconds": dt,
+        "tokens": tokens,
+        "tokens_per_s": tokens / dt,
+        "mean_depth": float(np.mean(depths)),
+        "depths": depths,
+        "occupancy": engine.occupancy(),
+    }

@@ -24,41 +24,31 @@ import warnings
 
 import numpy as np
 
-from earlyexit.bench.common import bench_device, environment, load_model, set_threads, write_rows
+from earlyexit.bench.common import (
+    bench_device,
+    environment,
+    load_model,
+    serve_offline,
+    set_threads,
+    write_rows,
+)
+from earlyexit.bench.common import request_stream as common_stream
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
-from earlyexit.engine import ExitMode, LLMEngine
+from earlyexit.engine import ExitMode
 from earlyexit.evaluation.perplexity import perplexity
 from earlyexit.training.data import token_file
 
 
 def request_stream(data: str, n: int = 256, mean_len: float = 128.0, seed: int = 0):
     """(prompt ids, generation length) per request, seeded; prompts from the validation split."""
-    rng = np.random.default_rng(seed)
-    val = token_file(data, "val")
-    out = []
-    for _ in range(n):
-        plen = int(rng.integers(8, 65))
-        start = int(rng.integers(0, len(val) - plen - 1))
-        glen = int(np.clip(round(rng.normal(mean_len, mean_len / 4)), 16, 256))
-        out.append((val[start : start + plen].astype(np.int64).tolist(), glen))
-    return out
+    return common_stream(token_file(data, "val"), n, mean_len, seed=seed)
 
 
 def _engine_run(model, stream, policy, max_batch, exit):
-    engine = LLMEngine(model, policy=policy, max_batch=max_batch, max_len=64 + 256 + 1)
-    t = time.perf_counter()
-    for prompt, glen in stream:
-        engine.add_request(prompt, SamplingParams(max_new_tokens=glen, ignore_eos=True), exit)
-    while engine.has_unfinished():
-        engine.step()
-    dt = time.perf_counter() - t
-    reqs = list(engine.requests.values())
-    tokens = sum(len(r.output_ids) for r in reqs)
-    depths = [d for r in reqs for d in r.depths]
-    occ = engine.occupancy()
-    return dt, tokens, depths, occ
+    r = serve_offline(model, stream, policy, max_batch, exit, max_len=64 + 256 + 1)
+    return r["seconds"], r["tokens"], r["depths"], r["occupancy"]
 
 
 def _static_generate(model, stream, max_batch, strategy_factory):

@@ -1,4 +1,5 @@
-"""The demo's measurements: strategies at batch 1, the engine under each batching policy.
+"""The demo's strategy measurements at batch 1 (the engine runs use
+:func:`earlyexit.bench.common.serve_offline`, the harness the ``depthwise`` benchmark uses).
 
 Everything here measures in this process, now; nothing is copied from BENCHMARKS.md.
 
@@ -6,7 +7,6 @@ Everything here measures in this process, now; nothing is copied from BENCHMARKS
   Quality is agreement with the same model's full-depth greedy output (ROUGE-L and token
   match on token ids); speedup is full-depth time / strategy time, the full-depth time being
   the mean of a run before and a run after the sweep (so a drifting machine biases neither).
-- :func:`engine_rows`: a seeded request stream served by the engine under each policy.
 """
 
 from __future__ import annotations
@@ -182,41 +182,4 @@ def _row(tag, label, curve, options, dt, base, res, references, model, val_nll, 
         "n_steps": model.n_steps,
         "exit_rate": float(np.mean([d < model.n_steps for d in depths])),
         "val_nll": val_nll,
-    }
-
-
-def request_stream(val_tokens: np.ndarray, n: int, mean_len: int, max_prompt: int, seed: int = 0):
-    """(prompt ids, generation length) per request, seeded, from validation tokens."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        plen = int(rng.integers(8, max_prompt + 1))
-        start = int(rng.integers(0, len(val_tokens) - plen - 1))
-        glen = int(np.clip(round(rng.normal(mean_len, mean_len / 4)), 4, 2 * mean_len))
-        out.append((val_tokens[start : start + plen].astype(np.int64).tolist(), glen))
-    return out
-
-
-def engine_run(model, stream, policy: str, max_batch: int, exit=None) -> dict:
-    """Serve ``stream`` (all arriving at once) with the engine; throughput and depths."""
-    from earlyexit.engine import LLMEngine
-
-    max_len = max(len(p) + g for p, g in stream) + 1
-    engine = LLMEngine(model, policy=policy, max_batch=max_batch, max_len=max_len)
-    t = time.perf_counter()
-    for prompt, glen in stream:
-        engine.add_request(prompt, SamplingParams(max_new_tokens=glen, ignore_eos=True), exit)
-    while engine.has_unfinished():
-        engine.step()
-    dt = time.perf_counter() - t
-    reqs = list(engine.requests.values())
-    tokens = sum(len(r.output_ids) for r in reqs)
-    depths = [d for r in reqs for d in r.depths]
-    return {
-        "seconds": dt,
-        "tokens": tokens,
-        "tokens_per_s": tokens / dt,
-        "mean_depth": float(np.mean(depths)),
-        "depths": depths,
-        "occupancy": engine.occupancy()["mean_rows_per_block_call"],
     }

@@ -23,14 +23,9 @@ from pathlib import Path
 
 import torch
 
+from earlyexit.bench.common import request_stream, serve_offline
 from earlyexit.demo import pipeline, report
-from earlyexit.demo.evaluate import (
-    dense_configs,
-    engine_run,
-    recursive_configs,
-    request_stream,
-    strategy_rows,
-)
+from earlyexit.demo.evaluate import dense_configs, recursive_configs, strategy_rows
 from earlyexit.errors import InputError
 
 
@@ -181,7 +176,12 @@ def main(
 
     t = time.perf_counter()
     stream = request_stream(
-        token_file(data, "val"), plan.requests, plan.mean_len, max_prompt=plan.prompt_len
+        token_file(data, "val"),
+        plan.requests,
+        plan.mean_len,
+        max_prompt=plan.prompt_len,
+        min_gen=4,
+        max_gen=2 * plan.mean_len,
     )
     eng_jobs = _engine_jobs(lms)
     say(
@@ -190,7 +190,8 @@ def main(
     bar = _bar(len(eng_jobs), "engine", progress)
     engine = []
     for label, key, policy, exit in eng_jobs:
-        res = engine_run(lms[key].model, stream, policy, plan.max_batch, exit)
+        res = serve_offline(lms[key].model, stream, policy, plan.max_batch, exit)
+        res["occupancy"] = res["occupancy"]["mean_rows_per_block_call"]
         engine.append(
             {
                 "model_label": label,
