@@ -240,3 +240,74 @@ def test_loss_free_bias_moves_toward_underloaded_depths():
     load = torch.bincount(out.recursions.flatten() - 1, minlength=3).float()
     step = m.routers.bias - before
     assert torch.allclose(step, 1e-3 * torch.sign(load.mean() - load))
+
+
+def _recursion_outputs(m, x, r, perturb):
+    """Run the top-k (training) forward; just before recursion ``r`` (0-based) add noise to
+    the current states of the tokens ``perturb(sel)`` picks; return recursion r's selection
+    and the outputs of its blocks for the selected tokens."""
+    from earlyexit.models.mor import recursion_ranges
+
+    rec = recursion_ranges(m.plan)[1][r]
+    orig_scores, orig_run = m.routers.scores, m.run_steps
+    seen = {}
+
+    def scores(i, h):
+        z = orig_scores(i, h)
+        if i == r:
+            cap = m.config.capacities[r]
+            k = max(1, math.floor(cap * h.shape[1]))
+            cand = seen.get("cand", torch.ones_like(z, dtype=torch.bool))
+            top = z.masked_fill(~cand, float("-inf")).topk(k, dim=-1).indices
+            sel = torch.zeros_like(cand).scatter(1, top, True) & cand
+            seen["sel"] = sel
+            g = torch.Generator().manual_seed(1)
+            noise = torch.randn(h.shape, generator=g)
+            h.add_(noise * perturb(sel)[..., None])  # in place: the forward's own `h`
+        return z
+
+    def run_steps(start, stop, h, ctx):
+        out = orig_run(start, stop, h, ctx)
+        if (start, stop) == (rec.start, rec.stop):
+            seen["out"] = out.clone()
+        return out
+
+    m.routers.scores, m.run_steps = scores, run_steps
+    try:
+        with torch.no_grad():
+            m(x, routing="train")
+    finally:
+        m.routers.scores, m.run_steps = orig_scores, orig_run
+    return seen["sel"], seen["out"]
+
+
+@pytest.mark.parametrize("kv_sharing", [False, True])
+def test_attention_restriction(kv_sharing):
+    """mor.md §8.4. Recursion-wise caching: a token selected at recursion r ignores any change
+    to unselected tokens' states. KV sharing: it depends on other tokens only through their
+    recursion-1 keys and values, never their current states, selected or not."""
+    m = mor_model(kv_sharing=kv_sharing)
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    r = 1  # the second recursion: capacity 2/3, so some tokens are out
+    sel, base = _recursion_outputs(m, x, r, lambda s: torch.zeros_like(s, dtype=torch.float))
+    assert not sel.all() and sel.any()
+    # perturb every unselected token: selected outputs are bit-identical in both modes
+    _, out = _recursion_outputs(m, x, r, lambda s: (~s).float())
+    torch.testing.assert_close(out, base, atol=0, rtol=0)
+    # perturb every token's current state except that of the last selected token of row 0,
+    # which attends to every earlier selected token
+    b = 0
+    t = int(sel[b].nonzero()[-1])
+    last = int(sel[b].sum()) - 1  # its index among the gathered tokens
+
+    def all_but_t(s):
+        mask = torch.ones_like(s, dtype=torch.float)
+        mask[b, t] = 0
+        return mask
+
+    _, out2 = _recursion_outputs(m, x, r, all_but_t)
+    change = (out2[b, last] - base[b, last]).abs().max()
+    if kv_sharing:  # the others enter only through recursion 1's cached keys and values
+        assert change == 0
+    else:  # recursion-wise caching attends to the others' current states
+        assert change > 1e-4

@@ -24,6 +24,11 @@ class _Stream:
     queue: asyncio.Queue
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, o in items:
+        q.put_nowait(o)
+
+
 class EngineThread:
     """Runs an :class:`LLMEngine` on a daemon thread; thread-safe submit / abort."""
 
@@ -90,8 +95,13 @@ class EngineThread:
                         deliveries.append((s, o))
                     if o.finished:
                         self.streams.pop(o.request_id, None)
+            # one wake-up of each event loop per engine step, not one per output: every
+            # call_soon_threadsafe writes the loop's self-pipe and contends for the GIL
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for s, o in deliveries:
-                s.loop.call_soon_threadsafe(s.queue.put_nowait, o)
+                by_loop.setdefault(s.loop, []).append((s.queue, o))
+            for loop, items in by_loop.items():
+                loop.call_soon_threadsafe(_deliver, items)
 
     # ------------------------------------------------------------------ metrics
     def tokens_per_second(self, window: float = 10.0) -> float:
