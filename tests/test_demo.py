@@ -119,3 +119,24 @@ def test_demo_on_a_users_model(tiny_lm_dir, tmp_path):
     assert res["reused"] == [] and "training" not in res["timings"]
     assert {e["policy"] for e in res["engine"]} == {"static", "continuous", "depthwise"}
     assert (tmp_path / "work" / "report" / "report.md").is_file()
+
+
+def test_a_rebuilt_stage_rebuilds_the_stages_built_from_it(tmp_path, monkeypatch):
+    """Dependants name their input by path, which does not change when the input is
+    retrained: the pipeline must rebuild them anyway (and leave independent stages)."""
+    st = pipeline.stages(pipeline.QUICK, tmp_path, tmp_path / "data")
+    calls = []
+    monkeypatch.setattr(pipeline, "_convert", lambda c: calls.append("recursive-init"))
+
+    def fake_train(cfg, **k):
+        calls.append(cfg.out.rsplit("/", 1)[-1])
+        (tmp_path / "runs" / calls[-1] / "final").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr("earlyexit.training.loop.train", fake_train)
+    for s in st:  # everything built, except that the dense stage's recipe changed
+        s.final.mkdir(parents=True, exist_ok=True)
+        if s.name != "dense-exits":
+            pipeline._mark(s)
+    _, _, reused = pipeline.build(st, progress=False, log=lambda *a: None)
+    assert calls == ["dense-exits", "recursive-init", "recursive-uptrain", "recursive"]
+    assert reused == ["mor"]

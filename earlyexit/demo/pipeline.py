@@ -169,6 +169,7 @@ class Stage:
     source: str | None = None
     eta_key: str = ""
     steps: int = 0
+    deps: tuple[str, ...] = ()  # stages whose output this one is built from
 
     @property
     def final(self) -> Path:
@@ -275,13 +276,19 @@ def stages(
         Stage(
             "dense-exits", "dense model with exits", dense, eta_key="dense", steps=plan.dense_steps
         ),
-        Stage("recursive-init", "relaxed recursive conversion", convert=conversion),
+        Stage(
+            "recursive-init",
+            "relaxed recursive conversion",
+            convert=conversion,
+            deps=("dense-exits",),
+        ),
         Stage(
             "recursive-uptrain",
             "recursive uptraining (KD from dense)",
             uptrain,
             eta_key="uptrain",
             steps=plan.uptrain_steps,
+            deps=("recursive-init", "dense-exits"),  # the dense model is its teacher
         ),
         Stage(
             "recursive",
@@ -289,6 +296,7 @@ def stages(
             loop_exit,
             eta_key="loop_exit",
             steps=plan.loop_exit_steps,
+            deps=("recursive-uptrain",),
         ),
         # MoR steps follow from the budget; ~ dense steps x dense FLOPs / MoR FLOPs
         Stage(
@@ -333,8 +341,10 @@ def build(
     from earlyexit.training.loop import train
 
     paths, seconds, reused = {}, {}, []
+    rebuilt: set[str] = set()
     for i, st in enumerate(stages_):
-        if is_done(st):
+        stale_input = any(d in rebuilt for d in st.deps)
+        if is_done(st) and not stale_input:
             reused.append(st.name)
             paths[st.name] = st.final
             continue
@@ -346,9 +356,10 @@ def build(
             run = Path(st.cfg.out)
             if (run / "final").exists() and not (run / "latest").exists():
                 shutil.rmtree(run / "final")  # a stale final without a run behind it
-            if run.exists() and not _same_recipe(run, st.cfg):
-                shutil.rmtree(run)  # the recipe changed: start that stage again
+            if run.exists() and (stale_input or not _same_recipe(run, st.cfg)):
+                shutil.rmtree(run)  # its recipe or its input changed: start that stage again
             train(st.cfg, resume=True, progress=progress, log=log)
+        rebuilt.add(st.name)
         _mark(st)
         paths[st.name] = st.final
         seconds[st.name] = time.perf_counter() - t
