@@ -4,6 +4,7 @@ its cache, and `bench all`'s plan."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,36 @@ def test_a_rebuilt_stage_rebuilds_the_stages_built_from_it(tmp_path, monkeypatch
     _, _, reused = pipeline.build(st, progress=False, log=lambda *a: None)
     assert calls == ["dense-exits", "recursive-init", "recursive-uptrain", "recursive"]
     assert reused == ["mor"]
+
+
+def test_stages_built_from_changed_weights_are_stale_across_runs(tmp_path, monkeypatch):
+    """A dependant's stamp includes a digest of its inputs' weights: if the dense model's
+    weights change behind its back (an interrupted earlier run, a manual retrain), the
+    stages built from it are rebuilt on the next run, from scratch."""
+    st = pipeline.stages(pipeline.QUICK, tmp_path, tmp_path / "data")
+    calls = []
+
+    def fake_convert(c):
+        calls.append("recursive-init")
+        Path(c["dst"]).mkdir(parents=True, exist_ok=True)
+        (Path(c["dst"]) / "model.safetensors").write_bytes(b"converted")
+
+    monkeypatch.setattr(pipeline, "_convert", fake_convert)
+
+    def fake_train(cfg, **k):
+        calls.append(cfg.out.rsplit("/", 1)[-1])
+        final = tmp_path / "runs" / calls[-1] / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "model.safetensors").write_bytes(b"w")
+
+    monkeypatch.setattr("earlyexit.training.loop.train", fake_train)
+    dense_w = tmp_path / "runs" / "dense-exits" / "final" / "model.safetensors"
+    pipeline.build(st, progress=False, log=lambda *a: None)
+    assert len(calls) == 5
+    calls.clear()
+    _, _, reused = pipeline.build(st, progress=False, log=lambda *a: None)
+    assert calls == [] and len(reused) == 5  # nothing changed: everything reused
+    dense_w.write_bytes(b"other weights")
+    _, _, reused = pipeline.build(st, progress=False, log=lambda *a: None)
+    assert calls == ["recursive-init", "recursive-uptrain", "recursive"]
+    assert reused == ["dense-exits", "mor"]

@@ -170,16 +170,31 @@ class Stage:
     eta_key: str = ""
     steps: int = 0
     deps: tuple[str, ...] = ()  # stages whose output this one is built from
+    inputs: tuple[Path, ...] = ()  # their final checkpoints
 
     @property
     def final(self) -> Path:
         return Path(self.cfg.out) / "final" if self.cfg is not None else Path(self.convert["dst"])
 
     def recipe_hash(self) -> str:
+        """The recipe and the exact weights of every input: a retrained input (even with an
+        unchanged recipe) makes this stage stale."""
         body = dataclasses.asdict(self.cfg) if self.cfg is not None else self.convert
         # where and how fast it runs does not change the recipe
         body = {k: v for k, v in body.items() if k not in RUNTIME_FIELDS}
+        body["inputs"] = [_weights_digest(p) for p in self.inputs]
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_digest(ckpt: Path) -> str:
+    f = Path(ckpt) / "model.safetensors"
+    if not f.is_file():
+        return "missing"
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def stages(
@@ -281,6 +296,7 @@ def stages(
             "relaxed recursive conversion",
             convert=conversion,
             deps=("dense-exits",),
+            inputs=(Path(dense_final),),
         ),
         Stage(
             "recursive-uptrain",
@@ -289,6 +305,7 @@ def stages(
             eta_key="uptrain",
             steps=plan.uptrain_steps,
             deps=("recursive-init", "dense-exits"),  # the dense model is its teacher
+            inputs=(Path(rec_init), Path(dense_final)),
         ),
         Stage(
             "recursive",
@@ -297,6 +314,7 @@ def stages(
             eta_key="loop_exit",
             steps=plan.loop_exit_steps,
             deps=("recursive-uptrain",),
+            inputs=(runs / "recursive-uptrain" / "final",),
         ),
         # MoR steps follow from the budget; ~ dense steps x dense FLOPs / MoR FLOPs
         Stage(
@@ -356,8 +374,13 @@ def build(
             run = Path(st.cfg.out)
             if (run / "final").exists() and not (run / "latest").exists():
                 shutil.rmtree(run / "final")  # a stale final without a run behind it
-            if run.exists() and (stale_input or not _same_recipe(run, st.cfg)):
+            digests = json.dumps([_weights_digest(p) for p in st.inputs])
+            marker = run / "demo_inputs.json"  # the inputs a (possibly interrupted) run used
+            changed = marker.is_file() and marker.read_text() != digests
+            if run.exists() and (stale_input or changed or not _same_recipe(run, st.cfg)):
                 shutil.rmtree(run)  # its recipe or its input changed: start that stage again
+            run.mkdir(parents=True, exist_ok=True)
+            marker.write_text(digests)
             train(st.cfg, resume=True, progress=progress, log=log)
         rebuilt.add(st.name)
         _mark(st)
