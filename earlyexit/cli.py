@@ -787,6 +787,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute dtype: bfloat16 autocasts with fp32 master weights (float16 is refused)",
     )
     og.add_argument("--nonfinite", choices=["stop", "skip"], help="what a NaN/inf loss does")
+    og.add_argument(
+        "--doc-mask",
+        dest="doc_mask",
+        action="store_true",
+        default=None,
+        help="attend only within each document of a packed window",
+    )
     xg = t.add_argument_group("early exits (--objective exits | exit-classifier)")
     xg.add_argument(
         "--exit-steps",

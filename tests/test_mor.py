@@ -311,3 +311,45 @@ def test_attention_restriction(kv_sharing):
         assert change == 0
     else:  # recursion-wise caching attends to the others' current states
         assert change > 1e-4
+
+
+def _two_documents(eot=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 512, (2, 14), generator=g)
+    x[:, 5] = eot  # document 1 = tokens 0..5 (its end-of-text included), document 2 = 6..13
+    y = x.clone()
+    y[:, :5] = torch.randint(1, 512, (2, 5), generator=g)  # a different first document
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: make_model(n_layers=4),
+        lambda: mor_model(),
+        lambda: mor_model(kv_sharing=True),
+        lambda: mor_model("token"),
+    ],
+    ids=["dense", "mor-expert", "mor-kv-sharing", "mor-token"],
+)
+def test_packing_with_document_masks(make):
+    """mor.md §8.10: with document masks, a document's outputs do not depend on the previous
+    document (causal routing decides per token, so MoR's depths do not either). Without
+    the mask they do (the control)."""
+    from earlyexit.training.data import document_segments
+
+    m = make()
+    x, y = _two_documents()
+    seg = document_segments(x, 0)
+    assert seg[0].tolist() == [0] * 6 + [1] * 8
+    with torch.no_grad():
+        a, b = m(x, segments=seg), m(y, segments=document_segments(y, 0))
+        with m.documents(seg):  # the training loop's way: every forward in the block
+            c = m(x)
+        plain_a, plain_b = m(x), m(y)
+    torch.testing.assert_close(b[:, 6:], a[:, 6:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(c, a, atol=0, rtol=0)
+    assert (plain_b[:, 6:] - plain_a[:, 6:]).abs().max() > 1e-4
+    cache = KVCache.for_model(m, 2, 16)
+    with pytest.raises(ValueError, match="uncached"):
+        m(x, cache=cache, segments=seg)

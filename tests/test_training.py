@@ -414,3 +414,32 @@ def test_fine_tune_from_a_checkpoint_and_resume_it(setup, tmp_path):
     assert s["finished"]
     first = losses_of(tmp_path / "ft")[1]
     assert first < losses_of(tmp_path / "base")[1]  # it started from the trained weights
+
+
+def test_document_masked_training_uses_the_mask(setup, tmp_path, monkeypatch):
+    """--doc-mask: every objective's forward runs inside model.documents(segments of x);
+    the run trains, and its losses differ from the unmasked run's (windows cross documents)."""
+    from earlyexit.models.decoder import Decoder
+
+    src = tmp_path / "short"
+    src.mkdir()
+    for i in range(80):  # documents shorter than a window: every window crosses one
+        (src / f"d{i}.py").write_text(f"x{i} = {i}\n")
+    data = tmp_path / "data"
+    tok = str(setup / "data" / "tokenizer.json")
+    prepare([str(src)], data, tokenizer=tok, val_fraction=0.3, log=lambda *a: None)
+    seen = []
+    real = Decoder.documents
+
+    def spy(self, segments):
+        seen.append(segments)
+        return real(self, segments)
+
+    monkeypatch.setattr(Decoder, "documents", spy)
+    kw = dict(steps=3, eval_every=0, data=str(data))
+    masked = run_quietly(cfg(setup, tmp_path / "m", doc_mask=True, **kw))
+    assert masked["finished"] and len(seen) == 3
+    assert all(s.shape == (4, 16) and int(s.max()) >= 1 for s in seen)  # several documents
+    run_quietly(cfg(setup, tmp_path / "p", **kw))
+    assert len(seen) == 3  # the unmasked run never enters documents()
+    assert losses_of(tmp_path / "m")[3] != losses_of(tmp_path / "p")[3]

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,7 @@ class Decoder(nn.Module):
         self._stash_slots = frozenset(s.kv_slot for s in config.plan if s.shares_kv)
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._doc_segments: Tensor | None = None  # set by documents()
 
     # ------------------------------------------------------------------ init
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -96,6 +98,18 @@ class Decoder(nn.Module):
         if self.routers is not None:
             self.routers.reset_parameters(generator)
         self.rebuild_buffers(self.tok_embeddings.weight.device)
+
+    @contextlib.contextmanager
+    def documents(self, segments: Tensor | None):
+        """Within this block, uncached forwards attend only within each token's document
+        (``segments`` (B, T), e.g. from :func:`earlyexit.training.data.document_segments`).
+        The training loop uses it so that every objective's forward, DDP-wrapped or not,
+        gets the mask without each objective passing it on."""
+        before, self._doc_segments = self._doc_segments, segments
+        try:
+            yield
+        finally:
+            self._doc_segments = before
 
     def rebuild_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers (RoPE inverse frequencies) on ``device``."""
@@ -118,6 +132,7 @@ class Decoder(nn.Module):
         rows: np.ndarray | list[int] | None = None,
         n_new: np.ndarray | list[int] | None = None,
         kv_slots: np.ndarray | list[int] | None = None,
+        segments: Tensor | None = None,
     ) -> ForwardContext:
         """Per-forward state shared by every step: RoPE tables, cache, rows and valid counts.
 
@@ -127,6 +142,8 @@ class Decoder(nn.Module):
             rows: cache rows of the B batch rows (default 0..B-1).
             n_new: valid tokens per row (default T); the rest is right padding.
             kv_slots: per-row KV slots for :meth:`run_block` on rows at different steps.
+            segments: document index per token (B, T), uncached forwards over packed
+                documents only: attention stays within each document.
         """
         dtype = self.tok_embeddings.weight.dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
@@ -140,6 +157,7 @@ class Decoder(nn.Module):
             sliding_window=self.config.sliding_window,
             kv_slots=None if kv_slots is None else np.asarray(kv_slots, dtype=np.int64),
             stash_slots=self._stash_slots,
+            segments=segments,
         )
 
     def run_step(self, i: int, h: Tensor, ctx: ForwardContext) -> Tensor:
@@ -220,6 +238,7 @@ class Decoder(nn.Module):
         exits: bool = False,
         routing: str | None = None,
         return_routing: bool = False,
+        segments: Tensor | None = None,
     ) -> Tensor | ExitOutput | MoROutput:
         """Full-depth logits (B, T, vocab) for ``tokens`` (B, T).
 
@@ -228,13 +247,22 @@ class Decoder(nn.Module):
         it: going through ``forward`` keeps DDP and FSDP hooks in the loop). MoR models
         route each token (``routing``: ``causal`` by default, ``train`` for top-k) and
         return a :class:`MoROutput` with ``return_routing=True``.
+
+        ``segments`` (B, T): document index per token, for training on packed documents
+        (uncached only); inside :meth:`documents` it defaults to that block's segments.
         """
         if positions is None:
             positions = self.default_positions(tokens.shape, cache, rows)
+        if segments is None and cache is None:
+            segments = self._doc_segments
+        if segments is not None and cache is not None:
+            raise ValueError("document segments apply to uncached forwards only")
         if self.routers is not None:  # MoR: the router decides each token's recursions
-            out = mor_forward(self, tokens, routing or "causal", positions, cache, rows, n_new)
+            out = mor_forward(
+                self, tokens, routing or "causal", positions, cache, rows, n_new, segments
+            )
             return out if return_routing else out.logits
-        ctx = self.context(positions, cache, rows, n_new)
+        ctx = self.context(positions, cache, rows, n_new, segments=segments)
         if not exits:
             return self.logits(self.run_steps(0, self.n_steps, self.embed(tokens), ctx))
         h, hidden = self.embed(tokens), []

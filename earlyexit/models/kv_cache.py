@@ -44,6 +44,8 @@ class ForwardContext:
         stash_slots: KV slots later steps read without writing (MoR KV sharing): their keys,
             values and positions are kept in ``shared`` during an uncached forward, and their
             entries' positions are recorded in the cache.
+        segments: document index of every token (B, T) for an uncached forward over packed
+            documents: a token attends only within its own document (None: no such mask).
     """
 
     positions: Tensor
@@ -55,19 +57,24 @@ class ForwardContext:
     sliding_window: int | None = None
     kv_slots: np.ndarray | None = None
     stash_slots: frozenset = frozenset()
+    segments: Tensor | None = None
     shared: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
     def uncached_mask(self) -> Tensor | None:
-        """Mask for an uncached forward: causal by index (None means ``is_causal``)."""
-        if self.sliding_window is None:
+        """Mask for an uncached forward: causal by index, within the sliding window and the
+        token's own document when those apply (None means plain ``is_causal``)."""
+        if self.sliding_window is None and self.segments is None:
             return None
         if "uncached" not in self._memo:
-            qpos = self.positions[:, :, None]  # (B, T, 1)
-            kpos = self.positions[:, None, :]  # (B, 1, T)
             T = self.positions.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=qpos.device).tril()
-            mask = causal & (qpos - kpos < self.sliding_window)
+            mask = torch.ones(T, T, dtype=torch.bool, device=self.positions.device).tril()[None]
+            if self.sliding_window is not None:
+                qpos = self.positions[:, :, None]  # (B, T, 1)
+                kpos = self.positions[:, None, :]  # (B, 1, T)
+                mask = mask & (qpos - kpos < self.sliding_window)
+            if self.segments is not None:
+                mask = mask & (self.segments[:, :, None] == self.segments[:, None, :])
             self._memo["uncached"] = mask[:, None]  # (B, 1, T, T)
         return self._memo["uncached"]
 

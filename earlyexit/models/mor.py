@@ -61,7 +61,14 @@ def step_depth(model, recursions: Tensor) -> Tensor:
 
 
 def mor_forward(
-    model, tokens: Tensor, mode: str, positions: Tensor, cache=None, rows=None, n_valid=None
+    model,
+    tokens: Tensor,
+    mode: str,
+    positions: Tensor,
+    cache=None,
+    rows=None,
+    n_valid=None,
+    segments: Tensor | None = None,
 ) -> MoROutput:
     """The MoR forward of ``tokens`` (B, T); see the module docstring for ``mode``."""
     cfg = model.config
@@ -72,7 +79,7 @@ def mor_forward(
     valid = torch.ones(B, T, dtype=torch.bool, device=dev)
     if n_valid is not None:
         valid = torch.arange(T, device=dev)[None, :] < torch.as_tensor(n_valid, device=dev)[:, None]
-    ctx = model.context(positions, cache, rows, n_new=n_valid)
+    ctx = model.context(positions, cache, rows, n_new=n_valid, segments=segments)
     h = model.run_steps(prefix.start, prefix.stop, model.embed(tokens), ctx)
     h1 = h
     candidates = valid
@@ -130,7 +137,8 @@ def mor_forward(
         h_sel = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, k, d)
         pos_sel = positions.gather(1, idx)
         n_sel = counts.cpu().numpy().astype(np.int64)
-        ctx_r = model.context(pos_sel, cache, rows, n_new=n_sel)
+        seg_sel = None if segments is None else segments.gather(1, idx)
+        ctx_r = model.context(pos_sel, cache, rows, n_new=n_sel, segments=seg_sel)
         ctx_r.shared = ctx.shared  # KV sharing: later recursions read recursion 1's K/V
         out = model.run_steps(steps.start, steps.stop, h_sel, ctx_r)
         if routers.kind == "expert":

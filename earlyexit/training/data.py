@@ -103,3 +103,10 @@ def val_batches(windows: Windows, batch_size: int, max_batches: int):
     n = min(windows.n, batch_size * max_batches)
     for s in range(0, n, batch_size):
         yield windows.get(np.arange(s, min(s + batch_size, n)))
+
+
+def document_segments(tokens, eot: int):
+    """Document index per token (B, T) of a packed window: the end-of-text token belongs to
+    the document it ends, the token after it starts the next one."""
+    is_eot = (tokens == eot).long()
+    return is_eot.cumsum(1) - is_eot

@@ -43,7 +43,14 @@ from earlyexit.errors import ConfigError, EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.layers import RMSNorm
 from earlyexit.tokenizer import Tokenizer
-from earlyexit.training.data import TrainBatches, Windows, load_manifest, token_file, val_batches
+from earlyexit.training.data import (
+    TrainBatches,
+    Windows,
+    document_segments,
+    load_manifest,
+    token_file,
+    val_batches,
+)
 from earlyexit.training.losses import evaluate_nll, get_objective
 from earlyexit.training.schedule import SCHEDULES, lr_at
 from earlyexit.training.state import (
@@ -105,6 +112,8 @@ class TrainConfig:
         distill_weight: ``uptrain``: weight of KL(teacher || student) next to the LM loss.
         flops_budget: set ``steps`` so the run spends this many forward FLOPs (MoR's
             accountant, ``training/flops.py``): equal-compute comparisons.
+        doc_mask: attend only within each document of a packed window (documents end with
+            the end-of-text token); off by default, as in the recipes' measured runs.
     """
 
     data: str = "data/stdlib"
@@ -146,6 +155,7 @@ class TrainConfig:
     teacher: str | None = None
     distill_weight: float = 1.0
     flops_budget: float | None = None
+    doc_mask: bool = False
 
     def validate(self) -> TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"):
@@ -571,6 +581,7 @@ def _train(
     compute_dtype = torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32
     peak = matmul_peak(device, compute_dtype) if d.main else 0.0
     batches = TrainBatches(train_w, cfg.batch_size, cfg.seed, d.rank, d.world)
+    eot_id = manifest["eot_id"]
     if cfg.precision == "bfloat16":  # fp32 master weights, bf16 compute
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     else:
@@ -612,8 +623,13 @@ def _train(
                 if (d.world > 1 and not cfg.fsdp and not last)
                 else contextlib.nullcontext()
             )
+            docs = (
+                model.documents(document_segments(x, eot_id))
+                if cfg.doc_mask
+                else contextlib.nullcontext()
+            )
             with sync:
-                with autocast():
+                with autocast(), docs:
                     out = objective(net, x, y)
                 (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach()
