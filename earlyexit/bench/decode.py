@@ -263,6 +263,10 @@ def run(
     return rows
 
 
+def _tps(by_impl: dict, impl: str) -> str:
+    return f"{by_impl[impl]['tokens_per_s']:.1f}" if impl in by_impl else "–"
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| batch | earlyexit tok/s | transformers tok/s | speedup | identical | with F.linear tok/s | compiled tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
@@ -280,8 +284,7 @@ def format_table(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {bs} | {d['earlyexit']['tokens_per_s']:.1f} | {d['transformers']['tokens_per_s']:.1f} | "
-            f"{s['speedup_vs_transformers']:.2f}x | {s['outputs_identical']} | {d[ABLATION]['tokens_per_s'] if ABLATION in d else float('nan'):.1f} | "
-            f"{d[COMPILED]['tokens_per_s'] if COMPILED in d else float('nan'):.1f} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
+            f"{s['speedup_vs_transformers']:.2f}x | {s['outputs_identical']} | {_tps(d, ABLATION)} | {_tps(d, COMPILED)} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
             f"{s['fraction_of_kernel_ceiling']:.0%} | {frac} |"
         )
     return "\n".join(lines)
