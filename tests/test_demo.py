@@ -53,6 +53,7 @@ def test_demo_quick_trains_measures_and_reports(first_run):
         assert (rep / f).is_file() and (rep / f).stat().st_size > 500, f
     md = (rep / "report.md").read_text()
     assert "speculative k=2" in md and "depthwise" in md
+    assert "## What this run shows" in md and "the fastest strategy that keeps ROUGE-L" in md
     html = (rep / "sample.html").read_text()
     assert html.count("title='depth ") > 10
     assert "model" in err and "tokens/s" in err  # the printed tables
@@ -174,3 +175,42 @@ def test_stages_built_from_changed_weights_are_stale_across_runs(tmp_path, monke
     _, _, reused = pipeline.build(st, progress=False, log=lambda *a: None)
     assert calls == ["recursive-init", "recursive-uptrain", "recursive"]
     assert reused == ["dense-exits", "mor"]
+
+
+def test_report_findings_follow_the_numbers():
+    from earlyexit.demo.report import findings
+
+    def row(label, speedup, rouge, curve="free"):
+        return {
+            "model": "dense",
+            "label": label,
+            "curve": curve,
+            "speedup": speedup,
+            "rouge_l": rouge,
+            "mean_depth": 5.0,
+            "n_steps": 8,
+        }
+
+    rows = [row("full", 1.0, 1.0, "full"), row("a", 1.4, 0.995), row("b", 2.0, 0.9)]
+    eng = [
+        {
+            "model_label": "dense",
+            "model": "dense",
+            "policy": "static",
+            "exit": None,
+            "x_static": 1.0,
+        },
+        {
+            "model_label": "rec",
+            "model": "recursive",
+            "policy": "depthwise",
+            "exit": {"step": 4, "threshold": 0.3},
+            "x_static": 0.6,
+        },
+    ]
+    out = findings(rows, eng)
+    assert "is a at 1.40x" in out[0]  # b is faster but below the quality bar
+    assert any("did not pay" in f for f in out)
+    eng[1]["x_static"] = 1.3
+    out = findings(rows, eng)
+    assert not any("did not pay" in f for f in out) and "rec with depthwise" in out[1]

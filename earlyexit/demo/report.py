@@ -174,3 +174,36 @@ def sample_html(prompt: str, samples: list[dict], out: Path) -> Path:
         parts.append("</pre>")
     out.write_text("".join(parts) + "\n", encoding="utf-8")
     return out
+
+
+def findings(rows: list[dict], engine: list[dict], min_quality: float = 0.99) -> list[str]:
+    """Plain-language findings of one run, computed from its rows (nothing hard-coded)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cands = [
+            r
+            for r in rows
+            if r["model"] == model and r["curve"] != "full" and (r["rouge_l"] or 0) >= min_quality
+        ]
+        if cands:
+            best = max(cands, key=lambda r: r["speedup"])
+            out.append(
+                f"{MODEL_TITLES.get(model, model)}: the fastest strategy that keeps ROUGE-L >= "
+                f"{min_quality} is {best['label']} at {best['speedup']:.2f}x "
+                f"(average depth {best['mean_depth']:.2f} of {best['n_steps']})"
+                + ("." if best["speedup"] > 1 else ": none beats full depth.")
+            )
+    if engine:
+        best = max(engine, key=lambda e: e["x_static"])
+        exits = [e for e in engine if e["exit"] is not None or e["model"] == "mor"]
+        out.append(
+            f"Serving: the highest throughput was {best['model_label']} with {best['policy']} "
+            f"batching ({best['x_static']:.2f}x dense static)."
+        )
+        if exits and all(e["x_static"] < 1 for e in exits):
+            out.append(
+                "Every configuration that gives tokens less depth served slower than dense static "
+                "batching here: on this machine, per-token depth did not pay in batched serving "
+                "(BENCHMARKS.md, `depthwise`, explains what the time goes to)."
+            )
+    return out

@@ -245,6 +245,8 @@ def main(
         )
         + "\n"
     )
+    for f in report.findings(rows, engine):
+        say(f"* {f}")
     say(f"\nreport: {report_md}   (done in {_fmt_s(timings['total'])})")
     if as_json:
         print(
@@ -482,6 +484,13 @@ def _write_report(
             f"gives max |logit diff| {parity['max_logit_diff']:.1e}; greedy tokens identical: "
             f"{parity['greedy_tokens_identical']}.",
         ]
+    lines += ["", "## What this run shows", ""]
+    lines += [f"- {f}" for f in report.findings(rows, engine)]
+    if "mor" in paths:
+        lines.append(
+            "- MoR's lower NLL at equal training FLOPs comes, at this scale, from its routers' "
+            "gated updates rather than from routing (BENCHMARKS.md, `mor-isoflop`)."
+        )
     lines += [
         "",
         "## Strategies (batch 1)",
