@@ -468,6 +468,19 @@ class ModelConfig:
 
 
 # One line per model; numbers from the models' Hugging Face configs.
+# The embedded default's shape (see the "stdlib-small" preset); its variants and the demo's
+# models derive from it.
+STDLIB_SMALL: dict[str, Any] = dict(
+    vocab_size=8192,
+    d_model=256,
+    n_layers=8,
+    n_heads=8,
+    n_kv_heads=4,
+    d_ff=768,
+    max_context=1024,
+    tie_embeddings=True,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests: runs everything on a CPU in milliseconds.
     "tiny": dict(
@@ -483,16 +496,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default trained on the Python standard library (training/loop.py
     # RECIPES). 8 layers: FREE 2/8 shallow-deep, recursive 4x2 cycle and MoR middle-cycle
     # 1 + 2x3 + 1 all fit without adding layers. The vocabulary comes from the data.
-    "stdlib-small": dict(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=4,
-        d_ff=768,
-        max_context=1024,
-        tie_embeddings=True,
-    ),
+    "stdlib-small": STDLIB_SMALL,
     # Gemma-2B *shape* as a Llama (MQA, head_dim 256, tied 256k vocab; SwiGLU has the same
     # parameter count as Gemma's GeGLU): reproduces the recursive paper's parameter counts.
     "gemma-2b-shape": dict(
@@ -509,42 +513,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Mixture-of-Recursions variant of stdlib-small: the same 8-step depth as 1 + 2 x 3 + 1,
     # 4 unique blocks, expert-choice routing with capacities 1, 2/3, 1/3.
     "stdlib-small-mor": dict(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=4,
-        d_ff=768,
-        max_context=1024,
-        tie_embeddings=True,
-        sharing=dict(scheme="middle_cycle", loops=3),
-        router=dict(kind="expert"),
+        STDLIB_SMALL, sharing=dict(scheme="middle_cycle", loops=3), router=dict(kind="expert")
     ),
     "stdlib-small-mor-token": dict(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=4,
-        d_ff=768,
-        max_context=1024,
-        tie_embeddings=True,
-        sharing=dict(scheme="middle_cycle", loops=3),
-        router=dict(kind="token"),
+        STDLIB_SMALL, sharing=dict(scheme="middle_cycle", loops=3), router=dict(kind="token")
     ),
     # The same shape without routers: every token runs all three recursions (the
     # recursive baseline of the equal-FLOP comparison).
-    "stdlib-small-rec3": dict(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=4,
-        d_ff=768,
-        max_context=1024,
-        tie_embeddings=True,
-        sharing=dict(scheme="middle_cycle", loops=3),
-    ),
+    "stdlib-small-rec3": dict(STDLIB_SMALL, sharing=dict(scheme="middle_cycle", loops=3)),
     # HuggingFaceTB/SmolLM-135M (also MoR's 135M base shape).
     "smollm-135m": dict(
         vocab_size=49152,

@@ -182,3 +182,16 @@ def serve_offline(model, stream, policy: str, max_batch: int, exit=None, max_len
         "depths": depths,
         "occupancy": engine.occupancy(),
     }
+
+
+def timed_decode(model, prompts, params, strategy, batch_size: int = 1) -> tuple[float, list]:
+    """Decode ``prompts`` in batches of ``batch_size`` with one strategy object; returns
+    (seconds, results). Every strategy comparison times its decoding through this."""
+    from earlyexit.decoding.generate import generate
+
+    results = []
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        results += generate(model, prompts[i : i + batch_size], params, strategy=strategy)
+    sync()
+    return time.perf_counter() - t, results

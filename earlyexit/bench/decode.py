@@ -29,20 +29,11 @@ from pathlib import Path
 
 import torch
 
+from earlyexit.bench.common import cpu_name
 from earlyexit.config import ModelConfig
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.models.kernels import linear, onednn_linear
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(threads: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -52,7 +43,7 @@ def environment(threads: int, device: torch.device, dtype: torch.dtype) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": threads,
         "device": str(device),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 import warnings
 
 from earlyexit.bench.common import (
@@ -27,10 +26,10 @@ from earlyexit.bench.common import (
     environment,
     load_model,
     set_threads,
+    timed_decode,
     validation_prompts,
     write_rows,
 )
-from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
 
@@ -43,11 +42,8 @@ CLS_SWEEP = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 def _decode_all(model, prompts, params, factory, batch_size: int = 1):
     """Decode ``prompts`` in batches with one strategy object; (seconds, results, strategy)."""
     strategy = factory()
-    results = []
-    t = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        results += generate(model, prompts[i : i + batch_size], params, strategy=strategy)
-    return time.perf_counter() - t, results, strategy
+    dt, results = timed_decode(model, prompts, params, strategy, batch_size)
+    return dt, results, strategy
 
 
 def _configs(model, with_calm_on_shared_exit: bool = True):

@@ -28,6 +28,14 @@ def _plt():
     return plt
 
 
+def save(fig, out: Path) -> Path:
+    """Lay out, write (120 dpi) and close a figure; every figure here and in the demo report."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    _plt().close(fig)
+    return out
+
+
 def pareto(rows: list[dict], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -54,10 +62,7 @@ def pareto(rows: list[dict], out: Path) -> Path:
     ax.set_title("Early exit: quality vs speed")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def batched(rows: list[dict], out: Path) -> Path:
@@ -82,10 +87,7 @@ def batched(rows: list[dict], out: Path) -> Path:
     ax.set_ylabel("tokens/s")
     ax.set_title("Early exit under batching")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def decode(rows: list[dict], out: Path) -> Path:
@@ -110,10 +112,7 @@ def decode(rows: list[dict], out: Path) -> Path:
     ax.set_ylabel("tokens/s")
     ax.set_title("Full-depth decode")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def depthwise(rows: list[dict], out: Path) -> Path:
@@ -129,10 +128,7 @@ def depthwise(rows: list[dict], out: Path) -> Path:
         ax.text(vals[i], i, f" {vals[i]:.2f}x  (NLL {r['val_nll']:.3f})", va="center", fontsize=7)
     ax.set_xlabel("throughput / vanilla with static batching (same run)")
     ax.set_title("Serving a request stream (max batch 32)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plots") -> list[Path]:

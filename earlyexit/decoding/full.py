@@ -52,7 +52,7 @@ class FullDepth(Strategy):
     ) -> StepOutput:
         B = tokens.shape[0]
         if self._step is not None:
-            slots = sorted({s.kv_slot for s in model.plan})
+            slots = self._step.slots
             lens = cache.lengths[slots[0], :B]  # host; every slot has the same length here
             logits = self._step(tokens, torch.as_tensor(lens, device=tokens.device))
             adv = np.ones(B, dtype=np.int64) if n_new is None else n_new

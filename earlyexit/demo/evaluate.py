@@ -11,14 +11,12 @@ Everything here measures in this process, now; nothing is copied from BENCHMARKS
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from earlyexit.bench.common import agreement
-from earlyexit.decoding.generate import generate
+from earlyexit.bench.common import agreement, timed_decode
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
 
@@ -85,15 +83,6 @@ def recursive_configs(model) -> list[Config]:
     return out
 
 
-def _decode(model, prompts, params, strategy):
-    """Decode ``prompts`` one at a time (batch 1) with one strategy object."""
-    t = time.perf_counter()
-    res = []
-    for p in prompts:
-        res += generate(model, [p], params, strategy=strategy)
-    return time.perf_counter() - t, res
-
-
 def strategy_rows(
     tag: str,
     lm,
@@ -112,17 +101,19 @@ def strategy_rows(
     model = lm.model
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     full = make_strategy(model, "full")
-    _decode(model, prompts[:1], SamplingParams(max_new_tokens=4, ignore_eos=True), full)  # warm-up
-    t_before, ref = _decode(model, prompts, params, make_strategy(model, "full"))
+    timed_decode(
+        model, prompts[:1], SamplingParams(max_new_tokens=4, ignore_eos=True), full
+    )  # warm-up
+    t_before, ref = timed_decode(model, prompts, params, make_strategy(model, "full"))
     references = [r.token_ids for r in ref]
     depths = {"full": [d for r in ref for d in r.depths]}
     measured = []
     for c in configs:
-        dt, res = _decode(model, prompts, params, make_strategy(model, c.name, **c.options))
+        dt, res = timed_decode(model, prompts, params, make_strategy(model, c.name, **c.options))
         measured.append((c, dt, res))
         if on_config:
             on_config()
-    t_after, _ = _decode(model, prompts, params, make_strategy(model, "full"))
+    t_after, _ = timed_decode(model, prompts, params, make_strategy(model, "full"))
     t_full = (t_before + t_after) / 2
     base = reference_time if reference_time is not None else t_full
     n_tok = sum(len(r) for r in references)

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from earlyexit.config import STDLIB_SMALL
 from earlyexit.errors import InputError
 
 
@@ -60,16 +61,8 @@ class DemoPlan:
 # The embedded default: stdlib-small's shape, fewer steps than its own recipe (BENCHMARKS.md).
 FULL = DemoPlan(
     corpus=("stdlib",),
-    vocab_size=8192,
-    model=dict(
-        d_model=256,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=4,
-        d_ff=768,
-        max_context=1024,
-        tie_embeddings=True,
-    ),
+    vocab_size=STDLIB_SMALL["vocab_size"],
+    model={k: v for k, v in STDLIB_SMALL.items() if k != "vocab_size"},
     seq_len=256,
     batch_size=16,
     dense_steps=200,

@@ -6,7 +6,7 @@ import html
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from earlyexit.bench.plots import _plt
+from earlyexit.bench.plots import _plt, save
 
 MODEL_TITLES = {
     "dense": "dense + exits",
@@ -80,10 +80,7 @@ def pareto(rows: list[dict], out: Path) -> Path:
     ax.set_title("Quality vs speed: every strategy on the demo's models")
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def depth_histogram(depths: dict[str, tuple[list[int], int]], out: Path) -> Path:
@@ -101,10 +98,7 @@ def depth_histogram(depths: dict[str, tuple[list[int], int]], out: Path) -> Path
         ax.set_xlabel(f"depth (steps of {n_steps})", fontsize=8)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("share of tokens")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def throughput(rows: list[dict], out: Path) -> Path:
@@ -131,10 +125,7 @@ def throughput(rows: list[dict], out: Path) -> Path:
     ax.set_xticks([j + width for j in range(len(models))], models, fontsize=8)
     ax.set_ylabel("generated tokens/s")
     ax.set_title("Serving a request stream (ratios: / dense with static batching)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def _colour(depth: int, n_steps: int) -> str:

@@ -72,7 +72,8 @@ def main(
     # ------------------------------------------------------------------ data + models
     from earlyexit.training.corpus import prepare
 
-    user_tok = _user_tokenizer(model) if model else None
+    model_dir = Path(_resolve_model(model)) if model else None  # resolved (downloaded) once
+    user_tok = _user_tokenizer(model_dir) if model_dir else None
     data = work / ("data" if user_tok is None else "data-user")
     data_ready = (data / "manifest.json").is_file()
     st = [] if model else pipeline.stages(plan, work, data, threads, device=str(dev))
@@ -94,7 +95,7 @@ def main(
     )
     timings["data"] = time.perf_counter() - t
     if model:
-        paths = {"user": Path(_resolve_model(model))}
+        paths = {"user": model_dir}
         reused: list[str] = []
     else:
         t = time.perf_counter()
@@ -306,11 +307,11 @@ def _resolve_model(model: str) -> str:
         ) from None
 
 
-def _user_tokenizer(model: str) -> str:
-    path = Path(_resolve_model(model)) / "tokenizer.json"
+def _user_tokenizer(model_dir: Path) -> str:
+    path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise InputError(
-            f"{model}: the demo needs the model's tokenizer.json to tokenize the corpus"
+            f"{model_dir}: the demo needs the model's tokenizer.json to tokenize the corpus"
         )
     return str(path)
 

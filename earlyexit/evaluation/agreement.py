@@ -10,10 +10,7 @@ average depth and exit rate. The benchmark ``early-exit`` sweeps the same measur
 
 from __future__ import annotations
 
-import time
-
-from earlyexit.bench.common import agreement, validation_prompts
-from earlyexit.decoding.generate import generate
+from earlyexit.bench.common import agreement, timed_decode, validation_prompts
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import make_strategy
 from earlyexit.errors import InputError
@@ -47,11 +44,8 @@ def agreement_eval(
 
     def run(name: str, opts: dict):
         s = make_strategy(model, name, **opts)
-        t = time.perf_counter()
-        res = []
-        for p in prompts:
-            res += generate(model, [p], params, strategy=s)
-        return time.perf_counter() - t, res, s
+        dt, res = timed_decode(model, prompts, params, s)
+        return dt, res, s
 
     run("full", {})  # warm-up
     t_full, ref, _ = run("full", {})

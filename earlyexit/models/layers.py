@@ -135,16 +135,8 @@ class Attention(nn.Module):
         _add_lora(out, lora, "o", y, 0, out.shape[-1])
         return out
 
-    def forward(
-        self,
-        x: Tensor,
-        ctx: ForwardContext,
-        kv_slot: int,
-        lora: Lora = None,
-        read_only: bool = False,
-    ) -> Tensor:
-        if read_only:
-            return self._read_only(x, ctx, kv_slot, lora)
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, lora: Lora = None):
+        """Queries (B, H, T, D), rotated keys and values (B, Hkv, T, D) of ``x`` (B, T, d)."""
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
         if lora is not None:
@@ -156,10 +148,22 @@ class Attention(nn.Module):
         # q and k heads are rotated together: one RoPE application instead of two.
         # (Slicing rather than .split(): this runs once per layer per token.)
         qk = qkv[..., : n_qk * self.head_dim].view(B, T, n_qk, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qk, ctx.cos, ctx.sin)  # (B, H + Hkv, T, D)
-        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # (B, H, T, D), (B, Hkv, T, D)
+        qk = apply_rope(qk, cos, sin)  # (B, H + Hkv, T, D)
         v = qkv[..., n_qk * self.head_dim :].view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.transpose(1, 2)  # (B, Hkv, T, D)
+        return qk[:, : self.n_heads], qk[:, self.n_heads :], v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        ctx: ForwardContext,
+        kv_slot: int,
+        lora: Lora = None,
+        read_only: bool = False,
+    ) -> Tensor:
+        if read_only:
+            return self._read_only(x, ctx, kv_slot, lora)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, ctx.cos, ctx.sin, lora)
         if ctx.cache is not None:
             k, v, mask = ctx.cache.update(kv_slot, k, v, ctx)  # (B, Hkv, W, D), mask (B|1, 1, T, W)
         else:

@@ -12,8 +12,9 @@ or a sliding window, with shapes that never change:
 - every query attends over the whole buffer (B, Hkv, max_len, D) with the mask
   ``j <= lens[b]``: entries past a row's length are masked, so their content never matters.
 
-Compiled (``torch.compile``, ``mode="reduce-overhead"`` on CUDA: CUDA graphs) it removes
-the per-op dispatch that dominates small-batch decoding. Eager, it is a reference the tests
+Compiled (``torch.compile``, ``mode="reduce-overhead"`` on CUDA: CUDA graphs) it is meant to
+remove the per-op dispatch that dominates small-batch decoding on a GPU (not yet measured
+there; on the CPU it is slower than the eager oneDNN path, BENCHMARKS.md ``decode``). Eager, it is a reference the tests
 compare against the general path. The host keeps the cache lengths (it advances them by the
 rows' ``n_new`` itself), so nothing here synchronises with the device.
 """
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from earlyexit.models.layers import _add_lora, apply_rope, rope_cos_sin
+from earlyexit.models.layers import _add_lora, rope_cos_sin
 
 
 def static_unsupported(model) -> str | None:
@@ -51,7 +52,7 @@ class StaticDecodeStep:
         if reason is not None:
             raise ValueError(f"the static decode step does not support {reason}")
         self.model, self.cache = model, cache
-        self.slots = [s.kv_slot for s in model.plan]
+        self.slots = sorted({s.kv_slot for s in model.plan})  # every slot a step writes
         self.j = torch.arange(cache.max_len, device=cache.device)  # (W,)
         fn = self._step
         if compile:
@@ -85,20 +86,10 @@ class StaticDecodeStep:
 
     def _attention(self, attn, x, cos, sin, mask, rows, col, slot, lora) -> Tensor:
         B = x.shape[0]
-        qkv = attn.wqkv(x)  # (B, 1, q_dim + 2 kv_dim)
-        if lora is not None:
-            q_end, k_end = attn.q_dim, attn.q_dim + attn.kv_dim
-            _add_lora(qkv, lora, "q", x, 0, q_end)
-            _add_lora(qkv, lora, "k", x, q_end, k_end)
-            _add_lora(qkv, lora, "v", x, k_end, k_end + attn.kv_dim)
-        n_qk = attn.n_heads + attn.n_kv_heads
-        qk = qkv[..., : n_qk * attn.head_dim].view(B, 1, n_qk, attn.head_dim).transpose(1, 2)
-        qk = apply_rope(qk, cos, sin)  # (B, H + Hkv, 1, D)
-        q, k = qk[:, : attn.n_heads], qk[:, attn.n_heads :]
-        v = qkv[..., n_qk * attn.head_dim :].view(B, attn.n_kv_heads, attn.head_dim)  # (B, Hkv, D)
+        q, k, v = attn.qkv(x, cos, sin, lora)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
         kb, vb = self.cache.k[slot], self.cache.v[slot]  # (B_max, Hkv, W, D)
         kb[rows, :, col] = k[:, :, 0]
-        vb[rows, :, col] = v
+        vb[rows, :, col] = v[:, :, 0]
         y = F.scaled_dot_product_attention(
             q, kb[:B], vb[:B], attn_mask=mask, enable_gqa=attn.n_kv_heads != attn.n_heads
         )  # (B, H, 1, D)
