@@ -38,10 +38,11 @@ import torch.distributed as dist
 
 from earlyexit.checkpoint import load_checkpoint, load_config, save_checkpoint
 from earlyexit.config import ExitConfig, ModelConfig, _parse_dataclass
-from earlyexit.device import resolve_device
+from earlyexit.device import PRECISIONS, resolve_device, resolve_precision
 from earlyexit.errors import ConfigError, EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.layers import RMSNorm
+from earlyexit.progress import progress as progress_bar
 from earlyexit.tokenizer import Tokenizer
 from earlyexit.training.data import (
     TrainBatches,
@@ -88,7 +89,9 @@ class TrainConfig:
         weight_decay: AdamW weight decay on matrices (not norms, biases, embeddings).
         beta1, beta2: AdamW betas.
         grad_clip: max global gradient norm (<= 0 disables).
-        precision: ``float32``, or ``bfloat16`` autocast with fp32 master weights.
+        precision: ``auto`` (bf16 autocast where the device runs bf16 natively, fp32
+            elsewhere: :func:`earlyexit.device.resolve_precision`), ``float32``, or
+            ``bfloat16`` autocast with fp32 master weights.
         eval_every: steps between validation evaluations (<= 0: only at the end).
         eval_batches: validation batches per evaluation.
         save_every: steps between checkpoints (<= 0: only at the end).
@@ -134,7 +137,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "float32"
+    precision: str = "auto"
     eval_every: int = 100
     eval_batches: int = 16
     save_every: int = 200
@@ -173,8 +176,10 @@ class TrainConfig:
             raise ConfigError(
                 "float16 training is not supported: use --precision bfloat16 (fp32 master weights)"
             )
-        if self.precision not in ("float32", "bfloat16"):
-            raise ConfigError(f"precision must be float32 or bfloat16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
@@ -201,7 +206,8 @@ class TrainConfig:
 RECIPES: dict[str, dict] = {
     # The embedded default: the small dense model the demo builds on, trained on the
     # Python standard library (1.8M tokens, ~0.6 epoch) in ~12 minutes on 2 cores
-    # (BENCHMARKS.md, "train"). bf16 autocast is 1.45x faster than fp32 on AVX512-BF16 CPUs.
+    # (BENCHMARKS.md, "train"). Precision is the default ``auto``: bf16 autocast where the
+    # hardware has it (1.45x faster than fp32 on AVX512-BF16 CPUs), fp32 elsewhere.
     "stdlib-small": dict(
         model="stdlib-small",
         data="data/stdlib",
@@ -211,7 +217,6 @@ RECIPES: dict[str, dict] = {
         steps=450,
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=50,
         save_every=50,
     ),
@@ -230,7 +235,6 @@ RECIPES: dict[str, dict] = {
         steps=300,
         lr=1e-3,
         warmup_steps=20,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -246,7 +250,6 @@ RECIPES: dict[str, dict] = {
         steps=150,
         lr=1e-3,
         warmup_steps=10,
-        precision="bfloat16",
         eval_every=150,
         save_every=150,
     ),
@@ -265,7 +268,6 @@ RECIPES: dict[str, dict] = {
         steps=120,
         lr=1e-3,
         warmup_steps=10,
-        precision="bfloat16",
         eval_every=60,
         save_every=60,
     ),
@@ -281,7 +283,6 @@ RECIPES: dict[str, dict] = {
         steps=150,
         lr=1e-3,
         warmup_steps=10,
-        precision="bfloat16",
         eval_every=75,
         save_every=75,
     ),
@@ -297,7 +298,6 @@ RECIPES: dict[str, dict] = {
         flops_budget=450 * 16 * 256 * 14_680_064,  # vanilla: 14.68 MFLOP per token at 256
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -310,7 +310,6 @@ RECIPES: dict[str, dict] = {
         flops_budget=450 * 16 * 256 * 14_680_064,
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -323,7 +322,6 @@ RECIPES: dict[str, dict] = {
         flops_budget=450 * 16 * 256 * 14_680_064,
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -339,7 +337,6 @@ RECIPES: dict[str, dict] = {
         steps=300,
         lr=1e-3,
         warmup_steps=20,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -447,17 +444,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def matmul_peak(
     device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5
 ) -> float:
-    """FLOP/s of an n x n x n matmul in ``dtype``, measured here and now (for MFU)."""
+    """FLOP/s of an n x n x n matmul in ``dtype``, measured here and now (for MFU): the best
+    of ``reps`` timed calls after one warm-up, so a busy moment does not lower the peak (a
+    low peak is what makes MFU come out above 1)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
+    a @ b
+    best = float("inf")
     for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak: float):
+    """Achieved / peak FLOP/s, or None when the peak is unknown or the ratio is impossible
+    (above 1: the probe ran at a slower moment than the step; reporting it would be a lie)."""
+    if not peak:
+        return None
+    mfu = tokens_per_s * flops_per_token / peak
+    return mfu if mfu <= 1.0 else None
 
 
 def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
@@ -567,22 +578,28 @@ def _train(
         say(f"resuming {run} from {ckpt.name} (step {start_step})")
 
     # ------------------------------------------------------------------ bookkeeping
+    precision, why = resolve_precision(cfg.precision, device)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(
             json.dumps(
-                {**dataclasses.asdict(cfg), "world_size": d.world, "git": _git_revision()}, indent=1
+                {
+                    **dataclasses.asdict(cfg),
+                    "precision_resolved": precision,
+                    "world_size": d.world,
+                    "git": _git_revision(),
+                },
+                indent=1,
             )
             + "\n"
         )
         _truncate_metrics(run / "metrics.jsonl", start_step)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * d.world
     fpt = flops_per_token(mc, cfg.seq_len)
-    compute_dtype = torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32
-    peak = matmul_peak(device, compute_dtype) if d.main else 0.0
+    compute_dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     batches = TrainBatches(train_w, cfg.batch_size, cfg.seed, d.rank, d.world)
     eot_id = manifest["eot_id"]
-    if cfg.precision == "bfloat16":  # fp32 master weights, bf16 compute
+    if precision == "bfloat16":  # fp32 master weights, bf16 compute
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     else:
         autocast = contextlib.nullcontext
@@ -590,12 +607,12 @@ def _train(
         f"training {mc.name}: {mc.param_counts()['total'] / 1e6:.2f}M parameters, {d.world} process(es), "
         f"{tokens_per_step:,} tokens/step, steps {start_step}->{cfg.steps}"
     )
+    say(f"precision: {precision} ({why})")
+    peak = matmul_peak(device, compute_dtype) if d.main else 0.0
 
-    bar = None
-    if progress and d.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    bar = progress_bar(
+        progress and d.main, cfg.steps, f"train {run.name}", log=say, initial=start_step
+    )
     skipped, last_eval = 0, None
     t_start, tok_start = time.perf_counter(), tokens_seen
     completed = start_step
@@ -657,9 +674,7 @@ def _train(
         done = completed = step + 1
         elapsed = time.perf_counter() - t_start
         tps = (tokens_seen - tok_start) / max(elapsed, 1e-9)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        bar.update(1, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tokens_per_s=f"{tps:,.0f}")
         if d.main and (done % cfg.log_every == 0 or done == cfg.steps or done == 1):
             _append(
                 run / "metrics.jsonl",
@@ -670,7 +685,7 @@ def _train(
                     "grad_norm": float(gnorm),
                     "tokens": tokens_seen,
                     "tokens_per_s": tps,
-                    "mfu": tps * fpt / peak if peak else None,
+                    "mfu": model_flops_utilization(tps, fpt, peak),
                     "elapsed_s": elapsed,
                     **{k: float(v) for k, v in extra.items()},
                     "skipped": skipped,
@@ -688,17 +703,15 @@ def _train(
                         "tokens": tokens_seen,
                     },
                 )
-                if bar is not None:
-                    bar.write(
-                        f"step {done}: val nll {last_eval:.4f} (ppl {math.exp(min(last_eval, 50)):.2f})"
-                    )
+                bar.write(
+                    f"step {done}: val nll {last_eval:.4f} (ppl {math.exp(min(last_eval, 50)):.2f})"
+                )
         if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == cfg.steps:
             _save(run, done, tokens_seen, model, optimizer, mc, tok_path, cfg, fingerprint, d)
         if cfg.stop_at_step > 0 and done >= cfg.stop_at_step and done < cfg.steps:
             say(f"stopping at step {done} (--stop-at-step)")
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     finished = completed >= cfg.steps
     if finished and last_eval is None:  # resumed a run that had already finished
         last_eval = _evaluate(model, val_w, cfg, device, d)
@@ -717,7 +730,8 @@ def _train(
         "val_nll": last_eval,
         "tokens": tokens_seen,
         "tokens_per_s": tps,
-        "mfu": tps * fpt / peak if peak else None,
+        "mfu": model_flops_utilization(tps, fpt, peak),
+        "precision": precision,
         "matmul_peak_flops": peak,
         "flops_per_token": fpt,
         "skipped_steps": skipped,
