@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +29,13 @@ from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+STRATEGY_OPTIONS = {
+    name
+    for name, p in inspect.signature(make_strategy).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
 
 
 class LM:
@@ -52,13 +61,31 @@ class LM:
 
     def _params(self, params: SamplingParams | None, kwargs: dict) -> SamplingParams:
         if params is not None and kwargs:
-            raise TypeError("pass either params or keyword sampling arguments, not both")
-        if params is None:
-            try:
-                params = SamplingParams(**kwargs)
-            except TypeError as e:
-                raise InputError(str(e)) from None
-        return params
+            raise InputError(
+                f"pass either params=SamplingParams(...) or sampling keywords, not both "
+                f"(got {', '.join(sorted(kwargs))})"
+            )
+        return params if params is not None else SamplingParams(**kwargs)
+
+    def _split(self, strategy, kwargs: dict) -> tuple[Strategy | None, dict]:
+        """Keyword arguments are sampling fields or strategy options (``threshold=0.3``
+        with ``strategy="free"``); returns the strategy and the sampling keywords."""
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in STRATEGY_OPTIONS}
+        unknown = sorted(set(kwargs) - SAMPLING_FIELDS)
+        if unknown:
+            raise InputError(
+                f"unknown keyword(s) {', '.join(unknown)}; sampling: "
+                f"{', '.join(sorted(SAMPLING_FIELDS))}; strategy options: "
+                f"{', '.join(sorted(STRATEGY_OPTIONS))}"
+            )
+        if options and not isinstance(strategy, str):
+            raise InputError(
+                f"strategy options ({', '.join(sorted(options))}) need a strategy name, e.g. "
+                f"strategy='free', or build the strategy with lm.strategy(name, **options)"
+            )
+        if isinstance(strategy, str):
+            strategy = self.strategy(strategy, **options)
+        return strategy, kwargs
 
     def strategy(self, name: str = "full", **options) -> Strategy:
         """A decoding strategy for this model (``full``, ``static``, ``calm``, ``free``,
@@ -76,12 +103,13 @@ class LM:
         """Generate for one prompt (text or ids) or a list of prompts (batched).
 
         Keyword arguments are :class:`SamplingParams` fields (``max_new_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ...). ``strategy`` is a
-        :class:`Strategy` (see :meth:`strategy`) or a name with default options.
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ...) or, with a strategy
+        given by name, its options (``lm.generate(p, strategy="free", threshold=0.3)``).
+        ``strategy`` is a :class:`Strategy` (see :meth:`strategy`) or a name.
         """
         single, prompts = _as_batch(prompt)
         ids = [self.encode(p) for p in prompts]
-        strategy = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        strategy, kwargs = self._split(strategy, kwargs)
         out = _generate(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
         return out[0] if single else out
 
@@ -92,10 +120,10 @@ class LM:
         strategy: Strategy | str | None = None,
         **kwargs,
     ) -> Iterator[TokenEvent]:
-        """Yield :class:`TokenEvent` s as tokens are generated."""
+        """Yield :class:`TokenEvent` s as tokens are generated (keywords as in :meth:`generate`)."""
         _, prompts = _as_batch(prompt)
         ids = [self.encode(p) for p in prompts]
-        strategy = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        strategy, kwargs = self._split(strategy, kwargs)
         return _stream(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
 
 

@@ -29,6 +29,16 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_precision_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help=f"{what}: auto (default) = bfloat16 autocast where the hardware runs bf16 "
+        "natively, float32 elsewhere",
+    )
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
@@ -108,21 +118,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"earlyexit: warning: {w.message}", file=sys.stderr)
     L = lm.model.n_steps
+    colour = args.show_depth and (
+        args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    )
     t0 = time.perf_counter()
     if (args.stream or args.show_depth) and not args.json:
         result = None
         events = []
-        if args.show_depth:
+        if colour:
             legend = " ".join(_colour(str(d), d, L) for d in range(1, L + 1))
             print(f"depth: {legend}", file=sys.stderr)
         for ev in lm.stream(prompt_in, params, strategy=strategy):
             events.append(ev)
             text = ev.text if ev.text is not None else f"{ev.token_id} "
-            sys.stdout.write(_colour(text, ev.depth, L) if args.show_depth else text)
+            sys.stdout.write(_colour(text, ev.depth, L) if colour else text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
         n, depths = len(events), [e.depth for e in events]
         finish = events[-1].finish_reason if events else ""
+        if args.show_depth and not colour:  # a pipe or --color never: the depths as numbers
+            print(f"depths: {' '.join(map(str, depths))}", file=sys.stderr)
     else:
         result = lm.generate(prompt_in, params, strategy=strategy)
         n, depths, finish = len(result.token_ids), result.depths, result.finish_reason
@@ -412,6 +428,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             compile=args.compile,
+            model=args.model,
         )
         return 0
     if args.name == "reliability":
@@ -425,7 +442,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         skip = {x.strip() for x in args.skip.split(",") if x.strip()}
         device = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
-        return 1 if run_all(skip, args.dry_run, device=device) else 0
+        return 1 if run_all(skip, args.dry_run, device=device, precision=args.precision) else 0
     if args.name == "plot":
         from earlyexit.bench.plots import plot_all
 
@@ -469,7 +486,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.name == "mor-isoflop":
         from earlyexit.bench.isoflop import run as isoflop_run
 
-        rows = isoflop_run(args.data, args.threads, out)
+        rows = isoflop_run(args.data, args.threads, out, precision=args.precision)
         if args.json:
             print(json.dumps(rows))
         return 0
@@ -482,6 +499,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             steps=args.steps or 120,
             threads=args.threads,
             out=out,
+            precision=args.precision,
         )
         if args.json:
             print(json.dumps(rows))
@@ -562,6 +580,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        precision=args.precision,
     )
 
 
@@ -650,7 +669,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument(
-        "--show-depth", action="store_true", help="colour each token by the depth it ran (streams)"
+        "--show-depth",
+        action="store_true",
+        help="colour each token by the depth it ran (streams); without colour, the depths are "
+        "listed on stderr",
+    )
+    g.add_argument(
+        "--color",
+        "--colour",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="--show-depth colours: auto (default) = only when stdout is a terminal",
     )
     _add_strategy_flags(g)
     g.add_argument(
@@ -783,8 +812,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         "--dtype",
         dest="precision",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype: bfloat16 autocasts with fp32 master weights (float16 is refused)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="training compute: auto (default) = bfloat16 autocast where the hardware runs "
+        "bf16 natively (AVX512-BF16/AMX CPUs, bf16 GPUs), float32 elsewhere; bfloat16 keeps "
+        "fp32 master weights; float16 is refused",
     )
     og.add_argument("--nonfinite", choices=["stop", "skip"], help="what a NaN/inf loss does")
     og.add_argument(
@@ -948,7 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     b.add_argument(
-        "--model", default=None, help="early-exit/batched-exit: checkpoint with trained exits"
+        "--model",
+        default=None,
+        help="early-exit/batched-exit: checkpoint with trained exits; decode: a real model "
+        "instead of --preset's random weights",
     )
     b.add_argument(
         "--calm-model", default=None, help="early-exit: a second checkpoint (CALM-trained exits)"
@@ -985,6 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode: add our static-shape decode step under torch.compile (CUDA graphs on CUDA)",
     )
+    _add_precision_flag(b, "conversion/mor-isoflop: compute of the trainings they run")
     _add_device_flags(b)
     b.set_defaults(func=cmd_bench)
 
@@ -1035,6 +1070,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_precision_flag(d, "compute of the demo's trainings")
     _add_device_flags(d)
     d.set_defaults(func=cmd_demo)
     return p
