@@ -39,11 +39,24 @@ STRATEGY_OPTIONS = {
 
 
 class LM:
-    """A loaded model with its tokenizer, ready to generate."""
+    """A loaded model with its tokenizer (and chat template, if it has one), ready to generate."""
 
-    def __init__(self, model: Decoder, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, model: Decoder, tokenizer: Tokenizer | None = None, chat_config: dict | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_config = chat_config  # tokenizer_config.json: chat_template, special tokens
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` ([{role, content}, ...]) under the model's own chat
+        template; the template writes the special tokens, so the tokenizer adds none."""
+        from earlyexit.chat import render
+
+        text = render(self.chat_config, messages, add_generation_prompt)
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer.json; chat needs one")
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     @property
     def config(self):
@@ -141,23 +154,34 @@ def load(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
 ) -> LM:
-    """Load an earlyexit checkpoint, or a Hugging Face Llama/Mistral/Qwen2 directory directly.
+    """Load an earlyexit checkpoint, a Hugging Face Llama/Mistral/Qwen2 directory, a GGUF
+    file, or a named model (``smollm2``: see :mod:`earlyexit.registry`).
 
     Args:
-        path: checkpoint directory (``config.json`` + ``model.safetensors`` [+ ``tokenizer.json``]).
+        path: checkpoint directory (``config.json`` + ``model.safetensors`` [+ ``tokenizer.json``]
+            [+ ``tokenizer_config.json`` with a chat template]), ``MODEL.gguf``, or a name.
         device: ``cpu``, ``cuda[:N]`` or ``auto``.
         dtype: ``float32``, ``bfloat16``, ``float16`` or None (as stored).
     """
+    from earlyexit.chat import load_chat_config
+    from earlyexit.models.gguf import is_gguf
+    from earlyexit.registry import resolve_model
+
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    path = Path(path)
+    path = resolve_model(path)
+    if is_gguf(path):
+        from earlyexit.models.gguf import load_gguf
+
+        model, tok, tok_cfg = load_gguf(path, dev, dt)
+        return LM(model, tok, tok_cfg if "chat_template" in tok_cfg else None)
     if _is_hf_dir(path):
         from earlyexit.models.hf import load_hf
 
         model, tok = load_hf(path, dev, dt)
     else:
         model, tok = load_checkpoint(path, dev, dt)
-    return LM(model, tok)
+    return LM(model, tok, load_chat_config(path))
 
 
 def _is_hf_dir(path: Path) -> bool:

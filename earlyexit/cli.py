@@ -112,6 +112,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ).validate()
     lm = earlyexit.load(args.model, device=args.device, dtype=args.dtype)
     params.validate(lm.config.vocab_size)
+    if args.chat:  # the prompt is the user's message, in the model's own chat template
+        if args.ids:
+            raise InputError("--chat takes a message, not token ids (--ids)")
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt_in = lm.encode_chat([*messages, {"role": "user", "content": prompt_in}])
+    prompt_ids = lm.encode(prompt_in)  # text through the tokenizer, ids as given
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         strategy = make_strategy(lm.model, args.strategy, **_strategy_options(args))
@@ -128,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if colour:
             legend = " ".join(_colour(str(d), d, L) for d in range(1, L + 1))
             print(f"depth: {legend}", file=sys.stderr)
-        for ev in lm.stream(prompt_in, params, strategy=strategy):
+        for ev in lm.stream(prompt_ids, params, strategy=strategy):
             events.append(ev)
             text = ev.text if ev.text is not None else f"{ev.token_id} "
             sys.stdout.write(_colour(text, ev.depth, L) if colour else text)
@@ -140,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.show_depth and not colour:  # a pipe or --color never: the depths as numbers
             print(f"depths: {' '.join(map(str, depths))}", file=sys.stderr)
     else:
-        result = lm.generate(prompt_in, params, strategy=strategy)
+        result = lm.generate(prompt_ids, params, strategy=strategy)
         n, depths, finish = len(result.token_ids), result.depths, result.finish_reason
     dt = time.perf_counter() - t0
     exit_rate = sum(d < L for d in depths) / max(n, 1)
@@ -148,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = result.to_dict() if result is not None else {}
         out.update(
             model=str(args.model),
+            prompt_ids=prompt_ids,
             strategy=strategy.name,
             strategy_stats=strategy.stats(),
             n_steps=L,
@@ -183,20 +190,26 @@ def _check_dst(dst: str, force: bool) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import earlyexit
+    from earlyexit.chat import chat_files
     from earlyexit.checkpoint import save_checkpoint
     from earlyexit.models import hf
+    from earlyexit.models.gguf import gguf_import, is_gguf
+    from earlyexit.registry import resolve_model
 
     _check_dst(args.dst, args.force)
     info: dict = {}
-    if args.kind == "hf-import":
-        out = hf.hf_import(args.src, args.dst)
+    src = resolve_model(args.src)  # a named model: its cached checkpoint
+    if args.kind == "gguf-import" or (args.kind == "hf-import" and is_gguf(src)):
+        out = gguf_import(src, args.dst)
+    elif args.kind == "hf-import":
+        out = hf.hf_import(src, args.dst)
     elif args.kind == "hf-export":
-        lm = earlyexit.load(args.src, device="cpu")
+        lm = earlyexit.load(src, device="cpu")
         out = hf.hf_export(lm.model, args.dst, lm.tokenizer)
     elif args.kind == "recursive":
         from earlyexit.models.recursive import convert_recursive
 
-        lm = earlyexit.load(args.src, device="cpu")  # ours, or a Hugging Face directory
+        lm = earlyexit.load(src, device="cpu")  # ours, a HF directory, GGUF, or a name
         model = convert_recursive(
             lm.model,
             args.loops,
@@ -206,7 +219,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             args.lora_init,
             args.seed,
         )
-        out = save_checkpoint(model, args.dst, lm.tokenizer)
+        out = save_checkpoint(model, args.dst, lm.tokenizer, chat_files(lm.chat_config))
         counts = model.config.param_counts()
         info = {
             "non_embedding_params": counts["non_embedding"],
@@ -215,10 +228,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:  # merge
         from earlyexit.models.recursive import unroll
 
-        lm = earlyexit.load(args.src, device="cpu")
+        lm = earlyexit.load(src, device="cpu")
         if lm.config.sharing.scheme == "none":
             raise InputError(f"{args.src} is already dense; nothing to merge")
-        out = save_checkpoint(unroll(lm.model), args.dst, lm.tokenizer)
+        out = save_checkpoint(unroll(lm.model), args.dst, lm.tokenizer, chat_files(lm.chat_config))
     if args.json:
         print(json.dumps({"kind": args.kind, "src": str(args.src), "dst": str(out), **info}))
     else:
@@ -667,6 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--ids", action="store_true", help="the prompt is token ids (comma or space separated)"
     )
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user message: apply the model's chat template (instruct models)",
+    )
+    g.add_argument("--system", default=None, help="--chat: a system message before it")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument(
         "--show-depth",
@@ -692,10 +711,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert between Hugging Face and earlyexit checkpoints")
     c.add_argument(
         "kind",
-        choices=["hf-import", "hf-export", "recursive", "merge"],
-        help="hf-import: HF directory or hub name -> ours; hf-export: ours (dense) -> HF directory; recursive: dense -> layer-shared (+ LoRA); merge: recursive -> the equivalent dense model",
+        choices=["hf-import", "gguf-import", "hf-export", "recursive", "merge"],
+        help="hf-import: HF directory or hub name -> ours (a .gguf file is read as gguf-import); "
+        "gguf-import: a llama.cpp GGUF file (dequantized) -> ours, with its tokenizer and chat "
+        "template; hf-export: ours (dense) -> HF directory; recursive: dense -> layer-shared "
+        "(+ LoRA); merge: recursive -> the equivalent dense model",
     )
-    c.add_argument("src", help="source directory (or hub name for hf-import, when online)")
+    c.add_argument(
+        "src",
+        help="source directory, GGUF file, named model (smollm2), or hub name for hf-import",
+    )
     c.add_argument("dst", help="destination directory")
     c.add_argument("--force", action="store_true", help="replace an existing destination")
     rg = c.add_argument_group("recursive")

@@ -42,6 +42,9 @@ def perplexity(
 
     if seq_len < 1 or batch_size < 1:
         raise InputError("--seq-len and --batch-size must be >= 1")
+    from earlyexit.registry import resolve_model
+
+    model_dir = resolve_model(model_dir)
     lm = earlyexit.load(model_dir, device=device, dtype=dtype)
     manifest = load_manifest(data)
     tok_file = Path(model_dir) / "tokenizer.json"

@@ -339,9 +339,13 @@ def load_hf(
 
 
 def hf_import(src: str | Path, dst: str | Path) -> Path:
-    """Convert a Hugging Face model directory (or hub name) into an earlyexit checkpoint."""
+    """Convert a Hugging Face model directory (or hub name) into an earlyexit checkpoint,
+    with its chat template (``tokenizer_config.json``) when it has one."""
+    from earlyexit.chat import chat_files, load_chat_config
+
     model, tok = load_hf(src)
-    return save_checkpoint(model, dst, tokenizer=tok)
+    extra = chat_files(load_chat_config(_resolve(src)))
+    return save_checkpoint(model, dst, tokenizer=tok, extra_files=extra)
 
 
 def hf_export(model: Decoder, dst: str | Path, tokenizer: Tokenizer | None = None) -> Path:

@@ -43,6 +43,7 @@ from earlyexit.errors import ConfigError, EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.layers import RMSNorm
 from earlyexit.progress import progress as progress_bar
+from earlyexit.registry import resolve_model
 from earlyexit.tokenizer import Tokenizer
 from earlyexit.training.data import (
     TrainBatches,
@@ -534,7 +535,7 @@ def _train(
         model = Decoder(mc).to(device)
         model.train()
     elif cfg.init_from:
-        model, _ = load_checkpoint(cfg.init_from, device)
+        model, _ = load_checkpoint(resolve_model(cfg.init_from), device)
         model = with_exits(model, cfg)
         model.train()
         mc = model.config
@@ -718,7 +719,7 @@ def _train(
     if finished:
         final = _full_model(model, mc)  # a collective: every rank takes part, rank 0 gets it
         if d.main:
-            save_checkpoint(final, run / "final", tokenizer)
+            save_checkpoint(final, run / "final", tokenizer, extra_files=_chat_files(cfg))
     if d.world > 1:
         dist.barrier()
     elapsed = time.perf_counter() - t_start
@@ -737,6 +738,13 @@ def _train(
         "skipped_steps": skipped,
         "final": str(run / "final") if finished else None,
     }
+
+
+def _chat_files(cfg: TrainConfig) -> dict[str, str] | None:
+    """A fine-tuned model keeps the chat template of the model it started from."""
+    from earlyexit.chat import chat_files, load_chat_config
+
+    return chat_files(load_chat_config(resolve_model(cfg.init_from))) if cfg.init_from else None
 
 
 def _wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device):
