@@ -890,6 +890,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="add a learned confidence classifier per exit",
     )
+    xg.add_argument(
+        "--exit-adapter-rank",
+        dest="exit_adapter_rank",
+        type=int,
+        help="a residual adapter of this rank per intermediate exit (0: none)",
+    )
+    og.add_argument(
+        "--train-only",
+        dest="train_only",
+        nargs="+",
+        metavar="PREFIX",
+        help="train only parameters whose names start with these prefixes (e.g. exit_); "
+        "freeze the rest",
+    )
     ug = t.add_argument_group("recursive uptraining (--objective uptrain)")
     ug.add_argument("--teacher", help="the dense source model distilled from")
     ug.add_argument(

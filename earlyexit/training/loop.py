@@ -112,6 +112,11 @@ class TrainConfig:
         kd_alpha: ``shallow-deep``: weight of the layer-wise distillation.
         exit_norms: give each intermediate exit its own RMSNorm (initialised from the final).
         exit_classifier: give each intermediate exit a confidence classifier.
+        exit_adapter_rank: give each intermediate exit a residual adapter of this rank
+            (``ExitConfig.adapter_rank``; 0: none).
+        train_only: train only parameters whose names start with one of these prefixes
+            (e.g. ``exit_`` : the exits' adapters and norms); everything else is frozen.
+            None trains everything.
         teacher: ``--objective uptrain``: the dense model distilled from.
         distill_weight: ``uptrain``: weight of KL(teacher || student) next to the LM loss.
         flops_budget: set ``steps`` so the run spends this many forward FLOPs (MoR's
@@ -156,6 +161,8 @@ class TrainConfig:
     kd_alpha: float = 0.5
     exit_norms: bool = False
     exit_classifier: bool = False
+    exit_adapter_rank: int | None = None
+    train_only: tuple[str, ...] | None = None
     teacher: str | None = None
     distill_weight: float = 1.0
     flops_budget: float | None = None
@@ -394,6 +401,9 @@ def exit_config(current: ExitConfig, cfg: TrainConfig) -> ExitConfig:
         steps=current.steps if cfg.exit_steps is None else tuple(cfg.exit_steps),
         norms=current.norms or cfg.exit_norms,
         classifier=current.classifier or cfg.exit_classifier,
+        adapter_rank=current.adapter_rank
+        if cfg.exit_adapter_rank is None
+        else cfg.exit_adapter_rank,
     )
 
 
@@ -404,11 +414,14 @@ def with_exits(model: Decoder, cfg: TrainConfig) -> Decoder:
     if exits == model.config.exits:
         return model
     mc = dataclasses.replace(model.config, exits=exits)
-    new = Decoder(mc).to(model.tok_embeddings.weight.device)
-    new.init_weights()
+    dev = model.tok_embeddings.weight.device
+    new = Decoder(mc).to(dev)
+    # new exit parts start from the run's seed: two runs of one recipe start identically
+    new.init_weights(torch.Generator(device=dev).manual_seed(cfg.seed))
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    stale = [k for k in unexpected if not k.startswith(("exit_norms.", "exit_classifiers."))]
-    if stale or any(not k.startswith(("exit_norms.", "exit_classifiers.")) for k in missing):
+    exit_parts = ("exit_norms.", "exit_classifiers.", "exit_adapters.")
+    stale = [k for k in unexpected if not k.startswith(exit_parts)]
+    if stale or any(not k.startswith(exit_parts) for k in missing):
         raise ConfigError(f"cannot change the exits of {cfg.init_from}: {stale or missing}")
     if new.exit_norms is not None:
         for i, s in enumerate(mc.exits.steps):
@@ -416,6 +429,21 @@ def with_exits(model: Decoder, cfg: TrainConfig) -> Decoder:
             src = model.norm if old is None or model.exit_norms is None else model.exit_norms[old]
             new.exit_norms[i].weight.data.copy_(src.weight.data)
     return new
+
+
+def freeze_all_but(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Train only the parameters whose names start with one of ``prefixes``; returns how
+    many parameter tensors were frozen. Refuses a pattern that matches nothing."""
+    names = [n for n, _ in model.named_parameters()]
+    for pre in prefixes:
+        if not any(n.startswith(pre) for n in names):
+            raise ConfigError(f"--train-only {pre!r} matches no parameter of this model")
+    frozen = 0
+    for n, p in model.named_parameters():
+        keep = n.startswith(tuple(prefixes))
+        p.requires_grad_(keep and p.requires_grad)
+        frozen += not keep
+    return frozen
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -568,6 +596,9 @@ def _train(
         model.load_state_dict(model_state, strict=True)
     objective = get_objective(cfg.objective, cfg)
     objective.setup(model)
+    if cfg.train_only:
+        frozen = freeze_all_but(model, cfg.train_only)
+        say(f"--train-only {','.join(cfg.train_only)}: {frozen} parameter tensors frozen")
     net = _wrap(model, cfg, d, device)  # FSDP2 swaps parameters: build the optimizer after
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
@@ -764,8 +795,11 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.devic
 
 def _fingerprint(cfg: TrainConfig, mc: ModelConfig, d: Dist) -> dict:
     """What must not change across a resume for it to be exact."""
+    model = {k: v for k, v in mc.to_dict().items() if k != "name"}
+    # `trained` flips when the exit objective starts: bookkeeping, not part of the setup
+    model["exits"] = {k: v for k, v in model["exits"].items() if k != "trained"}
     return {
-        "model": {k: v for k, v in mc.to_dict().items() if k != "name"},
+        "model": model,
         "seq_len": cfg.seq_len,
         "global_batch": cfg.batch_size * d.world,
         "grad_accum": cfg.grad_accum,
@@ -790,7 +824,8 @@ def _check_fingerprint(ckpt: Path, state: dict, fingerprint: dict) -> None:
 def _load_optimizer(ckpt: Path, model, optimizer, optim_state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = {id(p): n for n, p in model.named_parameters()}
+    # frozen parameters (--train-only, exit-classifier training) have no optimizer state
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     missing = [n for n in names.values() if n not in optim_state["state"]]
     if missing:
         raise TrainingError(f"{ckpt}: optimizer state lacks {', '.join(missing[:3])}")
