@@ -532,6 +532,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.repeats or 2,
             args.threads,
             out,
+            draft_vocabs=tuple(args.draft_vocab or ()),
         )
     else:
         rows = main_batched_exit(
@@ -644,15 +645,43 @@ def _add_strategy_flags(g: argparse.ArgumentParser) -> None:
         "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
     )
     xg.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="speculative: draft only among the N most frequent tokens of --draft-data (FR-Spec)",
+    )
+    xg.add_argument(
+        "--draft-data",
+        default=None,
+        metavar="DIR",
+        help="speculative --draft-vocab: a prepared corpus whose token counts rank the tokens",
+    )
+    xg.add_argument(
         "--compile",
         action="store_true",
         help="full: static-shape decode step under torch.compile (CUDA graphs on CUDA)",
     )
 
 
+def _draft_vocab(args: argparse.Namespace):
+    """--draft-vocab N --draft-data DIR: the N most frequent tokens of DIR's training split."""
+    if args.draft_vocab is None:
+        return None
+    if not args.draft_data:
+        raise InputError(
+            "--draft-vocab needs --draft-data DIR (a prepared corpus to count tokens in)"
+        )
+    from earlyexit.decoding.speculative import frequent_tokens
+    from earlyexit.training.data import token_file
+
+    return frequent_tokens(token_file(args.draft_data, "train"), args.draft_vocab)
+
+
 def _strategy_options(args: argparse.Namespace) -> dict:
     """make_strategy keyword arguments from the strategy flags."""
     return dict(
+        draft_vocab=_draft_vocab(args),
         exit_step=args.exit_step,
         threshold=args.threshold,
         adaptive=args.adaptive,
@@ -1039,6 +1068,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="batched-exit: exit threshold of naive and ours",
     )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to run")
+    b.add_argument(
+        "--draft-vocab",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="early-exit: add self-speculation drafting over the N most frequent tokens of "
+        "--data's training split (FR-Spec)",
+    )
     b.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt")
     b.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row")
     b.add_argument(
