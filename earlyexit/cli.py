@@ -462,6 +462,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for path in plot_all(args.results, args.plots):
             print(f"wrote {path}")
         return 0
+    if args.name == "depthwise" and args.calls:
+        from earlyexit.bench.block_call import run as calls_run
+        from earlyexit.bench.common import bench_device
+
+        calls_run(
+            preset=args.preset,
+            rows=tuple(args.batch_sizes or (4, 16, 32)),
+            lengths=tuple(args.lengths or (128, 512, 2048)),
+            repeats=args.repeats or 20,
+            threads=args.threads,
+            device=bench_device(),
+            out=args.out or "results/depthwise_calls.json",
+        )
+        return 0
     if args.name == "depthwise":
         from earlyexit.bench.depthwise import run as depthwise_run
 
@@ -1091,6 +1105,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.add_argument("--skip", default="", help="all: comma-separated steps to leave out")
     b.add_argument("--dry-run", action="store_true", help="all: print the commands only")
+    b.add_argument(
+        "--calls",
+        action="store_true",
+        help="depthwise: time one shared-block call with rows at mixed loops vs one loop "
+        "(--preset shape, --batch-sizes rows, --lengths contexts)",
+    )
+    b.add_argument(
+        "--lengths", type=int, nargs="+", default=None, help="depthwise --calls: context lengths"
+    )
     b.add_argument(
         "--compile",
         action="store_true",

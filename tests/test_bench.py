@@ -221,3 +221,16 @@ def test_bench_decode_with_the_compiled_step(tmp_path):
     summary = next(r for r in rows if r["impl"] == "summary")
     assert summary["compiled_outputs_identical"] and summary["compiled_speedup_vs_transformers"] > 0
     assert any(r["impl"] == COMPILED for r in rows)
+
+
+def test_bench_depthwise_calls_tiny(tmp_path, capsys):
+    from earlyexit.cli import main
+
+    out = tmp_path / "calls.json"
+    argv = ["bench", "depthwise", "--calls", "--preset", "tiny", "--batch-sizes", "2", "4"]
+    argv += ["--lengths", "8", "--repeats", "2", "--threads", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["rows"], r["length"]) for r in rows] == [(2, 8), (4, 8)]
+    assert all(r["plain_s"] > 0 and r["mixed_s"] > 0 and r["gathered_s"] > 0 for r in rows)
+    assert "mixed" in capsys.readouterr().out

@@ -346,3 +346,65 @@ def test_depthwise_mixed_batch_equals_each_row_alone():
                 torch.testing.assert_close(
                     cache.k[slot][b, :, :n], ref_cache.k[slot][b, :, :n], atol=ATOL, rtol=0
                 )
+
+
+@torch.no_grad()
+def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone():
+    """Depth-wise batching's block call (rows at loop 1 and loop 2 of one shared block, each
+    row with its own KV slot, cache length and LoRA slot) against the obviously correct
+    reference: every row run alone through its own step. Contiguous and scattered rows,
+    a ragged catch-up chunk, and both attention paths (per-slot views and the gather)."""
+    import numpy as np
+
+    from earlyexit.config import LoraConfig
+    from earlyexit.models import layers
+    from earlyexit.models.kv_cache import KVCache
+
+    model = convert_recursive(make_model(n_layers=4), 2, lora=LoraConfig(rank=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name:
+                p.normal_(0, 0.05)
+    K = model.config.n_blocks
+    g = torch.Generator().manual_seed(0)
+    lens = np.array([5, 9, 3, 7, 6])  # entries already cached, per row, in both slots
+    for rows in (np.array([0, 1, 2, 3, 4]), np.array([4, 0, 3, 1, 2])):
+        steps = np.array([0, K, K, 0, K])  # step 0 = block 0 loop 1, step K = loop 2
+        n_new = np.array([1, 3, 1, 2, 1])  # row 1 and 3: a multi-token chunk, padded
+        T = int(n_new.max())
+        h = torch.randn(5, T, model.config.d_model, generator=g)
+        base = KVCache.for_model(model, 5, 16)
+        for s in range(model.config.n_kv_slots):
+            base.k_all[s].normal_(generator=g)
+            base.v_all[s].normal_(generator=g)
+        for b, r in enumerate(rows):
+            base.lengths[:, r] = lens[b]
+        pos = torch.as_tensor(lens)[:, None] + torch.arange(T)[None, :]
+        ref = []
+        for b, r in enumerate(rows):  # each row alone: the plain path of its own step
+            c = _copy_cache(base)
+            ctx = model.context(pos[b : b + 1], c, rows=[r], n_new=[n_new[b]])
+            ref.append(model.run_step(int(steps[b]), h[b : b + 1], ctx)[0, : n_new[b]])
+        for per_slot in (True, False):
+            layers.PER_SLOT_ATTENTION = per_slot
+            try:
+                c = _copy_cache(base)
+                slots = [model.plan[s].kv_slot for s in steps]
+                lora = torch.tensor([model.plan[s].lora for s in steps])
+                ctx = model.context(pos, c, rows=rows, n_new=n_new, kv_slots=slots)
+                out = model.run_block(0, h, ctx, -1, lora)
+            finally:
+                layers.PER_SLOT_ATTENTION = True
+            for b in range(5):
+                torch.testing.assert_close(out[b, : n_new[b]], ref[b], atol=2e-5, rtol=1e-4)
+                assert c.lengths[slots[b], rows[b]] == lens[b] + n_new[b]
+
+
+def _copy_cache(c):
+    import copy
+
+    new = copy.copy(c)
+    new.k_all, new.v_all, new.pos_all = c.k_all.clone(), c.v_all.clone(), c.pos_all.clone()
+    new.k, new.v, new.pos = list(new.k_all), list(new.v_all), list(new.pos_all)
+    new.lengths = c.lengths.copy()
+    return new

@@ -144,11 +144,87 @@ class KVCache:
         if ctx.kv_slots is not None:
             return self._update_per_row_slots(k, v, ctx)
         B, _, T, _ = k.shape
+        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
+        return self._update(slot, k, v, ctx, n_new)
+
+    def update_slots(
+        self, k: Tensor, v: Tensor, ctx: ForwardContext
+    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Rows at different KV slots (``ctx.kv_slots``, depth-wise batching): each row
+        appends ``k``, ``v`` (B, Hkv, T, D) to its own slot. Returns, per distinct slot, what
+        *every* row of the call would attend to there: keys and values (B, Hkv, W, D) that
+        are views of the slot when the rows are contiguous (never a copy of each row's
+        history out of its own slot), a mask (B, 1, T, W), and which rows (B,) bool are
+        that slot's. Attention then runs once per slot and each row keeps its own slot's
+        output: one extra attention pass per extra slot instead of a gather of every row's
+        keys and values (measured: BENCHMARKS.md, ``depthwise --calls``)."""
+        B, _, T, _ = k.shape
+        rows = np.arange(B) if ctx.rows is None else ctx.rows
+        slots = ctx.kv_slots
+        lens = self.lengths[slots, rows]
+        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
+        key = ("slots", slots.tobytes(), rows.tobytes(), lens.tobytes(), n_new.tobytes(), T)
+        meta = ctx._memo.get(key)
+        if meta is None:
+            meta = ctx._memo[key] = self._plan_slots(slots, rows, lens, n_new, T)
+        writes, row_sl, groups = meta
+        s_w, r_w, c_w, b_sel, t_sel = writes
+        self.k_all[s_w, r_w, :, c_w] = k.transpose(1, 2)[b_sel, t_sel]  # (N, Hkv, D): one scatter
+        self.v_all[s_w, r_w, :, c_w] = v.transpose(1, 2)[b_sel, t_sel]
+        if ctx.sliding_window is not None or set(slots.tolist()) & ctx.stash_slots:
+            self.pos_all[s_w, r_w, c_w] = ctx.positions[b_sel, t_sel]
+        self.lengths[slots, rows] = lens + n_new
+        out = []
+        for slot, W, mask, member in groups:
+            # views for contiguous rows; other row sets are gathered (as in the plain path)
+            k_s, v_s = self.k[slot][row_sl, :, :W], self.v[slot][row_sl, :, :W]
+            if ctx.sliding_window is not None:
+                mask = self._window_mask(mask, self.pos[slot], _as_rows(row_sl), W, ctx)
+            out.append((k_s, v_s, mask, member))
+        return out
+
+    def _plan_slots(self, slots, rows, lens, n_new, T):
+        """Writes, the rows' view and each slot's (slot, W, mask, member) for update_slots."""
+        B = len(rows)
+        if (lens + n_new).max() > self.max_len:
+            raise InputError(
+                f"KV cache full: {int((lens + n_new).max())} entries exceed its length {self.max_len}"
+            )
+        as_t = functools.partial(torch.as_tensor, device=self.device)
+        b_sel, t_sel = np.nonzero(np.arange(T)[None, :] < n_new[:, None])
+        writes = (
+            as_t(slots[b_sel]),
+            as_t(rows[b_sel]),
+            as_t(lens[b_sel] + t_sel),
+            as_t(b_sel),
+            as_t(t_sel),
+        )
+        contiguous = rows[0] >= 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + B))
+        row_sl = slice(int(rows[0]), int(rows[0]) + B) if contiguous else as_t(rows)
+        groups = []
+        t = np.arange(T)
+        for slot in np.unique(slots):
+            member = slots == slot
+            # every row's entries in this slot after the write (others' are read, not used)
+            after = self.lengths[slot, rows] + np.where(member, n_new, 0)
+            W = max(int(after.max()), 1)
+            j = np.arange(W)[None, None, :]
+            # members: causal by index over their entries; a member's query t sits at
+            # lens + t. Others (outputs discarded) and padding queries see column 0 only,
+            # so no softmax row is ever empty.
+            q_idx = np.where(member, lens, after)[:, None, None] + t[None, :, None]
+            valid = (j < after[:, None, None]) & (j <= q_idx)
+            live = (member[:, None] & (t[None, :] < n_new[:, None]))[:, :, None]
+            mask = np.where(live, valid, j == 0)
+            groups.append((int(slot), W, as_t(mask[:, None]), as_t(member)))
+        return writes, row_sl, groups
+
+    def _update(self, slot: int, k: Tensor, v: Tensor, ctx: ForwardContext, n_new: np.ndarray):
+        B, _, T, _ = k.shape
         if ctx.rows is None:
             rows, lens = np.arange(B), self.lengths[slot, :B]  # (B,) host
         else:
             rows, lens = ctx.rows, self.lengths[slot, ctx.rows]
-        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
         key = (lens.tobytes(), None if ctx.rows is None else rows.tobytes(), n_new.tobytes(), T)
         meta = ctx._memo.get(key)
         if meta is None:
@@ -293,3 +369,8 @@ class KVCache:
         if mask is None:
             mask = torch.ones(1, 1, T, W, dtype=torch.bool, device=pb.device)
         return mask & in_window[:, None]
+
+
+def _as_rows(row_sl):
+    """``_window_mask`` takes a slice or a (B, 1) index tensor of rows."""
+    return row_sl if isinstance(row_sl, slice) else row_sl[:, None]

@@ -88,6 +88,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
+# depth-wise calls attend per KV slot over views (True) or gather each row's history (False)
+PER_SLOT_ATTENTION = True
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention with RoPE."""
 
@@ -164,13 +168,24 @@ class Attention(nn.Module):
             return self._read_only(x, ctx, kv_slot, lora)
         B, T, _ = x.shape
         q, k, v = self.qkv(x, ctx.cos, ctx.sin, lora)
+        gqa = self.n_kv_heads != self.n_heads
+        if ctx.cache is not None and ctx.kv_slots is not None and PER_SLOT_ATTENTION:
+            # rows at different steps of this block: one attention pass per KV slot over
+            # views of that slot, each row keeping its own slot's output (no gather)
+            y = None
+            for k_s, v_s, mask, member in ctx.cache.update_slots(k, v, ctx):
+                y_s = F.scaled_dot_product_attention(q, k_s, v_s, attn_mask=mask, enable_gqa=gqa)
+                y = y_s if y is None else torch.where(member[:, None, None, None], y_s, y)
+            y = y.transpose(1, 2).reshape(B, T, self.q_dim)
+            out = self.wo(y)
+            _add_lora(out, lora, "o", y, 0, out.shape[-1])
+            return out
         if ctx.cache is not None:
             k, v, mask = ctx.cache.update(kv_slot, k, v, ctx)  # (B, Hkv, W, D), mask (B|1, 1, T, W)
         else:
             mask = ctx.uncached_mask()
             if kv_slot in ctx.stash_slots:  # later recursions will read these (KV sharing)
                 ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments)
-        gqa = self.n_kv_heads != self.n_heads
         if mask is None and ctx.cache is None and T > 1:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
