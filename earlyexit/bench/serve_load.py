@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +25,11 @@ from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.engine import ExitMode, LLMEngine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _server_stack() -> dict:
+    """Which optional fast paths the server ran with (they change the figure)."""
+    import importlib.util
+
+    return {m: importlib.util.find_spec(m) is not None for m in ("orjson", "uvloop", "httptools")}
 
 
 def _client(url: str, share: list, out: dict, lock: threading.Lock) -> None:
@@ -90,9 +90,8 @@ def run(
     out: str | None = "results/serve.json",
     mean_len: float = 128.0,
 ) -> list[dict]:
-    import uvicorn
-
     from earlyexit.serve.app import build_app
+    from earlyexit.serve.server import bound_port, make_server
 
     threads = set_threads(threads)
     env = environment(threads)
@@ -107,23 +106,26 @@ def run(
     # offline engine, same stream
     engine = LLMEngine(lm.model, policy=policy, max_batch=max_batch, max_len=max_len)
     t = time.perf_counter()
-    for prompt, g in stream:
-        engine.add_request(prompt, SamplingParams(max_new_tokens=g, ignore_eos=True), exit)
+    reqs = [
+        engine.requests[
+            engine.add_request(prompt, SamplingParams(max_new_tokens=g, ignore_eos=True), exit)
+        ]
+        for prompt, g in stream
+    ]
     while engine.has_unfinished():
         engine.step()
     offline_s = time.perf_counter() - t
-    tokens = sum(len(r.output_ids) for r in engine.requests.values())
+    tokens = sum(len(r.output_ids) for r in reqs)
     # the server on loopback
     app = build_app(
         lm, "bench", policy, max_batch, max_len, max_queue=4 * n_requests, default_exit=exit
     )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = make_server(app, "127.0.0.1", 0, log_level="error")  # as `earlyexit serve`
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1/completions"
+    if not server.ready.wait(120):
+        raise RuntimeError("the server did not start")
+    url = f"http://127.0.0.1:{bound_port(server)}/v1/completions"
     shares = [stream[i::clients] for i in range(clients)]
     # The clients run in their own process, as real clients do: 64 client threads inside the
     # server's process would take the GIL from the engine thread and measure that instead.
@@ -146,6 +148,7 @@ def run(
         "served_tokens_per_s": got / served_s,
         "ratio": (got / served_s) / (tokens / offline_s),
         "clients_in": "a separate process",
+        "server": _server_stack(),
         "failed": len(failures),
         "failures": failures[:5],
         "latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
