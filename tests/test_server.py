@@ -611,19 +611,32 @@ def test_outputs_that_pile_up_go_out_as_one_event(server):
     assert rest[0]["choices"][0]["finish_reason"] == "length" and "usage" in rest[0]
 
 
-def test_sse_chunks_are_the_same_json_with_or_without_orjson(server, monkeypatch):
-    body = {"prompt": "x = ", "max_tokens": 6, "temperature": 0, "stream": True}
+@pytest.mark.parametrize("fast_json", [True, False], ids=["orjson", "json"])
+def test_preformatted_sse_chunks_are_the_json_they_stand_for(monkeypatch, fast_json):
+    from earlyexit.serve.app import _Chunks
 
-    def events():
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=WAIT) as r:
-            return sse_events(r)
-
-    fast = events()
-    monkeypatch.setattr(protocol, "_orjson", None)
-    slow = events()
-    for e in fast + slow:
-        e.pop("id"), e.pop("created")
-    assert fast == slow
+    if not fast_json:
+        monkeypatch.setattr(protocol, "_orjson", None)
+    elif protocol._orjson is None:
+        pytest.skip("orjson is not installed")
+    text = 'a "quote", a \\ backslash,\n a newline, </script>, \u2028 and é🤖'
+    for kind in ("completion", "chat"):
+        c = _Chunks("cmpl-1", 123, 'tiny "model"', kind, 4)
+        raw = c.event(text, [2, 4], None)
+        assert raw.startswith(b"data: ") and raw.endswith(b"\n\n")
+        choice = (
+            {"index": 0, "delta": {"content": text}, "finish_reason": None}
+            if kind == "chat"
+            else {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+        )
+        assert json.loads(raw[6:]) == {
+            "id": "cmpl-1",
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": 123,
+            "model": 'tiny "model"',
+            "choices": [choice],
+            "depths": [2, 4],
+        }
 
 
 def test_metrics_and_api_key():
