@@ -323,10 +323,17 @@ def run(
         # --- memory over many requests
         for i in range(min(200, memory_requests // 5)):  # warm-up: allocator, code paths
             complete(f"warm {i}")
-        rss_before = _rss_mb()
-        with ThreadPoolExecutor(clients) as ex:
-            codes = list(ex.map(lambda i: complete(f"mem {i}").status_code, range(memory_requests)))
-        rss_after = _rss_mb()
+        # resident memory after each half: the first may still grow the allocator's arenas
+        # (the clients run in this process too); the second must not grow
+        rss = [_rss_mb()]
+        codes = []
+        for half in range(2):
+            with ThreadPoolExecutor(clients) as ex:
+                codes += ex.map(
+                    lambda i: complete(f"mem {i}").status_code,
+                    range(half * memory_requests // 2, (half + 1) * memory_requests // 2),
+                )
+            rss.append(_rss_mb())
         tables = {
             "requests": len(engine.requests),
             "trackers": len(engine._trackers),
@@ -334,6 +341,8 @@ def run(
         }
         if any(tables.values()) or set(codes) != {200}:
             fails.append(f"after {memory_requests} requests: tables {tables}, codes {set(codes)}")
+        if rss[2] - rss[1] > max(5.0, 0.05 * rss[1]):
+            fails.append(f"resident memory grew {rss[2] - rss[1]:.1f} MB over the second half")
 
         # --- an engine fault: health 503, then recovery
         runner = engine.runner
@@ -405,8 +414,7 @@ def run(
             "stream_max_gap_beside_big_prompts_s": gap_big,
             "big_prompts_refused": big_codes.count(400),
             "memory_requests": memory_requests,
-            "rss_before_mb": rss_before,
-            "rss_after_mb": rss_after,
+            "rss_mb_before_half_after": rss,
             "engine_tables_after": tables,
             "fault_codes": fault_codes,
             "health_during_fault": health_fault,
