@@ -59,6 +59,7 @@ _COMMON = {
     "model",
     "stream",
     "max_tokens",
+    "max_completion_tokens",
     "temperature",
     "top_p",
     "top_k",
@@ -76,7 +77,7 @@ _COMMON = {
 }
 FIELDS = {
     "completion": _COMMON | {"prompt"},
-    "chat": _COMMON | {"messages", "max_completion_tokens"},
+    "chat": _COMMON | {"messages"},
 }
 
 # OpenAI options we do not implement, with the values that mean "not used"
