@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,13 +30,33 @@ from earlyexit.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+STRATEGY_OPTIONS = {
+    name
+    for name, p in inspect.signature(make_strategy).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
 
 class LM:
-    """A loaded model with its tokenizer, ready to generate."""
+    """A loaded model with its tokenizer (and chat template, if it has one), ready to generate."""
 
-    def __init__(self, model: Decoder, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, model: Decoder, tokenizer: Tokenizer | None = None, chat_config: dict | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_config = chat_config  # tokenizer_config.json: chat_template, special tokens
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` ([{role, content}, ...]) under the model's own chat
+        template; the template writes the special tokens, so the tokenizer adds none."""
+        from earlyexit.chat import render
+
+        text = render(self.chat_config, messages, add_generation_prompt)
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer.json; chat needs one")
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     @property
     def config(self):
@@ -52,13 +74,31 @@ class LM:
 
     def _params(self, params: SamplingParams | None, kwargs: dict) -> SamplingParams:
         if params is not None and kwargs:
-            raise TypeError("pass either params or keyword sampling arguments, not both")
-        if params is None:
-            try:
-                params = SamplingParams(**kwargs)
-            except TypeError as e:
-                raise InputError(str(e)) from None
-        return params
+            raise InputError(
+                f"pass either params=SamplingParams(...) or sampling keywords, not both "
+                f"(got {', '.join(sorted(kwargs))})"
+            )
+        return params if params is not None else SamplingParams(**kwargs)
+
+    def _split(self, strategy, kwargs: dict) -> tuple[Strategy | None, dict]:
+        """Keyword arguments are sampling fields or strategy options (``threshold=0.3``
+        with ``strategy="free"``); returns the strategy and the sampling keywords."""
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in STRATEGY_OPTIONS}
+        unknown = sorted(set(kwargs) - SAMPLING_FIELDS)
+        if unknown:
+            raise InputError(
+                f"unknown keyword(s) {', '.join(unknown)}; sampling: "
+                f"{', '.join(sorted(SAMPLING_FIELDS))}; strategy options: "
+                f"{', '.join(sorted(STRATEGY_OPTIONS))}"
+            )
+        if options and not isinstance(strategy, str):
+            raise InputError(
+                f"strategy options ({', '.join(sorted(options))}) need a strategy name, e.g. "
+                f"strategy='free', or build the strategy with lm.strategy(name, **options)"
+            )
+        if isinstance(strategy, str):
+            strategy = self.strategy(strategy, **options)
+        return strategy, kwargs
 
     def strategy(self, name: str = "full", **options) -> Strategy:
         """A decoding strategy for this model (``full``, ``static``, ``calm``, ``free``,
@@ -76,12 +116,13 @@ class LM:
         """Generate for one prompt (text or ids) or a list of prompts (batched).
 
         Keyword arguments are :class:`SamplingParams` fields (``max_new_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ...). ``strategy`` is a
-        :class:`Strategy` (see :meth:`strategy`) or a name with default options.
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ...) or, with a strategy
+        given by name, its options (``lm.generate(p, strategy="free", threshold=0.3)``).
+        ``strategy`` is a :class:`Strategy` (see :meth:`strategy`) or a name.
         """
         single, prompts = _as_batch(prompt)
         ids = [self.encode(p) for p in prompts]
-        strategy = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        strategy, kwargs = self._split(strategy, kwargs)
         out = _generate(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
         return out[0] if single else out
 
@@ -92,10 +133,10 @@ class LM:
         strategy: Strategy | str | None = None,
         **kwargs,
     ) -> Iterator[TokenEvent]:
-        """Yield :class:`TokenEvent` s as tokens are generated."""
+        """Yield :class:`TokenEvent` s as tokens are generated (keywords as in :meth:`generate`)."""
         _, prompts = _as_batch(prompt)
         ids = [self.encode(p) for p in prompts]
-        strategy = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        strategy, kwargs = self._split(strategy, kwargs)
         return _stream(self.model, ids, self._params(params, kwargs), self.tokenizer, strategy)
 
 
@@ -113,23 +154,34 @@ def load(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
 ) -> LM:
-    """Load an earlyexit checkpoint, or a Hugging Face Llama/Mistral/Qwen2 directory directly.
+    """Load an earlyexit checkpoint, a Hugging Face Llama/Mistral/Qwen2 directory, a GGUF
+    file, or a named model (``smollm2``: see :mod:`earlyexit.registry`).
 
     Args:
-        path: checkpoint directory (``config.json`` + ``model.safetensors`` [+ ``tokenizer.json``]).
+        path: checkpoint directory (``config.json`` + ``model.safetensors`` [+ ``tokenizer.json``]
+            [+ ``tokenizer_config.json`` with a chat template]), ``MODEL.gguf``, or a name.
         device: ``cpu``, ``cuda[:N]`` or ``auto``.
         dtype: ``float32``, ``bfloat16``, ``float16`` or None (as stored).
     """
+    from earlyexit.chat import load_chat_config
+    from earlyexit.models.gguf import is_gguf
+    from earlyexit.registry import resolve_model
+
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    path = Path(path)
+    path = resolve_model(path)
+    if is_gguf(path):
+        from earlyexit.models.gguf import load_gguf
+
+        model, tok, tok_cfg = load_gguf(path, dev, dt)
+        return LM(model, tok, tok_cfg if "chat_template" in tok_cfg else None)
     if _is_hf_dir(path):
         from earlyexit.models.hf import load_hf
 
         model, tok = load_hf(path, dev, dt)
     else:
         model, tok = load_checkpoint(path, dev, dt)
-    return LM(model, tok)
+    return LM(model, tok, load_chat_config(path))
 
 
 def _is_hf_dir(path: Path) -> bool:

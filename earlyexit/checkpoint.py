@@ -159,7 +159,16 @@ def load_config(ckpt_dir: str | Path) -> ModelConfig:
 def read_safetensors(
     path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file on ``device`` (floating ones cast to ``dtype``)."""
+    """All tensors of one safetensors file on ``device`` (floating ones cast to ``dtype``),
+    each in memory of its own.
+
+    On the CPU, safetensors hands out views into its memory map of the file, at whatever
+    offset the tensor has in it (8-byte aligned only). Decoding from such weights measured
+    3x slower than from the same weights in ordinary memory (SmolLM2-135M: every matmul
+    streams misaligned, page-faulting, file-backed pages). So each tensor is copied, one at
+    a time, into a fresh allocation (PyTorch's CPU allocator aligns to 64 bytes) and the view
+    is dropped: the peak stays one model plus the page cache, never two models.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     out = {}
@@ -167,8 +176,11 @@ def read_safetensors(
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 t = f.get_tensor(name)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
+                want = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                if t.device.type == "cpu":
+                    t = torch.empty(t.shape, dtype=want).copy_(t)  # owned and aligned
+                elif t.dtype != want:
+                    t = t.to(want)
                 out[name] = t
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None

@@ -38,6 +38,16 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_precision_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help=f"{what}: auto (default) = bfloat16 autocast where the hardware runs bf16 "
+        "natively, float32 elsewhere",
+    )
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
@@ -111,29 +121,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ).validate()
     lm = earlyexit.load(args.model, device=args.device, dtype=args.dtype)
     params.validate(lm.config.vocab_size)
+    if args.chat:  # the prompt is the user's message, in the model's own chat template
+        if args.ids:
+            raise InputError("--chat takes a message, not token ids (--ids)")
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt_in = lm.encode_chat([*messages, {"role": "user", "content": prompt_in}])
+    prompt_ids = lm.encode(prompt_in)  # text through the tokenizer, ids as given
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         strategy = make_strategy(lm.model, args.strategy, **_strategy_options(args))
     for w in caught:
         print(f"earlyexit: warning: {w.message}", file=sys.stderr)
     L = lm.model.n_steps
+    colour = args.show_depth and (
+        args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    )
     t0 = time.perf_counter()
     if (args.stream or args.show_depth) and not args.json:
         result = None
         events = []
-        if args.show_depth:
+        if colour:
             legend = " ".join(_colour(str(d), d, L) for d in range(1, L + 1))
             print(f"depth: {legend}", file=sys.stderr)
-        for ev in lm.stream(prompt_in, params, strategy=strategy):
+        for ev in lm.stream(prompt_ids, params, strategy=strategy):
             events.append(ev)
             text = ev.text if ev.text is not None else f"{ev.token_id} "
-            sys.stdout.write(_colour(text, ev.depth, L) if args.show_depth else text)
+            sys.stdout.write(_colour(text, ev.depth, L) if colour else text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
         n, depths = len(events), [e.depth for e in events]
         finish = events[-1].finish_reason if events else ""
+        if args.show_depth and not colour:  # a pipe or --color never: the depths as numbers
+            print(f"depths: {' '.join(map(str, depths))}", file=sys.stderr)
     else:
-        result = lm.generate(prompt_in, params, strategy=strategy)
+        result = lm.generate(prompt_ids, params, strategy=strategy)
         n, depths, finish = len(result.token_ids), result.depths, result.finish_reason
     dt = time.perf_counter() - t0
     exit_rate = sum(d < L for d in depths) / max(n, 1)
@@ -141,6 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = result.to_dict() if result is not None else {}
         out.update(
             model=str(args.model),
+            prompt_ids=prompt_ids,
             strategy=strategy.name,
             strategy_stats=strategy.stats(),
             n_steps=L,
@@ -176,20 +199,26 @@ def _check_dst(dst: str, force: bool) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import earlyexit
+    from earlyexit.chat import chat_files
     from earlyexit.checkpoint import save_checkpoint
     from earlyexit.models import hf
+    from earlyexit.models.gguf import gguf_import, is_gguf
+    from earlyexit.registry import resolve_model
 
     _check_dst(args.dst, args.force)
     info: dict = {}
-    if args.kind == "hf-import":
-        out = hf.hf_import(args.src, args.dst)
+    src = resolve_model(args.src)  # a named model: its cached checkpoint
+    if args.kind == "gguf-import" or (args.kind == "hf-import" and is_gguf(src)):
+        out = gguf_import(src, args.dst)
+    elif args.kind == "hf-import":
+        out = hf.hf_import(src, args.dst)
     elif args.kind == "hf-export":
-        lm = earlyexit.load(args.src, device="cpu")
+        lm = earlyexit.load(src, device="cpu")
         out = hf.hf_export(lm.model, args.dst, lm.tokenizer)
     elif args.kind == "recursive":
         from earlyexit.models.recursive import convert_recursive
 
-        lm = earlyexit.load(args.src, device="cpu")  # ours, or a Hugging Face directory
+        lm = earlyexit.load(src, device="cpu")  # ours, a HF directory, GGUF, or a name
         model = convert_recursive(
             lm.model,
             args.loops,
@@ -199,7 +228,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             args.lora_init,
             args.seed,
         )
-        out = save_checkpoint(model, args.dst, lm.tokenizer)
+        out = save_checkpoint(model, args.dst, lm.tokenizer, chat_files(lm.chat_config))
         counts = model.config.param_counts()
         info = {
             "non_embedding_params": counts["non_embedding"],
@@ -208,10 +237,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:  # merge
         from earlyexit.models.recursive import unroll
 
-        lm = earlyexit.load(args.src, device="cpu")
+        lm = earlyexit.load(src, device="cpu")
         if lm.config.sharing.scheme == "none":
             raise InputError(f"{args.src} is already dense; nothing to merge")
-        out = save_checkpoint(unroll(lm.model), args.dst, lm.tokenizer)
+        out = save_checkpoint(unroll(lm.model), args.dst, lm.tokenizer, chat_files(lm.chat_config))
     if args.json:
         print(json.dumps({"kind": args.kind, "src": str(args.src), "dst": str(out), **info}))
     else:
@@ -421,6 +450,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             compile=args.compile,
+            model=args.model,
         )
         return 0
     if args.name == "reliability":
@@ -434,7 +464,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         skip = {x.strip() for x in args.skip.split(",") if x.strip()}
         device = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
-        return 1 if run_all(skip, args.dry_run, device=device) else 0
+        return 1 if run_all(skip, args.dry_run, device=device, precision=args.precision) else 0
     if args.name == "plot":
         from earlyexit.bench.plots import plot_all
 
@@ -478,7 +508,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.name == "mor-isoflop":
         from earlyexit.bench.isoflop import run as isoflop_run
 
-        rows = isoflop_run(args.data, args.threads, out)
+        rows = isoflop_run(args.data, args.threads, out, precision=args.precision)
         if args.json:
             print(json.dumps(rows))
         return 0
@@ -491,6 +521,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             steps=args.steps or 120,
             threads=args.threads,
             out=out,
+            precision=args.precision,
         )
         if args.json:
             print(json.dumps(rows))
@@ -510,6 +541,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.repeats or 2,
             args.threads,
             out,
+            draft_vocabs=tuple(args.draft_vocab or ()),
         )
     else:
         rows = main_batched_exit(
@@ -574,6 +606,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         dtype=args.dtype,
+        precision=args.precision,
     )
 
 
@@ -624,15 +657,43 @@ def _add_strategy_flags(g: argparse.ArgumentParser) -> None:
         "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
     )
     xg.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="speculative: draft only among the N most frequent tokens of --draft-data (FR-Spec)",
+    )
+    xg.add_argument(
+        "--draft-data",
+        default=None,
+        metavar="DIR",
+        help="speculative --draft-vocab: a prepared corpus whose token counts rank the tokens",
+    )
+    xg.add_argument(
         "--compile",
         action="store_true",
         help="full: static-shape decode step under torch.compile (CUDA graphs on CUDA)",
     )
 
 
+def _draft_vocab(args: argparse.Namespace):
+    """--draft-vocab N --draft-data DIR: the N most frequent tokens of DIR's training split."""
+    if args.draft_vocab is None:
+        return None
+    if not args.draft_data:
+        raise InputError(
+            "--draft-vocab needs --draft-data DIR (a prepared corpus to count tokens in)"
+        )
+    from earlyexit.decoding.speculative import frequent_tokens
+    from earlyexit.training.data import token_file
+
+    return frequent_tokens(token_file(args.draft_data, "train"), args.draft_vocab)
+
+
 def _strategy_options(args: argparse.Namespace) -> dict:
     """make_strategy keyword arguments from the strategy flags."""
     return dict(
+        draft_vocab=_draft_vocab(args),
         exit_step=args.exit_step,
         threshold=args.threshold,
         adaptive=args.adaptive,
@@ -660,9 +721,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--ids", action="store_true", help="the prompt is token ids (comma or space separated)"
     )
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user message: apply the model's chat template (instruct models)",
+    )
+    g.add_argument("--system", default=None, help="--chat: a system message before it")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument(
-        "--show-depth", action="store_true", help="colour each token by the depth it ran (streams)"
+        "--show-depth",
+        action="store_true",
+        help="colour each token by the depth it ran (streams); without colour, the depths are "
+        "listed on stderr",
+    )
+    g.add_argument(
+        "--color",
+        "--colour",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="--show-depth colours: auto (default) = only when stdout is a terminal",
     )
     _add_strategy_flags(g)
     g.add_argument(
@@ -675,10 +752,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert between Hugging Face and earlyexit checkpoints")
     c.add_argument(
         "kind",
-        choices=["hf-import", "hf-export", "recursive", "merge"],
-        help="hf-import: HF directory or hub name -> ours; hf-export: ours (dense) -> HF directory; recursive: dense -> layer-shared (+ LoRA); merge: recursive -> the equivalent dense model",
+        choices=["hf-import", "gguf-import", "hf-export", "recursive", "merge"],
+        help="hf-import: HF directory or hub name -> ours (a .gguf file is read as gguf-import); "
+        "gguf-import: a llama.cpp GGUF file (dequantized) -> ours, with its tokenizer and chat "
+        "template; hf-export: ours (dense) -> HF directory; recursive: dense -> layer-shared "
+        "(+ LoRA); merge: recursive -> the equivalent dense model",
     )
-    c.add_argument("src", help="source directory (or hub name for hf-import, when online)")
+    c.add_argument(
+        "src",
+        help="source directory, GGUF file, named model (smollm2), or hub name for hf-import",
+    )
     c.add_argument("dst", help="destination directory")
     c.add_argument("--force", action="store_true", help="replace an existing destination")
     rg = c.add_argument_group("recursive")
@@ -795,8 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         "--dtype",
         dest="precision",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype: bfloat16 autocasts with fp32 master weights (float16 is refused)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="training compute: auto (default) = bfloat16 autocast where the hardware runs "
+        "bf16 natively (AVX512-BF16/AMX CPUs, bf16 GPUs), float32 elsewhere; bfloat16 keeps "
+        "fp32 master weights; float16 is refused",
     )
     og.add_argument("--nonfinite", choices=["stop", "skip"], help="what a NaN/inf loss does")
     og.add_argument(
@@ -845,6 +930,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="add a learned confidence classifier per exit",
+    )
+    xg.add_argument(
+        "--exit-adapter-rank",
+        dest="exit_adapter_rank",
+        type=int,
+        help="a residual adapter of this rank per intermediate exit (0: none)",
+    )
+    og.add_argument(
+        "--train-only",
+        dest="train_only",
+        nargs="+",
+        metavar="PREFIX",
+        help="train only parameters whose names start with these prefixes (e.g. exit_); "
+        "freeze the rest",
     )
     ug = t.add_argument_group("recursive uptraining (--objective uptrain)")
     ug.add_argument("--teacher", help="the dense source model distilled from")
@@ -960,7 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
     b.add_argument(
-        "--model", default=None, help="early-exit/batched-exit: checkpoint with trained exits"
+        "--model",
+        default=None,
+        help="early-exit/batched-exit: checkpoint with trained exits; decode: a real model "
+        "instead of --preset's random weights",
     )
     b.add_argument(
         "--calm-model", default=None, help="early-exit: a second checkpoint (CALM-trained exits)"
@@ -978,6 +1080,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="batched-exit: exit threshold of naive and ours",
     )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to run")
+    b.add_argument(
+        "--draft-vocab",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="early-exit: add self-speculation drafting over the N most frequent tokens of "
+        "--data's training split (FR-Spec)",
+    )
     b.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt")
     b.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row")
     b.add_argument(
@@ -997,6 +1108,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode: add our static-shape decode step under torch.compile (CUDA graphs on CUDA)",
     )
+    _add_precision_flag(b, "conversion/mor-isoflop: compute of the trainings they run")
     _add_device_flags(b)
     b.set_defaults(func=cmd_bench)
 
@@ -1073,6 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_precision_flag(d, "compute of the demo's trainings")
     _add_device_flags(d)
     d.set_defaults(func=cmd_demo)
     return p

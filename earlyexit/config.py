@@ -168,12 +168,16 @@ class ExitConfig:
         classifier: give each intermediate exit a learned confidence classifier (CALM's
             early-exit classifier / FREE's meta): MLP d -> d -> 2 on the normed state.
         trained: set once exit training ran (exit strategies warn on untrained exits).
+        adapter_rank: give each intermediate exit a residual adapter h + U silu(D h) of this
+            rank before its norm (0: none). With the body frozen, an exit trained this way
+            leaves the full-depth model exactly as it was (see docs/decisions.md).
     """
 
     steps: tuple[int, ...] = ()
     norms: bool = False
     classifier: bool = False
     trained: bool = False
+    adapter_rank: int = 0
 
 
 @dataclass

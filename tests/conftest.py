@@ -51,6 +51,20 @@ def tiny_lm_dir(tmp_path, tokenizer):
     return save_checkpoint(model, tmp_path / "tiny", tokenizer=tokenizer)
 
 
+@pytest.fixture
+def exit_lm_dir(tmp_path, tokenizer):
+    """A saved tiny checkpoint with one trained exit after step 2 of 4."""
+    from earlyexit.checkpoint import save_checkpoint
+
+    model = make_model(
+        vocab_size=tokenizer.vocab_size,
+        eos_token_ids=[tokenizer.token_to_id(EOT)],
+        exits={"steps": [2], "trained": True},
+        init_std=0.3,
+    )
+    return save_checkpoint(model, tmp_path / "exits", tokenizer=tokenizer)
+
+
 @pytest.fixture(scope="session")
 def exit_setup(tmp_path_factory):
     """A tiny prepared corpus and a tiny model with an exit, saved as a checkpoint."""

@@ -51,7 +51,7 @@ def test_generate_reads_stdin_and_streams(tiny_lm_dir):
         input="import os\n",
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a backstop: start-up alone takes many seconds on a loaded machine
     )
     assert p.returncode == 0, p.stderr
     assert "5 tokens" in p.stderr and "mean depth 4.00/4" in p.stderr
@@ -147,21 +147,6 @@ def test_usage_errors_exit_2():
     assert e.value.code == 2
 
 
-@pytest.fixture
-def exit_lm_dir(tmp_path, tokenizer):
-    from earlyexit.checkpoint import save_checkpoint
-    from earlyexit.tokenizer import EOT
-    from tests.conftest import make_model
-
-    model = make_model(
-        vocab_size=tokenizer.vocab_size,
-        eos_token_ids=[tokenizer.token_to_id(EOT)],
-        exits={"steps": [2], "trained": True},
-        init_std=0.3,
-    )
-    return save_checkpoint(model, tmp_path / "exits", tokenizer=tokenizer)
-
-
 @pytest.mark.parametrize("strategy", ["full", "static", "calm", "free", "speculative"])
 def test_generate_with_each_strategy(capsys, exit_lm_dir, strategy):
     code, out, err = run_cli(
@@ -198,6 +183,8 @@ def test_show_depth_colours_tokens_and_summarises(capsys, exit_lm_dir):
         "--threshold",
         "-1",
         "--show-depth",
+        "--color",
+        "always",
         "--max-new-tokens",
         "6",
         "--device",
@@ -205,8 +192,33 @@ def test_show_depth_colours_tokens_and_summarises(capsys, exit_lm_dir):
         "def f(",
     )
     assert code == 0
-    assert "\x1b[38;5;" in out and "depth:" in err
+    assert "\x1b[38;5;" in out and "depth:" in err and out.endswith("\n")
     assert "mean depth 2.33/4" in err and "exit rate 83%" in err  # 1 prefill token + 5 exits
+
+
+def test_show_depth_into_a_pipe_writes_no_colour_codes(capsys, exit_lm_dir):
+    """stdout is not a terminal here (captured): --color auto writes plain text and lists
+    the depths on stderr instead."""
+    argv = ["generate", "--model", str(exit_lm_dir), "--strategy", "free", "--threshold", "-1"]
+    argv += ["--show-depth", "--max-new-tokens", "6", "--device", "cpu", "def f("]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "\x1b" not in out + err and out.endswith("\n")
+    assert "depths: 4 2 2 2 2 2" in err  # the prefill token, then exits after step 2
+
+
+def test_help_and_version_do_not_import_torch():
+    """`earlyexit --help` must answer at once: the package imports torch lazily."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from earlyexit.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['serve', '--help'], ['demo', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"
 
 
 def test_exit_strategy_errors_and_warnings(capsys, exit_lm_dir, tiny_lm_dir):

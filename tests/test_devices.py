@@ -169,3 +169,54 @@ def test_cuda_bf16_training_step(tmp_path):
     )
     s = train(cfg, progress=False, log=lambda *a, **k: None)
     assert s["finished"]
+
+
+# ---------------------------------------------------------------------- training precision
+def _cpu_flags() -> set[str]:
+    from pathlib import Path
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+@pytest.mark.skipif(not _cpu_flags(), reason="needs /proc/cpuinfo")
+def test_native_bf16_on_cpu_follows_the_cpu_flags():
+    """The independent reference is what the kernel reports: bf16 matmuls are native only
+    with the AVX512-BF16 or AMX instructions (oneDNN emulates them otherwise)."""
+    from earlyexit.device import native_bf16, resolve_precision
+
+    flags = _cpu_flags()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert native_bf16(torch.device("cpu")) == native
+    assert resolve_precision("auto", torch.device("cpu"))[0] == (
+        "bfloat16" if native else "float32"
+    )
+
+
+def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch):
+    from earlyexit import device
+    from earlyexit.errors import DeviceError
+
+    cpu = torch.device("cpu")
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(device, "native_bf16", lambda d, n=native: n)
+        got, why = device.resolve_precision("auto", cpu)
+        assert got == want and why.startswith("auto")
+    # an explicit choice is kept, with a warning where bf16 would be emulated
+    assert device.resolve_precision("float32", cpu) == ("float32", "as asked")
+    got, why = device.resolve_precision("bfloat16", cpu)
+    assert got == "bfloat16" and "emulated" in why
+    with pytest.raises(DeviceError, match="precision must be one of"):
+        device.resolve_precision("fp8", cpu)
+
+
+def test_mfu_is_never_reported_above_one():
+    from earlyexit.training.loop import model_flops_utilization
+
+    assert model_flops_utilization(100.0, 1e6, 1e9) == pytest.approx(0.1)
+    assert model_flops_utilization(100.0, 1e6, 0.0) is None
+    # the probe measured a slower moment than training: an impossible ratio is not reported
+    assert model_flops_utilization(3000.0, 1e6, 1e9) is None

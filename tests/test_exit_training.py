@@ -117,3 +117,74 @@ def test_exit_classifier_trains_only_the_classifiers(batch):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != n.startswith("exit_classifiers."), n
     assert {"cls_loss@2", "cls_acc@2", "agree@2"} <= set(out.metrics)
+
+
+def test_exit_adapter_is_a_residual_mlp_before_the_exit_norm():
+    """Reference written out: logits = head(norm(h + U silu(D h))) at the exit, and the
+    full depth is untouched; a zero-initialised U leaves the exit as it was."""
+    model = make_model(n_layers=4, exits={"steps": [2], "adapter_rank": 3})
+    x = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    plain = make_model(n_layers=4, exits={"steps": [2]})
+    plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        h = model(x, exits=True).hidden[1]
+        assert torch.equal(model.exit_logits(h, 2), plain.exit_logits(h, 2))  # U = 0
+        a = model.exit_adapters[0]
+        a.up.weight.normal_(0, 0.1)
+        ref = h + torch.nn.functional.silu(h @ a.down.weight.T) @ a.up.weight.T
+        want = model.norm(ref) @ model.head_weight().T
+        torch.testing.assert_close(model.exit_logits(h, 2), want)
+        torch.testing.assert_close(model(x), plain(x))  # the full depth does not see it
+
+
+def test_train_only_the_exit_keeps_the_full_model_bit_for_bit(tmp_path):
+    """--train-only exit_ with an adapter: the exit learns, every shared weight stays."""
+    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+    from earlyexit.training.loop import TrainConfig, train
+    from tests.test_training import TINY_MODEL, make_setup
+
+    (tmp_path / "s").mkdir()
+    setup = make_setup(tmp_path / "s")
+    src = make_model(**{k: v for k, v in TINY_MODEL.items() if k != "name"}, init_std=0.3)
+    save_checkpoint(src, tmp_path / "src")
+    common = dict(
+        data=str(setup / "data"),
+        init_from=str(tmp_path / "src"),
+        objective="exits",
+        exit_steps=(1,),
+        exit_loss="aggressive",
+        exit_adapter_rank=4,
+        train_only=("exit_",),
+        seq_len=16,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=0,
+        save_every=2,
+        device="cpu",
+    )
+    full = train(
+        TrainConfig(**common, out=str(tmp_path / "r"), steps=4), progress=False, log=lambda *a: None
+    )
+    tuned, _ = load_checkpoint(full["final"])
+    for name, p in src.state_dict().items():
+        assert torch.equal(tuned.state_dict()[name], p), name
+    assert tuned.exit_adapters[0].up.weight.abs().sum() > 0  # the adapter learned
+    # stopped after 2 steps and resumed: the same weights as the uninterrupted run
+    cut = TrainConfig(**common, out=str(tmp_path / "c"), steps=4, stop_at_step=2)
+    train(cut, progress=False, log=lambda *a: None)
+    done = train(
+        TrainConfig(**common, out=str(tmp_path / "c"), steps=4),
+        resume=True,
+        progress=False,
+        log=lambda *a: None,
+    )
+    again, _ = load_checkpoint(done["final"])
+    for name, p in tuned.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], p, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        train(
+            TrainConfig(**{**common, "train_only": ("nope_",)}, out=str(tmp_path / "n"), steps=1),
+            progress=False,
+            log=lambda *a: None,
+        )

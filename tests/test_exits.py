@@ -205,6 +205,40 @@ def test_speculative_with_a_perfect_drafter_accepts_everything():
     assert s.stats()["acceptance_rate"] == 1.0 and s.stats()["tokens_per_deep_pass"] == 5.0
 
 
+def test_vocabulary_pruned_drafting_stays_lossless_and_drafts_only_in_the_set(model):
+    """FR-Spec: the draft head scores only the given tokens; verification keeps the output
+    identical to full depth. Reference for the draft itself: the full exit's logits with
+    every other token masked out."""
+    ps = prompts(4, seed=3)
+    full = generate(model, ps, GREEDY)
+    allowed = torch.tensor([7, 3, 100, 42, 5, 300, 11])
+    s = SelfSpeculative(exit_step=2, k=3, draft_tokens=allowed)
+    assert tokens_of(generate(model, ps, GREEDY, strategy=s)) == tokens_of(full)
+    h = torch.randn(5, model.config.d_model)
+    with torch.inference_mode():
+        masked = torch.full((5, model.config.vocab_size), float("-inf"))
+        masked[:, allowed] = model.exit_logits(h, 2)[:, allowed]
+        assert torch.equal(s._draft(model, h), masked.argmax(-1))
+    # the whole vocabulary as the draft set drafts exactly what the full head drafts
+    everything = SelfSpeculative(2, 3, draft_tokens=torch.arange(model.config.vocab_size))
+    plain = SelfSpeculative(2, 3)
+    generate(model, ps, GREEDY, strategy=everything), generate(model, ps, GREEDY, strategy=plain)
+    assert everything.stats()["accepted"] == plain.stats()["accepted"]
+    with pytest.raises(InputError, match="draft_vocab"):
+        make_strategy(model, "speculative", exit_step=2, draft_vocab=[1, 1])
+
+
+def test_frequent_tokens_ranks_by_count_then_id():
+    from collections import Counter
+
+    from earlyexit.decoding.speculative import frequent_tokens
+
+    corpus = np.array([5, 5, 5, 2, 2, 9, 9, 1, 7, 7, 7, 7])
+    ref = [t for t, _ in sorted(Counter(corpus.tolist()).items(), key=lambda kv: (-kv[1], kv[0]))]
+    assert frequent_tokens(corpus, 3, 10).tolist() == ref[:3] == [7, 5, 2]
+    assert frequent_tokens(corpus, 100, 10).tolist()[:5] == ref  # then the unseen ids
+
+
 @pytest.mark.parametrize(
     "make",
     [

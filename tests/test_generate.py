@@ -130,3 +130,23 @@ def test_text_prompt_without_tokenizer_is_refused(tiny):
 
     with pytest.raises(InputError, match="no tokenizer"):
         earlyexit.LM(tiny).generate("hello")
+
+
+def test_strategy_options_as_keywords(exit_lm_dir):
+    """lm.generate(prompts, strategy="free", threshold=...) builds the strategy from the
+    keywords; the result equals passing the strategy object."""
+    import earlyexit
+    from earlyexit.errors import InputError
+
+    lm = earlyexit.load(exit_lm_dir, device="cpu")
+    prompts = ["def f(", "class A:"]
+    a = lm.generate(prompts, strategy="free", threshold=-1, max_new_tokens=5, ignore_eos=True)
+    b = lm.generate(
+        prompts, strategy=lm.strategy("free", threshold=-1), max_new_tokens=5, ignore_eos=True
+    )
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.depths for r in a] == [r.depths for r in b] and min(a[0].depths) < 4
+    with pytest.raises(InputError, match=r"unknown keyword.*threshhold"):
+        lm.generate("def f(", strategy="free", threshhold=0.3)
+    with pytest.raises(InputError, match="need a strategy name"):
+        lm.generate("def f(", strategy=lm.strategy("free"), threshold=0.3)

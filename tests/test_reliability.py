@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from earlyexit.checkpoint import load_checkpoint
 from earlyexit.errors import CheckpointError
 from earlyexit.training.state import latest_checkpoint
-from tests.test_training import _cli_train, cfg, make_setup, run_quietly
+from tests.test_training import _cli_train, cfg, make_setup, run_quietly, wait_for_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -57,12 +56,7 @@ def test_killed_repeatedly_then_resumed_ends_with_the_uninterrupted_weights(setu
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 120
-        while p.poll() is None and time.monotonic() < deadline:
-            ckpt = latest_checkpoint(out)
-            if ckpt is not None and int(ckpt.name.split("-")[1]) >= target:
-                break
-            time.sleep(0.002)
+        wait_for_checkpoint(out, p, target)  # an observed event, not a clock
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1

@@ -242,10 +242,25 @@ def _cli_train(setup, out, *extra, env=None):
     return args
 
 
+def _step_of(ckpt) -> int:
+    return -1 if ckpt is None else int(ckpt.name.split("-")[1])
+
+
+def wait_for_checkpoint(out, p, step: int, backstop_s: float = 900.0) -> None:
+    """Wait until the run in ``out`` has a checkpoint at ``step`` or later (or the process
+    ended). Waits on the files the trainer writes, not on a clock: on a loaded machine the
+    start-up alone (importing torch) can take many seconds. ``backstop_s`` only turns a hang
+    into a failure."""
+    deadline = time.monotonic() + backstop_s
+    while p.poll() is None and _step_of(latest_checkpoint(out)) < step:
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} after {backstop_s}s"
+        time.sleep(0.002)
+
+
 def test_kill_9_never_leaves_an_unreadable_latest_checkpoint(setup, tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # far more steps than a few seconds allow, so every kill lands mid-run
+    # far more steps than the test waits for, so every kill lands mid-run
     base = [
         sys.executable,
         "-m",
@@ -255,8 +270,9 @@ def test_kill_9_never_leaves_an_unreadable_latest_checkpoint(setup, tmp_path):
         "--steps",
         "100000",
     ]
-    # checkpoint every step, so kills land inside saves as often as between them
-    for delay in (2.5, 3.3, 4.1):
+    # checkpoint every step, so kills land inside saves as often as between them; each kill
+    # comes once the run has passed a few more steps than the last one (an observed event)
+    for more in (2, 5, 9):
         resume = ["--resume"] if (out / "latest").exists() else []
         p = subprocess.Popen(
             [*base, "--save-every", "1", "--keep-last", "2", *resume],
@@ -264,23 +280,21 @@ def test_kill_9_never_leaves_an_unreadable_latest_checkpoint(setup, tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(delay)
+        wait_for_checkpoint(out, p, _step_of(latest_checkpoint(out)) + more)
+        assert p.poll() is None, "the run ended before it was killed"
         p.send_signal(signal.SIGKILL)
         p.wait()
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None:  # a kill during start-up is possible on a slow machine
-            model, _ = load_checkpoint(ckpt)
-            assert model.config.vocab_size == 300
-    assert latest_checkpoint(out) is not None
+        model, _ = load_checkpoint(latest_checkpoint(out))  # whatever the moment of the kill
+        assert model.config.vocab_size == 300
     last = latest_checkpoint(out)
-    step = int(last.name.split("-")[1])
+    step = _step_of(last)
     # resuming goes on from the latest checkpoint
     done = subprocess.run(
         [*base, "--save-every", "1", "--resume", "--stop-at-step", str(step + 3)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr
     assert f"from {last.name}" in done.stderr
@@ -304,7 +318,7 @@ def _torchrun(setup, out, *extra):
         "2",
         *extra,
     ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 

@@ -48,6 +48,7 @@ def run(
     threads: int | None = None,
     out: str | None = "results/conversion.json",
     variants=VARIANTS,
+    precision: str = "auto",
 ) -> list[dict]:
     threads = set_threads(threads)
     env = environment(threads)
@@ -60,7 +61,7 @@ def run(
         steps=steps,
         lr=lr,
         warmup_steps=10,
-        precision="bfloat16",
+        precision=precision,
         eval_every=0,
         save_every=0,
         log_every=10,

@@ -3,11 +3,16 @@
     earlyexit bench decode [--preset smollm-135m] [--batch-sizes 1 8] [--new-tokens 128]
     python -m earlyexit.bench.decode ...
 
-- Baseline in the same process: ``transformers`` ``generate()`` (greedy) on identical weights
-  (a random-init model of the preset's shape, built in ``transformers`` and imported through
-  ``models/hf.py``), fp32. Runs are interleaved (order alternates each repetition) and the
-  median is reported; both sides generate exactly ``new_tokens`` tokens per row and the
-  outputs are checked identical token for token.
+- Baseline in the same process: ``transformers`` ``generate()`` (greedy) on identical weights,
+  fp32: a random-init model of the preset's shape built in ``transformers``, or with
+  ``--model DIR`` a real checkpoint (ours, a Hugging Face directory, or a GGUF file),
+  exported and loaded by ``transformers`` from disk. Runs are interleaved (order alternates
+  each repetition) and the median is reported; both sides generate exactly ``new_tokens``
+  tokens per row and the outputs are checked identical token for token.
+- Our decoder twice: built in memory from the ``transformers`` weights (``earlyexit``), and
+  loaded from a checkpoint on disk with ``earlyexit.load`` as every user path does
+  (``earlyexit-loaded``): the two must be within noise of each other (loading once left the
+  weights in the file's memory map, 3x slower).
 - Limits measured in the same run: memory copy bandwidth (STREAM convention: bytes read +
   written per second over 256 MiB buffers; re-measured in every repetition, median) and
   the batch-1 bound = weight bytes touched
@@ -111,6 +116,7 @@ ABLATION = "earlyexit-F.linear"  # our decoder with the oneDNN linear path switc
 
 
 COMPILED = "earlyexit-compiled"  # the static-shape decode step under torch.compile
+LOADED = "earlyexit-loaded"  # our decoder as earlyexit.load(DIR) gives it to users
 
 
 def _run_ours(
@@ -150,29 +156,50 @@ def run(
     device: str = "cpu",
     dtype: str | None = None,
     compile: bool = False,
+    model: str | None = None,
 ) -> list[dict]:
-    """Run the benchmark; return JSON-ready rows. On CUDA the oneDNN ablation (a CPU
+    """Run the benchmark; return JSON-ready rows. ``model``: a real checkpoint instead of
+    the preset's random weights. On CUDA the oneDNN ablation (a CPU
     kernel choice) is skipped and bandwidth is the GPU's own copy bandwidth. ``compile``
     adds our static-shape decode step under ``torch.compile`` (CUDA graphs on CUDA); one
     compiled step object serves every run of a batch size, so compilation is paid in the
     warm-up, not in the timed runs."""
+    import tempfile
+
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import earlyexit
+    from earlyexit.checkpoint import save_checkpoint
     from earlyexit.decoding.full import FullDepth
     from earlyexit.device import resolve_device, resolve_dtype
-    from earlyexit.models.hf import config_to_hf, from_transformers
+    from earlyexit.models.hf import config_to_hf, from_transformers, hf_export
 
     transformers.utils.logging.set_verbosity_error()
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    cfg = ModelConfig.from_name(preset)
-    hf_cfg = AutoConfig.for_model(**config_to_hf(cfg))
     torch.manual_seed(seed)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev) or torch.float32
-    hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").eval().to(dev, dt)
-    ours = from_transformers(hf)
+    tmp = tempfile.TemporaryDirectory(prefix="earlyexit-bench-decode-")
+    if model is None:
+        cfg = ModelConfig.from_name(preset)
+        hf_cfg = AutoConfig.for_model(**config_to_hf(cfg))
+        hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+        hf = hf.eval().to(dev, dt)
+        save_checkpoint(from_transformers(hf), Path(tmp.name) / "ours")
+        loaded = earlyexit.load(Path(tmp.name) / "ours", device=dev, dtype=dt).model
+    else:  # a real model: ours as users load it, transformers from its own export on disk
+        loaded = earlyexit.load(model, device=dev, dtype=dt).model
+        cfg = loaded.config
+        preset = str(model)
+        hf_export(loaded, Path(tmp.name) / "hf")
+        hf = AutoModelForCausalLM.from_pretrained(
+            Path(tmp.name) / "hf", attn_implementation="sdpa", torch_dtype=dt
+        )
+        hf = hf.eval().to(dev)
+    ours = from_transformers(hf)  # built in memory from the same weights
+    tmp.cleanup()
     env = environment(threads, dev, dt)
     bpt = bytes_per_token(cfg, torch.empty((), dtype=dt).element_size())
     on_cpu = dev.type == "cpu"
@@ -185,11 +212,13 @@ def run(
         run_ours = functools.partial(_run_ours, ours, prompts, new_tokens)
         run_hf = functools.partial(_run_hf, hf, prompts, new_tokens)
         run_ablation = functools.partial(_run_ours, ours, prompts, new_tokens, onednn=False)
+        run_loaded = functools.partial(_run_ours, loaded, prompts, new_tokens)
         compiled = FullDepth(compile=True)
         run_compiled = functools.partial(_run_ours, ours, prompts, new_tokens, strategy=compiled)
         if compile:
             run_compiled(), run_compiled()  # compile (and capture graphs) before timing
-        impls = ["earlyexit", "transformers"] + ([ABLATION] if on_cpu else [])
+        run_loaded()  # warm up
+        impls = ["earlyexit", LOADED, "transformers"] + ([ABLATION] if on_cpu else [])
         impls += [COMPILED] if compile else []
         times: dict[str, list[float]] = {k: [] for k in impls}
         outs: dict[str, list] = {}
@@ -198,6 +227,7 @@ def run(
             order = [
                 ("earlyexit", run_ours),
                 ("transformers", run_hf),
+                (LOADED, run_loaded),
                 (ABLATION, run_ablation),
                 (COMPILED, run_compiled),
             ]
@@ -226,6 +256,9 @@ def run(
             **common,
             "impl": "summary",
             "speedup_vs_transformers": tps["earlyexit"] / tps["transformers"],
+            "loaded_speedup_vs_transformers": tps[LOADED] / tps["transformers"],
+            "loaded_vs_in_memory": tps[LOADED] / tps["earlyexit"],
+            "loaded_outputs_identical": outs[LOADED] == outs["transformers"],
             "speedup_of_onednn_linear": tps["earlyexit"] / tps[ABLATION] if on_cpu else None,
             "ablation_outputs_identical": outs[ABLATION] == outs["transformers"]
             if on_cpu
@@ -260,8 +293,8 @@ def _tps(by_impl: dict, impl: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| batch | earlyexit tok/s | transformers tok/s | speedup | identical | with F.linear tok/s | compiled tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | earlyexit tok/s | loaded from disk tok/s | transformers tok/s | speedup (loaded) | identical | with F.linear tok/s | compiled tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {}
     for r in rows:
@@ -274,8 +307,9 @@ def format_table(rows: list[dict]) -> str:
             else "–"
         )
         lines.append(
-            f"| {bs} | {d['earlyexit']['tokens_per_s']:.1f} | {d['transformers']['tokens_per_s']:.1f} | "
-            f"{s['speedup_vs_transformers']:.2f}x | {s['outputs_identical']} | {_tps(d, ABLATION)} | {_tps(d, COMPILED)} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
+            f"| {bs} | {d['earlyexit']['tokens_per_s']:.1f} | {_tps(d, LOADED)} | {d['transformers']['tokens_per_s']:.1f} | "
+            f"{s['speedup_vs_transformers']:.2f}x ({s.get('loaded_speedup_vs_transformers', float('nan')):.2f}x) | "
+            f"{s['outputs_identical'] and s.get('loaded_outputs_identical', True)} | {_tps(d, ABLATION)} | {_tps(d, COMPILED)} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
             f"{s['fraction_of_kernel_ceiling']:.0%} | {frac} |"
         )
     return "\n".join(lines)
@@ -293,6 +327,7 @@ def main(
     device: str = "cpu",
     dtype: str | None = None,
     compile: bool = False,
+    model: str | None = None,
 ) -> list[dict]:
     """Run, write the JSON rows to ``out``, print a Markdown table (or the rows)."""
     try:
@@ -313,6 +348,7 @@ def main(
         device=device,
         dtype=dtype,
         compile=compile,
+        model=model,
     )
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

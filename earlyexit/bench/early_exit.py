@@ -46,8 +46,9 @@ def _decode_all(model, prompts, params, factory, batch_size: int = 1):
     return dt, results, strategy
 
 
-def _configs(model, with_calm_on_shared_exit: bool = True):
-    """(label, strategy name, options) for the sweep on one model."""
+def _configs(model, with_calm_on_shared_exit: bool = True, draft_vocabs: dict | None = None):
+    """(label, strategy name, options) for the sweep on one model. ``draft_vocabs``: {N:
+    the N most frequent token ids}: vocabulary-pruned self-speculation variants (FR-Spec)."""
     cfg = model.config
     out = [(f"static@{s}", "static", {"exit_step": s}) for s in cfg.exits.steps]
     first = cfg.exits.steps[0]
@@ -68,6 +69,15 @@ def _configs(model, with_calm_on_shared_exit: bool = True):
         (f"speculative k={k}", "speculative", {"exit_step": first, "draft_k": k})
         for k in DRAFT_SWEEP
     ]
+    for n, ids in (draft_vocabs or {}).items():
+        out += [
+            (
+                f"speculative k={k} vocab {n}",
+                "speculative",
+                {"exit_step": first, "draft_k": k, "draft_vocab": ids},
+            )
+            for k in (2, 4)
+        ]
     return out
 
 
@@ -80,10 +90,15 @@ def sweep(
     repeats: int,
     tag: str,
     env: dict,
+    draft_vocabs: tuple[int, ...] = (),
 ) -> list[dict]:
+    from earlyexit.decoding.speculative import frequent_tokens
+    from earlyexit.training.data import token_file
 
     lm = load_model(model_dir)
     model = lm.model
+    train_tokens = token_file(data, "train") if draft_vocabs else None
+    vocabs = {n: frequent_tokens(train_tokens, n, model.config.vocab_size) for n in draft_vocabs}
     prompts = validation_prompts(data, n_prompts, prompt_len)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     full = functools.partial(make_strategy, model, "full")
@@ -91,7 +106,7 @@ def sweep(
     _, ref, _ = _decode_all(model, prompts, params, full)
     references = [r.token_ids for r in ref]
     rows = []
-    for label, name, opts in _configs(model):
+    for label, name, opts in _configs(model, draft_vocabs=vocabs):
         factory = functools.partial(make_strategy, model, name, **opts)
         t_full, t_cfg = [], []
         for r in range(repeats):
@@ -109,7 +124,8 @@ def sweep(
             "model_dir": model_dir,
             "label": label,
             "strategy": name,
-            "options": opts,
+            "options": {k: v for k, v in opts.items() if k != "draft_vocab"}
+            | ({"draft_vocab": len(opts["draft_vocab"])} if "draft_vocab" in opts else {}),
             "batch_size": 1,
             "prompts": n_prompts,
             "prompt_len": prompt_len,
@@ -145,11 +161,12 @@ def main_early_exit(
     repeats: int = 2,
     threads: int | None = None,
     out: str | None = "results/early_exit.json",
+    draft_vocabs: tuple[int, ...] = (),
 ) -> list[dict]:
     threads = set_threads(threads)
     env = environment(threads)
     warnings.simplefilter("ignore", ExitWarning)
-    rows = sweep(model, data, n_prompts, prompt_len, new_tokens, repeats, "free", env)
+    rows = sweep(model, data, n_prompts, prompt_len, new_tokens, repeats, "free", env, draft_vocabs)
     if calm_model:
         rows += sweep(calm_model, data, n_prompts, prompt_len, new_tokens, repeats, "calm", env)
     write_rows(rows, out)

@@ -36,6 +36,7 @@ def run(
     data: str = "data/stdlib",
     threads: int | None = None,
     out: str | None = "results/mor_isoflop.json",
+    precision: str = "auto",
 ) -> list[dict]:
     from earlyexit.training.data import Windows, token_file, val_batches
 
@@ -43,7 +44,7 @@ def run(
     env = environment(threads)
     rows = []
     for label, recipe in RUNS:
-        cfg = TrainConfig(**{**RECIPES[recipe], "data": data})
+        cfg = TrainConfig(**{**RECIPES[recipe], "data": data, "precision": precision})
         final = Path(cfg.out) / "final"
         if not final.is_dir():
             print(f"  training {recipe} ...", flush=True)

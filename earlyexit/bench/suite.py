@@ -120,25 +120,31 @@ def plan(skip: set[str]) -> list[tuple[str, list[str]]]:
     return steps + [(n, argv) for n, argv in BENCHMARKS if n not in skip]
 
 
-def _with_device(argv: list[str], device: list[str]) -> list[str]:
-    """Benchmarks take ``--device`` and ``--dtype``; training takes ``--device`` (its
-    compute dtype is the recipe's ``--precision``); preparing and converting take neither."""
+def _with_device(argv: list[str], device: list[str], precision: str = "auto") -> list[str]:
+    """Benchmarks take ``--device`` and ``--dtype``; training takes ``--device`` and the
+    training ``--precision`` (as do the benchmarks that train); preparing and converting
+    take neither."""
+    prec = ["--precision", precision] if precision != "auto" else []
     if argv[0] == "bench" and argv[1] != "plot":
-        return argv + device
-    if argv[0] == "train" and device[:1] == ["--device"]:
-        return argv + device[:2]
+        return argv + device + (prec if argv[1] in ("conversion", "mor-isoflop") else [])
+    if argv[0] == "train":
+        return argv + (device[:2] if device[:1] == ["--device"] else []) + prec
     return argv
 
 
 def run_all(
-    skip: set[str] | None = None, dry_run: bool = False, device: list[str] | None = None, log=print
+    skip: set[str] | None = None,
+    dry_run: bool = False,
+    device: list[str] | None = None,
+    log=print,
+    precision: str = "auto",
 ) -> int:
     """Run the suite; returns the number of failed steps (each failure is reported and the
     suite goes on with the steps that do not depend on it). ``device``: flags appended to
     every training and benchmark step (``--device cuda --dtype bfloat16``)."""
     from earlyexit.cli import main as cli_main
 
-    steps = [(n, _with_device(argv, device or [])) for n, argv in plan(skip or set())]
+    steps = [(n, _with_device(argv, device or [], precision)) for n, argv in plan(skip or set())]
     failed = []
     for name, argv in steps:
         cmd = "earlyexit " + shlex.join(argv)

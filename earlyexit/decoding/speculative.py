@@ -14,6 +14,13 @@ and our batched cache.) Per call and per row, from the input token x0 at positio
 
 Greedy output is identical to full-depth decoding by construction (tested). Rows accept
 different numbers of drafts; their cache lengths diverge, which the cache supports.
+
+**Vocabulary-pruned drafting** (FR-Spec, arXiv 2502.14856): with ``draft_tokens`` (e.g. the
+4k-8k most frequent tokens of a corpus, :func:`frequent_tokens`), the draft exit computes
+logits over those rows of the LM head only. A 49k x 576 head costs as much as 8 of
+SmolLM2's 30 layers, so a full-vocabulary draft head would eat most of what the shallow
+exit saves. A token outside the set is never drafted, only emitted by the verifier, so the
+output stays identical to full depth.
 """
 
 from __future__ import annotations
@@ -24,7 +31,18 @@ from torch import Tensor
 
 from earlyexit.decoding.base import StepOutput, Strategy, run_rows
 from earlyexit.models.decoder import Decoder
+from earlyexit.models.kernels import linear
 from earlyexit.models.kv_cache import KVCache
+
+
+def frequent_tokens(tokens: np.ndarray, n: int, vocab_size: int | None = None) -> Tensor:
+    """The ``n`` most frequent ids of ``tokens`` (a corpus as token ids), most frequent
+    first: FR-Spec's draft vocabulary (ties broken by the smaller id)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    vocab_size = vocab_size or int(tokens.max()) + 1
+    counts = np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+    order = np.lexsort((np.arange(vocab_size), -counts))  # by count desc, then id
+    return torch.as_tensor(order[: min(n, vocab_size)], dtype=torch.long)
 
 
 class SelfSpeculative(Strategy):
@@ -33,10 +51,23 @@ class SelfSpeculative(Strategy):
     name = "speculative"
     greedy_only = True
 
-    def __init__(self, exit_step: int, k: int = 4) -> None:
+    def __init__(self, exit_step: int, k: int = 4, draft_tokens: Tensor | None = None) -> None:
         self.ls, self.k = exit_step, k
         self.cache_slack = k + 1
         self.counts = {"calls": 0, "drafted": 0, "accepted": 0, "emitted": 0}
+        self.draft_tokens = draft_tokens  # (N,) token ids the draft head may propose
+        self._draft_head: tuple[int, Tensor, Tensor] | None = None  # (weights' id, rows, ids)
+
+    def _draft(self, model: Decoder, h: Tensor) -> Tensor:
+        """The shallow exit's greedy draft (B,) for states ``h`` (B, d)."""
+        if self.draft_tokens is None:
+            return model.exit_logits(h, self.ls).argmax(-1)
+        w = model.head_weight()
+        if self._draft_head is None or self._draft_head[0] != id(w):
+            ids = self.draft_tokens.to(w.device)
+            self._draft_head = (id(w), w[ids].contiguous(), ids)  # (N, d): copied once
+        _, rows, ids = self._draft_head
+        return ids[linear(model.exit_norm(h, self.ls), rows).argmax(-1)]
 
     def decode(
         self, model: Decoder, cache: KVCache, tokens: Tensor, n_new: np.ndarray | None = None
@@ -51,7 +82,7 @@ class SelfSpeculative(Strategy):
             h = run_rows(model, cache, model.embed(x[:, None]), 0, ls, rows, step_new)  # (B, 1, d)
             states.append(h)
             if i < k:
-                x = model.exit_logits(h[:, 0], ls).argmax(-1)  # (B,) draft d_{i+1}
+                x = self._draft(model, h[:, 0])  # (B,) draft d_{i+1}
                 drafts.append(x)
         chunk = torch.cat(states, dim=1)  # (B, k+1, d)
         deep_new = None if n_new is None else n_new * (k + 1)
@@ -79,6 +110,7 @@ class SelfSpeculative(Strategy):
         return {
             "exit_step": self.ls,
             "k": self.k,
+            "draft_vocab": None if self.draft_tokens is None else len(self.draft_tokens),
             "acceptance_rate": c["accepted"] / max(c["drafted"], 1),
             "tokens_per_deep_pass": c["emitted"] / max(c["calls"], 1),
             **c,

@@ -38,6 +38,7 @@ def make_strategy(
     min_exit: int | None = None,
     decay_tau: float | None = None,
     draft_k: int = 4,
+    draft_vocab=None,
     sync_batch: bool = False,
     calibrator: BetaMixtureThreshold | None = None,
     compile: bool = False,
@@ -116,7 +117,21 @@ def make_strategy(
         return FREE(exit_step, threshold, adaptive, measure, calibrator)
     if not 1 <= draft_k <= 32:
         raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
-    return SelfSpeculative(exit_step, draft_k)
+    return SelfSpeculative(exit_step, draft_k, _draft_tokens(draft_vocab, cfg.vocab_size))
+
+
+def _draft_tokens(draft_vocab, vocab_size: int):
+    """``draft_vocab`` (token ids the draft head may propose) as a tensor, validated."""
+    if draft_vocab is None:
+        return None
+    import torch
+
+    ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten()
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise InputError(f"draft_vocab must be token ids within [0, {vocab_size}), non-empty")
+    if len(set(ids.tolist())) != ids.numel():
+        raise InputError("draft_vocab has repeated token ids")
+    return ids
 
 
 def _warn_untrained(cfg, name: str) -> None:

@@ -1,12 +1,15 @@
-"""The demo's strategy measurements at batch 1 (the engine runs use
-:func:`earlyexit.bench.common.serve_offline`, the harness the ``depthwise`` benchmark uses).
+"""The demo's measurements: strategies at batch 1 and the engine under each batching policy.
 
-Everything here measures in this process, now; nothing is copied from BENCHMARKS.md.
+Everything here measures in this process, now; nothing is copied from BENCHMARKS.md. Every
+timing is repeated in interleaved rounds and reported as a median with its spread, so the
+report can tell a measured difference from timing noise.
 
 - :func:`strategy_rows`: each strategy decodes the same validation prompts one at a time.
   Quality is agreement with the same model's full-depth greedy output (ROUGE-L and token
-  match on token ids); speedup is full-depth time / strategy time, the full-depth time being
-  the mean of a run before and a run after the sweep (so a drifting machine biases neither).
+  match on token ids); speedup is full-depth time / strategy time within each round.
+- :func:`engine_rows`: a request stream served by the engine
+  (:func:`earlyexit.bench.common.serve_offline`, the ``depthwise`` benchmark's harness)
+  under each model x policy; throughput as a ratio to the first model's static batching.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from earlyexit.bench.common import agreement, timed_decode
+from earlyexit.bench.common import agreement, serve_offline, timed_decode
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
 
@@ -90,42 +93,62 @@ def strategy_rows(
     new_tokens: int,
     configs: list[Config],
     val_nll: float,
+    rounds: int = 3,
     reference_time: float | None = None,
     on_config=None,
 ) -> tuple[list[dict], dict]:
     """Rows for ``configs`` on ``lm`` plus its full-depth row; and the depths per label.
+
+    Timing is repeated in ``rounds`` interleaved rounds: full depth, then every config, and
+    full depth once more at the end; config ``c`` in round ``r`` is compared with the mean of
+    the full-depth runs that bracket the round (so a drifting machine biases no config).
+    Each row carries the median speedup and its spread (``speedup_lo``, ``speedup_hi``)
+    over the rounds: a finding is only drawn from a speedup whose spread supports it.
 
     ``reference_time``: for a model without a full-depth counterpart (MoR), the seconds the
     dense model's full depth took on the same prompts (its speedup is against that)."""
     warnings.simplefilter("ignore", ExitWarning)
     model = lm.model
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    full = make_strategy(model, "full")
-    timed_decode(
-        model, prompts[:1], SamplingParams(max_new_tokens=4, ignore_eos=True), full
-    )  # warm-up
-    t_before, ref = timed_decode(model, prompts, params, make_strategy(model, "full"))
-    references = [r.token_ids for r in ref]
-    depths = {"full": [d for r in ref for d in r.depths]}
-    measured = []
-    for c in configs:
-        dt, res = timed_decode(model, prompts, params, make_strategy(model, c.name, **c.options))
-        measured.append((c, dt, res))
-        if on_config:
-            on_config()
-    t_after, _ = timed_decode(model, prompts, params, make_strategy(model, "full"))
-    t_full = (t_before + t_after) / 2
-    base = reference_time if reference_time is not None else t_full
-    n_tok = sum(len(r) for r in references)
+    warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    timed_decode(model, prompts[:1], warm, make_strategy(model, "full"))
+    for c in configs:  # first calls allocate; keep them out of the timed rounds
+        timed_decode(model, prompts[:1], warm, make_strategy(model, c.name, **c.options))
+    rounds = max(1, rounds)
+    t_full, ref = [], None
+    times: list[list[float]] = [[] for _ in configs]
+    results: list[list | None] = [None] * len(configs)
+    for r in range(rounds):
+        dt, out = timed_decode(model, prompts, params, make_strategy(model, "full"))
+        t_full.append(dt)
+        ref = ref or out
+        for i, c in enumerate(configs):
+            dt, res = timed_decode(
+                model, prompts, params, make_strategy(model, c.name, **c.options)
+            )
+            times[i].append(dt)
+            results[i] = results[i] or res
+            if on_config and r == rounds - 1:
+                on_config()
+    dt, _ = timed_decode(model, prompts, params, make_strategy(model, "full"))
+    t_full.append(dt)
+    # the full-depth reference of round r: the mean of the runs before and after it
+    base_r = [(t_full[r] + t_full[r + 1]) / 2 for r in range(rounds)]
+    if reference_time is not None:
+        base_r = [reference_time] * rounds
+    references = [x.token_ids for x in ref]
+    depths = {"full": [d for x in ref for d in x.depths]}
+    n_tok = sum(len(x) for x in references)
     is_mor = model.routers is not None
+    full_times = [(t_full[r] + t_full[r + 1]) / 2 for r in range(rounds)]
     rows = [
         _row(
             tag,
             "router depth" if is_mor else "full",
             "full",
             {},
-            t_full,
-            base,
+            full_times,
+            base_r,
             ref,
             references,
             model,
@@ -134,15 +157,15 @@ def strategy_rows(
             is_mor,
         )
     ]
-    for c, dt, res in measured:
+    for c, ts, res in zip(configs, times, results):
         rows.append(
             _row(
                 tag,
                 c.label,
                 c.curve,
                 c.options,
-                dt,
-                base,
+                ts,
+                base_r,
                 res,
                 references,
                 model,
@@ -151,13 +174,17 @@ def strategy_rows(
                 False,
             )
         )
-        depths[c.label] = [d for r in res for d in r.depths]
+        depths[c.label] = [d for x in res for d in x.depths]
     return rows, depths
 
 
-def _row(tag, label, curve, options, dt, base, res, references, model, val_nll, n_tok, vs_dense):
+def _row(
+    tag, label, curve, options, times, bases, res, references, model, val_nll, n_tok, vs_dense
+):
     depths = [d for r in res for d in r.depths]
     q = agreement([r.token_ids for r in res], references)
+    speedups = sorted(b / t for b, t in zip(bases, times))
+    dt = float(np.median(times))
     return {
         "model": tag,
         "label": label,
@@ -165,7 +192,10 @@ def _row(tag, label, curve, options, dt, base, res, references, model, val_nll, 
         "options": options,
         "seconds": dt,
         "tokens_per_s": n_tok / dt,
-        "speedup": base / dt,
+        "speedup": float(np.median(speedups)),
+        "speedup_lo": speedups[0],
+        "speedup_hi": speedups[-1],
+        "rounds": len(times),
         "speedup_vs": "dense full depth" if vs_dense else "full depth",
         "rouge_l": None if vs_dense else q["rouge_l"],
         "token_match": None if vs_dense else q["token_match"],
@@ -174,3 +204,67 @@ def _row(tag, label, curve, options, dt, base, res, references, model, val_nll, 
         "exit_rate": float(np.mean([d < model.n_steps for d in depths])),
         "val_nll": val_nll,
     }
+
+
+# ---------------------------------------------------------------------- serving
+def engine_jobs(lms: dict) -> list[tuple]:
+    """(label, model key, policy, exit mode) of every engine run the demo's models allow."""
+    from earlyexit.engine import ExitMode
+
+    jobs = []
+    for key, title in (("dense", "dense"), ("user", "your model")):
+        if key in lms:
+            jobs += [(title, key, p, None) for p in ("static", "continuous", "depthwise")]
+            steps = lms[key].config.exits.steps
+            if steps and lms[key].config.exits.trained:
+                mode = ExitMode(steps[0], 0.3)
+                jobs += [
+                    (f"{title} + FREE exit", key, p, mode) for p in ("continuous", "depthwise")
+                ]
+    if "recursive" in lms:
+        steps = lms["recursive"].config.exits.steps
+        mode = ExitMode(steps[0], 0.3) if steps else None
+        jobs += [
+            ("relaxed recursive + loop exit", "recursive", p, mode)
+            for p in ("continuous", "depthwise")
+        ]
+    if "mor" in lms:
+        jobs += [("MoR", "mor", p, None) for p in ("continuous", "depthwise")]
+    return jobs
+
+
+def engine_rows(lms: dict, stream, max_batch: int, rounds: int = 3, on_job=None) -> list[dict]:
+    """Serve ``stream`` with every engine job, in ``rounds`` interleaved rounds. The ratio to
+    the first job (static batching of the first model) is taken within each round, and each
+    row carries its median and spread (``x_static``, ``x_static_lo``, ``x_static_hi``)."""
+    jobs = engine_jobs(lms)
+    runs: list[list[dict]] = [[] for _ in jobs]
+    for r in range(max(1, rounds)):
+        for i, (_, key, policy, mode) in enumerate(jobs):
+            runs[i].append(serve_offline(lms[key].model, stream, policy, max_batch, mode))
+            if on_job and r == rounds - 1:
+                on_job()
+    base = [x["tokens_per_s"] for x in runs[0]]
+    out = []
+    for (label, key, policy, mode), res in zip(jobs, runs):
+        ratios = sorted(x["tokens_per_s"] / b for x, b in zip(res, base))
+        first = res[0]
+        out.append(
+            {
+                "model_label": label,
+                "model": key,
+                "policy": policy,
+                "exit": None if mode is None else {"step": mode.step, "threshold": mode.threshold},
+                "seconds": float(np.median([x["seconds"] for x in res])),
+                "tokens": first["tokens"],
+                "tokens_per_s": float(np.median([x["tokens_per_s"] for x in res])),
+                "mean_depth": first["mean_depth"],
+                "depths": first["depths"],
+                "occupancy": first["occupancy"]["mean_rows_per_block_call"],
+                "x_static": float(np.median(ratios)),
+                "x_static_lo": ratios[0],
+                "x_static_hi": ratios[-1],
+                "rounds": len(res),
+            }
+        )
+    return out

@@ -15,7 +15,12 @@ Three models on one prepared corpus (the interpreter's standard library by defau
 Every stage is a :class:`~earlyexit.training.loop.TrainConfig` run through the same loop the
 CLI uses, so a stage interrupted by Ctrl-C or a kill resumes where it stopped on the next
 run, and a finished stage (its ``final`` checkpoint exists and its recipe is unchanged) is
-reused. The recipes are sized so that a first run on 2 CPU cores takes ~15 minutes.
+reused. Training precision follows the hardware (``--precision auto``): bf16 autocast where
+bf16 is native, fp32 elsewhere; the resolved precision is part of each stage's recipe.
+
+Time estimates are measured, not assumed: :func:`probe_step_seconds` times one training
+step of the dense model on this machine, :class:`Estimate` scales each stage's steps by
+its cost relative to that step, and revises the scale as stages finish.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 from earlyexit.config import STDLIB_SMALL
 from earlyexit.errors import InputError
+from earlyexit.progress import fmt_seconds
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,6 @@ class DemoPlan:
     mor_loops: int
     lora_rank: int
     lr: float
-    precision: str
     prompts: int  # batch-1 strategy evaluation
     prompt_len: int
     new_tokens: int
@@ -55,7 +60,11 @@ class DemoPlan:
     mean_len: int
     max_batch: int
     eval_batches: int
-    seconds_per_step: dict = field(default_factory=dict)  # ETA model (2-core CPU)
+    rounds: int  # interleaved timing repeats of every measurement (the spread of a finding)
+    # Cost of one step of each stage relative to one dense step, and of the corpus and the
+    # measurements in dense steps (measured on a 2-core CPU; the probe scales them to this
+    # machine and the estimate is revised as stages run)
+    relative_cost: dict = field(default_factory=dict)
 
 
 # The embedded default: stdlib-small's shape, fewer steps than its own recipe (BENCHMARKS.md).
@@ -71,7 +80,6 @@ FULL = DemoPlan(
     mor_loops=3,
     lora_rank=16,
     lr=2e-3,
-    precision="bfloat16",
     prompts=8,
     prompt_len=32,
     new_tokens=48,
@@ -79,7 +87,15 @@ FULL = DemoPlan(
     mean_len=48,
     max_batch=16,
     eval_batches=16,
-    seconds_per_step={"prepare": 60.0, "dense": 1.1, "uptrain": 1.6, "loop_exit": 1.5, "mor": 0.9},
+    rounds=3,
+    relative_cost={
+        "dense": 1.0,
+        "uptrain": 1.45,
+        "loop_exit": 1.36,
+        "mor": 0.82,
+        "prepare": 55.0,
+        "measure": 100.0,
+    },
 )
 
 # --quick: seconds, for CI. A few standard-library packages, a 4-layer model, a few steps;
@@ -104,7 +120,6 @@ QUICK = DemoPlan(
     mor_loops=2,
     lora_rank=4,
     lr=3e-3,
-    precision="float32",
     prompts=2,
     prompt_len=16,
     new_tokens=8,
@@ -112,12 +127,14 @@ QUICK = DemoPlan(
     mean_len=8,
     max_batch=4,
     eval_batches=2,
-    seconds_per_step={
-        "prepare": 2.0,
-        "dense": 0.05,
-        "uptrain": 0.05,
-        "loop_exit": 0.05,
-        "mor": 0.05,
+    rounds=3,
+    relative_cost={
+        "dense": 1.0,
+        "uptrain": 1.5,
+        "loop_exit": 1.4,
+        "mor": 1.2,
+        "prepare": 40.0,
+        "measure": 300.0,
     },
 )
 
@@ -191,9 +208,15 @@ def _weights_digest(ckpt: Path) -> str:
 
 
 def stages(
-    plan: DemoPlan, work: Path, data: Path, threads: int = 0, device: str = "cpu"
+    plan: DemoPlan,
+    work: Path,
+    data: Path,
+    threads: int = 0,
+    device: str = "cpu",
+    precision: str = "float32",
 ) -> list[Stage]:
-    """The training stages of ``plan`` under ``work`` (in dependency order)."""
+    """The training stages of ``plan`` under ``work`` (in dependency order), trained in
+    ``precision`` (already resolved for the device: ``float32`` or ``bfloat16``)."""
     from earlyexit.training.loop import TrainConfig
 
     runs = work / "runs"
@@ -203,7 +226,7 @@ def stages(
         data=str(data),
         seq_len=plan.seq_len,
         batch_size=plan.batch_size,
-        precision=plan.precision,
+        precision=precision,
         device=device,
         threads=threads,
         eval_batches=plan.eval_batches,
@@ -337,18 +360,90 @@ def _mark(stage: Stage) -> None:
     (stage.final / "demo_recipe.txt").write_text(stage.recipe_hash() + "\n")
 
 
-def eta_seconds(plan: DemoPlan, todo: list[Stage], data_ready: bool) -> float:
-    """Rough seconds for the stages still to run, from the plan's per-step timings."""
-    t = 0.0 if data_ready else plan.seconds_per_step.get("prepare", 0.0)
-    for s in todo:
-        t += s.steps * plan.seconds_per_step.get(s.eta_key, 0.0)
-    return t
+def probe_step_seconds(plan: DemoPlan, device: str = "cpu", precision: str = "float32") -> float:
+    """Seconds of one training step of the demo's dense model on this machine: one untimed
+    warm-up step, then one timed step, on random tokens (nothing is saved)."""
+    import contextlib
+
+    import torch
+
+    from earlyexit.config import ModelConfig
+    from earlyexit.models.decoder import Decoder
+    from earlyexit.training.exit_losses import ExitTraining
+
+    mc = ModelConfig(vocab_size=plan.vocab_size, **plan.model)
+    mc = dataclasses.replace(
+        mc, exits=dataclasses.replace(mc.exits, steps=exit_steps(plan.model["n_layers"]))
+    )
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    model = Decoder(mc).to(dev)
+    model.init_weights(torch.Generator(device=dev).manual_seed(0))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    objective = ExitTraining("shallow-deep")
+    x = torch.randint(0, plan.vocab_size, (plan.batch_size, plan.seq_len + 1), generator=g)
+    x = x.to(dev)
+    autocast = (
+        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16))
+        if precision == "bfloat16"
+        else contextlib.nullcontext
+    )
+    took = 0.0
+    for i in range(2):
+        t = time.perf_counter()
+        with autocast():
+            loss = objective(model, x[:, :-1], x[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        took = time.perf_counter() - t if i == 1 else took
+    return took
+
+
+class Estimate:
+    """Seconds the demo still needs, from a measured dense step and each stage's relative
+    cost; :meth:`stage_done` rescales the remaining stages by how long the finished ones
+    took against their prediction (cumulatively, so one noisy stage does not swing it)."""
+
+    # each trained stage also loads models, probes the matmul peak, evaluates and saves
+    STAGE_OVERHEAD_S = 3.0
+
+    def __init__(self, plan: DemoPlan, step_s: float) -> None:
+        self.plan, self.step_s = plan, step_s
+        self.predicted = self.actual = 0.0
+
+    @property
+    def scale(self) -> float:
+        return self.actual / self.predicted if self.predicted > 0 else 1.0
+
+    def _stage(self, st: Stage) -> float:
+        cost = self.plan.relative_cost.get(st.eta_key, 1.0)
+        return self.STAGE_OVERHEAD_S + st.steps * cost * self.step_s
+
+    def stage(self, st: Stage) -> float:
+        return self._stage(st) * self.scale
+
+    def data(self) -> float:
+        return self.plan.relative_cost["prepare"] * self.step_s
+
+    def measure(self) -> float:
+        return self.plan.relative_cost["measure"] * self.step_s * self.scale
+
+    def stage_done(self, st: Stage, seconds: float) -> None:
+        """Count a trained stage's measured time against its prediction."""
+        self.predicted += self._stage(st)
+        self.actual += seconds
 
 
 def build(
-    stages_: list[Stage], progress: bool, log
+    stages_: list[Stage], progress: bool, log, estimate: Estimate | None = None
 ) -> tuple[dict[str, Path], dict[str, float], list[str]]:
-    """Run (or reuse) every stage; returns (final paths, seconds per stage, reused names)."""
+    """Run (or reuse) every stage; returns (final paths, seconds per stage, reused names).
+    With an ``estimate``, each stage announces its expected time and, once done, revises
+    the estimate of the stages after it (logged)."""
     from earlyexit.training.loop import train
 
     paths, seconds, reused = {}, {}, []
@@ -360,7 +455,8 @@ def build(
             paths[st.name] = st.final
             continue
         t = time.perf_counter()
-        log(f"[train {i + 1}/{len(stages_)}] {st.title} -> {st.final}")
+        expect = f" (expected ~{fmt_seconds(estimate.stage(st))})" if estimate and st.steps else ""
+        log(f"[train {i + 1}/{len(stages_)}] {st.title} -> {st.final}{expect}")
         if st.convert is not None:
             _convert(st.convert)
         else:
@@ -379,6 +475,14 @@ def build(
         _mark(st)
         paths[st.name] = st.final
         seconds[st.name] = time.perf_counter() - t
+        if estimate is not None and st.steps:
+            estimate.stage_done(st, seconds[st.name])
+            rest = [x for x in stages_[i + 1 :] if not is_done(x)]
+            left = sum(estimate.stage(x) for x in rest) + estimate.measure()
+            log(
+                f"[train {i + 1}/{len(stages_)}] done in {fmt_seconds(seconds[st.name])}; "
+                f"revised estimate for the rest of the demo: ~{fmt_seconds(left)}"
+            )
     return paths, seconds, reused
 
 

@@ -22,7 +22,10 @@ def table(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         q = "—" if r["rouge_l"] is None else f"{r['rouge_l']:.3f}"
         tm = "—" if r["token_match"] is None else f"{r['token_match']:.3f}"
-        sp = f"{r['speedup']:.2f}x" + (" †" if r["speedup_vs"] != "full depth" else "")
+        sp = f"{r['speedup']:.2f}x"
+        if r.get("rounds", 1) > 1 and r["curve"] != "full":
+            sp += f" ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f})"
+        sp += " †" if r["speedup_vs"] != "full depth" else ""
         out.append(
             [
                 MODEL_TITLES.get(r["model"], r["model"]),
@@ -37,7 +40,7 @@ def table(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-HEADER = ["model", "strategy", "val NLL", "ROUGE-L", "token match", "speedup", "avg depth"]
+HEADER = ["model", "strategy", "val NLL", "ROUGE-L", "token match", "speedup (spread)", "avg depth"]
 
 
 def markdown_table(header: list[str], lines: list[list[str]]) -> str:
@@ -167,34 +170,149 @@ def sample_html(prompt: str, samples: list[dict], out: Path) -> Path:
     return out
 
 
-def findings(rows: list[dict], engine: list[dict], min_quality: float = 0.99) -> list[str]:
-    """Plain-language findings of one run, computed from its rows (nothing hard-coded)."""
+def _spread(lo: float, hi: float) -> str:
+    return f"{lo:.2f}-{hi:.2f}x"
+
+
+def depth_bound(r: dict) -> float | None:
+    """The most a strategy can gain from the depth it saved (full depth / its mean depth),
+    if running fewer steps were the whole story; None where it is not (self-speculation
+    verifies several tokens per deep pass, so its gain is not a depth saving)."""
+    if r["curve"] == "speculative" or r["mean_depth"] <= 0:
+        return None
+    return r["n_steps"] / r["mean_depth"]
+
+
+def speedup_verdict(r: dict, tolerance: float = 1.1, max_spread: float = 0.5) -> str:
+    """``faster``, ``slower`` or ``unclear`` for a row measured in several rounds.
+
+    Faster: above 1 in every round, and not faster than the depth it saved can explain
+    (``tolerance`` allows for noise; a larger "speedup" is timing noise, e.g. a strategy
+    that never exited). Slower: below 1 in every round. Unclear: anything else, or rounds
+    that disagree by more than ``max_spread`` of the median (a busy machine)."""
+    lo, hi = r.get("speedup_lo", r["speedup"]), r.get("speedup_hi", r["speedup"])
+    if r.get("rounds", 1) < 2 or (hi - lo) > max_spread * r["speedup"]:
+        return "unclear"
+    bound = depth_bound(r)
+    if lo > 1.0 and (bound is None or r["speedup"] <= bound * tolerance):
+        return "faster"
+    if hi < 1.0:
+        return "slower"
+    return "unclear"
+
+
+def findings(
+    rows: list[dict],
+    engine: list[dict],
+    nll: dict | None = None,
+    min_quality: float = 0.99,
+) -> list[str]:
+    """Plain-language findings of one run, computed from its rows (nothing hard-coded).
+
+    A finding is stated only where the measurement supports it: a speedup must hold in every
+    timing round and be consistent with the depth saved; a serving ranking must be outside
+    the run-to-run spread; an NLL difference must exceed twice its standard error.
+    Otherwise the finding says the run cannot tell."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        cands = [
+        title = MODEL_TITLES.get(model, model)
+        mine = [r for r in rows if r["model"] == model and r["curve"] != "full"]
+        good = [r for r in mine if (r["rouge_l"] or 0) >= min_quality]
+        if not mine or not good:
+            if mine:
+                out.append(
+                    f"{title}: no strategy keeps ROUGE-L >= {min_quality} against full depth."
+                )
+            continue
+        faster = [r for r in good if speedup_verdict(r) == "faster"]
+        if faster:
+            best = max(faster, key=lambda r: r["speedup"])
+            out.append(
+                f"{title}: the fastest strategy that keeps ROUGE-L >= {min_quality} is "
+                f"{best['label']} at {best['speedup']:.2f}x full depth "
+                f"({_spread(best['speedup_lo'], best['speedup_hi'])} over {best['rounds']} rounds; "
+                f"average depth {best['mean_depth']:.2f} of {best['n_steps']})."
+            )
+            continue
+        noisy = [
             r
-            for r in rows
-            if r["model"] == model and r["curve"] != "full" and (r["rouge_l"] or 0) >= min_quality
+            for r in good
+            if (b := depth_bound(r)) is not None and r["speedup"] > b * 1.1 and r["speedup"] > 1
         ]
-        if cands:
-            best = max(cands, key=lambda r: r["speedup"])
+        if all(speedup_verdict(r) == "slower" for r in good):
             out.append(
-                f"{MODEL_TITLES.get(model, model)}: the fastest strategy that keeps ROUGE-L >= "
-                f"{min_quality} is {best['label']} at {best['speedup']:.2f}x "
-                f"(average depth {best['mean_depth']:.2f} of {best['n_steps']})"
-                + ("." if best["speedup"] > 1 else ": none beats full depth.")
+                f"{title}: no strategy that keeps ROUGE-L >= {min_quality} beats full depth; "
+                f"each was slower in every round."
             )
+        else:
+            msg = (
+                f"{title}: no strategy that keeps ROUGE-L >= {min_quality} was faster than full "
+                f"depth in every round: the differences are within this run's timing noise "
+                f"(too short a run to tell)"
+            )
+            if noisy:
+                r = max(noisy, key=lambda r: r["speedup"])
+                msg += (
+                    f"; e.g. {r['label']} measured {r['speedup']:.2f}x at average depth "
+                    f"{r['mean_depth']:.2f} of {r['n_steps']}, more than its saved depth allows"
+                )
+            out.append(msg + ".")
     if engine:
-        best = max(engine, key=lambda e: e["x_static"])
-        exits = [e for e in engine if e["exit"] is not None or e["model"] == "mor"]
-        out.append(
-            f"Serving: the highest throughput was {best['model_label']} with {best['policy']} "
-            f"batching ({best['x_static']:.2f}x dense static)."
-        )
-        if exits and all(e["x_static"] < 1 for e in exits):
-            out.append(
-                "Every configuration that gives tokens less depth served slower than dense static "
-                "batching here: on this machine, per-token depth did not pay in batched serving "
-                "(BENCHMARKS.md, `depthwise`, explains what the time goes to)."
-            )
+        out += _serving_findings(engine)
+    if nll and "mor" in nll and "dense" in nll:
+        out.append(_mor_finding(nll["mor"], nll["dense"]))
     return out
+
+
+def _serving_findings(engine: list[dict]) -> list[str]:
+    out = []
+    lo = {id(e): e.get("x_static_lo", e["x_static"]) for e in engine}
+    hi = {id(e): e.get("x_static_hi", e["x_static"]) for e in engine}
+    best = max(engine, key=lambda e: e["x_static"])
+    others = [e for e in engine if e is not best]
+    name = f"{best['model_label']} with {best['policy']} batching"
+    if best.get("rounds", 1) >= 2 and all(lo[id(best)] > hi[id(e)] for e in others):
+        out.append(
+            f"Serving: the highest throughput was {name} "
+            f"({best['x_static']:.2f}x dense static, {_spread(lo[id(best)], hi[id(best)])}), "
+            f"ahead of every other configuration in every round."
+        )
+    else:
+        close = [e for e in others if hi[id(e)] >= lo[id(best)]]
+        names = ", ".join(f"{e['model_label']} {e['policy']}" for e in close[:3])
+        out.append(
+            f"Serving: the highest median throughput was {name} ({best['x_static']:.2f}x dense "
+            f"static), but its spread overlaps {names}: this run cannot rank them."
+        )
+    adaptive = [e for e in engine if e["exit"] is not None or e["model"] == "mor"]
+    if adaptive and all(hi[id(e)] < 1 for e in adaptive):
+        out.append(
+            "Every configuration that gives tokens less depth served slower than dense static "
+            "batching in every round: on this machine, per-token depth did not pay in batched "
+            "serving."
+        )
+    paid = [e for e in adaptive if lo[id(e)] > 1 and e.get("rounds", 1) >= 2]
+    if paid:
+        e = max(paid, key=lambda e: e["x_static"])
+        out.append(
+            f"Per-token depth paid in serving: {e['model_label']} with {e['policy']} batching "
+            f"served {e['x_static']:.2f}x dense static ({_spread(lo[id(e)], hi[id(e)])}) at "
+            f"average depth {e['mean_depth']:.2f}."
+        )
+    return out
+
+
+def _mor_finding(mor: dict, dense: dict) -> str:
+    """MoR's validation NLL against the dense model's, both trained here at equal FLOPs."""
+    a, b = mor["nll"], dense["nll"]
+    se = [x.get("nll_se") for x in (mor, dense)]
+    text = f"MoR: validation NLL {a:.3f} against the dense model's {b:.3f}, trained here at equal training FLOPs"
+    if None in se:
+        return text + " (one evaluation batch: no error bar, no verdict)."
+    margin = 2 * (se[0] ** 2 + se[1] ** 2) ** 0.5
+    if abs(a - b) <= margin:
+        return text + f": the difference is within twice its standard error ({margin:.3f})."
+    better = "lower" if a < b else "higher"
+    return (
+        text + f": {better} by {abs(a - b):.3f}, more than twice its standard error ({margin:.3f})."
+    )

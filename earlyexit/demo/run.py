@@ -23,18 +23,22 @@ from pathlib import Path
 
 import torch
 
-from earlyexit.bench.common import request_stream, serve_offline
+from earlyexit.bench.common import request_stream
 from earlyexit.demo import pipeline, report
-from earlyexit.demo.evaluate import dense_configs, recursive_configs, strategy_rows
+from earlyexit.demo.evaluate import (
+    dense_configs,
+    engine_jobs,
+    engine_rows,
+    recursive_configs,
+    strategy_rows,
+)
 from earlyexit.errors import InputError
+from earlyexit.progress import fmt_seconds
+from earlyexit.progress import progress as progress_bar
 
 
 def default_home() -> Path:
     return Path(os.environ.get("EARLYEXIT_HOME", "~/.cache/earlyexit")).expanduser()
-
-
-def _fmt_s(s: float) -> str:
-    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
 def main(
@@ -46,11 +50,13 @@ def main(
     progress: bool = True,
     device: str = "auto",
     dtype: str | None = None,
+    precision: str = "auto",
 ) -> int:
-    from earlyexit.device import resolve_device, resolve_dtype
+    from earlyexit.device import resolve_device, resolve_dtype, resolve_precision
 
     dev = resolve_device(device)  # one clear error before any work
     resolve_dtype(dtype, dev)
+    train_precision, why = resolve_precision(precision, dev)
     plan = pipeline.QUICK if quick else pipeline.FULL
     work = (
         Path(out_dir).expanduser()
@@ -64,10 +70,12 @@ def main(
     def say(*a) -> None:
         print(*a, file=sys.stderr, flush=True)
 
-    progress = progress and not as_json and sys.stderr.isatty()
+    # a bar on a terminal, a line every EARLYEXIT_PROGRESS_EVERY seconds in a log or pipe
+    progress = progress and not as_json
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     say(f"earlyexit demo{' --quick' if quick else ''}: work directory {work}")
+    say(f"device {dev}, {threads} thread(s); training precision {train_precision} ({why})")
 
     # ------------------------------------------------------------------ data + models
     from earlyexit.training.corpus import prepare
@@ -76,13 +84,19 @@ def main(
     user_tok = _user_tokenizer(model_dir) if model_dir else None
     data = work / ("data" if user_tok is None else "data-user")
     data_ready = (data / "manifest.json").is_file()
-    st = [] if model else pipeline.stages(plan, work, data, threads, device=str(dev))
+    st = (
+        []
+        if model
+        else pipeline.stages(plan, work, data, threads, device=str(dev), precision=train_precision)
+    )
     todo = [s for s in st if not pipeline.is_done(s)]
-    eval_eta = 5 if quick else 60  # measured: ~4 s and ~55 s on 2 cores
-    eta = pipeline.eta_seconds(plan, todo, data_ready) + eval_eta
+    # the estimate comes from one training step timed here, now (a few seconds at most)
+    est = pipeline.Estimate(plan, pipeline.probe_step_seconds(plan, str(dev), train_precision))
+    eta = (0 if data_ready else est.data()) + sum(est.stage(s) for s in todo) + est.measure()
     say(
-        f"plan: {'reuse every cached model' if not todo else f'train {len(todo)} stage(s)'}; "
-        f"expected time ~{_fmt_s(eta)} on {threads} thread(s)" + ("" if todo else " (cached)")
+        f"plan: {'reuse every cached model' if not todo else f'train {len(todo)} stage(s)'}, "
+        f"then measure. One training step of the dense model takes {est.step_s:.2f} s here: "
+        f"expected time ~{fmt_seconds(eta)} (revised as stages finish)"
     )
     t = time.perf_counter()
     say("[data] preparing the corpus" + (" (cached)" if data_ready else ""))
@@ -99,7 +113,7 @@ def main(
         reused: list[str] = []
     else:
         t = time.perf_counter()
-        paths, trained_s, reused = pipeline.build(st, progress, lambda m: say(f"  {m}"))
+        paths, trained_s, reused = pipeline.build(st, progress, lambda m: say(f"  {m}"), est)
         timings["training"] = time.perf_counter() - t
         timings.update({f"train {k}": v for k, v in trained_s.items()})
         if reused:
@@ -117,6 +131,7 @@ def main(
     from earlyexit.training.data import token_file
 
     t = time.perf_counter()
+    say(f"[measure] expected ~{fmt_seconds(est.measure())}")
     lms = {k: earlyexit.load(p, device=dev, dtype=dtype) for k, p in paths.items()}
     parity = _parity(paths.get("dense") or paths["user"], work / "hf-export")
     if "skipped" in parity:
@@ -126,7 +141,7 @@ def main(
             f"[check] exported to Hugging Face format and reloaded with transformers: max |logit diff| "
             f"{parity['max_logit_diff']:.1e}, greedy tokens identical: {parity['greedy_tokens_identical']}"
         )
-    nll = {
+    evals = {
         k: perplexity(
             p,
             data,
@@ -135,9 +150,10 @@ def main(
             max_batches=plan.eval_batches,
             device=str(dev),
             dtype=dtype,
-        )["nll"]
+        )
         for k, p in paths.items()
     }
+    nll = {k: v["nll"] for k, v in evals.items()}
     prompts = validation_prompts(data, plan.prompts, plan.prompt_len)
     jobs = []
     for k, lm in lms.items():
@@ -145,16 +161,19 @@ def main(
             jobs.append((k, lm, recursive_configs(lm.model)))
         elif k != "mor":
             jobs.append((k, lm, dense_configs(lm.model)))
-    n_cfg = sum(len(c) + 2 for _, _, c in jobs) + (2 if "mor" in lms else 0)
-    bar = _bar(n_cfg, "strategies", progress)
+    n_cfg = sum(len(c) + 1 for _, _, c in jobs) + (1 if "mor" in lms else 0)
     say(
-        f"[decode] {plan.prompts} validation prompts x {plan.new_tokens} tokens, batch 1, every strategy"
+        f"[decode] {plan.prompts} validation prompts x {plan.new_tokens} tokens, batch 1, "
+        f"every strategy, {plan.rounds} interleaved timing rounds"
     )
+    bar = progress_bar(progress, n_cfg, "[decode] strategies", log=say, unit="config")
     rows, depths = [], {}
     dense_full_time = None
     for k, lm, cfgs in jobs:
-        r, d = strategy_rows(k, lm, prompts, plan.new_tokens, cfgs, nll[k], on_config=bar.update)
-        bar.update(2)
+        r, d = strategy_rows(
+            k, lm, prompts, plan.new_tokens, cfgs, nll[k], plan.rounds, on_config=bar.update
+        )
+        bar.update(1)
         rows += r
         depths[k] = (d, lm.model.n_steps)
         if k == "dense":
@@ -167,9 +186,10 @@ def main(
             plan.new_tokens,
             [],
             nll["mor"],
+            plan.rounds,
             reference_time=dense_full_time,
         )
-        bar.update(2)
+        bar.update(1)
         rows += r
         depths["mor"] = (d, lms["mor"].model.n_steps)
     bar.close()
@@ -184,29 +204,15 @@ def main(
         min_gen=4,
         max_gen=2 * plan.mean_len,
     )
-    eng_jobs = _engine_jobs(lms)
     say(
-        f"[engine] {plan.requests} requests arriving at once, max batch {plan.max_batch}, under each batching policy"
+        f"[engine] {plan.requests} requests arriving at once, max batch {plan.max_batch}, "
+        f"under each batching policy, {plan.rounds} interleaved rounds"
     )
-    bar = _bar(len(eng_jobs), "engine", progress)
-    engine = []
-    for label, key, policy, exit in eng_jobs:
-        res = serve_offline(lms[key].model, stream, policy, plan.max_batch, exit)
-        res["occupancy"] = res["occupancy"]["mean_rows_per_block_call"]
-        engine.append(
-            {
-                "model_label": label,
-                "model": key,
-                "policy": policy,
-                "exit": None if exit is None else {"step": exit.step, "threshold": exit.threshold},
-                **res,
-            }
-        )
-        bar.update(1)
+    bar = progress_bar(
+        progress, len(engine_jobs(lms)), "[engine] configurations", log=say, unit="config"
+    )
+    engine = engine_rows(lms, stream, plan.max_batch, plan.rounds, on_job=bar.update)
     bar.close()
-    base = next(e["tokens_per_s"] for e in engine if e["policy"] == "static")
-    for e in engine:
-        e["x_static"] = e["tokens_per_s"] / base
     timings["engine"] = time.perf_counter() - t
 
     samples = _samples(lms, data)
@@ -221,47 +227,30 @@ def main(
         say(
             "† MoR: speedup against the dense model's full depth (the same nominal depth); ROUGE-L is not defined across models."
         )
-    say(
-        "\n"
-        + report.text_table(
-            ["model", "policy", "tokens/s", "vs dense static", "avg depth", "rows per block call"],
-            _engine_lines(engine),
-        )
-    )
+    say("\n" + report.text_table(ENGINE_HEADER, _engine_lines(engine)))
+    found = report.findings(rows, engine, evals)
     figs = _figures(rows, depths, engine, rep, say)
     report_md = _write_report(
-        rep, plan, quick, paths, rows, engine, parity, nll, timings, reused, figs, threads
+        rep, plan, quick, paths, rows, engine, parity, evals, timings, reused, figs, threads, found
     )
     if samples:
         report.sample_html(samples["prompt"], samples["items"], rep / "sample.html")
-    (rep / "results.json").write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "engine": [{k: v for k, v in e.items() if k != "depths"} for e in engine],
-                "parity": parity,
-                "timings": timings,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    for f in report.findings(rows, engine):
+    results = {
+        "rows": rows,
+        "engine": [{k: v for k, v in e.items() if k != "depths"} for e in engine],
+        "parity": parity,
+        "nll": evals,
+        "findings": found,
+        "precision": train_precision,
+        "timings": timings,
+    }
+    (rep / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    for f in found:
         say(f"* {f}")
-    say(f"\nreport: {report_md}   (done in {_fmt_s(timings['total'])})")
+    say(f"\nreport: {report_md}   (done in {fmt_seconds(timings['total'])})")
     if as_json:
         print(
-            json.dumps(
-                {
-                    "work": str(work),
-                    "report": str(report_md),
-                    "rows": rows,
-                    "engine": [{k: v for k, v in e.items() if k != "depths"} for e in engine],
-                    "parity": parity,
-                    "timings": timings,
-                    "reused": reused,
-                }
-            )
+            json.dumps({"work": str(work), "report": str(report_md), **results, "reused": reused})
         )
     if "skipped" not in parity and not parity["greedy_tokens_identical"]:
         say("error: our decoder and transformers disagree on the same weights")
@@ -270,22 +259,6 @@ def main(
 
 
 # ---------------------------------------------------------------------- helpers
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, desc: str, on: bool):
-    if not on:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, leave=False)
-
-
 def _resolve_model(model: str) -> str:
     """A local directory, or a hub name downloaded with huggingface_hub (online only)."""
     p = Path(model).expanduser()
@@ -316,29 +289,14 @@ def _user_tokenizer(model_dir: Path) -> str:
     return str(path)
 
 
-def _engine_jobs(lms: dict) -> list[tuple]:
-    from earlyexit.engine import ExitMode
-
-    jobs = []
-    for key, title in (("dense", "dense"), ("user", "your model")):
-        if key in lms:
-            jobs += [(title, key, p, None) for p in ("static", "continuous", "depthwise")]
-            steps = lms[key].config.exits.steps
-            if steps and lms[key].config.exits.trained:
-                mode = ExitMode(steps[0], 0.3)
-                jobs += [
-                    (f"{title} + FREE exit", key, p, mode) for p in ("continuous", "depthwise")
-                ]
-    if "recursive" in lms:
-        steps = lms["recursive"].config.exits.steps
-        mode = ExitMode(steps[0], 0.3) if steps else None
-        jobs += [
-            ("relaxed recursive + loop exit", "recursive", p, mode)
-            for p in ("continuous", "depthwise")
-        ]
-    if "mor" in lms:
-        jobs += [("MoR", "mor", p, None) for p in ("continuous", "depthwise")]
-    return jobs
+ENGINE_HEADER = [
+    "model",
+    "policy",
+    "tokens/s",
+    "vs dense static (spread)",
+    "avg depth",
+    "rows per block call",
+]
 
 
 def _engine_lines(engine: list[dict]) -> list[list[str]]:
@@ -347,7 +305,8 @@ def _engine_lines(engine: list[dict]) -> list[list[str]]:
             e["model_label"],
             e["policy"],
             f"{e['tokens_per_s']:.0f}",
-            f"{e['x_static']:.2f}x",
+            f"{e['x_static']:.2f}x"
+            + (f" ({e['x_static_lo']:.2f}-{e['x_static_hi']:.2f})" if e["rounds"] > 1 else ""),
             f"{e['mean_depth']:.2f}",
             f"{e['occupancy']:.1f}",
         ]
@@ -451,7 +410,7 @@ def _figures(rows, depths, engine, rep: Path, say) -> list[str]:
 
 
 def _write_report(
-    rep, plan, quick, paths, rows, engine, parity, nll, timings, reused, figs, threads
+    rep, plan, quick, paths, rows, engine, parity, evals, timings, reused, figs, threads, found
 ) -> Path:
     from earlyexit import __version__
 
@@ -467,11 +426,14 @@ def _write_report(
         "",
         "## Models",
         "",
-        "| model | checkpoint | validation NLL |",
+        "| model | checkpoint | validation NLL (± standard error) |",
         "|---|---|---|",
     ]
     lines += [
-        f"| {report.MODEL_TITLES.get(k, k)} | `{p}` | {nll[k]:.3f} |" for k, p in paths.items()
+        f"| {report.MODEL_TITLES.get(k, k)} | `{p}` | {evals[k]['nll']:.3f}"
+        + (f" ± {evals[k]['nll_se']:.3f}" if evals[k].get("nll_se") is not None else "")
+        + " |"
+        for k, p in paths.items()
     ]
     if reused:
         lines += [
@@ -485,20 +447,23 @@ def _write_report(
             f"gives max |logit diff| {parity['max_logit_diff']:.1e}; greedy tokens identical: "
             f"{parity['greedy_tokens_identical']}.",
         ]
-    lines += ["", "## What this run shows", ""]
-    lines += [f"- {f}" for f in report.findings(rows, engine)]
-    if "mor" in paths:
-        lines.append(
-            "- MoR's lower NLL at equal training FLOPs comes, at this scale, from its routers' "
-            "gated updates rather than from routing (BENCHMARKS.md, `mor-isoflop`)."
-        )
+    lines += [
+        "",
+        "## What this run shows",
+        "",
+        f"Each timing was repeated in {plan.rounds} interleaved rounds; a finding is stated only "
+        "where every round agrees (and a speedup is no larger than the depth saved allows).",
+        "",
+    ]
+    lines += [f"- {f}" for f in found]
     lines += [
         "",
         "## Strategies (batch 1)",
         "",
         f"{plan.prompts} validation prompts of {plan.prompt_len} tokens, {plan.new_tokens} greedy tokens each, one at a time. "
         "**Quality** = agreement with the same model's full-depth output (ROUGE-L, token match); "
-        "**speedup** = full-depth time / strategy time in this run; **avg depth** = plan steps run per token.",
+        "**speedup** = full-depth time / strategy time, median over the rounds (spread: lowest-highest); "
+        "**avg depth** = plan steps run per token.",
         "",
         report.markdown_table(report.HEADER, report.table(rows)),
         "",
@@ -514,12 +479,10 @@ def _write_report(
         "## Serving (engine)",
         "",
         f"{plan.requests} requests arrive at once (prompts 8-{plan.prompt_len} tokens, ~{plan.mean_len} generated), "
-        f"max batch {plan.max_batch}. Ratios are against the dense model with static batching in this run.",
+        f"max batch {plan.max_batch}. Ratios are against the dense model with static batching "
+        "in the same round (median, spread over the rounds).",
         "",
-        report.markdown_table(
-            ["model", "policy", "tokens/s", "vs dense static", "avg depth", "rows per block call"],
-            _engine_lines(engine),
-        ),
+        report.markdown_table(ENGINE_HEADER, _engine_lines(engine)),
         "",
         "## Figures",
         "",
@@ -535,7 +498,7 @@ def _write_report(
         "",
         "## Time",
         "",
-        ", ".join(f"{k} {_fmt_s(v)}" for k, v in timings.items()),
+        ", ".join(f"{k} {fmt_seconds(v)}" for k, v in timings.items()),
         "",
     ]
     path = rep / "report.md"

@@ -30,7 +30,8 @@ def perplexity(
     dtype: str | None = None,
     routing: str = "causal",
 ) -> dict:
-    """NLL, perplexity and throughput of the model in ``model_dir`` on ``data``'s ``split``.
+    """NLL (with its standard error across batches, ``nll_se``), perplexity and throughput of
+    the model in ``model_dir`` on ``data``'s ``split``.
 
     ``routing`` (Mixture-of-Recursions models only): ``causal`` (the default: each token's
     depth from its own router scores, as in generation) or ``topk`` (the training rule,
@@ -41,6 +42,9 @@ def perplexity(
 
     if seq_len < 1 or batch_size < 1:
         raise InputError("--seq-len and --batch-size must be >= 1")
+    from earlyexit.registry import resolve_model
+
+    model_dir = resolve_model(model_dir)
     lm = earlyexit.load(model_dir, device=device, dtype=dtype)
     manifest = load_manifest(data)
     tok_file = Path(model_dir) / "tokenizer.json"
@@ -69,12 +73,18 @@ def perplexity(
         def model(x, _m=lm.model):
             return _m(x, routing="train")
 
+    # one NLL per batch: the spread across batches gives the standard error of the mean
+    # (tokens inside a window are correlated; batches of windows far apart much less so)
+    per_batch = []
     with torch.inference_mode():
-        nll, tokens = evaluate_nll(
-            model,
-            val_batches(windows, batch_size, n_batches),
-            device=lm.model.tok_embeddings.weight.device,
-        )
+        for batch in val_batches(windows, batch_size, n_batches):
+            per_batch.append(
+                evaluate_nll(model, [batch], device=lm.model.tok_embeddings.weight.device)
+            )
+    tokens = sum(n for _, n in per_batch)
+    nll = sum(v * n for v, n in per_batch) / max(tokens, 1)
+    k = len(per_batch)
+    se = math.sqrt(sum((v - nll) ** 2 for v, _ in per_batch) / (k - 1) / k) if k > 1 else None
     dt = time.perf_counter() - t
     return {
         "model": str(model_dir),
@@ -82,6 +92,7 @@ def perplexity(
         "split": split,
         "routing": routing if lm.model.routers is not None else None,
         "nll": nll,
+        "nll_se": se,
         "perplexity": math.exp(min(nll, 50.0)),
         "tokens": tokens,
         "seconds": dt,

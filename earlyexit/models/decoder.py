@@ -21,7 +21,14 @@ from torch import Tensor, nn
 from earlyexit.config import ModelConfig
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext, KVCache
-from earlyexit.models.layers import Block, ExitClassifier, RMSNorm, rope_cos_sin, rope_inv_freq
+from earlyexit.models.layers import (
+    Block,
+    ExitAdapter,
+    ExitClassifier,
+    RMSNorm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from earlyexit.models.mor import MoROutput, mor_forward
 from earlyexit.models.routers import Routers
 
@@ -69,6 +76,11 @@ class Decoder(nn.Module):
             if ex.classifier
             else None
         )
+        self.exit_adapters = (
+            nn.ModuleList(ExitAdapter(config.d_model, ex.adapter_rank) for _ in ex.steps)
+            if ex.adapter_rank
+            else None
+        )
         self.head = (
             None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         )
@@ -90,7 +102,7 @@ class Decoder(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        for m in self.exit_classifiers or ():
+        for m in [*(self.exit_classifiers or ()), *(self.exit_adapters or ())]:
             m.reset_parameters(generator)
         for b in self.blocks:
             if b.lora is not None:
@@ -199,8 +211,11 @@ class Decoder(nn.Module):
         return steps.index(step) if step in steps else None
 
     def exit_norm(self, h: Tensor, step: int) -> Tensor:
-        """The norm the exit after ``step`` steps applies: its own, or the final norm."""
+        """What the exit after ``step`` steps reads: its adapter (if any), then its own norm
+        or the final norm."""
         i = self.exit_index(step)
+        if i is not None and self.exit_adapters is not None:
+            h = self.exit_adapters[i](h)
         if i is not None and self.exit_norms is not None:
             return self.exit_norms[i](h)
         return self.norm(h)

@@ -254,7 +254,7 @@ def state_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
             out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = gb, ub
             out[p + "mlp.down_proj.bias"] = sd[q + "mlp.w2.bias"]
     for k, v in sd.items():  # per-exit norms and classifiers ride along under our prefix
-        if k.startswith(("exit_norms.", "exit_classifiers.")):
+        if k.startswith(("exit_norms.", "exit_classifiers.", "exit_adapters.")):
             out[f"{EXTRA_KEY}.{k}"] = v
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
@@ -339,9 +339,13 @@ def load_hf(
 
 
 def hf_import(src: str | Path, dst: str | Path) -> Path:
-    """Convert a Hugging Face model directory (or hub name) into an earlyexit checkpoint."""
+    """Convert a Hugging Face model directory (or hub name) into an earlyexit checkpoint,
+    with its chat template (``tokenizer_config.json``) when it has one."""
+    from earlyexit.chat import chat_files, load_chat_config
+
     model, tok = load_hf(src)
-    return save_checkpoint(model, dst, tokenizer=tok)
+    extra = chat_files(load_chat_config(_resolve(src)))
+    return save_checkpoint(model, dst, tokenizer=tok, extra_files=extra)
 
 
 def hf_export(model: Decoder, dst: str | Path, tokenizer: Tokenizer | None = None) -> Path:

@@ -236,6 +236,24 @@ class Block(nn.Module):
         self.attn.write_kv(self.attn_norm(h), ctx, kv_slot, self._lora(lora_slot))
 
 
+class ExitAdapter(nn.Module):
+    """A residual low-rank MLP on an exit's hidden state: h + U silu(D h), U zero-initialised
+    (the exit starts as it was). It gives a shallow exit capacity of its own without touching
+    the blocks that deeper tokens share."""
+
+    def __init__(self, d_model: int, rank: int) -> None:
+        super().__init__()
+        self.down = Linear(d_model, rank, bias=False)
+        self.up = Linear(rank, d_model, bias=False)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.down.weight, 0.0, self.down.in_features**-0.5, generator=generator)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.up(F.silu(self.down(h)))
+
+
 class ExitClassifier(nn.Module):
     """Learned exit confidence: MLP d -> d -> 2 on the exit's normed state; class 1 means
     "this exit's argmax equals the final argmax" (CALM's classifier, FREE's ``meta``)."""

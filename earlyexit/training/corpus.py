@@ -198,6 +198,12 @@ def prepare(
         raise InputError(
             f"the corpus {' '.join(corpus)} has no readable UTF-8 text ({len(skipped)} file(s) skipped)"
         )
+    if tokenizer is not None:  # a tokenizer.json, a model directory or a named model
+        from earlyexit.registry import resolve_model
+
+        tokenizer = resolve_model(tokenizer)
+        if tokenizer.is_dir():
+            tokenizer = tokenizer / "tokenizer.json"
     given = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
     tok_hash = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest() if tokenizer else None
     inputs = _inputs_hash(docs, vocab_size if given is None else -1, val_fraction, tok_hash)

@@ -38,10 +38,12 @@ import torch.distributed as dist
 
 from earlyexit.checkpoint import load_checkpoint, load_config, save_checkpoint
 from earlyexit.config import ExitConfig, ModelConfig, _parse_dataclass
-from earlyexit.device import resolve_device
+from earlyexit.device import PRECISIONS, resolve_device, resolve_precision
 from earlyexit.errors import ConfigError, EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.layers import RMSNorm
+from earlyexit.progress import progress as progress_bar
+from earlyexit.registry import resolve_model
 from earlyexit.tokenizer import Tokenizer
 from earlyexit.training.data import (
     TrainBatches,
@@ -88,7 +90,9 @@ class TrainConfig:
         weight_decay: AdamW weight decay on matrices (not norms, biases, embeddings).
         beta1, beta2: AdamW betas.
         grad_clip: max global gradient norm (<= 0 disables).
-        precision: ``float32``, or ``bfloat16`` autocast with fp32 master weights.
+        precision: ``auto`` (bf16 autocast where the device runs bf16 natively, fp32
+            elsewhere: :func:`earlyexit.device.resolve_precision`), ``float32``, or
+            ``bfloat16`` autocast with fp32 master weights.
         eval_every: steps between validation evaluations (<= 0: only at the end).
         eval_batches: validation batches per evaluation.
         save_every: steps between checkpoints (<= 0: only at the end).
@@ -108,6 +112,11 @@ class TrainConfig:
         kd_alpha: ``shallow-deep``: weight of the layer-wise distillation.
         exit_norms: give each intermediate exit its own RMSNorm (initialised from the final).
         exit_classifier: give each intermediate exit a confidence classifier.
+        exit_adapter_rank: give each intermediate exit a residual adapter of this rank
+            (``ExitConfig.adapter_rank``; 0: none).
+        train_only: train only parameters whose names start with one of these prefixes
+            (e.g. ``exit_`` : the exits' adapters and norms); everything else is frozen.
+            None trains everything.
         teacher: ``--objective uptrain``: the dense model distilled from.
         distill_weight: ``uptrain``: weight of KL(teacher || student) next to the LM loss.
         flops_budget: set ``steps`` so the run spends this many forward FLOPs (MoR's
@@ -134,7 +143,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "float32"
+    precision: str = "auto"
     eval_every: int = 100
     eval_batches: int = 16
     save_every: int = 200
@@ -152,6 +161,8 @@ class TrainConfig:
     kd_alpha: float = 0.5
     exit_norms: bool = False
     exit_classifier: bool = False
+    exit_adapter_rank: int | None = None
+    train_only: tuple[str, ...] | None = None
     teacher: str | None = None
     distill_weight: float = 1.0
     flops_budget: float | None = None
@@ -173,8 +184,10 @@ class TrainConfig:
             raise ConfigError(
                 "float16 training is not supported: use --precision bfloat16 (fp32 master weights)"
             )
-        if self.precision not in ("float32", "bfloat16"):
-            raise ConfigError(f"precision must be float32 or bfloat16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
@@ -201,7 +214,8 @@ class TrainConfig:
 RECIPES: dict[str, dict] = {
     # The embedded default: the small dense model the demo builds on, trained on the
     # Python standard library (1.8M tokens, ~0.6 epoch) in ~12 minutes on 2 cores
-    # (BENCHMARKS.md, "train"). bf16 autocast is 1.45x faster than fp32 on AVX512-BF16 CPUs.
+    # (BENCHMARKS.md, "train"). Precision is the default ``auto``: bf16 autocast where the
+    # hardware has it (1.45x faster than fp32 on AVX512-BF16 CPUs), fp32 elsewhere.
     "stdlib-small": dict(
         model="stdlib-small",
         data="data/stdlib",
@@ -211,7 +225,6 @@ RECIPES: dict[str, dict] = {
         steps=450,
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=50,
         save_every=50,
     ),
@@ -230,7 +243,6 @@ RECIPES: dict[str, dict] = {
         steps=300,
         lr=1e-3,
         warmup_steps=20,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -246,7 +258,6 @@ RECIPES: dict[str, dict] = {
         steps=150,
         lr=1e-3,
         warmup_steps=10,
-        precision="bfloat16",
         eval_every=150,
         save_every=150,
     ),
@@ -265,7 +276,6 @@ RECIPES: dict[str, dict] = {
         steps=120,
         lr=1e-3,
         warmup_steps=10,
-        precision="bfloat16",
         eval_every=60,
         save_every=60,
     ),
@@ -281,7 +291,6 @@ RECIPES: dict[str, dict] = {
         steps=150,
         lr=1e-3,
         warmup_steps=10,
-        precision="bfloat16",
         eval_every=75,
         save_every=75,
     ),
@@ -297,7 +306,6 @@ RECIPES: dict[str, dict] = {
         flops_budget=450 * 16 * 256 * 14_680_064,  # vanilla: 14.68 MFLOP per token at 256
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -310,7 +318,6 @@ RECIPES: dict[str, dict] = {
         flops_budget=450 * 16 * 256 * 14_680_064,
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -323,7 +330,6 @@ RECIPES: dict[str, dict] = {
         flops_budget=450 * 16 * 256 * 14_680_064,
         lr=2e-3,
         warmup_steps=30,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -339,7 +345,6 @@ RECIPES: dict[str, dict] = {
         steps=300,
         lr=1e-3,
         warmup_steps=20,
-        precision="bfloat16",
         eval_every=100,
         save_every=100,
     ),
@@ -396,6 +401,9 @@ def exit_config(current: ExitConfig, cfg: TrainConfig) -> ExitConfig:
         steps=current.steps if cfg.exit_steps is None else tuple(cfg.exit_steps),
         norms=current.norms or cfg.exit_norms,
         classifier=current.classifier or cfg.exit_classifier,
+        adapter_rank=current.adapter_rank
+        if cfg.exit_adapter_rank is None
+        else cfg.exit_adapter_rank,
     )
 
 
@@ -406,11 +414,14 @@ def with_exits(model: Decoder, cfg: TrainConfig) -> Decoder:
     if exits == model.config.exits:
         return model
     mc = dataclasses.replace(model.config, exits=exits)
-    new = Decoder(mc).to(model.tok_embeddings.weight.device)
-    new.init_weights()
+    dev = model.tok_embeddings.weight.device
+    new = Decoder(mc).to(dev)
+    # new exit parts start from the run's seed: two runs of one recipe start identically
+    new.init_weights(torch.Generator(device=dev).manual_seed(cfg.seed))
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    stale = [k for k in unexpected if not k.startswith(("exit_norms.", "exit_classifiers."))]
-    if stale or any(not k.startswith(("exit_norms.", "exit_classifiers.")) for k in missing):
+    exit_parts = ("exit_norms.", "exit_classifiers.", "exit_adapters.")
+    stale = [k for k in unexpected if not k.startswith(exit_parts)]
+    if stale or any(not k.startswith(exit_parts) for k in missing):
         raise ConfigError(f"cannot change the exits of {cfg.init_from}: {stale or missing}")
     if new.exit_norms is not None:
         for i, s in enumerate(mc.exits.steps):
@@ -418,6 +429,21 @@ def with_exits(model: Decoder, cfg: TrainConfig) -> Decoder:
             src = model.norm if old is None or model.exit_norms is None else model.exit_norms[old]
             new.exit_norms[i].weight.data.copy_(src.weight.data)
     return new
+
+
+def freeze_all_but(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Train only the parameters whose names start with one of ``prefixes``; returns how
+    many parameter tensors were frozen. Refuses a pattern that matches nothing."""
+    names = [n for n, _ in model.named_parameters()]
+    for pre in prefixes:
+        if not any(n.startswith(pre) for n in names):
+            raise ConfigError(f"--train-only {pre!r} matches no parameter of this model")
+    frozen = 0
+    for n, p in model.named_parameters():
+        keep = n.startswith(tuple(prefixes))
+        p.requires_grad_(keep and p.requires_grad)
+        frozen += not keep
+    return frozen
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -447,17 +473,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def matmul_peak(
     device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5
 ) -> float:
-    """FLOP/s of an n x n x n matmul in ``dtype``, measured here and now (for MFU)."""
+    """FLOP/s of an n x n x n matmul in ``dtype``, measured here and now (for MFU): the best
+    of ``reps`` timed calls after one warm-up, so a busy moment does not lower the peak (a
+    low peak is what makes MFU come out above 1)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
+    a @ b
+    best = float("inf")
     for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak: float):
+    """Achieved / peak FLOP/s, or None when the peak is unknown or the ratio is impossible
+    (above 1: the probe ran at a slower moment than the step; reporting it would be a lie)."""
+    if not peak:
+        return None
+    mfu = tokens_per_s * flops_per_token / peak
+    return mfu if mfu <= 1.0 else None
 
 
 def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
@@ -523,7 +563,7 @@ def _train(
         model = Decoder(mc).to(device)
         model.train()
     elif cfg.init_from:
-        model, _ = load_checkpoint(cfg.init_from, device)
+        model, _ = load_checkpoint(resolve_model(cfg.init_from), device)
         model = with_exits(model, cfg)
         model.train()
         mc = model.config
@@ -556,6 +596,9 @@ def _train(
         model.load_state_dict(model_state, strict=True)
     objective = get_objective(cfg.objective, cfg)
     objective.setup(model)
+    if cfg.train_only:
+        frozen = freeze_all_but(model, cfg.train_only)
+        say(f"--train-only {','.join(cfg.train_only)}: {frozen} parameter tensors frozen")
     net = _wrap(model, cfg, d, device)  # FSDP2 swaps parameters: build the optimizer after
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
@@ -567,22 +610,28 @@ def _train(
         say(f"resuming {run} from {ckpt.name} (step {start_step})")
 
     # ------------------------------------------------------------------ bookkeeping
+    precision, why = resolve_precision(cfg.precision, device)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(
             json.dumps(
-                {**dataclasses.asdict(cfg), "world_size": d.world, "git": _git_revision()}, indent=1
+                {
+                    **dataclasses.asdict(cfg),
+                    "precision_resolved": precision,
+                    "world_size": d.world,
+                    "git": _git_revision(),
+                },
+                indent=1,
             )
             + "\n"
         )
         _truncate_metrics(run / "metrics.jsonl", start_step)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * d.world
     fpt = flops_per_token(mc, cfg.seq_len)
-    compute_dtype = torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32
-    peak = matmul_peak(device, compute_dtype) if d.main else 0.0
+    compute_dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     batches = TrainBatches(train_w, cfg.batch_size, cfg.seed, d.rank, d.world)
     eot_id = manifest["eot_id"]
-    if cfg.precision == "bfloat16":  # fp32 master weights, bf16 compute
+    if precision == "bfloat16":  # fp32 master weights, bf16 compute
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     else:
         autocast = contextlib.nullcontext
@@ -590,12 +639,12 @@ def _train(
         f"training {mc.name}: {mc.param_counts()['total'] / 1e6:.2f}M parameters, {d.world} process(es), "
         f"{tokens_per_step:,} tokens/step, steps {start_step}->{cfg.steps}"
     )
+    say(f"precision: {precision} ({why})")
+    peak = matmul_peak(device, compute_dtype) if d.main else 0.0
 
-    bar = None
-    if progress and d.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    bar = progress_bar(
+        progress and d.main, cfg.steps, f"train {run.name}", log=say, initial=start_step
+    )
     skipped, last_eval = 0, None
     t_start, tok_start = time.perf_counter(), tokens_seen
     completed = start_step
@@ -657,9 +706,7 @@ def _train(
         done = completed = step + 1
         elapsed = time.perf_counter() - t_start
         tps = (tokens_seen - tok_start) / max(elapsed, 1e-9)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        bar.update(1, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tokens_per_s=f"{tps:,.0f}")
         if d.main and (done % cfg.log_every == 0 or done == cfg.steps or done == 1):
             _append(
                 run / "metrics.jsonl",
@@ -670,7 +717,7 @@ def _train(
                     "grad_norm": float(gnorm),
                     "tokens": tokens_seen,
                     "tokens_per_s": tps,
-                    "mfu": tps * fpt / peak if peak else None,
+                    "mfu": model_flops_utilization(tps, fpt, peak),
                     "elapsed_s": elapsed,
                     **{k: float(v) for k, v in extra.items()},
                     "skipped": skipped,
@@ -688,24 +735,22 @@ def _train(
                         "tokens": tokens_seen,
                     },
                 )
-                if bar is not None:
-                    bar.write(
-                        f"step {done}: val nll {last_eval:.4f} (ppl {math.exp(min(last_eval, 50)):.2f})"
-                    )
+                bar.write(
+                    f"step {done}: val nll {last_eval:.4f} (ppl {math.exp(min(last_eval, 50)):.2f})"
+                )
         if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == cfg.steps:
             _save(run, done, tokens_seen, model, optimizer, mc, tok_path, cfg, fingerprint, d)
         if cfg.stop_at_step > 0 and done >= cfg.stop_at_step and done < cfg.steps:
             say(f"stopping at step {done} (--stop-at-step)")
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     finished = completed >= cfg.steps
     if finished and last_eval is None:  # resumed a run that had already finished
         last_eval = _evaluate(model, val_w, cfg, device, d)
     if finished:
         final = _full_model(model, mc)  # a collective: every rank takes part, rank 0 gets it
         if d.main:
-            save_checkpoint(final, run / "final", tokenizer)
+            save_checkpoint(final, run / "final", tokenizer, extra_files=_chat_files(cfg))
     if d.world > 1:
         dist.barrier()
     elapsed = time.perf_counter() - t_start
@@ -717,12 +762,20 @@ def _train(
         "val_nll": last_eval,
         "tokens": tokens_seen,
         "tokens_per_s": tps,
-        "mfu": tps * fpt / peak if peak else None,
+        "mfu": model_flops_utilization(tps, fpt, peak),
+        "precision": precision,
         "matmul_peak_flops": peak,
         "flops_per_token": fpt,
         "skipped_steps": skipped,
         "final": str(run / "final") if finished else None,
     }
+
+
+def _chat_files(cfg: TrainConfig) -> dict[str, str] | None:
+    """A fine-tuned model keeps the chat template of the model it started from."""
+    from earlyexit.chat import chat_files, load_chat_config
+
+    return chat_files(load_chat_config(resolve_model(cfg.init_from))) if cfg.init_from else None
 
 
 def _wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device):
@@ -742,8 +795,11 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.devic
 
 def _fingerprint(cfg: TrainConfig, mc: ModelConfig, d: Dist) -> dict:
     """What must not change across a resume for it to be exact."""
+    model = {k: v for k, v in mc.to_dict().items() if k != "name"}
+    # `trained` flips when the exit objective starts: bookkeeping, not part of the setup
+    model["exits"] = {k: v for k, v in model["exits"].items() if k != "trained"}
     return {
-        "model": {k: v for k, v in mc.to_dict().items() if k != "name"},
+        "model": model,
         "seq_len": cfg.seq_len,
         "global_batch": cfg.batch_size * d.world,
         "grad_accum": cfg.grad_accum,
@@ -768,7 +824,8 @@ def _check_fingerprint(ckpt: Path, state: dict, fingerprint: dict) -> None:
 def _load_optimizer(ckpt: Path, model, optimizer, optim_state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = {id(p): n for n, p in model.named_parameters()}
+    # frozen parameters (--train-only, exit-classifier training) have no optimizer state
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     missing = [n for n in names.values() if n not in optim_state["state"]]
     if missing:
         raise TrainingError(f"{ckpt}: optimizer state lacks {', '.join(missing[:3])}")

@@ -76,7 +76,9 @@ class Uptraining(Objective):
         from earlyexit.errors import ConfigError
 
         device = next(model.parameters()).device
-        self.teacher, _ = load_checkpoint(self.teacher_dir, device)
+        from earlyexit.registry import resolve_model
+
+        self.teacher, _ = load_checkpoint(resolve_model(self.teacher_dir), device)
         self.teacher.requires_grad_(False)
         if self.teacher.config.vocab_size != getattr(model, "config", model).vocab_size:
             raise ConfigError(
