@@ -129,7 +129,7 @@ class EngineThread:
         ids, params = await loop.run_in_executor(
             None, self.engine.check_request, prompt, params, exit
         )
-        rid = f"req-{next(self._ids)}"
+        rid = f"http-{next(self._ids)}"  # apart from the engine's own req-N ids
         stream = OutputStream(loop)
         self._send(("add", rid, ids, params, exit, stream))
         return rid, stream
