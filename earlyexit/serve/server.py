@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import signal
 import sys
 import threading
@@ -93,8 +92,12 @@ def guarded_protocol(base: type, max_connections: int, request_timeout: float) -
 def default_connection_limit(max_batch: int, max_queue: int) -> int:
     """Enough connections for a full batch, a full queue and a few probes, and safely under
     the process's open-file limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max_batch + max_queue + 32
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return want
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return want
     return max(16, min(want, soft - 64))
