@@ -18,6 +18,15 @@ from earlyexit.errors import EarlyExitError, InputError
 
 
 # ---------------------------------------------------------------------- shared flags
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help says it already or it has none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
@@ -569,7 +578,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
-    from earlyexit.serve.app import serve
+    from earlyexit.serve.server import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
@@ -591,6 +600,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.device,
         args.dtype,
         args.name,
+        shutdown_timeout=args.shutdown_timeout,
+        limit_concurrency=args.limit_concurrency,
+        request_timeout=args.request_timeout,
     )
     return 0
 
@@ -1123,12 +1135,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(b)
     b.set_defaults(func=cmd_bench)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (FastAPI + uvicorn)",
+        formatter_class=_DefaultsFormatter,
+    )
     sv.add_argument("--model", required=True, help="checkpoint or Hugging Face model directory")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000, help="port")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     sv.add_argument(
-        "--name", default=None, help="model name clients use (default: the directory name)"
+        "--name",
+        default=None,
+        help="model id clients use (default: the run's name for RUN/final, else the "
+        "directory name)",
     )
     sv.add_argument(
         "--policy",
@@ -1155,6 +1174,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--threshold", type=float, default=None, help="default exit threshold (implies early exit)"
+    )
+    sv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight get to finish after SIGTERM/SIGINT; then they are aborted",
+    )
+    sv.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=None,
+        help="open connections at most; one more is answered 503 and closed (default: max "
+        "batch + max queue + 32, under the open-file limit)",
+    )
+    sv.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a connection has to send a complete request; slower ones are closed",
     )
     _add_device_flags(sv)
     sv.set_defaults(func=cmd_serve)

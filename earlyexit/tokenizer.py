@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -43,6 +44,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Largest token id + 1, special tokens included."""
         return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry in characters (special tokens included): no token
+        covers more characters of a text, so a text of more than ``n * max_token_chars``
+        characters has more than ``n`` tokens (a length check that needs no tokenizing)."""
+        return max((len(t) for t in self._tk.get_vocab(with_added_tokens=True)), default=1)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)

@@ -140,10 +140,7 @@ def test_cuda_engine_and_exits_equal_cpu():
 
     def serve(m):
         e = LLMEngine(m, policy="depthwise", max_batch=4, max_len=64)
-        ids = [e.add_request(p, GREEDY, ExitMode(2, 0.1)) for p in PROMPTS]
-        while e.has_unfinished():
-            e.step()
-        return [e.requests[i].output_ids for i in ids]
+        return [r.output_ids for r in e.generate(PROMPTS, GREEDY, ExitMode(2, 0.1))]
 
     assert serve(model.to("cuda")) == serve(model.cpu())
 

@@ -152,6 +152,7 @@ def test_engine_equals_single_request_decoding(policy, kind, threshold):
         engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
         for p, n in zip(ps, lengths)
     ]
+    reqs = {rid: engine.requests[rid] for rid in rids}  # the engine forgets finished ones
     while engine.has_unfinished():
         engine.step()
     depths = set()
@@ -160,7 +161,7 @@ def test_engine_equals_single_request_decoding(policy, kind, threshold):
         ref = generate(
             model, [p], SamplingParams(max_new_tokens=n, ignore_eos=True), strategy=strategy
         )[0]
-        req = engine.requests[rid]
+        req = reqs[rid]
         assert req.output_ids == ref.token_ids, (kind, policy, rid)
         assert req.depths == ref.depths
         depths |= set(req.depths[1:])
@@ -186,6 +187,7 @@ def test_streaming_outputs_abort_and_bad_input(tokenizer):
     engine = LLMEngine(model, tokenizer, policy="depthwise", max_batch=2, max_len=64, max_queue=3)
     a = engine.add_request("def f(", SamplingParams(max_new_tokens=6, ignore_eos=True))
     b = engine.add_request("import os", SamplingParams(max_new_tokens=40, ignore_eos=True))
+    reqs = {a: engine.requests[a], b: engine.requests[b]}
     texts = {a: "", b: ""}
     aborted = False
     while engine.has_unfinished():
@@ -194,9 +196,10 @@ def test_streaming_outputs_abort_and_bad_input(tokenizer):
             if ev.request_id == b and len(ev.request.output_ids) == 5 and not aborted:
                 assert engine.abort(b)
                 aborted = True
-    assert texts[a] == engine.text_of(a) and len(engine.requests[a].output_ids) == 6
-    assert engine.requests[b].status.value == "abort" and len(engine.requests[b].output_ids) == 5
+    assert texts[a] == reqs[a].text and len(reqs[a].output_ids) == 6
+    assert reqs[b].status.value == "abort" and len(reqs[b].output_ids) == 5
     assert engine.occupancy()["running"] == 0 and not engine.abort(b)
+    assert engine.requests == {}  # finished and aborted requests are released
     with pytest.raises(InputError, match="empty"):
         engine.add_request("")
     with pytest.raises(InputError, match="exceeds the context"):
@@ -267,16 +270,16 @@ def test_engine_serves_mor_models_exactly(policy, kind):
     ps = prompts(6, seed=4)
     lengths = [4, 9, 6, 2, 8, 5]
     engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64)
-    rids = [
-        engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    reqs = [
+        engine.requests[engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))]
         for p, n in zip(ps, lengths)
     ]
     while engine.has_unfinished():
         engine.step()
     depths = set()
-    for rid, p, n in zip(rids, ps, lengths):
+    for req, p, n in zip(reqs, ps, lengths):
         ref = generate(model, [p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
-        assert engine.requests[rid].output_ids == ref.token_ids, (kind, policy)
-        assert engine.requests[rid].depths == ref.depths
+        assert req.output_ids == ref.token_ids, (kind, policy)
+        assert req.depths == ref.depths
         depths |= set(ref.depths)
     assert len(depths) > 1  # the routers give tokens different depths

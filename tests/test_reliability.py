@@ -115,12 +115,29 @@ def test_server_under_load_and_abuse():
     pytest.importorskip("httpx")
     from earlyexit.bench.reliability import ABUSE, run
 
-    fig = run(n_requests=150, clients=12, disconnects=6, idle=4, max_batch=8, out=None)
+    fig = run(
+        n_requests=150,
+        clients=12,
+        disconnects=6,
+        idle=4,
+        max_batch=8,
+        out=None,
+        memory_requests=300,
+        big_prompts=2,
+        nonstream_disconnects=2,
+        request_timeout=1.0,
+        gap_tokens=60,
+        gap_bar=10.0,  # a backstop: a loaded machine stalls streams too (the bench's bar: 0.5 s)
+    )
     assert fig["failures"] == 0, fig["failure_details"]
     assert fig["answered"] == 150 and fig["duplicates"] == 0
     assert fig["abusive_refused_correctly"] == 2 * len(ABUSE)
     assert fig["slots_freed"] and fig["healthy_after"] and fig["disconnects"] == 6
     assert fig["unicode_prompts_served"] == 5
+    assert fig["idle_closed_by_server"] == 4 and fig["big_prompts_refused"] == 2
+    assert fig["fault_recovered"] and fig["health_during_fault"] == 503
+    assert fig["nonstream_aborted_early"] == 2
+    assert fig["engine_tables_after"] == {"requests": 0, "trackers": 0, "streams": 0}
 
 
 def test_no_pickle_anywhere_in_the_package():

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from earlyexit.decoding.sampling import SamplingParams, make_generator, sample
 from earlyexit.errors import InputError
@@ -83,3 +85,41 @@ def test_per_row_parameters():
 def test_invalid_sampling_values_are_refused(kwargs, msg):
     with pytest.raises(InputError, match=msg):
         SamplingParams(**kwargs).validate(vocab_size=100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    logits=st.lists(st.floats(-30, 30, width=32), min_size=2, max_size=12),
+    temperature=st.one_of(
+        st.sampled_from([0.0, 1e-300, 1e-45, 1e-40, 1e-20, 1e-6, 1e-5]),
+        st.floats(0, 2, allow_subnormal=True),
+    ),
+    top_p=st.one_of(
+        st.sampled_from([1e-300, 1e-46, 1e-40, 1e-8, 1.0 - 1e-12, 1.0]),
+        st.floats(0, 1, exclude_min=True, allow_subnormal=True),
+    ),
+    top_k=st.integers(-1, 13),
+    seed=st.integers(0, 2**32),
+)
+def test_extreme_sampling_values_stay_finite_and_in_the_support(
+    logits, temperature, top_p, top_k, seed
+):
+    """Issue 16: temperature 1e-40 or top_p 1e-46 became 0 in float32, the distribution
+    NaN and the token 0. The token must come from the distribution a float64 reference
+    defines: greedy below temperature 1e-5 (vLLM's rule), else inside top-k and top-p."""
+    tok = int(sample(torch.tensor([logits]), temperature, top_k, top_p, make_generator(seed))[0])
+    x = torch.tensor(logits, dtype=torch.float64)
+    top = int(x.argmax())
+    if temperature < 1e-5:
+        assert tok == top
+        return
+    x = x / temperature
+    V = len(logits)
+    if 0 < top_k < V:
+        x = torch.where(x < x.topk(top_k).values[-1], float("-inf"), x)
+    p = x.softmax(-1)
+    above = torch.tensor([p[p > p[j]].sum() for j in range(V)], dtype=torch.float64)
+    support = (above < top_p * (1 + 1e-3) + 1e-6) & (x > float("-inf"))
+    assert bool(support[tok]), (tok, p.tolist())
+    if top_p < p[top] * (1 - 1e-3) and (x == x[top]).sum() == 1:  # the top token alone
+        assert tok == top

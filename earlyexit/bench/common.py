@@ -165,13 +165,16 @@ def serve_offline(model, stream, policy: str, max_batch: int, exit=None, max_len
     max_len = max_len or max(len(p) + g for p, g in stream) + 1
     engine = LLMEngine(model, policy=policy, max_batch=max_batch, max_len=max_len)
     t = time.perf_counter()
-    for prompt, glen in stream:
-        engine.add_request(prompt, SamplingParams(max_new_tokens=glen, ignore_eos=True), exit)
+    reqs = [
+        engine.requests[
+            engine.add_request(prompt, SamplingParams(max_new_tokens=glen, ignore_eos=True), exit)
+        ]
+        for prompt, glen in stream
+    ]
     while engine.has_unfinished():
         engine.step()
     sync()
     dt = time.perf_counter() - t
-    reqs = list(engine.requests.values())
     tokens = sum(len(r.output_ids) for r in reqs)
     depths = [d for r in reqs for d in r.depths]
     return {

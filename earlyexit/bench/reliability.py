@@ -14,10 +14,26 @@ the harness also, at the same time:
 - starts streaming requests and disconnects after the first chunks.
 
 Checked, and counted in the returned figures: every valid request is answered exactly once
-(no lost, no duplicated response ids), with the same text a solo request gets (no responses
-crossed between clients); every malformed one gets its 4xx JSON error and nothing else;
-after the disconnects the engine's occupancy returns to zero; the server still answers
-``/health`` at the end. The test suite runs a smaller instance (``tests/test_reliability.py``);
+(no lost, no duplicated response ids), with the same text a solo request gets (every
+answer is compared with the same prompt decoded alone: no responses crossed between
+clients); every malformed one gets its 4xx JSON error and nothing else; after the
+disconnects the engine's occupancy returns to zero; the half-sent connections were closed
+by the server; the server still answers ``/health`` at the end.
+
+Then, one at a time, on the quiet server:
+
+- **big prompts**: a stream runs while clients send prompts of almost 1 MiB (refused with
+  400 before tokenizing); the stream's longest gap between two events, against the same
+  stream alone (bar: under 0.5 s);
+- **memory**: ``memory_requests`` more requests; the engine's tables must be empty after
+  and the process's resident memory flat;
+- **engine fault**: every step raises; requests get 500, ``/health`` turns 503; the fault
+  is lifted, a request succeeds and ``/health`` is 200 again;
+- **non-streaming disconnects**: clients that send a long non-streaming request and close
+  the connection once it generates; their requests must be aborted (far fewer tokens
+  generated than asked).
+
+The test suite runs a smaller instance (``tests/test_reliability.py``);
 ``docs/reliability.md`` records the full run's figures.
 """
 
@@ -63,14 +79,14 @@ UNICODE_PROMPTS = [
 ]
 
 
-def _server(max_batch: int, max_len: int):
+def _server(max_batch: int, max_len: int, request_timeout: float):
     import torch
-    import uvicorn
 
     import earlyexit
     from earlyexit.config import ModelConfig
     from earlyexit.models.decoder import Decoder
     from earlyexit.serve.app import build_app
+    from earlyexit.serve.server import bound_port, make_server
     from earlyexit.tokenizer import EOT, byte_level_tokenizer
 
     tok = byte_level_tokenizer()
@@ -85,20 +101,35 @@ def _server(max_batch: int, max_len: int):
     model = Decoder(cfg)
     model.init_weights()
     model.eval()
-    app = build_app(
-        earlyexit.LM(model, tok), "tiny", max_batch=max_batch, max_len=max_len, api_key=KEY
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    lm = earlyexit.LM(model, tok)
+    app = build_app(lm, "tiny", max_batch=max_batch, max_len=max_len, api_key=KEY)
+    # the configuration of `earlyexit serve`, with a short request timeout to watch it work
+    server = make_server(app, "127.0.0.1", 0, request_timeout=request_timeout, log_level="critical")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.025)
-    return app, server, thread, f"http://127.0.0.1:{port}", port
+    if not server.ready.wait(120):
+        raise RuntimeError("the server did not start")
+    port = bound_port(server)
+    return lm, app, server, thread, f"http://127.0.0.1:{port}", port
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process (Linux), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _wait(cond, timeout: float = 60.0) -> bool:
+    """Poll a condition of the server's making; False after ``timeout`` (a backstop)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def run(
@@ -109,14 +140,24 @@ def run(
     idle: int = 16,
     max_batch: int = 16,
     out: str | None = "results/reliability.json",
+    memory_requests: int = 5000,
+    big_prompts: int = 4,
+    nonstream_disconnects: int = 8,
+    request_timeout: float = 2.0,
+    gap_tokens: int = 300,
+    gap_bar: float = 0.5,
 ) -> dict:
-    """Run the load-and-abuse scenario; returns the figures (see the module docstring)."""
+    """Run the load-and-abuse scenario; returns the figures (see the module docstring).
+    ``gap_bar``: the longest gap a stream may show beside the big prompts (seconds)."""
     import httpx
 
     from earlyexit.bench.common import environment, write_rows
+    from earlyexit.decoding.sampling import SamplingParams
+    from earlyexit.engine import LLMEngine
 
-    app, server, thread, url, port = _server(max_batch, 256)
-    engine = app.state.worker.engine
+    lm, app, server, thread, url, port = _server(max_batch, 2048, request_timeout)
+    worker = app.state.worker
+    engine = worker.engine
     auth = {"authorization": f"Bearer {KEY}"}
     fails: list[str] = []
     try:
@@ -138,9 +179,11 @@ def run(
                 },
             )
 
-        # references: a few prompts answered alone, before any load
-        probe = [f"request {i}" for i in range(0, n_requests, max(1, n_requests // 10))]
-        solo = {p: complete(p).json()["choices"][0]["text"] for p in probe}
+        # references: every prompt decoded alone (one request at a time, batch 1)
+        alone = LLMEngine(lm.model, lm.tokenizer, "depthwise", max_batch=1, max_len=256)
+        greedy = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+        prompts = [f"request {i}" for i in range(n_requests)]
+        solo = {p: r.text for p, r in zip(prompts, alone.generate(prompts, greedy))}
 
         # idle connections: half a request line, then silence, held for the whole run
         idlers = []
@@ -230,12 +273,128 @@ def run(
             time.sleep(0.025)
         if not drained:
             fails.append(f"engine still busy after the run: {engine.occupancy()}")
+        # the half-sent connections: closed by the server after its request timeout
+        idle_closed = 0
         for s in idlers:
+            s.settimeout(request_timeout + 60)
+            try:
+                while s.recv(4096):
+                    pass
+                idle_closed += 1
+            except ConnectionResetError:
+                idle_closed += 1
+            except OSError:
+                pass
             s.close()
+        if idle_closed != idle:
+            fails.append(f"only {idle_closed} of {idle} half-sent connections were closed")
         healthy = http.get("/health").status_code == 200
         if not healthy:
             fails.append("/health failed after the run")
         lat = sorted(r[3] for r in answered)
+
+        # --- big prompts against a concurrent stream
+        def stream_gaps(n_tokens: int = gap_tokens) -> tuple[float, int]:
+            times = []
+            body = {"prompt": "gap", "max_tokens": n_tokens, "stream": True, "ignore_eos": True}
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            return max(gaps, default=0.0), len(times)
+
+        gap_alone, _ = stream_gaps()
+        big = json.dumps({"prompt": "z" * ((1 << 20) - 64), "max_tokens": 4}).encode()
+        big_codes: list[int] = []
+
+        def send_big(_):
+            r = bare.post("/v1/completions", content=big, headers={**auth})
+            big_codes.append(r.status_code)
+
+        with ThreadPoolExecutor(big_prompts + 1) as ex:
+            fut = ex.submit(stream_gaps)
+            for f in [ex.submit(send_big, i) for i in range(big_prompts)]:
+                f.result()
+            gap_big, _ = fut.result()
+        if set(big_codes) != {400}:
+            fails.append(f"big prompts answered {sorted(set(big_codes))}, not 400")
+        if gap_big >= gap_bar:
+            fails.append(f"a stream waited {gap_big:.2f} s between two events beside big prompts")
+
+        # --- memory over many requests
+        for i in range(min(200, memory_requests // 5)):  # warm-up: allocator, code paths
+            complete(f"warm {i}")
+        # resident memory after each half: the first may still grow the allocator's arenas
+        # (the clients run in this process too); the second must not grow
+        rss = [_rss_mb()]
+        codes = []
+        for half in range(2):
+            with ThreadPoolExecutor(clients) as ex:
+                codes += ex.map(
+                    lambda i: complete(f"mem {i}").status_code,
+                    range(half * memory_requests // 2, (half + 1) * memory_requests // 2),
+                )
+            rss.append(_rss_mb())
+        tables = {
+            "requests": len(engine.requests),
+            "trackers": len(engine._trackers),
+            "streams": len(worker.streams),
+        }
+        if any(tables.values()) or set(codes) != {200}:
+            fails.append(f"after {memory_requests} requests: tables {tables}, codes {set(codes)}")
+        if rss[2] - rss[1] > max(5.0, 0.05 * rss[1]):
+            fails.append(f"resident memory grew {rss[2] - rss[1]:.1f} MB over the second half")
+
+        # --- an engine fault: health 503, then recovery
+        runner = engine.runner
+        real_prefill = runner.prefill
+
+        def broken(*a, **k):
+            raise RuntimeError("injected fault")
+
+        runner.prefill = broken
+        try:
+            fault_codes = [complete(f"fault {i}").status_code for i in range(3)]
+            health_fault = http.get("/health").status_code
+        finally:
+            runner.prefill = real_prefill
+        recovered = complete("request 0")
+        health_after = http.get("/health").status_code
+        fault_ok = (
+            fault_codes == [500] * 3
+            and health_fault == 503
+            and recovered.status_code == 200
+            and recovered.json()["choices"][0]["text"] == solo["request 0"]
+            and health_after == 200
+        )
+        if not fault_ok:
+            fails.append(
+                f"engine fault: codes {fault_codes}, health {health_fault}, then "
+                f"{recovered.status_code} and health {health_after}"
+            )
+
+        # --- non-streaming clients that leave
+        asked = 1500
+        aborted_early = 0
+        for i in range(nonstream_disconnects):
+            before = engine.stats["tokens"]
+            body = json.dumps({"prompt": f"leave {i}", "max_tokens": asked, "ignore_eos": True})
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(
+                f"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode()
+            )
+            _wait(lambda b=before: engine.stats["tokens"] - b >= 5)
+            s.close()
+            _wait(lambda: engine.occupancy()["running"] == 0)
+            if engine.stats["tokens"] - before < asked // 2:
+                aborted_early += 1
+        if aborted_early != nonstream_disconnects:
+            fails.append(
+                f"{nonstream_disconnects - aborted_early} non-streaming requests ran on "
+                f"after their client left"
+            )
         figures = {
             "bench": "reliability",
             "requests": n_requests,
@@ -249,8 +408,22 @@ def run(
             "unicode_prompts_served": sum(code == 200 for _, code in uni_res),
             "disconnects": disc_ok,
             "idle_connections": idle,
+            "idle_closed_by_server": idle_closed,
+            "request_timeout_s": request_timeout,
             "slots_freed": drained,
             "healthy_after": healthy,
+            "stream_max_gap_alone_s": gap_alone,
+            "stream_max_gap_beside_big_prompts_s": gap_big,
+            "big_prompts_refused": big_codes.count(400),
+            "memory_requests": memory_requests,
+            "rss_mb_before_half_after": rss,
+            "engine_tables_after": tables,
+            "fault_codes": fault_codes,
+            "health_during_fault": health_fault,
+            "health_after_recovery": health_after,
+            "fault_recovered": fault_ok,
+            "nonstream_disconnects": nonstream_disconnects,
+            "nonstream_aborted_early": aborted_early,
             "latency_p50_s": statistics.median(lat) if lat else None,
             "latency_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
             "requests_per_s": len(answered) / wall,

@@ -22,7 +22,7 @@ import torch
 from earlyexit.decoding.base import Strategy
 from earlyexit.decoding.full import FullDepth
 from earlyexit.decoding.mor import RouterDepth
-from earlyexit.decoding.sampling import SamplingParams, make_generator, sample
+from earlyexit.decoding.sampling import SamplingParams, apply_penalties, make_generator, sample
 from earlyexit.errors import InputError
 from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import IncrementalDecoder, Tokenizer
@@ -179,6 +179,12 @@ def _run(
             f"the {strategy.name} strategy is greedy-only (it is lossless against greedy "
             f"full-depth decoding); use temperature 0"
         )
+    penalized = bool(params.presence_penalty or params.frequency_penalty)
+    if strategy.greedy_only and penalized:
+        raise InputError(
+            f"the {strategy.name} strategy decides tokens itself; presence and frequency "
+            f"penalties need another strategy"
+        )
     cfg = model.config
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], dtype=np.int64)
@@ -199,7 +205,15 @@ def _run(
         out = strategy.prefill(model, cache, padded.to(dev), lens)
         while True:
             if out.tokens is None:
-                nxt = sample(out.logits, params.temperature, params.top_k, params.top_p, gen)
+                logits = out.logits
+                if penalized:
+                    logits = apply_penalties(
+                        logits,
+                        [r.result.token_ids for r in rows],
+                        [params.presence_penalty] * B,
+                        [params.frequency_penalty] * B,
+                    )
+                nxt = sample(logits, params.temperature, params.top_k, params.top_p, gen)
                 toks = [[t] for t in nxt.tolist()]  # the one host sync of the step
                 deps = [[d] for d in out.depths]
             else:  # the strategy decided one or more tokens per row itself

@@ -9,6 +9,12 @@
   (one for the batch, or one per row) through the exponential race
   ``argmax(p / Exp(1))``, which samples from ``p`` without ``multinomial``'s host sync.
 - Order of operations as in Hugging Face: temperature, then top-k, then top-p.
+- Extreme values stay finite: a temperature below ``GREEDY_BELOW`` (1e-5, vLLM's rule) is
+  greedy, since dividing logits by it overflows float32; top-p always keeps the most likely
+  token, however small ``top_p`` is (a ``top_p`` that rounds to 0 in float32 would drop
+  every token and turn the distribution into NaN).
+- OpenAI's presence and frequency penalties (:func:`apply_penalties`) are subtracted from
+  the logits before sampling, greedy included.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch
 from torch import Tensor
 
 from earlyexit.errors import InputError
+
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
 
 
 @dataclass
@@ -37,6 +45,10 @@ class SamplingParams:
             tokens.
         stop: strings that end generation; the text is cut before the first one.
         ignore_eos: keep generating through end-of-sequence tokens (benchmarks).
+        presence_penalty: subtracted once from the logit of every token already generated
+            (OpenAI's; in [-2, 2]).
+        frequency_penalty: subtracted from each token's logit once per time it was already
+            generated (OpenAI's; in [-2, 2]).
     """
 
     max_new_tokens: int = 128
@@ -47,6 +59,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Check every field; raise :class:`InputError` naming the first bad one."""
@@ -75,6 +89,10 @@ class SamplingParams:
             or not (0 < self.top_p <= 1)
         ):
             raise bad("top_p", "a number in (0, 1]", self.top_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                raise bad(name, "a number in [-2, 2]", v)
         if self.seed is not None and (
             isinstance(self.seed, bool)
             or not isinstance(self.seed, int)
@@ -105,19 +123,22 @@ def sample(
 ) -> Tensor:
     """Pick one token per row of ``logits`` (B, V); returns (B,) int64.
 
-    Each parameter is one value for all rows or one per row. Rows with temperature 0 are
-    greedy (argmax of the raw logits). ``generator`` is one generator for the batch or one
+    Each parameter is one value for all rows or one per row. Rows with temperature below
+    ``GREEDY_BELOW`` (0 included) are greedy (argmax of the raw logits). ``generator`` is one generator for the batch or one
     per row (None entries use the global generator).
     """
     B, V = logits.shape
     temps = _per_row(temperature, B)
     greedy = logits.argmax(dim=-1)
-    if all(t == 0 for t in temps):
+    is_greedy = [t < GREEDY_BELOW for t in temps]
+    if all(is_greedy):
         return greedy
     dev = logits.device
     ks = [k if 0 < k < V else 0 for k in _per_row(top_k, B)]
     ps = _per_row(top_p, B)
-    t = torch.tensor([x if x > 0 else 1.0 for x in temps], device=dev, dtype=torch.float32)
+    t = torch.tensor(
+        [1.0 if g else x for x, g in zip(temps, is_greedy)], device=dev, dtype=torch.float32
+    )
     x = logits.float() / t[:, None]  # (B, V)
     if any(ks):
         kmax = max(ks)
@@ -130,15 +151,37 @@ def sample(
         probs = sorted_x.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
         p = torch.tensor(ps, device=dev, dtype=torch.float32)[:, None]
-        drop_sorted = before >= p  # always keeps the most likely token (before = 0 < p)
+        drop_sorted = before >= p
+        drop_sorted[:, 0] = False  # the most likely token stays, even if p rounds to 0
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     probs = x.softmax(dim=-1)
     # Clamp: a zero draw would turn 0/0 for a filtered token into NaN, which argmax picks.
     noise = _exponential(probs.shape, generator, dev).clamp_min_(1e-30)
     sampled = (probs / noise).argmax(dim=-1)
-    is_greedy = torch.tensor([tt == 0 for tt in temps], device=dev)
-    return torch.where(is_greedy, greedy, sampled)
+    return torch.where(torch.tensor(is_greedy, device=dev), greedy, sampled)
+
+
+def apply_penalties(
+    logits: Tensor,
+    output_ids: Sequence[Sequence[int]],
+    presence: Sequence[float],
+    frequency: Sequence[float],
+) -> Tensor:
+    """OpenAI's penalties on ``logits`` (B, V): each row's logit of token j loses
+    ``frequency * c_j + presence * (c_j > 0)``, c_j counting j in that row's generated
+    tokens ``output_ids[row]`` (the prompt does not count). Returns ``logits`` itself when
+    no row has a penalty, else a float32 copy."""
+    rows = [i for i, (p, f) in enumerate(zip(presence, frequency)) if (p or f) and output_ids[i]]
+    if not rows:
+        return logits
+    out = logits.float().clone()  # (B, V)
+    V = out.shape[1]
+    for i in rows:  # a few rows at most: only those that asked for a penalty
+        ids = torch.as_tensor(output_ids[i], device=out.device)
+        counts = torch.bincount(ids, minlength=V)[:V].to(out.dtype)  # (V,)
+        out[i] -= frequency[i] * counts + presence[i] * (counts > 0).to(out.dtype)
+    return out
 
 
 def _per_row(v, B: int) -> list:

@@ -1,6 +1,6 @@
 """Serving engine: requests, a pure-Python scheduler, a tensor-only runner, the engine."""
 
-from earlyexit.engine.engine import LLMEngine, QueueFull
+from earlyexit.engine.engine import LLMEngine, QueueFull, StepFailed
 from earlyexit.engine.request import ExitMode, Request, RequestOutput, RequestStatus
 from earlyexit.engine.scheduler import POLICIES, Scheduler
 
@@ -13,4 +13,5 @@ __all__ = [
     "RequestOutput",
     "RequestStatus",
     "Scheduler",
+    "StepFailed",
 ]

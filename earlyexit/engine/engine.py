@@ -23,11 +23,11 @@ from collections import Counter
 import torch
 
 from earlyexit.decoding.generate import OutputTracker
-from earlyexit.decoding.sampling import SamplingParams, make_generator
+from earlyexit.decoding.sampling import SamplingParams, apply_penalties, make_generator
 from earlyexit.engine.request import ExitMode, Request, RequestOutput, RequestStatus
 from earlyexit.engine.runner import ModelRunner
 from earlyexit.engine.scheduler import Scheduler
-from earlyexit.errors import InputError
+from earlyexit.errors import EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import Tokenizer
 
@@ -36,8 +36,27 @@ class QueueFull(InputError):
     """The waiting queue is at its limit (the server answers 503)."""
 
 
+class StepFailed(EarlyExitError):
+    """A step raised. Its requests were finished with status ``error`` and their cache rows
+    freed; the engine is consistent and can go on stepping the others.
+
+    Attributes:
+        requests: the failed requests (those the step admitted or ran).
+        cause: the exception the step raised.
+    """
+
+    def __init__(self, requests: list[Request], cause: BaseException) -> None:
+        super().__init__(f"an engine step failed ({type(cause).__name__}: {cause})")
+        self.requests, self.cause = requests, cause
+
+
 class LLMEngine:
     """A serving engine over one model.
+
+    A request lives in ``requests`` from ``add_request`` until the step that returns its
+    final output (or ``abort``): then the engine forgets it, so a long-lived engine holds
+    only what is in flight. Keep the :class:`Request` (``RequestOutput.request``, or the
+    list ``generate`` returns) to read a finished one.
 
     Args:
         model: the decoder (eval mode).
@@ -61,6 +80,8 @@ class LLMEngine:
         self.L = model.n_steps
         self.max_len = min(max_len or model.config.max_context, model.config.max_context)
         self.max_queue = max_queue
+        # a text prompt longer than this cannot fit: refused before it is tokenized
+        self.max_prompt_chars = self.max_len * (tokenizer.max_token_chars if tokenizer else 1)
         self.scheduler = Scheduler(policy, max_batch, [s.block for s in model.plan])
         self.runner = ModelRunner(model, max_batch, self.max_len)
         self.requests: dict[str, Request] = {}
@@ -83,22 +104,36 @@ class LLMEngine:
             self._mor_choice: dict[str, int] = {}
 
     # ------------------------------------------------------------------ requests
-    def add_request(
+    def check_request(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         exit: ExitMode | None = None,
-        request_id: str | None = None,
-    ) -> str:
-        """Queue a request; returns its id. Raises :class:`InputError` on bad input."""
+    ) -> tuple[list[int], SamplingParams]:
+        """Validate a request and tokenize its prompt: (token ids, validated params).
+
+        Touches no engine state, so a server may call it from any thread (tokenizing a long
+        prompt takes a while; the engine thread should not wait for it). Raises
+        :class:`InputError` on bad input. Lengths are checked before tokenizing: a text of
+        more than ``max_prompt_chars`` characters or a list of more than ``max_len`` ids
+        cannot fit the context."""
         params = (params or SamplingParams()).validate(self.model.config.vocab_size)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("this model has no tokenizer; send token ids")
             if not prompt:
                 raise InputError("the prompt is empty")
+            if len(prompt) > self.max_prompt_chars:
+                raise InputError(
+                    f"the prompt has {len(prompt):,} characters, more than fit the context "
+                    f"of {self.max_len} tokens"
+                )
             ids = self.tokenizer.encode(prompt)
         else:
+            if len(prompt) > self.max_len:
+                raise InputError(
+                    f"the prompt has {len(prompt):,} tokens; the context is {self.max_len}"
+                )
             ids = [int(t) for t in prompt]
         if not ids:
             raise InputError("the prompt is empty")
@@ -113,6 +148,18 @@ class LLMEngine:
             raise InputError("stop strings need a tokenizer")
         if exit is not None and not (1 <= exit.step < self.L and -1 <= exit.threshold <= 1):
             raise InputError(f"exit step must be in [1, {self.L - 1}] and threshold in [-1, 1]")
+        return ids, params
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        exit: ExitMode | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises :class:`InputError` on bad input and
+        :class:`QueueFull` when ``max_queue`` requests wait already."""
+        ids, params = self.check_request(prompt, params, exit)
         if self.scheduler.num_waiting >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
         rid = request_id or f"req-{next(self._ids)}"
@@ -126,11 +173,13 @@ class LLMEngine:
         return rid
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its slot; False if unknown or already finished."""
+        """Stop a request now, free its slot and forget it; False if unknown (never added,
+        or already finished)."""
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return False
         self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._forget(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -138,12 +187,34 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return what each touched request produced."""
+        """Run one iteration; return what each touched request produced.
+
+        If the iteration raises, every request it had started to work on (the admitted ones
+        if the prefill raised, else those and the ones it ran) is finished with status
+        ``error`` (its cache row freed) and :class:`StepFailed` is raised; the other
+        requests are untouched and the next ``step`` serves them."""
         out = self.scheduler.schedule()
         self.stats["iterations"] += 1
         events: list[RequestOutput] = []
+        touched: list[str] = []
+        try:
+            self._step(out, events, touched)
+        except Exception as e:
+            failed = [self.requests[r] for r in touched]
+            for req in failed:
+                if not req.finished:
+                    self._finish(req, RequestStatus.FINISHED_ERROR)
+                self._forget(req.request_id)
+            raise StepFailed(failed, e) from e
+        for ev in events:
+            if ev.finished:  # its last output is delivered now: the engine lets go of it
+                self._forget(ev.request_id)
+        return events
+
+    def _step(self, out, events: list[RequestOutput], touched: list[str]) -> None:
         if out.admit:
             rids = [rid for rid, _ in out.admit]
+            touched += rids
             rows = [row for _, row in out.admit]
             for rid in rids:
                 self.requests[rid].status = RequestStatus.RUNNING
@@ -152,6 +223,7 @@ class LLMEngine:
                 self.requests[rid].steps_run += depth
             self._emit(rids, logits, depths, events)
         if out.run:
+            touched += [rid for rid, _, _ in out.run]
             rows = self.scheduler.rows
             items = [(rows[rid], start, stop) for rid, start, stop in out.run]
             for rid, start, stop in out.run:  # compute accounting: steps x tokens in flight
@@ -164,7 +236,6 @@ class LLMEngine:
                     ended.append(rid)
             if ended:
                 self._decide(ended, events)
-        return events
 
     def _decide(self, rids: list[str], events: list[RequestOutput]) -> None:
         """Segments ended: exit checks at the shallow exit, tokens at the end."""
@@ -256,6 +327,12 @@ class LLMEngine:
     ) -> None:
         """Sample one token per request, record it, start its next segment or finish it."""
         reqs = [self.requests[r] for r in rids]
+        logits = apply_penalties(
+            logits,
+            [q.output_ids for q in reqs],
+            [q.params.presence_penalty for q in reqs],
+            [q.params.frequency_penalty for q in reqs],
+        )
         tokens = self.runner.sample(
             logits, [q.params for q in reqs], [self._generators[r] for r in rids]
         ).tolist()
@@ -311,10 +388,19 @@ class LLMEngine:
             self.runner.release(self.scheduler.rows[req.request_id])
         self.scheduler.finish(req.request_id)
         self._generators.pop(req.request_id, None)
-        return self._trackers[req.request_id].finish(status.value)
+        tracker = self._trackers[req.request_id]
+        tail = tracker.finish(status.value)
+        req.text = tracker.result.text
+        return tail
 
-    def text_of(self, request_id: str) -> str | None:
-        return self._trackers[request_id].result.text
+    def _forget(self, request_id: str) -> None:
+        """Drop a finished request's bookkeeping (the caller keeps the Request if it wants)."""
+        self.requests.pop(request_id, None)
+        self._trackers.pop(request_id, None)
+        self._generators.pop(request_id, None)
+        if self.mor is not None:
+            self._mor_runs.pop(request_id, None)
+            self._mor_choice.pop(request_id, None)
 
     # ------------------------------------------------------------------ offline use
     def generate(
@@ -324,17 +410,17 @@ class LLMEngine:
         exit: ExitMode | None = None,
     ) -> list[Request]:
         """Add every prompt, run until all finish, return the requests in prompt order."""
-        rids = [self.add_request(p, params, exit) for p in prompts]
+        reqs = [self.requests[self.add_request(p, params, exit)] for p in prompts]
         while self.has_unfinished():
             self.step()
-        return [self.requests[r] for r in rids]
+        return reqs
 
     def occupancy(self) -> dict:
         """Running / waiting requests and the mean rows per block call so far."""
-        calls = self.runner.rows_per_call
+        r = self.runner
         return {
             "running": self.scheduler.num_running,
             "waiting": self.scheduler.num_waiting,
-            "block_calls": self.runner.block_calls,
-            "mean_rows_per_block_call": sum(calls) / max(len(calls), 1),
+            "block_calls": r.block_calls,
+            "mean_rows_per_block_call": r.block_rows / max(r.block_calls, 1),
         }

@@ -20,14 +20,11 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # a step that ran it raised (the server answers 500)
 
     @property
     def finished(self) -> bool:
-        return self in (
-            RequestStatus.FINISHED_STOPPED,
-            RequestStatus.FINISHED_LENGTH,
-            RequestStatus.FINISHED_ABORTED,
-        )
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
 @dataclass
@@ -57,6 +54,7 @@ class Request:
     depths: list[int] = field(default_factory=list)
     first_token_time: float | None = None
     finish_time: float | None = None
+    text: str | None = None  # the whole output text once finished (None without a tokenizer)
     # block passes actually computed for generated tokens, FREE's catch-up of exited
     # tokens included (the first token counts its L steps of the prefill's last position)
     steps_run: int = 0

@@ -45,7 +45,7 @@ class ModelRunner:
         self.mor_h1 = torch.zeros(max_batch, d, device=p.device, dtype=p.dtype)
         self.mor_gate = torch.zeros(max_batch, device=p.device, dtype=p.dtype)
         self.block_calls = 0
-        self.rows_per_call: list[int] = []
+        self.block_rows = 0  # rows summed over block calls (a sum, not a list: servers run long)
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -90,7 +90,7 @@ class ModelRunner:
         ctx = m.context(positions, self.cache, rows=np.asarray(rows), n_new=lens)
         h = m.run_steps(0, self.L, m.embed(tokens), ctx)  # (G, T, d)
         self.block_calls += self.L
-        self.rows_per_call += [len(rows)] * self.L
+        self.block_rows += len(rows) * self.L
         last = h[
             torch.arange(len(rows), device=self.device),
             torch.as_tensor(lens - 1, device=self.device),
@@ -114,7 +114,7 @@ class ModelRunner:
             ctx = self.model.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
             out = self.model.run_steps(start, stop, h, ctx)
             self.block_calls += stop - start
-            self.rows_per_call += [len(rows)] * (stop - start)
+            self.block_rows += len(rows) * (stop - start)
             self._scatter(rows, out, n)
 
     def _run_block(self, items: list[tuple[int, int, int]]) -> None:
@@ -141,7 +141,7 @@ class ModelRunner:
             lora_t = None if loras[0] is None else torch.tensor(loras, device=self.device)
             out = m.blocks[self.plan[steps[0]].block](h, ctx, -1, lora_t, shares[0])
         self.block_calls += 1
-        self.rows_per_call.append(len(rows))
+        self.block_rows += len(rows)
         self._scatter(rows, out, n)
 
     def _gather(self, rows: list[int]) -> tuple[Tensor, np.ndarray]:

@@ -1,24 +1,30 @@
-"""``earlyexit serve``: an OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
+"""The OpenAI-compatible HTTP application over the engine (FastAPI).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (when the model ships a
 chat template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+:mod:`earlyexit.serve.server` runs it under uvicorn (``earlyexit serve``).
 
-- Streaming with server-sent events (``stream: true``), ending with ``data: [DONE]``.
+- Streaming with server-sent events (``stream: true``), ending with ``data: [DONE]``: at
+  most one event per request per engine step, holding all the text that step completed
+  (and more when the client fell behind); chunks are preformatted bytes.
 - ``usage`` adds compute accounting: ``steps_run``, ``average_depth``,
   ``full_depth_fraction``.
 - Per-request early exit: ``"strategy": "free"`` with ``"exit_step"`` and ``"threshold"``
   (server defaults from ``--strategy`` / ``--exit-step`` / ``--threshold``).
-- Errors are OpenAI-shaped JSON: 400 for bad input (malformed JSON, wrong types, empty or
-  over-long prompts, n > 1, unsupported options), 401 without the ``--api-key``, 404 for
-  an unknown model, 503 with ``Retry-After`` when the queue is full.
-- A client that disconnects has its request aborted, which frees its slot.
-- Binds to 127.0.0.1 unless ``--host`` says otherwise.
+- Errors are OpenAI-shaped JSON: 400 for bad input (:mod:`earlyexit.serve.protocol`), 401
+  without the ``--api-key``, 404 for an unknown model, 413 for a body over the limit
+  (refused before it is read in full), 503 with ``Retry-After`` when the queue is full or
+  the engine has stopped, 500 when the engine step that ran the request failed (a stream
+  gets an ``error`` event instead).
+- ``/health`` answers 503 while the engine cannot serve (its thread stopped, or its last
+  steps all failed) and 200 again once a step succeeds.
+- A client that disconnects, streaming or not, has its request aborted at once, which
+  frees its batch slot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 import uuid
@@ -29,10 +35,15 @@ try:  # FastAPI resolves handler annotations from module globals: import at modu
 except ImportError:  # the [serve] extra is not installed; serve() says so
     Request = Any  # type: ignore[misc,assignment]
 
-from earlyexit.decoding.sampling import SamplingParams
-from earlyexit.engine import ExitMode, LLMEngine, QueueFull
-from earlyexit.errors import EarlyExitError, InputError
-from earlyexit.serve.engine_thread import EngineThread, output_usage
+from earlyexit.engine import ExitMode, LLMEngine, QueueFull, StepFailed
+from earlyexit.errors import InputError
+from earlyexit.serve import protocol
+from earlyexit.serve.engine_thread import EngineDead, EngineThread, output_usage
+from earlyexit.serve.protocol import BadRequest, ChatTemplate, dumps
+
+
+def _error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 def _error(
@@ -42,33 +53,96 @@ def _error(
     param: str | None = None,
     headers=None,
 ):
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import Response
 
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    body = dumps(_error_body(status, message, type_, param))
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def _engine_error(e: BaseException):
+    """The HTTP answer to an exception that came out of the engine thread."""
+    if isinstance(e, QueueFull):
+        return _error(503, str(e), "server_overloaded", headers={"Retry-After": "1"})
+    if isinstance(e, InputError):
+        return _error(400, str(e))
+    if isinstance(e, EngineDead):
+        return _error(503, str(e), "server_error", headers={"Retry-After": "1"})
+    if isinstance(e, StepFailed):
+        return _error(500, str(e), "server_error")
+    return _error(500, f"internal error: {type(e).__name__}", "server_error")
 
 
 class _TooLarge(Exception):
     """A request body over the server's limit (413)."""
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+class _RequireKey:
+    """ASGI middleware: ``/v1/*`` needs ``Authorization: Bearer KEY`` (compared in constant
+    time). Plain ASGI rather than ``@app.middleware``, which would pipe every streamed
+    chunk through an extra task and hide client disconnects."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "invalid or missing API key", "authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
-def _get(body: dict, key: str, types, default=None, check=None, what: str = ""):
-    """A field of the request body with a type check (bool is not a number here)."""
-    if key not in body or body[key] is None:
-        return default
-    v = body[key]
-    ok = isinstance(v, types) and not (
-        isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))
-    )
-    if not ok or (check is not None and not check(v)):
-        raise _BadRequest(f"'{key}' must be {what}", key)
-    return v
+class _Chunks:
+    """One request's SSE events as bytes: the constant parts are encoded once, so each
+    event costs two small JSON encodes (text, depths) and a join."""
+
+    def __init__(self, cid: str, created: int, model: str, kind: str, n_steps: int) -> None:
+        self.kind, self.n_steps = kind, n_steps
+        self.obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        self.base = {"id": cid, "object": self.obj, "created": created, "model": model}
+        head = dumps(self.base)[:-1]  # '{"id":..,"model":..' without the closing brace
+        if kind == "chat":
+            self.pre = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":'
+            self.mid = b'},"finish_reason":null}],"depths":'
+        else:
+            self.pre = b"data: " + head + b',"choices":[{"index":0,"text":'
+            self.mid = b',"logprobs":null,"finish_reason":null}],"depths":'
+
+    def role(self) -> bytes:
+        """Chat's first event: the assistant role."""
+        delta = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+        return b"data: " + dumps({**self.base, "choices": [delta]}) + b"\n\n"
+
+    def event(self, text: str, depths: list[int], last) -> bytes:
+        """One event with ``text`` and its tokens' ``depths``; ``last``: the final
+        RequestOutput when the request finished with this event (adds reason and usage)."""
+        if last is None:
+            return self.pre + dumps(text) + self.mid + dumps(depths) + b"}\n\n"
+        reason = _finish(last.request)
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": {"content": text}, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        payload = {
+            **self.base,
+            "choices": [choice],
+            "depths": depths,
+            "usage": output_usage(last.request, self.n_steps),
+        }
+        return b"data: " + dumps(payload) + b"\n\n"
+
+    def usage(self, request) -> bytes:
+        """``stream_options.include_usage``: a last event with no choices and the usage."""
+        payload = {**self.base, "choices": [], "usage": output_usage(request, self.n_steps)}
+        return b"data: " + dumps(payload) + b"\n\n"
+
+
+def _text(o) -> str:
+    if o.text is not None:
+        return o.text
+    return "".join(f"{t} " for t in o.new_token_ids)  # no tokenizer: the token ids
 
 
 def build_app(
@@ -83,19 +157,23 @@ def build_app(
     max_tokens_default: int = 16,
     chat_template: str | None = None,
     max_body_bytes: int = 1 << 20,
+    max_failed_steps: int = 3,
 ):
     """The FastAPI application serving ``lm`` (an ``earlyexit.LM``).
 
     ``max_body_bytes`` caps a request body (413 beyond it, before it is read in full): a
-    prompt that large cannot fit any context, and reading it would cost memory for nothing."""
+    prompt that large cannot fit any context, and reading it would cost memory for nothing.
+    ``max_failed_steps`` failed engine steps in a row make ``/health`` answer 503."""
     import contextlib
 
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
     engine = LLMEngine(lm.model, lm.tokenizer, policy, max_batch, max_len, max_queue)
-    worker = EngineThread(engine)
+    worker = EngineThread(engine, max_failed_steps)
+    template = ChatTemplate(chat_template) if chat_template is not None else None
+    L = lm.model.n_steps
+    exit_steps = tuple(lm.config.exits.steps)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -104,39 +182,42 @@ def build_app(
 
     app = FastAPI(title="earlyexit", version="0.1.0", lifespan=lifespan)
     app.state.worker = worker
-    L = lm.model.n_steps
+    if api_key:
+        app.add_middleware(_RequireKey, key=api_key)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "invalid or missing API key", "authentication_error")
-        return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return _error(400, f"invalid request: {exc.errors()[:1]}")
+    def _json(obj, status: int = 200):
+        return Response(dumps(obj), status, media_type="application/json")
 
     @app.get("/health")
-    def health():
-        return {"status": "ok"}
+    async def health():
+        problem = worker.problem()
+        if problem is None:
+            return _json({"status": "ok"})
+        return _json({"status": "error", "detail": problem}, 503)
 
     @app.get("/v1/models")
-    def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "earlyexit"}],
-        }
+    async def models():
+        return _json(
+            {
+                "object": "list",
+                "data": [
+                    {"id": model_name, "object": "model", "created": 0, "owned_by": "earlyexit"}
+                ],
+            }
+        )
 
     @app.get("/metrics")
-    def metrics():
+    async def metrics():
         s = worker.snapshot()
         lines = [
             "# TYPE earlyexit_tokens_total counter",
             f"earlyexit_tokens_total {s['tokens_total']}",
             "# TYPE earlyexit_requests_total counter",
             f"earlyexit_requests_total {s['requests_total']}",
+            "# TYPE earlyexit_engine_step_errors_total counter",
+            f"earlyexit_engine_step_errors_total {s['step_errors_total']}",
+            "# TYPE earlyexit_engine_healthy gauge",
+            f"earlyexit_engine_healthy {int(s['healthy'])}",
             "# TYPE earlyexit_tokens_per_second gauge",
             f"earlyexit_tokens_per_second {worker.tokens_per_second():.3f}",
             "# TYPE earlyexit_queue_depth gauge",
@@ -169,12 +250,9 @@ def build_app(
             raw += chunk
             if len(raw) > max_body_bytes:
                 raise _TooLarge(f"the body exceeds the limit of {max_body_bytes} bytes")
-        try:
-            body = json.loads(bytes(raw))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _BadRequest(f"the body is not valid JSON ({e.__class__.__name__})") from None
+        body = protocol.loads(bytes(raw))
         if not isinstance(body, dict):
-            raise _BadRequest("the body must be a JSON object")
+            raise BadRequest("the body must be a JSON object")
         model = body.get("model")
         if model is not None and model != model_name:
             raise LookupError(
@@ -182,156 +260,78 @@ def build_app(
             )
         return body
 
-    def _params(body: dict) -> tuple[SamplingParams, ExitMode | None]:
-        if _get(body, "n", int, 1, lambda v: v >= 1, "a positive integer") != 1:
-            raise _BadRequest("only n = 1 is supported", "n")
-        for key, harmless in _UNSUPPORTED.items():
-            if key in body and body[key] not in harmless:
-                raise _BadRequest(f"'{key}' is not supported", key)
-        stop = body.get("stop")
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 8:
-            stop = tuple(stop)
-        else:
-            raise _BadRequest("'stop' must be a string or a list of at most 8 strings", "stop")
-        max_tokens = _get(body, "max_tokens", int, None, lambda v: v >= 1, "a positive integer")
-        if max_tokens is None:
-            max_tokens = _get(
-                body,
-                "max_completion_tokens",
-                int,
-                max_tokens_default,
-                lambda v: v >= 1,
-                "a positive integer",
-            )
-        temperature = _get(
-            body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]"
-        )
-        top_p = _get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-        top_k = _get(body, "top_k", int, -1, lambda v: v >= -1, "an integer >= -1")
-        seed = _get(body, "seed", int, None, lambda v: 0 <= v < 2**63, "a non-negative integer")
-        params = SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=float(temperature),
-            top_k=top_k,
-            top_p=float(top_p),
-            seed=seed,
-            stop=stop,
-        )
-        strategy = _get(
-            body, "strategy", str, None, lambda v: v in ("full", "free"), "'full' or 'free'"
-        )
-        exit = default_exit
-        if strategy == "full":
-            exit = None
-        elif strategy == "free" or "threshold" in body or "exit_step" in body:
-            base = default_exit or (
-                ExitMode(lm.config.exits.steps[0]) if lm.config.exits.steps else None
-            )
-            step = _get(
-                body,
-                "exit_step",
-                int,
-                base.step if base else None,
-                lambda v: 1 <= v < L,
-                f"an integer in [1, {L - 1}]",
-            )
-            if step is None:
-                raise _BadRequest("this model has no exit points; pass 'exit_step'", "exit_step")
-            thr = _get(
-                body,
-                "threshold",
-                (int, float),
-                base.threshold if base else 0.9,
-                lambda v: -1 <= v <= 1,
-                "a number in [-1, 1]",
-            )
-            exit = ExitMode(step, float(thr))
-        return params, exit
-
-    async def _run(prompt, params, exit, request: Request):
-        """Submit and yield outputs; abort when the client goes away."""
-        rid, q = worker.submit(prompt, params, exit)
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
-                if isinstance(item, BaseException):
-                    raise RuntimeError(f"engine failure: {item!r}")
-                yield item
-                if item.finished:
-                    return
-        finally:
-            req = worker.engine.requests.get(rid)
-            if req is not None and not req.finished:
-                worker.abort(rid)
-
-    def _completion_prompt(body: dict):
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise _BadRequest("'prompt' is empty", "prompt")
-            return prompt
-        if (
-            isinstance(prompt, list)
-            and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
-            return prompt
-        raise _BadRequest(
-            "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
-            "prompt",
-        )
+    async def _abort_on_disconnect(request: Request, rid: str) -> None:
+        # The body has been read, so the next ASGI message is the client going away.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        worker.abort(rid)  # the engine ends the request's stream with an 'abort' output
 
     async def _respond(request: Request, kind: str):
         try:
             body = await _body(request)
+            protocol.check_fields(body, kind)
             if kind == "chat":
-                prompt = _chat_prompt(body, chat_template)
+                if template is None:
+                    raise BadRequest(
+                        "this model has no chat template; use /v1/completions", "messages"
+                    )
+                prompt = template.render(body)
             else:
-                prompt = _completion_prompt(body)
-            params, exit = _params(body)
-            stream = _get(body, "stream", bool, False, None, "true or false")
-            created = int(time.time())
-            cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-            gen = _run(prompt, params, exit, request)
-            first = await gen.__anext__()  # surfaces InputError / QueueFull before a 200
-        except _BadRequest as e:
+                prompt = protocol.completion_prompt(body)
+            params, exit = protocol.sampling(body, L, default_exit, exit_steps, max_tokens_default)
+            stream = protocol.get(body, "stream", bool, False, None, "true or false")
+            opts = protocol.get(body, "stream_options", dict, {}, None, "an object")
+            include_usage = protocol.get(opts, "include_usage", bool, False, None, "true or false")
+            rid, out = await worker.submit(prompt, params, exit)
+        except BadRequest as e:
             return _error(400, str(e), param=e.param)
         except _TooLarge as e:
             return _error(413, str(e))
         except LookupError as e:
             return _error(404, str(e), "not_found_error", "model")
-        except QueueFull as e:
-            return _error(503, str(e), "server_overloaded", headers={"Retry-After": "1"})
-        except InputError as e:
-            return _error(400, str(e))
-        except EarlyExitError as e:
-            return _error(500, str(e), "server_error")
+        except RecursionError:
+            return _error(400, "the request is nested too deeply")
+        except (InputError, EngineDead) as e:
+            return _engine_error(e)
         except Exception as e:  # a bug: answer this client, keep serving the others
             return _error(500, f"internal error: {type(e).__name__}", "server_error")
-        if stream:
-            return StreamingResponse(
-                _sse(first, gen, cid, created, kind), media_type="text/event-stream"
-            )
-        text_parts, last = [], first
-        text_parts.append(first.text or "")
-        async for out in gen:
-            text_parts.append(out.text or "")
-            last = out
+
+        created = int(time.time())
+        cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        watch = asyncio.ensure_future(_abort_on_disconnect(request, rid))
+        finished = handed_over = False
+        try:
+            first = await out.get()  # a full queue or a failed first step: an HTTP error
+            if isinstance(first[0], BaseException):
+                finished = True  # the engine has let it go already
+                return _engine_error(first[0])
+            if stream:
+                chunks = _Chunks(cid, created, model_name, kind, L)
+                handed_over = True  # the stream's generator owns the request from here
+                return StreamingResponse(
+                    _sse(first, out, rid, watch, chunks, include_usage),
+                    media_type="text/event-stream",
+                )
+            items = first
+            parts: list[str] = []
+            while True:
+                for o in items:
+                    if isinstance(o, BaseException):
+                        finished = True
+                        return _engine_error(o)
+                    parts.append(_text(o))
+                last = items[-1]
+                if last.finished:
+                    finished = True
+                    break
+                items = await out.get()
+        finally:
+            if not handed_over:
+                watch.cancel()
+                if not finished:  # cancelled (shutdown, or a bug): let the request go
+                    worker.abort(rid)
         req = last.request
-        text = (
-            "".join(text_parts) if lm.tokenizer is not None else " ".join(map(str, req.output_ids))
-        )
+        text = "".join(parts) if req.text is not None else " ".join(map(str, req.output_ids))
         choice = {"index": 0, "finish_reason": _finish(req), "logprobs": None}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
@@ -339,7 +339,7 @@ def build_app(
         else:
             choice["text"] = text
             obj = "text_completion"
-        return JSONResponse(
+        return _json(
             {
                 "id": cid,
                 "object": obj,
@@ -351,54 +351,36 @@ def build_app(
             }
         )
 
-    async def _sse(first, gen, cid, created, kind):
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def chunk(out) -> str:
-            text = out.text if out.text is not None else " ".join(map(str, out.new_token_ids)) + " "
-            if kind == "chat":
-                choice = {
-                    "index": 0,
-                    "delta": {"content": text},
-                    "finish_reason": _finish(out.request) if out.finished else None,
-                }
-            else:
-                choice = {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": _finish(out.request) if out.finished else None,
-                }
-            payload = {
-                "id": cid,
-                "object": obj,
-                "created": created,
-                "model": model_name,
-                "choices": [choice],
-                "depths": out.new_depths,
-            }
-            if out.finished:
-                payload["usage"] = output_usage(out.request, L)
-            return f"data: {json.dumps(payload)}\n\n"
-
+    async def _sse(first, out, rid, watch, chunks: _Chunks, include_usage: bool):
+        finished = False
         try:
-            if kind == "chat":
-                head = {
-                    "id": cid,
-                    "object": obj,
-                    "created": created,
-                    "model": model_name,
-                    "choices": [
-                        {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
-                    ],
-                }
-                yield f"data: {json.dumps(head)}\n\n"
-            yield chunk(first)
-            async for out in gen:
-                yield chunk(out)
-            yield "data: [DONE]\n\n"
+            if chunks.kind == "chat":
+                yield chunks.role()
+            items = first
+            while True:
+                # everything that arrived since the last event, in one event
+                outs = [o for o in items if not isinstance(o, BaseException)]
+                error = next((o for o in items if isinstance(o, BaseException)), None)
+                if outs:
+                    last = outs[-1]
+                    text = "".join(_text(o) for o in outs)
+                    depths = [d for o in outs for d in o.new_depths]
+                    finished = last.finished
+                    yield chunks.event(text, depths, last if finished else None)
+                if error is not None:
+                    finished = True  # the engine has let the request go already
+                    yield _sse_error(error)
+                    break
+                if finished:
+                    if include_usage:
+                        yield chunks.usage(last.request)
+                    break
+                items = await out.get()
+            yield b"data: [DONE]\n\n"
         finally:
-            await gen.aclose()  # aborts the request if the client left early
+            watch.cancel()
+            if not finished:  # the client left early
+                worker.abort(rid)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -411,103 +393,11 @@ def build_app(
     return app
 
 
-# OpenAI options we do not implement, with the values that mean "not used"
-_UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "echo": (None, False),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "response_format": (None, {"type": "text"}),
-}
+def _sse_error(e: BaseException) -> bytes:
+    status = 503 if isinstance(e, (QueueFull, EngineDead)) else 500
+    msg = str(e) if isinstance(e, (StepFailed, EngineDead, QueueFull)) else type(e).__name__
+    return b"data: " + dumps(_error_body(status, msg, "server_error")) + b"\n\n"
 
 
 def _finish(req) -> str | None:
     return {"stop": "stop", "length": "length", "abort": "abort"}.get(req.status.value)
-
-
-def _chat_prompt(body: dict, template: str | None) -> str:
-    if template is None:
-        raise _BadRequest("this model has no chat template; use /v1/completions", "messages")
-    msgs = body.get("messages")
-    if (
-        not isinstance(msgs, list)
-        or not msgs
-        or not all(
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in msgs
-        )
-    ):
-        raise _BadRequest(
-            "'messages' must be a non-empty list of {role, content} objects", "messages"
-        )
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(
-        messages=msgs, add_generation_prompt=True, bos_token="", eos_token=""
-    )
-
-
-def serve(
-    model: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    policy: str = "depthwise",
-    max_batch: int = 32,
-    max_len: int | None = None,
-    max_queue: int = 1024,
-    api_key: str | None = None,
-    exit_step: int | None = None,
-    threshold: float | None = None,
-    device: str = "auto",
-    dtype: str | None = None,
-    name: str | None = None,
-) -> None:
-    """Load ``model`` and serve it until interrupted."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise EarlyExitError(
-            "the server needs FastAPI and uvicorn: pip install 'earlyexit[serve]'"
-        ) from None
-    import earlyexit
-
-    lm = earlyexit.load(model, device=device, dtype=dtype)
-    default_exit = None
-    if threshold is not None or exit_step is not None:
-        step = exit_step or (lm.config.exits.steps[0] if lm.config.exits.steps else None)
-        if step is None:
-            raise InputError("--threshold needs --exit-step: this model has no exit points")
-        default_exit = ExitMode(step, 0.9 if threshold is None else threshold)
-    from pathlib import Path
-
-    app = build_app(
-        lm,
-        name or Path(model).name,
-        policy,
-        max_batch,
-        max_len,
-        max_queue,
-        api_key,
-        default_exit,
-        chat_template=load_chat_template(model),
-    )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-def load_chat_template(model_dir: str) -> str | None:
-    """The ``chat_template`` of a model directory's ``tokenizer_config.json``, if any."""
-    from pathlib import Path
-
-    path = Path(model_dir) / "tokenizer_config.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    t = data.get("chat_template")
-    return t if isinstance(t, str) else None

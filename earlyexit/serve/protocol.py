@@ -1,0 +1,257 @@
+"""The OpenAI request schema: a request body in, (prompt, SamplingParams, ExitMode) out.
+
+Pure Python, no web framework: every check here raises :class:`BadRequest` with one line
+that names the field, and the server answers 400 with it.
+
+- JSON through ``orjson`` when it is installed (the ``serve`` extra), else the standard
+  library; a body nested too deeply for either is a 400, not a crash.
+- Every field is read or refused: a field this server does not know is a 400 naming it,
+  and so is a known OpenAI option it does not implement with a value that would change the
+  answer (``logprobs: 5``). Nothing is silently ignored.
+- ``presence_penalty`` / ``frequency_penalty`` are applied (OpenAI's definition);
+  ``threshold`` / ``exit_step`` are refused with ``strategy: "full"``.
+- Chat templates render in Jinja's immutable sandbox with Hugging Face's
+  ``raise_exception``, whose message becomes the 400's (Llama-2 and Mistral templates
+  raise on a bad role order).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.engine import ExitMode
+
+try:  # the fast path: several times faster on SSE chunks and request bodies
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - exercised by a test that hides it
+    _orjson = None
+
+
+class BadRequest(Exception):
+    """A request the server answers with 400; ``param`` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes (orjson when installed)."""
+    if _orjson is not None:
+        return _orjson.dumps(obj)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def loads(raw: bytes) -> Any:
+    """Parse a request body; :class:`BadRequest` for anything that is not JSON."""
+    try:
+        return _orjson.loads(raw) if _orjson is not None else json.loads(raw)
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # orjson's JSONDecodeError is a ValueError
+        raise BadRequest(f"the body is not valid JSON ({e.__class__.__name__})") from None
+
+
+# Fields read by every request, by kind; anything else is refused with a 400 naming it.
+_COMMON = {
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+    "strategy",
+    "exit_step",
+    "threshold",
+    "stream_options",  # include_usage: a last event with the usage
+    "user",  # an end-user id for the operator's logs; no effect on the answer (as OpenAI)
+}
+FIELDS = {
+    "completion": _COMMON | {"prompt"},
+    "chat": _COMMON | {"messages"},
+}
+
+# OpenAI options we do not implement, with the values that mean "not used"
+UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "echo": (None, False),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def check_fields(body: dict, kind: str) -> None:
+    """Refuse fields this server would otherwise ignore."""
+    for key, value in body.items():
+        if key in FIELDS[kind]:
+            continue
+        if key in UNSUPPORTED:
+            if value not in UNSUPPORTED[key]:
+                raise BadRequest(f"'{key}' is not supported", key)
+            continue
+        raise BadRequest(f"'{key}' is not a field this server knows", str(key)[:64])
+
+
+def get(body: dict, key: str, types, default=None, check=None, what: str = ""):
+    """A field of the request body with a type check (bool is not a number here)."""
+    if key not in body or body[key] is None:
+        return default
+    v = body[key]
+    ok = isinstance(v, types) and not (
+        isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+    )
+    if not ok or (check is not None and not check(v)):
+        raise BadRequest(f"'{key}' must be {what}", key)
+    return v
+
+
+def sampling(
+    body: dict,
+    n_steps: int,
+    default_exit: ExitMode | None,
+    model_exit_steps: tuple[int, ...] | list[int],
+    max_tokens_default: int = 16,
+) -> tuple[SamplingParams, ExitMode | None]:
+    """The request's sampling parameters and early-exit mode (None: full depth)."""
+    if get(body, "n", int, 1, lambda v: v >= 1, "a positive integer") != 1:
+        raise BadRequest("only n = 1 is supported", "n")
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 8:
+        stop = tuple(stop)
+    else:
+        raise BadRequest("'stop' must be a string or a list of at most 8 strings", "stop")
+    if any(not s for s in stop):
+        raise BadRequest("'stop' strings must not be empty", "stop")
+    positive = (lambda v: v >= 1, "a positive integer")
+    max_tokens = get(body, "max_tokens", int, None, *positive)
+    if max_tokens is None:
+        max_tokens = get(body, "max_completion_tokens", int, max_tokens_default, *positive)
+    temperature = get(
+        body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]"
+    )
+    top_p = get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    top_k = get(body, "top_k", int, -1, lambda v: v >= -1, "an integer >= -1")
+    seed = get(body, "seed", int, None, lambda v: 0 <= v < 2**63, "a non-negative integer")
+    penalty = (lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+    presence = get(body, "presence_penalty", (int, float), 0.0, *penalty)
+    frequency = get(body, "frequency_penalty", (int, float), 0.0, *penalty)
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=float(top_p),
+        seed=seed,
+        stop=stop,
+        ignore_eos=get(body, "ignore_eos", bool, False, None, "true or false"),
+        presence_penalty=float(presence),
+        frequency_penalty=float(frequency),
+    )
+    strategy = get(body, "strategy", str, None, lambda v: v in ("full", "free"), "'full' or 'free'")
+    exit_fields = [k for k in ("exit_step", "threshold") if body.get(k) is not None]
+    if strategy == "full":
+        if exit_fields:
+            raise BadRequest(
+                f"'{exit_fields[0]}' applies to strategy 'free' only, not 'full'", exit_fields[0]
+            )
+        return params, None
+    if strategy != "free" and not exit_fields:
+        return params, default_exit
+    base = default_exit or (ExitMode(model_exit_steps[0]) if model_exit_steps else None)
+    step = get(
+        body,
+        "exit_step",
+        int,
+        base.step if base else None,
+        lambda v: 1 <= v < n_steps,
+        f"an integer in [1, {n_steps - 1}]",
+    )
+    if step is None:
+        raise BadRequest("this model has no exit points; pass 'exit_step'", "exit_step")
+    thr = get(
+        body,
+        "threshold",
+        (int, float),
+        base.threshold if base else 0.9,
+        lambda v: -1 <= v <= 1,
+        "a number in [-1, 1]",
+    )
+    return params, ExitMode(step, float(thr))
+
+
+def completion_prompt(body: dict) -> str | list[int]:
+    """The prompt of a ``/v1/completions`` body: text or token ids, one per request."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise BadRequest("'prompt' is empty", "prompt")
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return prompt
+    raise BadRequest(
+        "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+        "prompt",
+    )
+
+
+class ChatTemplate:
+    """A model's chat template, compiled once, rendered in Jinja's immutable sandbox."""
+
+    def __init__(self, source: str) -> None:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):  # Hugging Face templates call it on bad input
+            raise TemplateError(str(message))
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(source)
+
+    def render(self, body: dict) -> str:
+        """The prompt text of a ``/v1/chat/completions`` body."""
+        from jinja2 import TemplateError
+
+        msgs = body.get("messages")
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+        ):
+            raise BadRequest(
+                "'messages' must be a non-empty list of {role, content} objects", "messages"
+            )
+        try:
+            return self.template.render(
+                messages=msgs, add_generation_prompt=True, bos_token="", eos_token=""
+            )
+        except TemplateError as e:  # raise_exception, or the template failing on this input
+            raise BadRequest(f"the chat template refused the messages: {e}", "messages") from None
