@@ -322,3 +322,32 @@ def test_free_with_a_classifier_confidence():
         for t, (tok, d) in enumerate(zip(r.token_ids, r.depths)):
             if d == 6:
                 assert tok == int(logits[len(p) - 1 + t].argmax())
+
+
+def test_free_finished_rows_do_not_block_the_plain_step(model, monkeypatch):
+    """A row that finished right after an exit keeps its stack forever (nothing catches it
+    up); the live rows' steps without exits or pending states are still plain full-depth
+    steps, without the stack machinery."""
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 0, 0, 0], [0, 0, 0, 0]]))
+    s = FREE(exit_step=2, threshold=0.5)
+    cache = KVCache.for_model(model, 2, 16)
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.inference_mode():
+        s.begin(model, cache, 2, 8)
+        s.prefill(model, cache, tokens, np.array([3, 3]))
+        out = s.decode(model, cache, torch.tensor([1, 2]))  # row 0 exits, row 1 goes deep
+        assert out.depths == [2, 6] and s.n_stack.tolist() == [1, 0]
+        for _ in range(3):  # row 0 has finished; row 1 goes on without exiting
+            s.decode(model, cache, torch.tensor([0, 3]), np.array([0, 1]))
+    assert s.stats()["plain_steps"] == 3
+
+
+def test_the_sample_log_stops_growing_once_the_threshold_is_frozen():
+    bmm = BetaMixtureThreshold(max_fits=2)
+    bmm.observe([0.2, 0.9], [0, 1])
+    bmm.start_sequences(2)  # the last refit: the threshold is frozen from now on
+    assert bmm.state()["frozen"]
+    n = len(bmm.conf)
+    for _ in range(5):
+        bmm.observe([0.5] * 100, [1] * 100)
+    assert len(bmm.conf) == len(bmm.agree) == n and bmm.state()["samples"] == n
