@@ -239,22 +239,14 @@ def test_compute_accounting_counts_catch_up_work():
 
 
 def mor_models():
-    out = {}
-    for name, router in [
-        ("mor-expert", {"kind": "expert"}),
-        ("mor-token", {"kind": "token"}),
-        ("mor-share", {"kind": "expert", "kv_sharing": True}),
-    ]:
-        m = make_model(
-            n_layers=8, sharing={"scheme": "middle_cycle", "loops": 3}, router=router, init_std=0.1
-        )
-        import torch
+    """Every routing variant of the reference tests: default routers, the auxiliary router
+    (it, not the main router, decides at inference), the token-choice loss-free bias,
+    ``replace`` gating with tanh and MLP routers, KV sharing."""
+    from tests.test_mor import ref_model
 
-        with torch.no_grad():
-            for p in m.routers.parameters():
-                p.normal_(0, 0.5)
-        out[name] = m
-    return out
+    names = ["expert", "expert-aux-router", "expert-replace-tanh", "expert-mlp-capacities"]
+    names += ["expert-kv-sharing", "token", "token-bias"]
+    return {f"mor-{v}": ref_model(v) for v in names}
 
 
 MOR_MODELS = mor_models()
