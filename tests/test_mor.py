@@ -356,7 +356,7 @@ def test_packing_with_document_masks(make):
 
 
 # ---------------------------------------------------------------------- independent reference
-# Every routing variant against tests/mor_reference.py, a per-row, per-recursion loop over the
+# Every routing variant against tests/reference.py, a per-row, per-recursion loop over the
 # explicit token lists written from the paper's equations with its own attention and MLP.
 REF_VARIANTS = {
     "expert": ("expert", {}),
@@ -383,7 +383,7 @@ def ref_model(variant):
 def test_forward_equals_the_reference(variant, mode):
     """mor.md §8.2: the code-faithful update (H + g F(H)), the gate, top-k and causal
     selection, auxiliary router, loss-free bias and KV sharing against a per-token loop."""
-    from tests.mor_reference import mor_reference
+    from tests.reference import mor_reference
 
     m = ref_model(variant)
     x = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(7))
@@ -401,7 +401,7 @@ def test_forward_equals_the_reference(variant, mode):
 def test_padded_uncached_forward_equals_each_row_alone(variant):
     """Right-padded rows (``n_new``) without a cache: the valid tokens' logits are the
     reference's for each row alone (padding is neither attended nor shared)."""
-    from tests.mor_reference import mor_reference
+    from tests.reference import mor_reference
 
     m = ref_model(variant)
     x = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(8))
@@ -418,7 +418,7 @@ def test_padded_uncached_forward_equals_each_row_alone(variant):
 def test_batched_generation_equals_the_reference(variant):
     """Greedy batched generation: each token is the reference's argmax given the row's
     prefix, each depth the reference's steps at that position."""
-    from tests.mor_reference import mor_reference
+    from tests.reference import mor_reference
 
     m = ref_model(variant)
     ps = [[5, 6, 7], [9, 3, 8, 1, 4, 4, 2, 7], [1, 2]]
@@ -436,7 +436,7 @@ def test_generation_computes_only_routed_tokens():
     """Batched generation runs a recursion only on the tokens routed to it (prefill and
     decode, rows of different lengths), and says so: the shared blocks see exactly the
     routed token-recursions, counted independently by wrapping the blocks."""
-    from tests.mor_reference import mor_reference
+    from tests.reference import mor_reference
 
     m = ref_model("expert")
     shared = {s.block for s in m.plan if s.recursion is not None}

@@ -122,8 +122,10 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v, mask = ctx.cache.read(kv_slot, ctx)
         else:
-            k, v, kpos, kseg = ctx.shared[kv_slot]
+            k, v, kpos, kseg, kvalid = ctx.shared[kv_slot]
             mask = kpos[:, None, :] <= ctx.positions[:, :, None]  # (B, T, N)
+            if kvalid is not None:  # entries that hold no token of this row (see models/mor.py)
+                mask = mask & kvalid[:, None, :]
             if kseg is not None:  # packed documents: only the query's own document
                 mask = mask & (kseg[:, None, :] == ctx.segments[:, :, None])
             mask = mask[:, None]  # (B, 1, T, N)
@@ -169,7 +171,7 @@ class Attention(nn.Module):
         else:
             mask = ctx.uncached_mask()
             if kv_slot in ctx.stash_slots:  # later recursions will read these (KV sharing)
-                ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments)
+                ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments, None)  # None: all valid
         gqa = self.n_kv_heads != self.n_heads
         if mask is None and ctx.cache is None and T > 1:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -1,8 +1,9 @@
-"""A slow, obviously-correct Mixture-of-Recursions forward written from the paper's equations.
+"""Slow, obviously-correct references written from the papers' equations, for tests.
 
-Independent of ``earlyexit.models`` except for reading weights: its own RMSNorm, RoPE,
-grouped-query attention and SwiGLU; one row at a time, each recursion run on the explicit
-list of tokens that reached it (arXiv 2507.10524 §2-3; mor.md §2):
+Independent of ``earlyexit.models`` except for reading weights: their own RMSNorm, RoPE,
+grouped-query attention and SwiGLU (``layer``), and a Mixture-of-Recursions forward
+(``mor_reference``, arXiv 2507.10524 §2-3; mor.md §2) run one row at a time, each
+recursion on the explicit list of tokens that reached it:
 
 - expert-choice: candidates at r are the tokens selected at r-1; ``train`` keeps the top
   k = max(1, floor(c_r T)) scores among them, ``causal`` keeps those with sigmoid(z) > 0.5
@@ -13,7 +14,7 @@ list of tokens that reached it (arXiv 2507.10524 §2-3; mor.md §2):
 - attention in a recursion sees only the tokens selected there (recursion-wise caching),
   or, under KV sharing, every token's recursion-1 keys and values at positions <= its own.
 
-Tests compare the model (and, through single-request generation, the engine) to this.
+Tests compare the model (and, through single-request generation, the engine) to these.
 """
 
 from __future__ import annotations
