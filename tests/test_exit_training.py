@@ -117,3 +117,28 @@ def test_exit_classifier_trains_only_the_classifiers(batch):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != n.startswith("exit_classifiers."), n
     assert {"cls_loss@2", "cls_acc@2", "agree@2"} <= set(out.metrics)
+
+
+def test_kd_alignment_follows_the_strict_rule():
+    """free.md §1, written out: from the deepest teacher down, each takes the lowest-error
+    student with an index *strictly* below the previous pick (the first is free; with none
+    left it reuses the previous pick)."""
+
+    def reference(mse):
+        n_t, n_s = len(mse), len(mse[0])
+        picks, prev = [None] * n_t, None
+        for t in reversed(range(n_t)):
+            allowed = range(n_s) if prev is None else range(prev)
+            if len(allowed) == 0:
+                picks[t] = prev
+                continue
+            picks[t] = prev = min(allowed, key=lambda s: mse[t][s])
+        return picks
+
+    # both teachers prefer student 1: strictly below forces the shallower one to student 0
+    assert align_teachers(torch.tensor([[0.9, 0.1], [0.9, 0.1]])) == [0, 1]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        n_t, n_s = (int(v) for v in torch.randint(1, 7, (2,), generator=g))
+        m = torch.rand(n_t, n_s, generator=g)
+        assert align_teachers(m) == reference(m.tolist()), m

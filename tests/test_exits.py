@@ -1,5 +1,6 @@
 """Early exit: free.md §7 invariants, CALM, static exit, self-speculation, batching."""
 
+import math
 import warnings
 
 import numpy as np
@@ -18,6 +19,7 @@ from earlyexit.decoding.threshold import GRID, BetaMixtureThreshold, beta_moment
 from earlyexit.errors import InputError
 from earlyexit.models.kv_cache import KVCache
 from tests.conftest import make_model
+from tests.reference import rms, rope
 
 warnings.filterwarnings("ignore", category=ExitWarning)
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -266,15 +268,17 @@ def test_calm_propagated_kv_is_the_exit_state_projected(model):
         model(torch.tensor([p]), cache=ref)  # the prompt's context, at full depth
         ctx = model.context(torch.tensor([[len(p)]]), ref)
         h = model.run_steps(0, 2, model.embed(torch.tensor([[tok]])), ctx)  # the exit state
+        cfg = model.config
         for j in range(2, 6):
             blk = model.blocks[model.plan[j].block]
-            kv = torch.nn.functional.linear(
-                blk.attn_norm(h), blk.attn.wqkv.weight[blk.attn.q_dim :]
-            )
-            v = kv[..., blk.attn.kv_dim :].view(1, 1, -1, blk.attn.head_dim).transpose(1, 2)
-            torch.testing.assert_close(
-                cache.v[model.plan[j].kv_slot][0, :, len(p)], v[0, :, 0], atol=1e-5, rtol=0
-            )
+            xn = rms(h[0], blk.attn_norm.weight, cfg.norm_eps)  # (1, d)
+            kv = xn @ blk.attn.wqkv.weight[blk.attn.q_dim :].T  # (1, 2 kv_dim)
+            k = kv[:, : blk.attn.kv_dim].view(1, cfg.n_kv_heads, cfg.head_dim)
+            v = kv[:, blk.attn.kv_dim :].view(1, cfg.n_kv_heads, cfg.head_dim)
+            k = rope(k, torch.tensor([len(p)]), cfg.rope_theta)  # keys are cached rotated
+            slot = model.plan[j].kv_slot
+            torch.testing.assert_close(cache.v[slot][0, :, len(p)], v[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.k[slot][0, :, len(p)], k[0], atol=1e-5, rtol=0)
 
 
 def test_naive_batched_exit_waits_for_the_least_confident_row(model):
@@ -351,3 +355,93 @@ def test_the_sample_log_stops_growing_once_the_threshold_is_frozen():
     for _ in range(5):
         bmm.observe([0.5] * 100, [1] * 100)
     assert len(bmm.conf) == len(bmm.agree) == n and bmm.state()["samples"] == n
+
+
+@pytest.mark.parametrize("kind", ["generate", "engine"])
+def test_free_exits_only_strictly_above_the_threshold(model, monkeypatch, kind):
+    """FREE exits iff confidence > lambda (free.md §2): a confidence equal to the threshold
+    goes deep; one just above exits."""
+    from earlyexit.engine import ExitMode, LLMEngine
+    from earlyexit.engine.runner import ModelRunner
+
+    def half(*args, **kw):
+        return torch.full((args[1 if kind == "generate" else 0].shape[0],), 0.5)
+
+    if kind == "generate":
+        monkeypatch.setattr(free_mod, "confidence", half)
+    else:
+        monkeypatch.setattr(ModelRunner, "margins", staticmethod(half))
+    ps = prompts(2, seed=8)
+    for lam, depth in [(0.5, 6), (0.4999, 2)]:
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+        if kind == "generate":
+            res = generate(model, ps, params, strategy=FREE(exit_step=2, threshold=lam))
+            depths = [r.depths[1:] for r in res]
+        else:
+            eng = LLMEngine(model, policy="depthwise", max_batch=2, max_len=32)
+            depths = [r.depths[1:] for r in eng.generate(ps, params, ExitMode(2, lam))]
+        assert all(d == [depth] * 4 for d in depths), (lam, depths)
+
+
+def test_free_calibration_labels_are_agreement_at_each_stacked_position(model, monkeypatch):
+    """free.md §3: at a deep pass over a stack, each stacked token and the trigger log
+    y = [shallow argmax == deep argmax] at *its own* position, checked here against an
+    uncached teacher-forced forward over the emitted sequence."""
+    pattern = [[1, 1, 0], [1, 0], [0, 1, 1, 1, 0]]
+    monkeypatch.setattr(free_mod, "confidence", _Scripted(pattern))
+    s = FREE(exit_step=2, threshold=0.5, adaptive=True)
+    ps = prompts(3, seed=7)
+    res = generate(model, ps, SamplingParams(max_new_tokens=14, ignore_eos=True), strategy=s)
+    expected = []
+    agree = []
+    for p, r in zip(ps, res):
+        with torch.inference_mode():
+            out = model(torch.tensor([p + r.token_ids]), exits=True)
+        shallow, deep = out.exit_logits[0][0].argmax(-1), out.exit_logits[-1][0].argmax(-1)
+        agree.append((shallow == deep).tolist())
+    for t in range(1, 14):  # decode steps, rows in batch order within a step
+        for b, (p, r) in enumerate(zip(ps, res)):
+            if r.depths[t] == 6:  # a deep pass at position len(p) - 1 + t
+                stack = []
+                u = t - 1
+                while u >= 1 and r.depths[u] == 2:  # the exits since the last deep pass
+                    stack.insert(0, len(p) - 1 + u)
+                    u -= 1
+                if stack:
+                    expected += [agree[b][q] for q in [*stack, len(p) - 1 + t]]
+    assert s.calibrator.agree == expected
+    assert 0 < sum(expected) < len(expected)  # both labels occur: a shift would show
+
+
+def test_beta_mixture_threshold_is_the_smallest_grid_value_whose_posterior_passes():
+    """free.md §3 with a monotone posterior: lambda is the smallest of 10 points on
+    [0.3, 0.9] where P(agree | c) > 0.4 under method-of-moments Beta fits per class."""
+
+    def fit(x):
+        m, v = x.mean(), x.var()
+        a = m * (m * (1 - m) / v - 1)
+        return a, a * (1 - m) / m
+
+    def log_pdf(x, a, b):
+        return (
+            (a - 1) * np.log(x)
+            + (b - 1) * np.log1p(-x)
+            - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+        )
+
+    grid = np.linspace(0.3, 0.9, 10)
+    seen = set()
+    for a_agree in (3.0, 5.0, 7.0, 10.0):
+        rng = np.random.default_rng(0)
+        agree, disagree = rng.beta(a_agree, 2.0, 4000), rng.beta(2.0, 5.0, 4000)
+        (a1, b1), (a0, b0) = fit(agree), fit(disagree)
+        post = 1 / (1 + np.exp(log_pdf(grid, a0, b0) - log_pdf(grid, a1, b1)))
+        assert (np.diff(post) > 0).all() and (abs(post - 0.4) > 0.02).all()
+        passing = grid[post > 0.4]
+        want = float(passing.min()) if len(passing) else 0.9
+        bmm = BetaMixtureThreshold(initial=0.77)
+        bmm.observe(list(agree) + list(disagree), [1] * 4000 + [0] * 4000)
+        bmm.start_sequences()
+        assert abs(bmm.value - want) < 1e-9, (a_agree, bmm.value, want)
+        seen.add(round(want, 3))
+    assert len(seen - {0.3, 0.9}) >= 2  # interior grid points: an index shift would show

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,3 +347,56 @@ def test_depthwise_mixed_batch_equals_each_row_alone():
                 torch.testing.assert_close(
                     cache.k[slot][b, :, :n], ref_cache.k[slot][b, :, :n], atol=ATOL, rtol=0
                 )
+
+
+def reference_block_of(scheme, L, B):
+    """recursive.md §1 / mor.md §1: the shared block each unrolled layer (0-based) runs,
+    and whether the layer is a unique first / last one."""
+    if scheme == "cycle":
+        return [ell % (L // B) for ell in range(L)]
+    if scheme == "sequence":
+        return [ell // B for ell in range(L)]
+    K = (L - 2) // B
+    inner = [
+        1 + ((ell - 1) % K if scheme == "middle_cycle" else (ell - 1) // B)
+        for ell in range(1, L - 1)
+    ]
+    return [0, *inner, K + 1]
+
+
+@pytest.mark.parametrize(
+    "scheme,L,B",
+    [("cycle", 6, 2), ("sequence", 6, 3), ("middle_cycle", 8, 3), ("middle_sequence", 8, 2)],
+)
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_fills_every_block_from_the_right_layers(scheme, L, B, init):
+    """recursive.md §1 for B > 1 (B = 1 cannot tell inits apart): every tensor of every
+    block, norms included, against the source layers the paper's rule names."""
+    # seed 5: a source built from the conversion's own init seed (0) would equal "random"
+    dense = make_model(n_layers=L, seed=5)
+    rec = convert_recursive(dense, B, scheme, init=init)
+    blocks = reference_block_of(scheme, L, B)
+    middle = scheme.startswith("middle_")
+    shared = sorted({b for b in blocks if blocks.count(b) > 1})
+    K = len(shared)
+    lo, hi = (1, L - 2) if middle else (0, L - 1)
+    for b in range(rec.config.n_blocks):
+        tied = [ell for ell in range(L) if blocks[ell] == b]
+        if len(tied) == 1:  # a unique first or last layer keeps its own weights
+            sources = tied
+        elif init == "stepwise":
+            sources = [[round(float(x)) for x in np.linspace(lo, hi, K)][shared.index(b)]]
+        elif init == "lower":
+            sources = [lo + shared.index(b)]
+        elif init == "average":
+            sources = tied
+        else:  # random: no layer of the source
+            for name, v in rec.blocks[b].state_dict().items():
+                if "norm" not in name:
+                    assert all(
+                        not torch.equal(v, dense.blocks[ell].state_dict()[name]) for ell in range(L)
+                    )
+            continue
+        for name, v in rec.blocks[b].state_dict().items():
+            want = torch.stack([dense.blocks[ell].state_dict()[name] for ell in sources]).mean(0)
+            torch.testing.assert_close(v, want, atol=1e-7, rtol=0, msg=f"{init} block {b} {name}")
