@@ -5,6 +5,7 @@ import random
 import warnings
 
 import pytest
+import torch
 
 from earlyexit.config import LoraConfig
 from earlyexit.decoding.free import FREE
@@ -133,7 +134,22 @@ def models():
     mid = convert_recursive(
         make_model(n_layers=8, init_std=0.3), 3, "middle_cycle", "average", LoraConfig(rank=2)
     )
-    return {"dense": (dense, 2), "recursive": (rec, 3), "relaxed": (relaxed, 3), "middle": (mid, 3)}
+    # relaxed norms and biases (a Qwen2-style source), offsets made non-trivial
+    qwen = make_model(n_layers=6, init_std=0.3, qkv_bias=True)
+    relaxed_nb = convert_recursive(
+        qwen, 2, init="average", lora=LoraConfig(rank=2, norms=True, biases=True)
+    )
+    with torch.no_grad():
+        for b in relaxed_nb.blocks:
+            for p in [*b.lora.norm.values(), *b.lora.bias.values()]:
+                p.normal_(0, 0.1)
+    return {
+        "dense": (dense, 2),
+        "recursive": (rec, 3),
+        "relaxed": (relaxed, 3),
+        "relaxed-norms-biases": (relaxed_nb, 3),
+        "middle": (mid, 3),
+    }
 
 
 MODELS = models()

@@ -164,13 +164,21 @@ def test_gemma_2b_shaped_parameter_counts():
         assert round(cfg.param_counts()["non_embedding"] / 1e9, 2) == billions, rank
 
 
-def test_per_row_lora_slots_equal_each_row_at_its_own_step():
-    """Rows at different steps of one shared block in one call (depth-wise batching)."""
-    rec = convert_recursive(make_model(n_layers=6), 3, init="average", lora=LoraConfig(rank=4))
-    with torch.no_grad():  # make every slot's delta non-trivial
+@pytest.mark.parametrize("relax_norms_biases", [False, True])
+def test_per_row_lora_slots_equal_each_row_at_its_own_step(relax_norms_biases):
+    """Rows at different steps of one shared block in one call (depth-wise batching), each
+    with its own LoRA slot (and, relaxed, its own norm and bias offsets)."""
+    opts = dict(norms=True, biases=True) if relax_norms_biases else {}
+    bias = dict(qkv_bias=True, o_bias=True, mlp_bias=True) if relax_norms_biases else {}
+    rec = convert_recursive(
+        make_model(n_layers=6, **bias), 3, init="average", lora=LoraConfig(rank=4, **opts)
+    )
+    with torch.no_grad():  # make every slot's delta (and offset) non-trivial
         for b in rec.blocks:
             for t in b.lora.B:
                 b.lora.B[t].normal_(0, 0.05)
+            for p in [*(b.lora.norm or {}).values(), *(b.lora.bias or {}).values()]:
+                p.normal_(0, 0.05)
     h = torch.randn(3, 5, 64)
     ctx = rec.context(rec.default_positions((3, 5), None))
     slots = torch.tensor([2, 0, 1])
@@ -400,3 +408,73 @@ def test_every_init_fills_every_block_from_the_right_layers(scheme, L, B, init):
         for name, v in rec.blocks[b].state_dict().items():
             want = torch.stack([dense.blocks[ell].state_dict()[name] for ell in sources]).mean(0)
             torch.testing.assert_close(v, want, atol=1e-7, rtol=0, msg=f"{init} block {b} {name}")
+
+
+def qwen2_like(n_layers=8, **kw):
+    """Distinct per-layer norms (make_model perturbs them) and, as Qwen2, q/k/v biases."""
+    return make_model(n_layers=n_layers, qkv_bias=True, **kw)
+
+
+RELAX_SOURCES = {
+    "distinct-norms": (lambda L: make_model(n_layers=L), dict(norms=True)),
+    "qwen2-biases": (lambda L: qwen2_like(L), dict(norms=True, biases=True)),
+    "all-biases": (
+        lambda L: make_model(n_layers=L, qkv_bias=True, o_bias=True, mlp_bias=True),
+        dict(norms=True, biases=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("source", list(RELAX_SOURCES))
+@pytest.mark.parametrize(
+    "scheme,loops,layers", [("cycle", 2, 8), ("sequence", 2, 6), ("middle_cycle", 3, 8)]
+)
+def test_full_rank_relaxation_with_per_depth_norms_and_biases_is_exact(
+    source, scheme, loops, layers
+):
+    """recursive.md §2's norm caveat, lifted: with per-step norm and bias offsets a full-rank
+    SVD relaxation reproduces a source whose layers differ in norms and biases (prefill
+    and cached decode). Without them it does not (the control)."""
+    make, opts = RELAX_SOURCES[source]
+    dense = make(layers)
+    x = torch.randint(0, 512, (2, 14))
+    full = LoraConfig(rank=10_000, **opts)
+    rec = convert_recursive(dense, loops, scheme, init="average", lora=full)
+    plain = convert_recursive(dense, loops, scheme, init="average", lora=LoraConfig(rank=10_000))
+    with torch.inference_mode():
+        ref = dense(x)
+        torch.testing.assert_close(rec(x), ref, atol=1e-4, rtol=0)
+        assert (plain(x) - ref).abs().max() > 1e-2
+        cached, _ = _cached(rec, x)
+    torch.testing.assert_close(cached, ref, atol=1e-4, rtol=0)
+
+
+def test_relaxed_norms_and_biases_unroll_count_and_start_at_zero(tmp_path):
+    dense = make_model(n_layers=6, qkv_bias=True, o_bias=True, mlp_bias=True)
+    opts = LoraConfig(rank=2, norms=True, biases=True)
+    rec = convert_recursive(dense, 2, init="average", lora=opts)
+    assert rec.config.lora_params() == sum(
+        p.numel() for n, p in rec.named_parameters() if ".lora." in n
+    )
+    with torch.no_grad():  # non-trivial offsets everywhere
+        for b in rec.blocks:
+            for p in [*b.lora.norm.values(), *b.lora.bias.values(), *b.lora.B.values()]:
+                p.normal_(0, 0.05)
+    x = torch.randint(0, 512, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(unroll(rec)(x), rec(x), atol=ATOL, rtol=0)
+    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+
+    loaded, _ = load_checkpoint(save_checkpoint(rec, tmp_path / "rec"))
+    assert loaded.config.lora.norms and loaded.config.lora.biases
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), rec(x), atol=0, rtol=0)
+    # standard init: every offset zero, so the model is the plain recursive one
+    zero = convert_recursive(dense, 2, init="average", lora=opts, lora_init="zero")
+    plain = convert_recursive(dense, 2, init="average")
+    with torch.inference_mode():
+        torch.testing.assert_close(zero(x), plain(x), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="has none"):
+        ModelConfig.from_name(
+            "tiny", n_layers=4, sharing={"scheme": "cycle", "loops": 2}, lora={"biases": True}
+        )
