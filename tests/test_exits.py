@@ -445,3 +445,95 @@ def test_beta_mixture_threshold_is_the_smallest_grid_value_whose_posterior_passe
         assert abs(bmm.value - want) < 1e-9, (a_agree, bmm.value, want)
         seen.add(round(want, 3))
     assert len(seen - {0.3, 0.9}) >= 2  # interior grid points: an index shift would show
+
+
+def reference_refit(conf, agree, initial):
+    """free.md §3 written out: hard-label (0.9995 / 0.0005) weighted moment fits per class
+    on confidences clipped to [1e-4, 1 - 1e-4], the equal-prior posterior of the
+    higher-mean component on the grid (computed stably), lambda = grid[clamp(10 - k)]."""
+    y = np.asarray(agree)
+    if len(y) < 2 or y.min() == y.max():
+        return initial, None
+    x = np.clip(np.asarray(conf, dtype=float), 1e-4, 1 - 1e-4)
+
+    def fit(w):
+        w = w / w.sum()
+        m = (w * x).sum()
+        v = max((w * (x - m) ** 2).sum(), 1e-12)
+        a = max(m * (m * (1 - m) / v - 1), 1e-6)
+        return a, max(a * (1 - m) / m, 1e-6)
+
+    def log_pdf(g, a, b):
+        return (
+            (a - 1) * np.log(g)
+            + (b - 1) * np.log(1 - g)
+            - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+        )
+
+    r = np.where(y == 1, 0.9995, 0.0005)
+    dis, agr = fit(1 - r), fit(r)
+    hi, lo = (agr, dis) if agr[0] / sum(agr) >= dis[0] / sum(dis) else (dis, agr)
+    grid = np.linspace(0.3, 0.9, 10)
+    la, lb = log_pdf(grid, *hi), log_pdf(grid, *lo)
+    post = np.exp(la - np.logaddexp(la, lb))
+    k = int((post > 0.4).sum())
+    return float(grid[min(max(10 - k, 0), 9)]), (dis, agr)
+
+
+def _calibration_sets():
+    rng = np.random.default_rng(3)
+    sets = {}
+    for a in (1.5, 3.0, 6.0, 12.0):  # ordinary: agreeing tokens more confident
+        sets[f"agree-beta-{a}"] = (
+            [*rng.beta(a, 2.0, 300), *rng.beta(2.0, 5.0, 300)],
+            [1] * 300 + [0] * 300,
+        )
+    # inverted: agreement at *low* confidence (the higher-mean component is "disagree")
+    sets["inverted"] = ([*rng.beta(2, 6, 200), *rng.beta(6, 2, 200)], [1] * 200 + [0] * 200)
+    # every grid point passes (lambda 0.3) / none does (lambda 0.9, posteriors underflow)
+    sets["all-pass"] = ([*rng.beta(3, 1, 200), *rng.beta(1, 30, 200)], [1] * 200 + [0] * 200)
+    sets["none-pass"] = (
+        [*(0.97 + 1e-4 * rng.standard_normal(200)), *rng.beta(2, 2, 200)],
+        [1] * 200 + [0] * 200,
+    )
+    # the agree component has the larger mean but the smaller a (a + b)
+    sets["mean-not-size"] = ([*rng.beta(2, 0.5, 300), *rng.beta(5, 20, 300)], [1] * 300 + [0] * 300)
+    # confidences of exactly 0 and 1 (clipped), and U-shaped classes (a < 1)
+    sets["edges"] = ([0.0, 1.0, 1.0, 0.95, 0.0, 0.3, 1.0, 0.02], [1, 1, 1, 1, 0, 0, 0, 0])
+    sets["u-shaped"] = ([*rng.beta(0.5, 0.4, 300), *rng.beta(0.3, 0.6, 300)], [1] * 300 + [0] * 300)
+    sets["two-samples"] = ([0.2, 0.9], [0, 1])
+    sets["one-class"] = ([0.2, 0.9, 0.5], [1, 1, 1])
+    return sets
+
+
+@pytest.mark.parametrize("name", list(_calibration_sets()))
+def test_beta_mixture_refit_equals_the_written_out_rule(name):
+    conf, agree = _calibration_sets()[name]
+    want, fits = reference_refit(conf, agree, initial=0.77)
+    bmm = BetaMixtureThreshold(initial=0.77)
+    bmm.observe(list(conf), list(agree))
+    assert bmm.start_sequences() == pytest.approx(want, abs=1e-12)
+    st = bmm.state()
+    assert st["threshold"] == bmm.value and st["initial"] == 0.77 and st["sequences"] == 1
+    assert st["samples"] == len(conf) and st["agree_rate"] == pytest.approx(np.mean(agree))
+    assert st["fits"] == (fits is not None) and not st["frozen"]
+    if fits is None:
+        assert st["beta_disagree"] is None and st["beta_agree"] is None
+    else:
+        np.testing.assert_allclose(st["beta_disagree"], fits[0], rtol=1e-9)
+        np.testing.assert_allclose(st["beta_agree"], fits[1], rtol=1e-9)
+        bmm.start_sequences(3)  # refits again: the fit counter counts
+        assert bmm.state()["fits"] == 2 and bmm.state()["sequences"] == 4
+
+
+def test_beta_pieces_against_closed_forms():
+    from earlyexit.decoding.threshold import beta_logpdf
+
+    # Beta(2, 3) pdf is 12 x (1 - x)^2; Beta(0.5, 0.5) is 1 / (pi sqrt(x (1 - x)))
+    for x in (0.1, 0.5, 0.8):
+        assert math.exp(beta_logpdf(x, 2.0, 3.0)) == pytest.approx(12 * x * (1 - x) ** 2)
+        want = 1 / (math.pi * math.sqrt(x * (1 - x)))
+        assert math.exp(beta_logpdf(x, 0.5, 0.5)) == pytest.approx(want)
+    rng = np.random.default_rng(1)
+    a, b = beta_moments(rng.beta(0.5, 0.7, 200_000), np.ones(200_000))  # alpha, beta < 1
+    assert abs(a - 0.5) < 0.02 and abs(b - 0.7) < 0.03
