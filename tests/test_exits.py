@@ -537,3 +537,57 @@ def test_beta_pieces_against_closed_forms():
     rng = np.random.default_rng(1)
     a, b = beta_moments(rng.beta(0.5, 0.7, 200_000), np.ones(200_000))  # alpha, beta < 1
     assert abs(a - 0.5) < 0.02 and abs(b - 0.7) < 0.03
+
+
+def test_free_stats_and_finished_rows_caches(model, monkeypatch):
+    """One decode step by hand: the counters FREE reports, and a finished row's cache does
+    not grow while the other row goes on."""
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 0, 0], [0, 0, 0]]))
+    s = FREE(exit_step=2, threshold=0.5)
+    cache = KVCache.for_model(model, 2, 16)
+    with torch.inference_mode():
+        s.begin(model, cache, 2, 8)
+        s.prefill(model, cache, torch.tensor([[5, 6, 7], [8, 9, 10]]), np.array([3, 3]))
+        s.decode(model, cache, torch.tensor([1, 2]), np.array([1, 0]))  # row 1 has finished
+        assert s.stats() == {
+            "exit_step": 2,
+            "threshold": 0.5,
+            "exit_rate": 1.0,
+            "tokens": 1,
+            "shallow": 1,
+            "deep_passes": 0,
+            "caught_up": 0,
+            "plain_steps": 0,
+        }
+        before = cache.lengths[:, 1].copy()
+        s.decode(model, cache, torch.tensor([3, 2]), np.array([1, 0]))  # row 0 goes deep
+    np.testing.assert_array_equal(cache.lengths[:, 1], before)
+    st = s.stats()
+    assert (st["tokens"], st["shallow"], st["deep_passes"], st["caught_up"]) == (2, 1, 1, 1)
+    assert st["exit_rate"] == 0.5
+
+
+def test_free_calibration_logs_each_rows_confidences_in_order(model, monkeypatch):
+    """Two rows going deep in the same step both log their pairs (stacked confidences, then
+    the trigger's), in row order."""
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 1, 0], [1, 0, 0]]))
+    s = FREE(exit_step=2, threshold=0.5, adaptive=True)
+    generate(model, prompts(2), SamplingParams(max_new_tokens=4, ignore_eos=True), strategy=s)
+    # step 2: row 1 goes deep over 1 stacked token; step 3: row 0 over 2 (row 1: empty stack)
+    assert s.calibrator.conf == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert len(s.calibrator.agree) == 5
+
+
+def test_free_adaptive_with_a_classifier_and_in_bf16():
+    """Adaptive FREE with the classifier measure calibrates (it needs the shallow argmaxes
+    the classifier-only path skips); FREE runs on a bf16 model (its stack has the model's
+    dtype), deep passes included."""
+    m = make_model(n_layers=6, exits={"steps": [2], "classifier": True, "trained": True})
+    s = FREE(2, 0.5, adaptive=True, measure="classifier")
+    generate(m, prompts(3, seed=6), GREEDY, strategy=s)
+    assert len(s.calibrator.conf) == len(s.calibrator.agree) > 0
+    half = make_model(n_layers=6, exits={"steps": [2], "trained": True}, init_std=0.3)
+    half = half.to(torch.bfloat16)
+    s = FREE(2, 0.06)
+    res = generate(half, prompts(3, seed=3), GREEDY, strategy=s)
+    assert s.stats()["caught_up"] > 0 and all(len(r.token_ids) == 16 for r in res)
