@@ -77,7 +77,7 @@ def scratch_copy(dest: Path) -> None:
 def narrow_config(pyproject: Path, module: str, tests: list[str]) -> None:
     """Point ``[tool.mutmut]`` of the copy at one module and its test files."""
     text = pyproject.read_text()
-    text = re.sub(r'only_mutate = \[[^\]]*\]', f"only_mutate = {json.dumps([module])}", text)
+    text = re.sub(r"only_mutate = \[[^\]]*\]", f"only_mutate = {json.dumps([module])}", text)
     text = re.sub(
         r"pytest_add_cli_args_test_selection = \[[^\]]*\]",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",

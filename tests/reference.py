@@ -80,9 +80,11 @@ def _plan_parts(plan):
 
 
 @torch.no_grad()
-def mor_reference(m, tokens, mode="causal", lens=None):
+def mor_reference(m, tokens, mode="causal", lens=None, metrics=None):
     """Logits (B, T, V) (zero beyond each row's length), recursions (B, T) and the weighted
-    router loss of MoR model ``m`` on ``tokens`` (B, T); ``lens``: valid tokens per row."""
+    router loss of MoR model ``m`` on ``tokens`` (B, T); ``lens``: valid tokens per row.
+    ``metrics``: a dict to fill with the training metrics as the paper / mor.md define them
+    (router sampling accuracy per recursion, dead tokens, depth shares, MaxVio)."""
     cfg, R = m.config, m.routers
     rc = cfg.router
     B, T = tokens.shape
@@ -95,6 +97,9 @@ def mor_reference(m, tokens, mode="causal", lens=None):
     bce_sum = [0.0] * len(recs)
     aux_bce_sum = [0.0] * len(recs)
     cand_count = [0] * len(recs)
+    agree = [0] * len(recs)  # candidates whose sign(z) (aux: sign(aux z)) matches selection
+    aux_agree = [0] * len(recs)
+    last_sel = torch.zeros(B, T, dtype=torch.bool)  # who reached the last recursion
     probs_all, choice_all, dlogits_all = [], [], []
     for b in range(B):
         n = lens[b]
@@ -136,10 +141,12 @@ def mor_reference(m, tokens, mode="causal", lens=None):
                     bce = -(t * F.logsigmoid(z) + (1 - t) * F.logsigmoid(-z))
                     bce_sum[r] += float(bce[active].sum())
                     cand_count[r] += int(active.sum())
+                    agree[r] += int(((z > 0) == sel)[active].sum())
                     if R.aux is not None:
                         az = R.aux[r](h).squeeze(-1).float()
                         abce = -(t * F.logsigmoid(az) + (1 - t) * F.logsigmoid(-az))
                         aux_bce_sum[r] += float(abce[active].sum())
+                        aux_agree[r] += int(((az > 0) == sel)[active].sum())
                 g_act = torch.sigmoid(z) if rc.activation == "sigmoid" else torch.tanh(z)
                 gate = rc.gate_scale * g_act
             idx = sel.nonzero().flatten()  # ascending: causal order
@@ -162,9 +169,26 @@ def mor_reference(m, tokens, mode="causal", lens=None):
                 h[idx] = h[idx] + gate[idx, None] * y
             runs[b, idx] += 1
             active = sel
+            if r == len(recs) - 1:
+                last_sel[b, :n] = sel
         for i in range(last, len(m.plan)):
             h, _ = layer(cfg, m.blocks[m.plan[i].block], h, pos)
         logits[b, :n] = rms(h, m.norm.weight, cfg.norm_eps) @ head.T
+    if metrics is not None:
+        valid = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]
+        for d in range(1, len(recs) + 1):
+            metrics[f"depth_share@{d}"] = float((runs[valid] == d).float().mean())
+        if mode == "train" and rc.kind == "expert":
+            for r in range(len(recs)):
+                if cand_count[r]:
+                    metrics[f"router_accuracy@{r + 1}"] = agree[r] / cand_count[r]
+                    if R.aux is not None:
+                        metrics[f"aux_router_accuracy@{r + 1}"] = aux_agree[r] / cand_count[r]
+        if mode == "train" and B > 1:
+            metrics["dead_token_ratio"] = float((~last_sel.any(0)).float().mean())
+        if rc.kind == "token":
+            load = torch.bincount(torch.cat(choice_all), minlength=len(recs)).float()
+            metrics["max_violation"] = float((load.max() - load.mean()) / load.mean())
     loss = torch.zeros(())
     if mode == "train" and rc.kind == "expert":
         for r in range(len(recs)):

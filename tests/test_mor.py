@@ -389,7 +389,11 @@ def test_forward_equals_the_reference(variant, mode):
     x = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         out = m(x, routing=mode, return_routing=True)
-    logits, runs, loss = mor_reference(m, x, mode)
+    metrics = {}
+    logits, runs, loss = mor_reference(m, x, mode, metrics=metrics)
+    assert set(out.metrics) == set(metrics)
+    for k, v in metrics.items():  # router accuracy, dead tokens, depth shares, MaxVio
+        assert float(out.metrics[k]) == pytest.approx(v, abs=1e-6), k
     assert torch.equal(out.recursions, runs)
     assert len(set(runs.flatten().tolist())) > 1  # the routers really vary depths
     torch.testing.assert_close(out.logits, logits, atol=2e-5, rtol=0)

@@ -170,9 +170,10 @@ def mor_forward(
             computed[-1] += len(g) * c
         runs = runs + sel.long()
         candidates = sel
-        if mode == "train" and r == len(recs) - 1 and B > 1:
-            # dead tokens: positions no sequence of the batch routes to the last recursion
-            metrics["dead_token_ratio"] = (~sel.any(0)).float().mean().detach()
+    if mode == "train" and B > 1:
+        # dead tokens: positions no sequence of the batch routes to the last recursion (all
+        # of them when no token at all reached it)
+        metrics["dead_token_ratio"] = (~(runs == len(recs)).any(0)).float().mean().detach()
     h = model.run_steps(suffix.start, suffix.stop, h, ctx)
     hist = torch.bincount(runs[valid], minlength=len(recs) + 1).float()
     metrics.update({f"depth_share@{d}": v for d, v in enumerate((hist / hist.sum()).tolist()) if d})
