@@ -12,7 +12,9 @@ and the test files that cover it (``TESTS`` below, or ``--tests``), in a scratch
 the working tree (``.mutation/<module>/``), so the repository is never modified. It prints
 mutmut's per-mutant results and the counts, and writes them to
 ``.mutation/<module>/summary.json``. ``mutmut show NAME`` inside that directory prints a
-survivor's diff. Not part of CI's default run: a module takes minutes to an hour on 2 cores.
+survivor's diff. ``--recheck`` reruns only the previous run's survivors against the current
+tests (after adding tests; the module itself must be unchanged, or mutant names shift).
+Not part of CI's default run: a module takes minutes to an hour on 2 cores.
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def main() -> int:
     ap.add_argument("module", help="a .py file under earlyexit/, e.g. earlyexit/decoding/free.py")
     ap.add_argument("--tests", nargs="+", help="test files to run (default: the module's own)")
     ap.add_argument("--max-children", type=int, default=2, help="mutants run in parallel")
-    ap.add_argument("--keep", action="store_true", help="reuse an earlier scratch copy's results")
+    ap.add_argument(
+        "--recheck",
+        action="store_true",
+        help="rerun only the previous run's non-killed mutants against the current tests",
+    )
     args = ap.parse_args()
     module = args.module
     if not (ROOT / module).is_file():
@@ -102,7 +108,12 @@ def main() -> int:
         print(f"error: no test files mapped for {module}; pass --tests", file=sys.stderr)
         return 2
     work = ROOT / ".mutation" / module.replace("/", ".").removesuffix(".py")
-    if work.exists() and not args.keep:
+    names: list[str] = []
+    if args.recheck:
+        previous = json.loads((work / "summary.json").read_text())["mutants"]
+        names = [n for n, status in previous.items() if status != "killed"]
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # new tests: remap
+    elif work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     scratch_copy(work)
@@ -110,7 +121,10 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"  # mutants run in parallel processes: one thread each
     run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-    subprocess.run(run, cwd=work, env=env, check=False)
+    if args.recheck and not names:
+        print("nothing to recheck: every mutant was killed")
+    else:
+        subprocess.run(run + names, cwd=work, env=env, check=False)
     res = subprocess.run(
         [sys.executable, "-m", "mutmut", "results", "--all", "true"],
         cwd=work,

@@ -341,9 +341,11 @@ def test_free_finished_rows_do_not_block_the_plain_step(model, monkeypatch):
         s.prefill(model, cache, tokens, np.array([3, 3]))
         out = s.decode(model, cache, torch.tensor([1, 2]))  # row 0 exits, row 1 goes deep
         assert out.depths == [2, 6] and s.n_stack.tolist() == [1, 0]
+        finished = cache.lengths[:, 0].copy()
         for _ in range(3):  # row 0 has finished; row 1 goes on without exiting
             s.decode(model, cache, torch.tensor([0, 3]), np.array([0, 1]))
     assert s.stats()["plain_steps"] == 3
+    np.testing.assert_array_equal(cache.lengths[:, 0], finished)  # nothing written for it
 
 
 def test_the_sample_log_stops_growing_once_the_threshold_is_frozen():
@@ -357,7 +359,7 @@ def test_the_sample_log_stops_growing_once_the_threshold_is_frozen():
     assert len(bmm.conf) == len(bmm.agree) == n and bmm.state()["samples"] == n
 
 
-@pytest.mark.parametrize("kind", ["generate", "engine"])
+@pytest.mark.parametrize("kind", ["generate", "classifier", "engine"])
 def test_free_exits_only_strictly_above_the_threshold(model, monkeypatch, kind):
     """FREE exits iff confidence > lambda (free.md §2): a confidence equal to the threshold
     goes deep; one just above exits."""
@@ -365,17 +367,26 @@ def test_free_exits_only_strictly_above_the_threshold(model, monkeypatch, kind):
     from earlyexit.engine.runner import ModelRunner
 
     def half(*args, **kw):
-        return torch.full((args[1 if kind == "generate" else 0].shape[0],), 0.5)
+        rows = args[0] if kind == "engine" else (args[4] if kind == "classifier" else args[1])
+        return torch.full((rows.shape[0],), 0.5)
 
-    if kind == "generate":
+    measure = "margin"
+    if kind == "classifier":
+        measure = "classifier"
+        model = make_model(
+            n_layers=6, exits={"steps": [2], "classifier": True, "trained": True}, init_std=0.3
+        )
+        monkeypatch.setattr(free_mod, "confidence", half)
+    elif kind == "generate":
         monkeypatch.setattr(free_mod, "confidence", half)
     else:
         monkeypatch.setattr(ModelRunner, "margins", staticmethod(half))
     ps = prompts(2, seed=8)
     for lam, depth in [(0.5, 6), (0.4999, 2)]:
         params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-        if kind == "generate":
-            res = generate(model, ps, params, strategy=FREE(exit_step=2, threshold=lam))
+        if kind != "engine":
+            strategy = FREE(exit_step=2, threshold=lam, measure=measure)
+            res = generate(model, ps, params, strategy=strategy)
             depths = [r.depths[1:] for r in res]
         else:
             eng = LLMEngine(model, policy="depthwise", max_batch=2, max_len=32)
@@ -542,7 +553,7 @@ def test_beta_pieces_against_closed_forms():
 def test_free_stats_and_finished_rows_caches(model, monkeypatch):
     """One decode step by hand: the counters FREE reports, and a finished row's cache does
     not grow while the other row goes on."""
-    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 0, 0], [0, 0, 0]]))
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 0, 1, 0], [0, 0, 0, 0]]))
     s = FREE(exit_step=2, threshold=0.5)
     cache = KVCache.for_model(model, 2, 16)
     with torch.inference_mode():
@@ -561,10 +572,14 @@ def test_free_stats_and_finished_rows_caches(model, monkeypatch):
         }
         before = cache.lengths[:, 1].copy()
         s.decode(model, cache, torch.tensor([3, 2]), np.array([1, 0]))  # row 0 goes deep
-    np.testing.assert_array_equal(cache.lengths[:, 1], before)
+        np.testing.assert_array_equal(cache.lengths[:, 1], before)
+        st = s.stats()
+        assert (st["tokens"], st["shallow"], st["deep_passes"], st["caught_up"]) == (2, 1, 1, 1)
+        assert st["exit_rate"] == 0.5
+        s.decode(model, cache, torch.tensor([4, 2]), np.array([1, 0]))  # exits again
+        s.decode(model, cache, torch.tensor([5, 2]), np.array([1, 0]))  # deep over 1 stacked
     st = s.stats()
-    assert (st["tokens"], st["shallow"], st["deep_passes"], st["caught_up"]) == (2, 1, 1, 1)
-    assert st["exit_rate"] == 0.5
+    assert (st["tokens"], st["shallow"], st["deep_passes"], st["caught_up"]) == (4, 2, 2, 2)
 
 
 def test_free_calibration_logs_each_rows_confidences_in_order(model, monkeypatch):
@@ -591,3 +606,46 @@ def test_free_adaptive_with_a_classifier_and_in_bf16():
     s = FREE(2, 0.06)
     res = generate(half, prompts(3, seed=3), GREEDY, strategy=s)
     assert s.stats()["caught_up"] > 0 and all(len(r.token_ids) == 16 for r in res)
+
+
+def test_free_defaults():
+    s = FREE(2)
+    assert s.threshold == s.current_threshold == 0.9 and s.calibrator is None
+    a = FREE(2, 0.7, adaptive=True)
+    assert a.current_threshold == a.calibrator.initial == 0.7
+
+
+def test_free_exits_use_the_exit_norm_and_classifier_rows_alone(monkeypatch):
+    """With per-exit norms, an exited token is the argmax of *that exit's* logits (norm +
+    head), checked against a teacher-forced forward; on the classifier path any subset of
+    rows may exit in one step, and rows that do not exit never pay for the exit head."""
+    m = make_model(
+        n_layers=6,
+        exits={"steps": [2], "norms": True, "classifier": True, "trained": True},
+        init_std=0.3,
+    )
+    with torch.no_grad():
+        m.exit_norms[0].weight.normal_(1.0, 0.5)  # an exit norm unlike the final one
+
+    def check(res, ps):
+        exited = 0
+        for p, r in zip(ps, res):
+            with torch.inference_mode():
+                out = m(torch.tensor([p + r.token_ids]), exits=True)
+            for t, (tok, d) in enumerate(zip(r.token_ids, r.depths)):
+                want = out.exit_logits[0 if d == 2 else -1][0, len(p) - 1 + t].argmax()
+                assert tok == int(want), (t, d)
+                exited += d == 2
+        return exited
+
+    ps = prompts(3, seed=9)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert check(generate(m, ps, params, strategy=FREE(2, -1.0)), ps) == 15  # margin path
+    # classifier path: two of three rows exit at every step
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1], [0], [1]]))
+    calls = []
+    orig = m.exit_logits
+    m.exit_logits = lambda h, step: calls.append(h.shape[0]) or orig(h, step)
+    res = generate(m, ps, params, strategy=FREE(2, 0.5, measure="classifier"))
+    assert set(calls) == {2}  # only the exiting rows' heads, never all three
+    assert check(res, ps) == 10
