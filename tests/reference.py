@@ -73,6 +73,15 @@ def layer(cfg, blk, x, pos, shared_kv=None):
     return h_mid + _lin(z, blk.mlp.w2.weight, blk.mlp.w2.bias), own
 
 
+def router(net, h, kind):
+    """A router's output from its weights: ``linear`` d -> out without bias, ``mlp``
+    d -> 2d -> out with GELU (mor.md §1)."""
+    if kind == "linear":
+        return h @ net.weight.T
+    first, last = net[0], net[-1]
+    return F.gelu(h @ first.weight.T + first.bias) @ last.weight.T + last.bias
+
+
 def _plan_parts(plan):
     recs = sorted({s.recursion for s in plan if s.recursion is not None})
     per_rec = [[i for i, s in enumerate(plan) if s.recursion == r] for r in recs]
@@ -110,7 +119,7 @@ def mor_reference(m, tokens, mode="causal", lens=None, metrics=None):
         h1 = h.clone()
         active = torch.ones(n, dtype=torch.bool)
         if rc.kind == "token":
-            dl = R.nets[0](h1).float()  # (n, N)
+            dl = router(R.nets[0], h1, rc.router).float()  # (n, N)
             probs = dl.softmax(-1) * rc.gate_scale
             choice = (probs + R.bias).argmax(-1)
             gate = probs[torch.arange(n), choice]
@@ -122,7 +131,7 @@ def mor_reference(m, tokens, mode="causal", lens=None, metrics=None):
             if rc.kind == "token":
                 sel = choice >= r
             else:
-                z = R.nets[r](h).squeeze(-1).float()
+                z = router(R.nets[r], h, rc.router).squeeze(-1).float()
                 cap = cfg.capacities[r]
                 if cap >= 1:
                     sel = active.clone()
@@ -132,8 +141,8 @@ def mor_reference(m, tokens, mode="causal", lens=None, metrics=None):
                     sel = torch.zeros(n, dtype=torch.bool)
                     sel[top] = True
                     sel &= active
-                elif R.aux is not None:
-                    sel = active & (R.aux[r](h).squeeze(-1).float() > 0)
+                elif rc.aux_router:  # an MLP that decides at inference
+                    sel = active & (router(R.aux[r], h, "mlp").squeeze(-1) > 0)
                 else:
                     sel = active & (z > 0)
                 if mode == "train" and cap < 1:
@@ -142,8 +151,8 @@ def mor_reference(m, tokens, mode="causal", lens=None, metrics=None):
                     bce_sum[r] += float(bce[active].sum())
                     cand_count[r] += int(active.sum())
                     agree[r] += int(((z > 0) == sel)[active].sum())
-                    if R.aux is not None:
-                        az = R.aux[r](h).squeeze(-1).float()
+                    if rc.aux_router:
+                        az = router(R.aux[r], h, "mlp").squeeze(-1).float()
                         abce = -(t * F.logsigmoid(az) + (1 - t) * F.logsigmoid(-az))
                         aux_bce_sum[r] += float(abce[active].sum())
                         aux_agree[r] += int(((az > 0) == sel)[active].sum())
@@ -182,7 +191,7 @@ def mor_reference(m, tokens, mode="causal", lens=None, metrics=None):
             for r in range(len(recs)):
                 if cand_count[r]:
                     metrics[f"router_accuracy@{r + 1}"] = agree[r] / cand_count[r]
-                    if R.aux is not None:
+                    if rc.aux_router:
                         metrics[f"aux_router_accuracy@{r + 1}"] = aux_agree[r] / cand_count[r]
         if mode == "train" and B > 1:
             metrics["dead_token_ratio"] = float((~last_sel.any(0)).float().mean())

@@ -361,6 +361,7 @@ def test_packing_with_document_masks(make):
 REF_VARIANTS = {
     "expert": ("expert", {}),
     "expert-replace-tanh": ("expert", dict(gating="replace", activation="tanh")),
+    "expert-tanh-alpha": ("expert", dict(activation="tanh", alpha=0.3)),
     "expert-mlp-capacities": ("expert", dict(router="mlp", capacities=[1.0, 0.5, 0.25])),
     "expert-aux-router": ("expert", dict(aux_router=True)),
     "expert-kv-sharing": ("expert", dict(kv_sharing=True)),
@@ -466,3 +467,30 @@ def test_generation_computes_only_routed_tokens():
         routed += int(runs.sum())
     assert seen[0] == K * routed
     assert s.stats()["token_recursions"] == {"computed": routed, "routed": routed}
+
+
+def test_router_losses_and_init_edge_cases():
+    # one candidate: the BCE is that token's alone (mean over candidates, not over >= 2)
+    z = torch.tensor([[1.5, -2.0]])
+    one = torch.tensor([[True, False]])
+    want = torch.nn.functional.binary_cross_entropy_with_logits(z[0, :1], torch.zeros(1))
+    torch.testing.assert_close(expert_aux_loss(z, torch.zeros_like(one), one), want)
+    # z-loss over the last dimension of (B, T, N) logits
+    logits = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z_loss(logits), torch.logsumexp(logits, -1).pow(2).mean())
+    # init N(0, 0.02) weights and zero biases (mor.md §1), reproducible from a generator
+    cfg = ModelConfig.from_name(
+        "tiny", **MOR, d_model=128, router={"kind": "expert", "router": "mlp", "aux_router": True}
+    )
+    m = Decoder(cfg)
+    m.init_weights(torch.Generator().manual_seed(0))  # (make_model perturbs biases)
+    named = [(n, p.detach()) for n, p in m.routers.named_parameters()]
+    w = torch.cat([p.flatten() for n, p in named if n.endswith("weight")])
+    assert abs(float(w.mean())) < 0.002 and abs(float(w.std()) - 0.02) < 0.001
+    assert all(not p.any() for n, p in named if n.endswith("bias"))
+    again = [p.detach().clone() for p in m.routers.parameters()]
+    m.routers.reset_parameters(torch.Generator().manual_seed(1))
+    first = [p.clone() for p in m.routers.parameters()]
+    m.routers.reset_parameters(torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(first, m.routers.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(first, again))
