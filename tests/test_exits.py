@@ -512,6 +512,8 @@ def _calibration_sets():
     # confidences of exactly 0 and 1 (clipped), and U-shaped classes (a < 1)
     sets["edges"] = ([0.0, 1.0, 1.0, 0.95, 0.0, 0.3, 1.0, 0.02], [1, 1, 1, 1, 0, 0, 0, 0])
     sets["u-shaped"] = ([*rng.beta(0.5, 0.4, 300), *rng.beta(0.3, 0.6, 300)], [1] * 300 + [0] * 300)
+    # an agree component so concentrated that its density underflows on the whole grid
+    sets["extreme"] = ([*(0.97 + 1e-5 * rng.standard_normal(2000)), 0.2, 0.5], [1] * 2000 + [0, 0])
     sets["two-samples"] = ([0.2, 0.9], [0, 1])
     sets["one-class"] = ([0.2, 0.9, 0.5], [1, 1, 1])
     return sets
@@ -545,6 +547,7 @@ def test_beta_pieces_against_closed_forms():
         assert math.exp(beta_logpdf(x, 2.0, 3.0)) == pytest.approx(12 * x * (1 - x) ** 2)
         want = 1 / (math.pi * math.sqrt(x * (1 - x)))
         assert math.exp(beta_logpdf(x, 0.5, 0.5)) == pytest.approx(want)
+    assert BetaMixtureThreshold().state()["agree_rate"] is None  # no samples yet
     rng = np.random.default_rng(1)
     a, b = beta_moments(rng.beta(0.5, 0.7, 200_000), np.ones(200_000))  # alpha, beta < 1
     assert abs(a - 0.5) < 0.02 and abs(b - 0.7) < 0.03
