@@ -44,7 +44,12 @@ TESTS = {
     "earlyexit/decoding/sampling.py": ["tests/test_sampling.py", "tests/test_generate.py"],
     "earlyexit/decoding/generate.py": ["tests/test_generate.py", "tests/test_exits.py"],
     "earlyexit/decoding/mor.py": ["tests/test_mor.py"],
-    "earlyexit/models/kv_cache.py": ["tests/test_decoder.py", "tests/test_exits.py"],
+    "earlyexit/models/kv_cache.py": [
+        "tests/test_decoder.py",
+        "tests/test_exits.py",
+        "tests/test_mor.py",
+        "tests/test_recursive.py",
+    ],
     "earlyexit/models/plan.py": ["tests/test_config.py", "tests/test_recursive.py"],
     "earlyexit/models/mor.py": ["tests/test_mor.py"],
     "earlyexit/models/routers.py": ["tests/test_mor.py"],

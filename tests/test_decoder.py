@@ -191,3 +191,27 @@ def test_padding_never_writes_past_a_rows_capacity(tiny):
         assert cache.lengths[0].tolist() == [10, 7]
         torch.testing.assert_close(out[0, 0], tiny(seqs[0][None])[0, 9], atol=ATOL, rtol=0)
         torch.testing.assert_close(out[1], tiny(seqs[1][None, :7])[0, 2:7], atol=ATOL, rtol=0)
+
+
+def test_sliding_window_on_rows_out_of_order_and_reset():
+    """The window mask on a cache batch whose rows run out of order and ragged (the
+    gathered-rows path), and ``reset`` forgetting exactly the rows it names."""
+    model = make_model(sliding_window=3, n_layers=2)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    cache = KVCache.for_model(model, 3, 12)
+    with torch.inference_mode():
+        full = model(x)
+        a = model(x[:, :5], cache=cache, rows=[2, 0], n_new=[5, 4])  # row 0 gets 4 tokens
+        torch.testing.assert_close(a[0], full[0, :5], atol=ATOL, rtol=0)
+        torch.testing.assert_close(a[1, :4], full[1, :4], atol=ATOL, rtol=0)
+        nxt = torch.stack([x[0, 5:7], x[1, 4:6]])  # each row's next two tokens
+        b = model(nxt, cache=cache, rows=[2, 0])
+        torch.testing.assert_close(b[0], full[0, 5:7], atol=ATOL, rtol=0)
+        torch.testing.assert_close(b[1], full[1, 4:6], atol=ATOL, rtol=0)
+        c = model(x[:1, 7:8], cache=cache, rows=[2])
+        torch.testing.assert_close(c[0], full[0, 7:8], atol=ATOL, rtol=0)
+    assert cache.lengths[:, [2, 0, 1]].tolist() == [[8, 6, 0]] * 2
+    cache.reset([2])
+    assert cache.lengths[:, [2, 0, 1]].tolist() == [[0, 6, 0]] * 2
+    cache.reset()
+    assert not cache.lengths.any()
