@@ -267,6 +267,7 @@ def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
                 "average",
                 "--lora-ranks",
                 "q=4,down=8",
+                "--lora-norms",
                 "--json",
             ]
         )
@@ -276,6 +277,7 @@ def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
     assert info["non_embedding_params"] < info["source_non_embedding_params"]
     rec, _ = load_checkpoint(tmp_path / "rec")
     assert rec.config.lora.q == 4 and rec.config.lora.down == 8 and rec.config.lora.rank == 0
+    assert rec.config.lora.norms and not rec.config.lora.biases
     assert main(["convert", "merge", str(tmp_path / "rec"), str(tmp_path / "merged")]) == 0
     merged, _ = load_checkpoint(tmp_path / "merged")
     x = torch.randint(0, 300, (1, 9))
