@@ -11,7 +11,7 @@ from earlyexit.training.exit_losses import (
     dynamic_kd,
     kd_teachers,
 )
-from earlyexit.training.losses import cross_entropy
+from earlyexit.training.losses import cross_entropy, get_objective
 from tests.conftest import make_model
 
 
@@ -261,3 +261,73 @@ def test_exit_objective_error_lines():
     with pytest.raises(ConfigError) as e:
         ExitClassifierTraining().setup(torch.nn.Linear(2, 2))  # no exit_classifiers at all
     assert str(e.value) == "the model has no exit classifiers (train with --exit-classifier)"
+
+
+# ---------------------------------------------------------------------- training/losses.py
+def test_lm_and_uptraining_objectives_equal_their_formulas(batch, tmp_path):
+    """LM: next-token CE at full depth. Uptraining (RRT §3): CE + w x KL(teacher || student)
+    with the teacher's logits computed online and detached. Validation NLL: summed token
+    NLL over the batches / tokens."""
+    from types import SimpleNamespace
+
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.training.losses import LanguageModeling, Uptraining, evaluate_nll
+
+    x, y = batch
+    student = make_model(n_layers=4, seed=1)
+    teacher = make_model(n_layers=4, seed=2)
+    with torch.no_grad():
+        s_logits, t_logits = student(x), teacher(x)
+    out = LanguageModeling()(student, x, y)
+    assert float(out.loss.detach()) == pytest.approx(float(_ce(s_logits, y)), rel=1e-5)
+    assert float(out.metrics["ce"]) == pytest.approx(float(_ce(s_logits, y)), rel=1e-5)
+    up = Uptraining(str(save_checkpoint(teacher, tmp_path / "teacher")), weight=0.7)
+    up.setup(student)
+    assert not any(p.requires_grad for p in up.teacher.parameters())
+    got = up(student, x, y)
+    want = _ce(s_logits, y) + 0.7 * _kl(t_logits, s_logits)
+    assert float(got.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.metrics["kl"]) == pytest.approx(float(_kl(t_logits, s_logits)), abs=1e-6)
+    got.loss.backward()  # the gradient reaches the student only
+    assert student.blocks[0].mlp.w2.weight.grad is not None
+    nll, count = evaluate_nll(student, [(x, y), (x[:1], y[:1])])
+    logp = s_logits.double().log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    want_nll = -(logp.sum() + logp[:1].sum()) / (y.numel() + y[:1].numel())
+    assert count == y.numel() + y[:1].numel() and nll == pytest.approx(float(want_nll), rel=1e-5)
+    # options reach the objectives
+    cfg = SimpleNamespace(exit_loss="weighted", exit_coef=0.2, kd_alpha=0.3, teacher=None)
+    ex = get_objective("exits", cfg)
+    assert (ex.exit_loss, ex.coef, ex.alpha) == ("weighted", 0.2, 0.3)
+    assert isinstance(get_objective("lm"), LanguageModeling)
+    assert isinstance(get_objective("exit-classifier"), ExitClassifierTraining)
+    cfg2 = SimpleNamespace(teacher="t-dir", distill_weight=0.25)
+    u = get_objective("uptrain", cfg2)
+    assert (u.teacher_dir, u.weight) == ("t-dir", 0.25)
+
+
+def test_objective_errors_are_one_clear_line(tmp_path):
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.training.losses import Uptraining
+
+    cases = [
+        (
+            lambda: get_objective("bogus"),
+            "unknown objective 'bogus'; available: lm, exits, exit-classifier, uptrain",
+        ),
+        (
+            lambda: Uptraining(None),
+            "--objective uptrain needs --teacher DIR (the dense source model)",
+        ),
+        (lambda: Uptraining("t", weight=-1.0), "distill weight must be >= 0, got -1.0"),
+    ]
+    teacher = save_checkpoint(make_model(vocab_size=300), tmp_path / "t300")
+    cases.append(
+        (
+            lambda: Uptraining(str(teacher)).setup(make_model()),
+            f"{teacher}: the teacher's vocabulary differs from the student's",
+        )
+    )
+    for make, msg in cases:
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert str(e.value) == msg
