@@ -240,6 +240,12 @@ def test_loss_free_bias_moves_toward_underloaded_depths():
     load = torch.bincount(out.recursions.flatten() - 1, minlength=3).float()
     step = m.routers.bias - before
     assert torch.allclose(step, 1e-3 * torch.sign(load.mean() - load))
+    # only a training forward that builds a graph moves it (not evaluation, not inference)
+    after = m.routers.bias.clone()
+    with torch.no_grad():
+        m(x, routing="train")
+    m(x, routing="causal")
+    assert torch.equal(m.routers.bias, after)
 
 
 def _recursion_outputs(m, x, r, perturb):
