@@ -215,3 +215,40 @@ def test_sliding_window_on_rows_out_of_order_and_reset():
     assert cache.lengths[:, [2, 0, 1]].tolist() == [[0, 6, 0]] * 2
     cache.reset()
     assert not cache.lengths.any()
+
+
+def test_kv_cache_update_against_its_definition():
+    """KVCache.update by hand: one forward context writing two slots whose rows hold
+    different lengths; each call appends at each row's own length, returns every valid
+    entry and a mask that is causal by index (padding queries see one slot of their own)."""
+    from earlyexit.models.kv_cache import ForwardContext
+
+    cache = KVCache(n_slots=2, batch_size=2, max_len=8, n_kv_heads=1, head_dim=2)
+    cache.lengths[:] = [[3, 1], [5, 2]]  # slot 0: rows hold 3 and 1 entries; slot 1: 5 and 2
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 1, 2, 2, generator=g)  # (B, Hkv, T=2, D)
+    v = torch.randn(2, 1, 2, 2, generator=g)
+    n_new = np.array([2, 1])  # row 1's second token is padding
+    ctx = ForwardContext(positions=torch.tensor([[9, 9], [9, 9]]), cos=None, sin=None)
+    ctx.n_new = n_new
+    for slot in (0, 1):
+        lens = cache.lengths[slot].copy()
+        keys, vals, mask = cache.update(slot, k, v, ctx)
+        W = int((lens + n_new).max())
+        assert (
+            keys.shape == (2, 1, W, 2) and cache.lengths[slot].tolist() == (lens + n_new).tolist()
+        )
+        for b in range(2):
+            for t in range(n_new[b]):  # written at the row's own length
+                torch.testing.assert_close(cache.k[slot][b, :, lens[b] + t], k[b, :, t])
+                torch.testing.assert_close(vals[b, :, lens[b] + t], v[b, :, t])
+            for t in range(2):
+                q = lens[b] + t
+                want = [j <= q and j < lens[b] + n_new[b] for j in range(W)]
+                if t >= n_new[b]:  # a padding query sees exactly one (clamped) slot
+                    want = [j == min(q, W - 1) or w for j, w in enumerate(want)]
+                assert mask[b, 0, t].tolist() == want, (slot, b, t)
+    with pytest.raises(ValueError, match=r"n_new must be within \[0, 2\]"):
+        bad = ForwardContext(positions=torch.zeros(2, 2, dtype=torch.long), cos=None, sin=None)
+        bad.n_new = np.array([3, 1])
+        cache.update(0, k, v, bad)
