@@ -95,7 +95,11 @@ def narrow_config(pyproject: Path, module: str, tests: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("module", help="a .py file under earlyexit/, e.g. earlyexit/decoding/free.py")
+    ap.add_argument(
+        "module",
+        help="a .py file under earlyexit/, e.g. earlyexit/decoding/free.py; 'table': print "
+        "the counts of every module run so far",
+    )
     ap.add_argument("--tests", nargs="+", help="test files to run (default: the module's own)")
     ap.add_argument("--max-children", type=int, default=2, help="mutants run in parallel")
     ap.add_argument(
@@ -104,6 +108,8 @@ def main() -> int:
         help="rerun only the previous run's non-killed mutants against the current tests",
     )
     args = ap.parse_args()
+    if args.module == "table":
+        return print_table()
     module = args.module
     if not (ROOT / module).is_file():
         print(f"error: no such module {module}", file=sys.stderr)
@@ -149,6 +155,18 @@ def main() -> int:
         if status != "killed":
             print(f"{status:>10}  {name}")
     print(json.dumps({"module": module, "counts": dict(counts)}))
+    return 0
+
+
+def print_table() -> int:
+    """The counts of every module run so far (``python scripts/mutation.py table``)."""
+    print("| module | mutants | killed | survived | no test reaches it | timeout |")
+    print("|---|---|---|---|---|---|")
+    for f in sorted((ROOT / ".mutation").glob("*/summary.json")):
+        d = json.loads(f.read_text())
+        c = collections.Counter(d["mutants"].values())
+        cells = [sum(c.values()), c["killed"], c["survived"], c["no tests"], c["timeout"]]
+        print(f"| `{d['module']}` | " + " | ".join(map(str, cells)) + " |")
     return 0
 
 
