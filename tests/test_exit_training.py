@@ -288,6 +288,7 @@ def test_lm_and_uptraining_objectives_equal_their_formulas(batch, tmp_path):
     want = _ce(s_logits, y) + 0.7 * _kl(t_logits, s_logits)
     assert float(got.loss.detach()) == pytest.approx(float(want), rel=1e-5)
     assert float(got.metrics["kl"]) == pytest.approx(float(_kl(t_logits, s_logits)), abs=1e-6)
+    assert float(got.metrics["ce"]) == pytest.approx(float(_ce(s_logits, y)), rel=1e-5)
     got.loss.backward()  # the gradient reaches the student only
     assert student.blocks[0].mlp.w2.weight.grad is not None
     nll, count = evaluate_nll(student, [(x, y), (x[:1], y[:1])])
@@ -331,3 +332,38 @@ def test_objective_errors_are_one_clear_line(tmp_path):
         with pytest.raises(ConfigError) as e:
             make()
         assert str(e.value) == msg
+
+
+def test_objective_defaults_and_wrapped_mor_models():
+    """get_objective's defaults for a config without uptraining options; the LM objective
+    of a MoR model inside a DDP-style wrapper still routes top-k and adds the router loss."""
+    from types import SimpleNamespace
+
+    from earlyexit.training.losses import LanguageModeling, Uptraining
+
+    u = get_objective("uptrain", SimpleNamespace(teacher="t"))
+    assert (u.teacher_dir, u.weight) == ("t", 1.0) and Uptraining("t").weight == 1.0
+    assert Uptraining("t", 0.0).weight == 0.0  # zero is allowed: LM loss only
+    with pytest.raises(ConfigError, match="needs --teacher"):
+        get_objective("uptrain", SimpleNamespace())
+    m = make_model(
+        n_layers=8, sharing={"scheme": "middle_cycle", "loops": 3}, router={"kind": "expert"}
+    )
+
+    class DDP(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+    x = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, 1)
+    out = LanguageModeling()(DDP(m), x, y)
+    with torch.no_grad():
+        ref = m(x, routing="train", return_routing=True)
+    assert float(out.metrics["router_loss"]) == pytest.approx(float(ref.aux_loss), rel=1e-5)
+    want = _ce(ref.logits, y) + ref.aux_loss
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert "router_accuracy@2" in out.metrics
