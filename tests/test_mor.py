@@ -374,6 +374,7 @@ REF_VARIANTS = {
     "token": ("token", {}),
     "token-bias": ("token", {}),
     "token-kv-sharing": ("token", dict(kv_sharing=True)),
+    "token-alpha": ("token", dict(alpha=0.5)),
 }
 
 
@@ -458,6 +459,7 @@ def test_generation_computes_only_routed_tokens():
         orig = blk.forward
 
         def counted(h, *a, _orig=orig, **k):
+            assert h.numel() > 0, "a recursion ran a group without tokens"
             seen[0] += h.shape[0] * h.shape[1]
             return _orig(h, *a, **k)
 
@@ -500,3 +502,73 @@ def test_router_losses_and_init_edge_cases():
     m.routers.reset_parameters(torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(first, m.routers.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("variant", ["expert", "expert-aux-router", "token", "token-bias"])
+def test_one_short_row_equals_the_reference(variant):
+    """Top-k with floor(c_r T) < 1 (k = 1), a single row (no dead-token ratio), fewer
+    tokens than depths (MaxVio's load mean below 1)."""
+    from tests.reference import mor_reference
+
+    m = ref_model(variant)
+    x = torch.tensor([[17, 301]])
+    for mode in ("train", "causal"):
+        with torch.no_grad():
+            out = m(x, routing=mode, return_routing=True)
+        metrics = {}
+        logits, runs, loss = mor_reference(m, x, mode, metrics=metrics)
+        assert torch.equal(out.recursions, runs) and set(out.metrics) == set(metrics)
+        torch.testing.assert_close(out.logits, logits, atol=2e-5, rtol=0)
+        if mode == "train":
+            torch.testing.assert_close(out.aux_loss, loss, atol=1e-6, rtol=1e-5)
+        for k, v in metrics.items():
+            assert float(out.metrics[k]) == pytest.approx(v, abs=1e-6), k
+
+
+def test_a_zero_score_does_not_continue():
+    """sigmoid(0) = 0.5 is not > 0.5: with zero router weights nobody continues past the
+    capacity-1 recursion, and the training accuracy counts z = 0 as 'not selected'."""
+    m = mor_model()
+    with torch.no_grad():
+        for p in m.routers.parameters():
+            p.zero_()
+    x = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (m(x, return_routing=True).recursions == 1).all()
+        out = m(x, routing="train", return_routing=True)
+    for r in (1, 2):  # candidates: tokens that ran r recursions; selected: r + 1
+        cand, sel = out.recursions >= r, out.recursions >= r + 1
+        want = float((~sel[cand]).float().mean())
+        assert float(out.metrics[f"router_accuracy@{r + 1}"]) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("variant", ["expert", "expert-kv-sharing", "token"])
+def test_cached_forward_on_other_cache_rows(variant):
+    """Prefill and decode into cache rows [2, 0] of a 3-row cache (the engine's way) equal
+    the reference on each row's sequence."""
+    from tests.reference import mor_reference
+
+    m = ref_model(variant)
+    x = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(4))
+    cache = KVCache.for_model(m, 3, 12)
+    with torch.inference_mode():
+        a = m(x[:, :6], cache=cache, rows=[2, 0])
+        b = m(x[:, 6:8], cache=cache, rows=[2, 0])
+    logits, _, _ = mor_reference(m, x)
+    torch.testing.assert_close(torch.cat([a, b], 1), logits, atol=2e-5, rtol=0)
+    assert cache.lengths[:, 1].sum() == 0  # row 1 untouched
+
+
+def test_recursion_ranges_of_three_step_recursions():
+    from earlyexit.models.mor import recursion_ranges, step_depth
+
+    m = make_model(
+        n_layers=11, sharing={"scheme": "middle_cycle", "loops": 3}, router={"kind": "expert"}
+    )
+    prefix, recs, suffix = recursion_ranges(m.plan)
+    assert (prefix, recs, suffix) == (
+        range(0, 1),
+        [range(1, 4), range(4, 7), range(7, 10)],
+        range(10, 11),
+    )
+    assert step_depth(m, torch.tensor([0, 1, 3])).tolist() == [2, 5, 11]
