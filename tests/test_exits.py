@@ -604,6 +604,13 @@ def test_free_adaptive_with_a_classifier_and_in_bf16():
     s = FREE(2, 0.5, adaptive=True, measure="classifier")
     generate(m, prompts(3, seed=6), GREEDY, strategy=s)
     assert len(s.calibrator.conf) == len(s.calibrator.agree) > 0
+    bf = m.to(torch.bfloat16)  # the classifier path returns logits in the model's dtype
+    cache = KVCache.for_model(bf, 2, 8)
+    c = FREE(2, 0.5, measure="classifier")
+    with torch.inference_mode():
+        c.begin(bf, cache, 2, 4)
+        c.prefill(bf, cache, torch.tensor([[1, 2], [3, 4]]), np.array([2, 2]))
+        assert c.decode(bf, cache, torch.tensor([5, 6])).logits.dtype == torch.bfloat16
     half = make_model(n_layers=6, exits={"steps": [2], "trained": True}, init_std=0.3)
     half = half.to(torch.bfloat16)
     s = FREE(2, 0.06)
