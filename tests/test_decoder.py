@@ -252,3 +252,56 @@ def test_kv_cache_update_against_its_definition():
         bad = ForwardContext(positions=torch.zeros(2, 2, dtype=torch.long), cos=None, sin=None)
         bad.n_new = np.array([3, 1])
         cache.update(0, k, v, bad)
+
+
+def test_kv_cache_per_row_slots_and_read_against_their_definitions():
+    """Rows at different steps (each its own slot, depth-wise batching) appending ragged
+    chunks, with a sliding window's positions kept; and the read-only view KV sharing uses:
+    every entry of the row up to the query's position, whichever rows are asked for."""
+    from earlyexit.models.kv_cache import ForwardContext
+
+    cache = KVCache(n_slots=3, batch_size=3, max_len=8, n_kv_heads=1, head_dim=2)
+    cache.lengths[:] = [[2, 0, 4], [1, 3, 0], [0, 0, 5]]
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(3, 1, 2, 2, generator=g)  # (B, Hkv, T=2, D)
+    v = torch.randn(3, 1, 2, 2, generator=g)
+    slots, rows, n_new = np.array([0, 1, 2]), np.array([2, 1, 0]), np.array([2, 1, 2])
+    pos = torch.tensor([[4, 5], [3, 4], [0, 1]])
+    ctx = ForwardContext(positions=pos, cos=None, sin=None, sliding_window=100)
+    ctx.rows, ctx.kv_slots, ctx.n_new = rows, slots, n_new
+    lens = cache.lengths[slots, rows].copy()  # [4, 3, 0]
+    keys, vals, mask = cache.update(-1, k, v, ctx)
+    W = int((lens + n_new).max())
+    assert keys.shape == (3, 1, W, 2)
+    assert cache.lengths[slots, rows].tolist() == (lens + n_new).tolist()
+    for b in range(3):
+        s, r = slots[b], rows[b]
+        for t in range(n_new[b]):
+            torch.testing.assert_close(cache.k[s][r, :, lens[b] + t], k[b, :, t])
+            torch.testing.assert_close(vals[b, :, lens[b] + t], v[b, :, t])
+            assert int(cache.pos[s][r, lens[b] + t]) == int(pos[b, t])
+        for t in range(2):
+            q = lens[b] + t
+            want = [j <= q and j < lens[b] + n_new[b] for j in range(W)]
+            if t >= n_new[b]:
+                want = [j == min(q, W - 1) or w for j, w in enumerate(want)]
+            assert mask[b, 0, t].tolist() == want, (b, t)
+    with pytest.raises(InputError) as e:
+        ctx2 = ForwardContext(positions=pos, cos=None, sin=None)
+        ctx2.rows, ctx2.kv_slots, ctx2.n_new = rows, slots, np.array([2, 1, 9])
+        cache.update(-1, torch.zeros(3, 1, 9, 2), torch.zeros(3, 1, 9, 2), ctx2)
+    assert str(e.value) == "KV cache full: 11 entries exceed its length 8"
+    # read: slot 0 holds 2, 0 and 6 entries in rows 0, 1, 2 (row 2's at positions 0..5)
+    cache.pos[0][2, :6] = torch.arange(6)
+    for ask in ([2], [1, 2], [2, 0]):
+        qpos = torch.tensor([[3]] * len(ask))
+        rctx = ForwardContext(positions=qpos, cos=None, sin=None)
+        rctx.rows = np.array(ask)
+        rk, rv, rmask = cache.read(0, rctx)
+        n = cache.lengths[0, ask]
+        assert rk.shape[2] == max(int(n.max()), 1)
+        for i, r in enumerate(ask):
+            want = [j < n[i] and j <= 3 for j in range(rk.shape[2])]
+            assert rmask[i, 0, 0].tolist() == want
+            torch.testing.assert_close(rk[i, :, : n[i]], cache.k[0][r, :, : n[i]])
+            torch.testing.assert_close(rv[i, :, : n[i]], cache.v[0][r, :, : n[i]])
