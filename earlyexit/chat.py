@@ -69,29 +69,43 @@ def validate_messages(messages) -> list[dict[str, str]]:
     return messages
 
 
+class ChatTemplate:
+    """A model's chat template compiled once (the server renders it per request)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ChatTemplateError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(config["chat_template"])
+        self.bos, self.eos = _token(config.get("bos_token")), _token(config.get("eos_token"))
+
+    def render(self, messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text of ``messages``; :class:`ChatTemplateError` (with the template's
+        own message where it raises one) when they do not fit."""
+        from jinja2 import TemplateError
+
+        messages = validate_messages(messages)
+        try:
+            return self.template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos,
+                eos_token=self.eos,
+            )
+        except ChatTemplateError:
+            raise
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None
+
+
 def render(config: dict[str, Any] | None, messages, add_generation_prompt: bool = True) -> str:
     """The prompt text of ``messages`` under ``config``'s chat template."""
     if not config or not isinstance(config.get("chat_template"), str):
         raise ChatTemplateError(
             "this model has no chat template (no tokenizer_config.json chat_template)"
         )
-    messages = validate_messages(messages)
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise ChatTemplateError(f"the chat template refused the messages: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(config["chat_template"]).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=_token(config.get("bos_token")),
-            eos_token=_token(config.get("eos_token")),
-        )
-    except ChatTemplateError:
-        raise
-    except (TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
-        raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None
+    return ChatTemplate(config).render(messages, add_generation_prompt)

@@ -268,7 +268,7 @@ def _lora_config(args: argparse.Namespace):
         per[name] = int(value)
     if args.lora_rank < 0 or any(v < 0 for v in per.values()):
         raise InputError("LoRA ranks must be >= 0")
-    return LoraConfig(rank=args.lora_rank, **per)
+    return LoraConfig(rank=args.lora_rank, norms=args.lora_norms, biases=args.lora_biases, **per)
 
 
 # ---------------------------------------------------------------------- prepare / train / eval
@@ -801,6 +801,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-step LoRA rank of every target (0: no relaxation)",
     )
     rg.add_argument("--lora-ranks", default=None, help="per-target ranks, e.g. q=64,k=32,down=128")
+    rg.add_argument(
+        "--lora-norms",
+        action="store_true",
+        help="relax the norms too: per-step norm weights (exact full-rank relaxation of a "
+        "source whose layers have different norms)",
+    )
+    rg.add_argument(
+        "--lora-biases",
+        action="store_true",
+        help="relax the biases too: per-step biases (models with biases, e.g. Qwen2)",
+    )
     rg.add_argument(
         "--lora-init",
         default="svd",

@@ -130,9 +130,16 @@ class LoraConfig:
     exactly 1 (no alpha / r). ``rank`` applies to every target unless a per-target field is
     set; ranks are capped at min(r, d_in, d_out); 0 disables a target.
 
+    Tied blocks also tie their norms and biases, so full rank alone reproduces the source
+    only when those are equal across the tied layers. ``norms`` and ``biases`` relax them
+    too: each relaxed step adds its own offset to the shared norm weights and biases (RRT
+    keeps norms per depth in practice), so a full-rank relaxation reproduces any source.
+
     Attributes:
         rank: default rank of every target.
         q, k, v, o, gate, up, down: per-target ranks (None: ``rank``).
+        norms: per-step offsets of both RMSNorm weights of each relaxed step.
+        biases: per-step offsets of every bias of each relaxed step (models with biases).
     """
 
     rank: int = 0
@@ -143,6 +150,8 @@ class LoraConfig:
     gate: int | None = None
     up: int | None = None
     down: int | None = None
+    norms: bool = False
+    biases: bool = False
 
     def requested(self, target: str) -> int:
         r = getattr(self, target)
@@ -150,7 +159,8 @@ class LoraConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(self.requested(t) > 0 for t in LORA_TARGETS)
+        """Any per-step parameters at all (the plan then gives shared blocks LoRA slots)."""
+        return any(self.requested(t) > 0 for t in LORA_TARGETS) or self.norms or self.biases
 
 
 @dataclass
@@ -277,6 +287,8 @@ class ModelConfig:
         for t in LORA_TARGETS:
             if self.lora.requested(t) < 0:
                 raise ConfigError(f"lora ranks must be >= 0, got {t}={self.lora.requested(t)}")
+        if self.lora.biases and not (self.qkv_bias or self.o_bias or self.mlp_bias):
+            raise ConfigError("lora.biases relaxes biases, and this model has none")
         self.plan = build_plan(
             self.n_layers,
             self.sharing.scheme,
@@ -356,9 +368,19 @@ class ModelConfig:
         }[target]
         return min(self.lora.requested(target), d_in, d_out), d_in, d_out
 
+    def lora_bias_dims(self) -> dict[str, int]:
+        """Width of each bias a block has, by fused linear (``qkv``, ``o``, ``w13``, ``w2``)."""
+        dims = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.d_model}
+        dims.update({"w13": 2 * self.d_ff, "w2": self.d_model})
+        has = {"qkv": self.qkv_bias, "o": self.o_bias, "w13": self.mlp_bias, "w2": self.mlp_bias}
+        return {k: v for k, v in dims.items() if has[k]}
+
     def lora_params(self) -> int:
-        """LoRA parameters: sum over relaxed steps and targets of r (d_in + d_out)."""
+        """Relaxation parameters: sum over relaxed steps and targets of r (d_in + d_out), plus
+        each step's norm (2 d) and bias offsets when relaxed."""
         per_step = sum(r * (i + o) for r, i, o in map(self.lora_shape, LORA_TARGETS))
+        per_step += 2 * self.d_model * self.lora.norms
+        per_step += sum(self.lora_bias_dims().values()) * self.lora.biases
         return per_step * sum(s.lora is not None for s in self.plan)
 
     @property

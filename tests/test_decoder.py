@@ -191,3 +191,117 @@ def test_padding_never_writes_past_a_rows_capacity(tiny):
         assert cache.lengths[0].tolist() == [10, 7]
         torch.testing.assert_close(out[0, 0], tiny(seqs[0][None])[0, 9], atol=ATOL, rtol=0)
         torch.testing.assert_close(out[1], tiny(seqs[1][None, :7])[0, 2:7], atol=ATOL, rtol=0)
+
+
+def test_sliding_window_on_rows_out_of_order_and_reset():
+    """The window mask on a cache batch whose rows run out of order and ragged (the
+    gathered-rows path), and ``reset`` forgetting exactly the rows it names."""
+    model = make_model(sliding_window=3, n_layers=2)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    cache = KVCache.for_model(model, 3, 12)
+    with torch.inference_mode():
+        full = model(x)
+        a = model(x[:, :5], cache=cache, rows=[2, 0], n_new=[5, 4])  # row 0 gets 4 tokens
+        torch.testing.assert_close(a[0], full[0, :5], atol=ATOL, rtol=0)
+        torch.testing.assert_close(a[1, :4], full[1, :4], atol=ATOL, rtol=0)
+        nxt = torch.stack([x[0, 5:7], x[1, 4:6]])  # each row's next two tokens
+        b = model(nxt, cache=cache, rows=[2, 0])
+        torch.testing.assert_close(b[0], full[0, 5:7], atol=ATOL, rtol=0)
+        torch.testing.assert_close(b[1], full[1, 4:6], atol=ATOL, rtol=0)
+        c = model(x[:1, 7:8], cache=cache, rows=[2])
+        torch.testing.assert_close(c[0], full[0, 7:8], atol=ATOL, rtol=0)
+    assert cache.lengths[:, [2, 0, 1]].tolist() == [[8, 6, 0]] * 2
+    cache.reset([2])
+    assert cache.lengths[:, [2, 0, 1]].tolist() == [[0, 6, 0]] * 2
+    cache.reset()
+    assert not cache.lengths.any()
+
+
+def test_kv_cache_update_against_its_definition():
+    """KVCache.update by hand: one forward context writing two slots whose rows hold
+    different lengths; each call appends at each row's own length, returns every valid
+    entry and a mask that is causal by index (padding queries see one slot of their own)."""
+    from earlyexit.models.kv_cache import ForwardContext
+
+    cache = KVCache(n_slots=2, batch_size=2, max_len=8, n_kv_heads=1, head_dim=2)
+    cache.lengths[:] = [[3, 1], [5, 2]]  # slot 0: rows hold 3 and 1 entries; slot 1: 5 and 2
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 1, 2, 2, generator=g)  # (B, Hkv, T=2, D)
+    v = torch.randn(2, 1, 2, 2, generator=g)
+    n_new = np.array([2, 1])  # row 1's second token is padding
+    ctx = ForwardContext(positions=torch.tensor([[9, 9], [9, 9]]), cos=None, sin=None)
+    ctx.n_new = n_new
+    for slot in (0, 1):
+        lens = cache.lengths[slot].copy()
+        keys, vals, mask = cache.update(slot, k, v, ctx)
+        W = int((lens + n_new).max())
+        assert (
+            keys.shape == (2, 1, W, 2) and cache.lengths[slot].tolist() == (lens + n_new).tolist()
+        )
+        for b in range(2):
+            for t in range(n_new[b]):  # written at the row's own length
+                torch.testing.assert_close(cache.k[slot][b, :, lens[b] + t], k[b, :, t])
+                torch.testing.assert_close(vals[b, :, lens[b] + t], v[b, :, t])
+            for t in range(2):
+                q = lens[b] + t
+                want = [j <= q and j < lens[b] + n_new[b] for j in range(W)]
+                if t >= n_new[b]:  # a padding query sees exactly one (clamped) slot
+                    want = [j == min(q, W - 1) or w for j, w in enumerate(want)]
+                assert mask[b, 0, t].tolist() == want, (slot, b, t)
+    with pytest.raises(ValueError, match=r"n_new must be within \[0, 2\]"):
+        bad = ForwardContext(positions=torch.zeros(2, 2, dtype=torch.long), cos=None, sin=None)
+        bad.n_new = np.array([3, 1])
+        cache.update(0, k, v, bad)
+
+
+def test_kv_cache_per_row_slots_and_read_against_their_definitions():
+    """Rows at different steps (each its own slot, depth-wise batching) appending ragged
+    chunks, with a sliding window's positions kept; and the read-only view KV sharing uses:
+    every entry of the row up to the query's position, whichever rows are asked for."""
+    from earlyexit.models.kv_cache import ForwardContext
+
+    cache = KVCache(n_slots=3, batch_size=3, max_len=8, n_kv_heads=1, head_dim=2)
+    cache.lengths[:] = [[2, 0, 4], [1, 3, 0], [0, 0, 5]]
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(3, 1, 2, 2, generator=g)  # (B, Hkv, T=2, D)
+    v = torch.randn(3, 1, 2, 2, generator=g)
+    slots, rows, n_new = np.array([0, 1, 2]), np.array([2, 1, 0]), np.array([2, 1, 2])
+    pos = torch.tensor([[4, 5], [3, 4], [0, 1]])
+    ctx = ForwardContext(positions=pos, cos=None, sin=None, sliding_window=100)
+    ctx.rows, ctx.kv_slots, ctx.n_new = rows, slots, n_new
+    lens = cache.lengths[slots, rows].copy()  # [4, 3, 0]
+    keys, vals, mask = cache.update(-1, k, v, ctx)
+    W = int((lens + n_new).max())
+    assert keys.shape == (3, 1, W, 2)
+    assert cache.lengths[slots, rows].tolist() == (lens + n_new).tolist()
+    for b in range(3):
+        s, r = slots[b], rows[b]
+        for t in range(n_new[b]):
+            torch.testing.assert_close(cache.k[s][r, :, lens[b] + t], k[b, :, t])
+            torch.testing.assert_close(vals[b, :, lens[b] + t], v[b, :, t])
+            assert int(cache.pos[s][r, lens[b] + t]) == int(pos[b, t])
+        for t in range(2):
+            q = lens[b] + t
+            want = [j <= q and j < lens[b] + n_new[b] for j in range(W)]
+            if t >= n_new[b]:
+                want = [j == min(q, W - 1) or w for j, w in enumerate(want)]
+            assert mask[b, 0, t].tolist() == want, (b, t)
+    with pytest.raises(InputError) as e:
+        ctx2 = ForwardContext(positions=pos, cos=None, sin=None)
+        ctx2.rows, ctx2.kv_slots, ctx2.n_new = rows, slots, np.array([2, 1, 9])
+        cache.update(-1, torch.zeros(3, 1, 9, 2), torch.zeros(3, 1, 9, 2), ctx2)
+    assert str(e.value) == "KV cache full: 11 entries exceed its length 8"
+    # read: slot 0 holds 2, 0 and 6 entries in rows 0, 1, 2 (row 2's at positions 0..5)
+    cache.pos[0][2, :6] = torch.arange(6)
+    for ask in ([2], [1, 2], [2, 0]):
+        qpos = torch.tensor([[3]] * len(ask))
+        rctx = ForwardContext(positions=qpos, cos=None, sin=None)
+        rctx.rows = np.array(ask)
+        rk, rv, rmask = cache.read(0, rctx)
+        n = cache.lengths[0, ask]
+        assert rk.shape[2] == max(int(n.max()), 1)
+        for i, r in enumerate(ask):
+            want = [j < n[i] and j <= 3 for j in range(rk.shape[2])]
+            assert rmask[i, 0, 0].tolist() == want
+            torch.testing.assert_close(rk[i, :, : n[i]], cache.k[0][r, :, : n[i]])
+            torch.testing.assert_close(rv[i, :, : n[i]], cache.v[0][r, :, : n[i]])

@@ -22,14 +22,23 @@ PROMPTS = [[5, 9, 2, 7, 1], [3], [100, 200, 300, 400, 8, 9, 10, 11], [42, 43]]
 def _models():
     dense = make_model(n_layers=4)
     relaxed = convert_recursive(make_model(n_layers=4), 2, lora=LoraConfig(rank=4))
-    with torch.no_grad():  # make the LoRA deltas non-zero so they matter
-        for name, p in relaxed.named_parameters():
-            if ".lora." in name:
-                p.normal_(0, 0.05)
-    return {"dense": dense, "relaxed recursive": relaxed.eval()}
+    # relaxed norms and biases too (per-step offsets of a source with every bias)
+    biased = make_model(n_layers=4, qkv_bias=True, o_bias=True, mlp_bias=True)
+    opts = LoraConfig(rank=4, norms=True, biases=True)
+    relaxed_nb = convert_recursive(biased, 2, lora=opts)
+    for m in (relaxed, relaxed_nb):
+        with torch.no_grad():  # make the LoRA deltas and offsets non-zero so they matter
+            for name, p in m.named_parameters():
+                if ".lora." in name:
+                    p.normal_(0, 0.05)
+    return {
+        "dense": dense,
+        "relaxed recursive": relaxed.eval(),
+        "relaxed norms+biases": relaxed_nb.eval(),
+    }
 
 
-@pytest.mark.parametrize("kind", ["dense", "relaxed recursive"])
+@pytest.mark.parametrize("kind", ["dense", "relaxed recursive", "relaxed norms+biases"])
 def test_static_decode_step_equals_the_general_path(kind):
     model = _models()[kind]
     # logits step by step, on ragged rows, from identical prefilled caches

@@ -5,6 +5,7 @@ import random
 import warnings
 
 import pytest
+import torch
 
 from earlyexit.config import LoraConfig
 from earlyexit.decoding.free import FREE
@@ -133,7 +134,22 @@ def models():
     mid = convert_recursive(
         make_model(n_layers=8, init_std=0.3), 3, "middle_cycle", "average", LoraConfig(rank=2)
     )
-    return {"dense": (dense, 2), "recursive": (rec, 3), "relaxed": (relaxed, 3), "middle": (mid, 3)}
+    # relaxed norms and biases (a Qwen2-style source), offsets made non-trivial
+    qwen = make_model(n_layers=6, init_std=0.3, qkv_bias=True)
+    relaxed_nb = convert_recursive(
+        qwen, 2, init="average", lora=LoraConfig(rank=2, norms=True, biases=True)
+    )
+    with torch.no_grad():
+        for b in relaxed_nb.blocks:
+            for p in [*b.lora.norm.values(), *b.lora.bias.values()]:
+                p.normal_(0, 0.1)
+    return {
+        "dense": (dense, 2),
+        "recursive": (rec, 3),
+        "relaxed": (relaxed, 3),
+        "relaxed-norms-biases": (relaxed_nb, 3),
+        "middle": (mid, 3),
+    }
 
 
 MODELS = models()
@@ -242,22 +258,14 @@ def test_compute_accounting_counts_catch_up_work():
 
 
 def mor_models():
-    out = {}
-    for name, router in [
-        ("mor-expert", {"kind": "expert"}),
-        ("mor-token", {"kind": "token"}),
-        ("mor-share", {"kind": "expert", "kv_sharing": True}),
-    ]:
-        m = make_model(
-            n_layers=8, sharing={"scheme": "middle_cycle", "loops": 3}, router=router, init_std=0.1
-        )
-        import torch
+    """Every routing variant of the reference tests: default routers, the auxiliary router
+    (it, not the main router, decides at inference), the token-choice loss-free bias,
+    ``replace`` gating with tanh and MLP routers, KV sharing."""
+    from tests.test_mor import ref_model
 
-        with torch.no_grad():
-            for p in m.routers.parameters():
-                p.normal_(0, 0.5)
-        out[name] = m
-    return out
+    names = ["expert", "expert-aux-router", "expert-replace-tanh", "expert-mlp-capacities"]
+    names += ["expert-kv-sharing", "token", "token-bias"]
+    return {f"mor-{v}": ref_model(v) for v in names}
 
 
 MOR_MODELS = mor_models()

@@ -11,7 +11,7 @@ from earlyexit.training.exit_losses import (
     dynamic_kd,
     kd_teachers,
 )
-from earlyexit.training.losses import cross_entropy
+from earlyexit.training.losses import cross_entropy, get_objective
 from tests.conftest import make_model
 
 
@@ -188,3 +188,253 @@ def test_train_only_the_exit_keeps_the_full_model_bit_for_bit(tmp_path):
             progress=False,
             log=lambda *a: None,
         )
+
+
+def test_kd_alignment_follows_the_strict_rule():
+    """free.md §1, written out: from the deepest teacher down, each takes the lowest-error
+    student with an index *strictly* below the previous pick (the first is free; with none
+    left it reuses the previous pick)."""
+
+    def reference(mse):
+        n_t, n_s = len(mse), len(mse[0])
+        picks, prev = [None] * n_t, None
+        for t in reversed(range(n_t)):
+            allowed = range(n_s) if prev is None else range(prev)
+            if len(allowed) == 0:
+                picks[t] = prev
+                continue
+            picks[t] = prev = min(allowed, key=lambda s: mse[t][s])
+        return picks
+
+    # both teachers prefer student 1: strictly below forces the shallower one to student 0
+    assert align_teachers(torch.tensor([[0.9, 0.1], [0.9, 0.1]])) == [0, 1]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        n_t, n_s = (int(v) for v in torch.randint(1, 7, (2,), generator=g))
+        m = torch.rand(n_t, n_s, generator=g)
+        assert align_teachers(m) == reference(m.tolist()), m
+
+
+def _ce(logits, y):  # mean next-token cross-entropy written out
+    logp = logits.double().log_softmax(-1)
+    return -logp.gather(-1, y[..., None]).mean()
+
+
+def _kl(teacher, student):  # mean over tokens of KL(teacher || student)
+    pt, ls = teacher.double().softmax(-1), student.double().log_softmax(-1)
+    return (pt * (pt.clamp_min(1e-300).log() - ls)).sum(-1).mean()
+
+
+def test_aggressive_loss_with_several_exits_equals_the_formula(batch):
+    """RRT §4: CE_final + c x sum over intermediate exits of (CE_i + KL(final || exit_i))."""
+    model = make_model(n_layers=6, exits={"steps": [2, 4]})
+    x, y = batch
+    with torch.no_grad():
+        out = model(x, exits=True)
+        e2, e4, fin = out.exit_logits
+        want = _ce(fin, y) + 0.3 * (_ce(e2, y) + _kl(fin, e2) + _ce(e4, y) + _kl(fin, e4))
+        got = ExitTraining("aggressive", exit_coef=0.3)(model, x, y)
+    assert float(got.loss) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.metrics["kl@4"]) == pytest.approx(float(_kl(fin, e4)), abs=1e-6)
+    assert float(got.metrics["ce@2"]) == pytest.approx(float(_ce(e2, y)), rel=1e-5)
+    d = ExitTraining()
+    assert (d.exit_loss, d.coef, d.alpha) == ("shallow-deep", 0.1, 0.5)
+
+
+def test_kl_to_is_forward_kl_per_token():
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    from earlyexit.training.exit_losses import kl_to
+
+    assert float(kl_to(t, s)) == pytest.approx(float(_kl(t, s)), rel=1e-5)
+
+
+def test_dynamic_kd_equals_the_written_out_loss():
+    """free.md §1: teachers = the fixed deep layers (1-based), students = layers 1..L_s,
+    M = MSE, greedy strictly monotone alignment from the deepest teacher, mean of picks."""
+    g = torch.Generator().manual_seed(4)
+    normed = [torch.randn(2, 3, 8, generator=g) for _ in range(8)]
+    teachers = kd_teachers(8, 3)  # (3, 5, 8)
+    mse = [[float(((normed[t - 1] - normed[s]) ** 2).mean()) for s in range(3)] for t in teachers]
+    picks, prev = [None] * 3, None
+    for t in reversed(range(3)):
+        allowed = range(3) if prev is None else range(prev)
+        picks[t] = prev if not allowed else min(allowed, key=lambda s: mse[t][s])
+        prev = picks[t]
+    want = sum(mse[t][picks[t]] for t in range(3)) / 3
+    assert float(dynamic_kd(normed, 3)) == pytest.approx(want, rel=1e-5)
+
+
+class _Stub(torch.nn.Module):
+    """A model whose exit and classifier logits are given: the objective's arithmetic alone."""
+
+    def __init__(self, exit_logits, cls_logits, points):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.out = SimpleNamespace(exit_logits=exit_logits, classifier_logits=cls_logits)
+        self.config = SimpleNamespace(exit_points=points)
+        self.exit_classifiers = torch.nn.ModuleList([torch.nn.Linear(1, 1)])
+
+    def forward(self, inputs, exits=False):
+        return self.out
+
+
+def test_exit_classifier_loss_equals_the_written_out_one():
+    """CALM's classifier loss per intermediate exit: label = (exit argmax == final argmax),
+    classes weighted by the other class's share (clamped to [1e-3, 1 - 1e-3]), mean over
+    exits; accuracy and agreement reported per exit. Also through a DDP-style wrapper."""
+    g = torch.Generator().manual_seed(5)
+    fin = torch.randn(2, 6, 9, generator=g)
+    same = fin.clone()  # exit 1 agrees everywhere: p_agree clamps to 0.999
+    other = torch.randn(2, 6, 9, generator=g)  # agrees at some positions only
+    flipped = fin.clone()
+    flipped.scatter_(-1, fin.argmax(-1, keepdim=True), -1e4)  # never agrees: clamps to 1e-3
+    exits = [same, other, flipped, fin]
+    cls = [torch.randn(2, 6, 2, generator=g) for _ in range(3)]
+    stub = _Stub(exits, cls, (1, 2, 3, 4))
+    out = ExitClassifierTraining()(stub, None, None)
+    losses = []
+    for i, (lg, c) in enumerate(zip(exits[:3], cls)):
+        label = (lg.argmax(-1) == fin.argmax(-1)).long().flatten()
+        p = min(max(float(label.float().mean()), 1e-3), 1 - 1e-3)
+        w = torch.tensor([p, 1 - p], dtype=torch.double)[label]
+        nll = -c.double().log_softmax(-1).flatten(0, 1).gather(-1, label[:, None])[:, 0]
+        losses.append(float((w * nll).sum() / w.sum()))
+        acc = float((c.argmax(-1).flatten() == label).float().mean())
+        assert float(out.metrics[f"cls_acc@{i + 1}"]) == pytest.approx(acc)
+        assert float(out.metrics[f"agree@{i + 1}"]) == pytest.approx(p)
+        assert float(out.metrics[f"cls_loss@{i + 1}"]) == pytest.approx(losses[-1], rel=1e-5)
+    assert float(out.loss) == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+    class DDP(torch.nn.Module):  # a wrapper that keeps the model in .module
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+    torch.testing.assert_close(ExitClassifierTraining()(DDP(stub), None, None).loss, out.loss)
+
+
+def test_exit_objective_error_lines():
+    with pytest.raises(ConfigError) as e:
+        ExitTraining("bogus")
+    assert str(e.value) == (
+        "exit_loss must be one of weighted, aggressive, shallow-deep, got 'bogus'"
+    )
+    with pytest.raises(ConfigError) as e:
+        ExitTraining().setup(make_model())
+    assert str(e.value) == (
+        "--objective exits needs exit points: pass --exit-steps (e.g. --exit-steps 2)"
+    )
+    with pytest.raises(ConfigError) as e:
+        ExitClassifierTraining().setup(torch.nn.Linear(2, 2))  # no exit_classifiers at all
+    assert str(e.value) == "the model has no exit classifiers (train with --exit-classifier)"
+
+
+# ---------------------------------------------------------------------- training/losses.py
+def test_lm_and_uptraining_objectives_equal_their_formulas(batch, tmp_path):
+    """LM: next-token CE at full depth. Uptraining (RRT §3): CE + w x KL(teacher || student)
+    with the teacher's logits computed online and detached. Validation NLL: summed token
+    NLL over the batches / tokens."""
+    from types import SimpleNamespace
+
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.training.losses import LanguageModeling, Uptraining, evaluate_nll
+
+    x, y = batch
+    student = make_model(n_layers=4, seed=1)
+    teacher = make_model(n_layers=4, seed=2)
+    with torch.no_grad():
+        s_logits, t_logits = student(x), teacher(x)
+    out = LanguageModeling()(student, x, y)
+    assert float(out.loss.detach()) == pytest.approx(float(_ce(s_logits, y)), rel=1e-5)
+    assert float(out.metrics["ce"]) == pytest.approx(float(_ce(s_logits, y)), rel=1e-5)
+    up = Uptraining(str(save_checkpoint(teacher, tmp_path / "teacher")), weight=0.7)
+    up.setup(student)
+    assert not any(p.requires_grad for p in up.teacher.parameters())
+    got = up(student, x, y)
+    want = _ce(s_logits, y) + 0.7 * _kl(t_logits, s_logits)
+    assert float(got.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.metrics["kl"]) == pytest.approx(float(_kl(t_logits, s_logits)), abs=1e-6)
+    assert float(got.metrics["ce"]) == pytest.approx(float(_ce(s_logits, y)), rel=1e-5)
+    got.loss.backward()  # the gradient reaches the student only
+    assert student.blocks[0].mlp.w2.weight.grad is not None
+    nll, count = evaluate_nll(student, [(x, y), (x[:1], y[:1])])
+    logp = s_logits.double().log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    want_nll = -(logp.sum() + logp[:1].sum()) / (y.numel() + y[:1].numel())
+    assert count == y.numel() + y[:1].numel() and nll == pytest.approx(float(want_nll), rel=1e-5)
+    # options reach the objectives
+    cfg = SimpleNamespace(exit_loss="weighted", exit_coef=0.2, kd_alpha=0.3, teacher=None)
+    ex = get_objective("exits", cfg)
+    assert (ex.exit_loss, ex.coef, ex.alpha) == ("weighted", 0.2, 0.3)
+    assert isinstance(get_objective("lm"), LanguageModeling)
+    assert isinstance(get_objective("exit-classifier"), ExitClassifierTraining)
+    cfg2 = SimpleNamespace(teacher="t-dir", distill_weight=0.25)
+    u = get_objective("uptrain", cfg2)
+    assert (u.teacher_dir, u.weight) == ("t-dir", 0.25)
+
+
+def test_objective_errors_are_one_clear_line(tmp_path):
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.training.losses import Uptraining
+
+    cases = [
+        (
+            lambda: get_objective("bogus"),
+            "unknown objective 'bogus'; available: lm, exits, exit-classifier, uptrain",
+        ),
+        (
+            lambda: Uptraining(None),
+            "--objective uptrain needs --teacher DIR (the dense source model)",
+        ),
+        (lambda: Uptraining("t", weight=-1.0), "distill weight must be >= 0, got -1.0"),
+    ]
+    teacher = save_checkpoint(make_model(vocab_size=300), tmp_path / "t300")
+    cases.append(
+        (
+            lambda: Uptraining(str(teacher)).setup(make_model()),
+            f"{teacher}: the teacher's vocabulary differs from the student's",
+        )
+    )
+    for make, msg in cases:
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert str(e.value) == msg
+
+
+def test_objective_defaults_and_wrapped_mor_models():
+    """get_objective's defaults for a config without uptraining options; the LM objective
+    of a MoR model inside a DDP-style wrapper still routes top-k and adds the router loss."""
+    from types import SimpleNamespace
+
+    from earlyexit.training.losses import LanguageModeling, Uptraining
+
+    u = get_objective("uptrain", SimpleNamespace(teacher="t"))
+    assert (u.teacher_dir, u.weight) == ("t", 1.0) and Uptraining("t").weight == 1.0
+    assert Uptraining("t", 0.0).weight == 0.0  # zero is allowed: LM loss only
+    with pytest.raises(ConfigError, match="needs --teacher"):
+        get_objective("uptrain", SimpleNamespace())
+    m = make_model(
+        n_layers=8, sharing={"scheme": "middle_cycle", "loops": 3}, router={"kind": "expert"}
+    )
+
+    class DDP(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+    x = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, 1)
+    out = LanguageModeling()(DDP(m), x, y)
+    with torch.no_grad():
+        ref = m(x, routing="train", return_routing=True)
+    assert float(out.metrics["router_loss"]) == pytest.approx(float(ref.aux_loss), rel=1e-5)
+    want = _ce(ref.logits, y) + ref.aux_loss
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert "router_accuracy@2" in out.metrics

@@ -1,5 +1,6 @@
 """Early exit: free.md §7 invariants, CALM, static exit, self-speculation, batching."""
 
+import math
 import warnings
 
 import numpy as np
@@ -18,6 +19,7 @@ from earlyexit.decoding.threshold import GRID, BetaMixtureThreshold, beta_moment
 from earlyexit.errors import InputError
 from earlyexit.models.kv_cache import KVCache
 from tests.conftest import make_model
+from tests.reference import rms, rope
 
 warnings.filterwarnings("ignore", category=ExitWarning)
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -300,15 +302,17 @@ def test_calm_propagated_kv_is_the_exit_state_projected(model):
         model(torch.tensor([p]), cache=ref)  # the prompt's context, at full depth
         ctx = model.context(torch.tensor([[len(p)]]), ref)
         h = model.run_steps(0, 2, model.embed(torch.tensor([[tok]])), ctx)  # the exit state
+        cfg = model.config
         for j in range(2, 6):
             blk = model.blocks[model.plan[j].block]
-            kv = torch.nn.functional.linear(
-                blk.attn_norm(h), blk.attn.wqkv.weight[blk.attn.q_dim :]
-            )
-            v = kv[..., blk.attn.kv_dim :].view(1, 1, -1, blk.attn.head_dim).transpose(1, 2)
-            torch.testing.assert_close(
-                cache.v[model.plan[j].kv_slot][0, :, len(p)], v[0, :, 0], atol=1e-5, rtol=0
-            )
+            xn = rms(h[0], blk.attn_norm.weight, cfg.norm_eps)  # (1, d)
+            kv = xn @ blk.attn.wqkv.weight[blk.attn.q_dim :].T  # (1, 2 kv_dim)
+            k = kv[:, : blk.attn.kv_dim].view(1, cfg.n_kv_heads, cfg.head_dim)
+            v = kv[:, blk.attn.kv_dim :].view(1, cfg.n_kv_heads, cfg.head_dim)
+            k = rope(k, torch.tensor([len(p)]), cfg.rope_theta)  # keys are cached rotated
+            slot = model.plan[j].kv_slot
+            torch.testing.assert_close(cache.v[slot][0, :, len(p)], v[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.k[slot][0, :, len(p)], k[0], atol=1e-5, rtol=0)
 
 
 def test_naive_batched_exit_waits_for_the_least_confident_row(model):
@@ -356,3 +360,336 @@ def test_free_with_a_classifier_confidence():
         for t, (tok, d) in enumerate(zip(r.token_ids, r.depths)):
             if d == 6:
                 assert tok == int(logits[len(p) - 1 + t].argmax())
+
+
+def test_free_finished_rows_do_not_block_the_plain_step(model, monkeypatch):
+    """A row that finished right after an exit keeps its stack forever (nothing catches it
+    up); the live rows' steps without exits or pending states are still plain full-depth
+    steps, without the stack machinery."""
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 0, 0, 0], [0, 0, 0, 0]]))
+    s = FREE(exit_step=2, threshold=0.5)
+    cache = KVCache.for_model(model, 2, 16)
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.inference_mode():
+        s.begin(model, cache, 2, 8)
+        s.prefill(model, cache, tokens, np.array([3, 3]))
+        out = s.decode(model, cache, torch.tensor([1, 2]))  # row 0 exits, row 1 goes deep
+        assert out.depths == [2, 6] and s.n_stack.tolist() == [1, 0]
+        finished = cache.lengths[:, 0].copy()
+        for _ in range(3):  # row 0 has finished; row 1 goes on without exiting
+            s.decode(model, cache, torch.tensor([0, 3]), np.array([0, 1]))
+    assert s.stats()["plain_steps"] == 3
+    np.testing.assert_array_equal(cache.lengths[:, 0], finished)  # nothing written for it
+
+
+def test_the_sample_log_stops_growing_once_the_threshold_is_frozen():
+    bmm = BetaMixtureThreshold(max_fits=2)
+    bmm.observe([0.2, 0.9], [0, 1])
+    bmm.start_sequences(2)  # the last refit: the threshold is frozen from now on
+    assert bmm.state()["frozen"]
+    n = len(bmm.conf)
+    for _ in range(5):
+        bmm.observe([0.5] * 100, [1] * 100)
+    assert len(bmm.conf) == len(bmm.agree) == n and bmm.state()["samples"] == n
+
+
+@pytest.mark.parametrize("kind", ["generate", "classifier", "engine"])
+def test_free_exits_only_strictly_above_the_threshold(model, monkeypatch, kind):
+    """FREE exits iff confidence > lambda (free.md §2): a confidence equal to the threshold
+    goes deep; one just above exits."""
+    from earlyexit.engine import ExitMode, LLMEngine
+    from earlyexit.engine.runner import ModelRunner
+
+    def half(*args, **kw):
+        rows = args[0] if kind == "engine" else (args[4] if kind == "classifier" else args[1])
+        return torch.full((rows.shape[0],), 0.5)
+
+    measure = "margin"
+    if kind == "classifier":
+        measure = "classifier"
+        model = make_model(
+            n_layers=6, exits={"steps": [2], "classifier": True, "trained": True}, init_std=0.3
+        )
+        monkeypatch.setattr(free_mod, "confidence", half)
+    elif kind == "generate":
+        monkeypatch.setattr(free_mod, "confidence", half)
+    else:
+        monkeypatch.setattr(ModelRunner, "margins", staticmethod(half))
+    ps = prompts(2, seed=8)
+    for lam, depth in [(0.5, 6), (0.4999, 2)]:
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+        if kind != "engine":
+            strategy = FREE(exit_step=2, threshold=lam, measure=measure)
+            res = generate(model, ps, params, strategy=strategy)
+            depths = [r.depths[1:] for r in res]
+        else:
+            eng = LLMEngine(model, policy="depthwise", max_batch=2, max_len=32)
+            depths = [r.depths[1:] for r in eng.generate(ps, params, ExitMode(2, lam))]
+        assert all(d == [depth] * 4 for d in depths), (lam, depths)
+
+
+def test_free_calibration_labels_are_agreement_at_each_stacked_position(model, monkeypatch):
+    """free.md §3: at a deep pass over a stack, each stacked token and the trigger log
+    y = [shallow argmax == deep argmax] at *its own* position, checked here against an
+    uncached teacher-forced forward over the emitted sequence."""
+    pattern = [[1, 1, 0], [1, 0], [0, 1, 1, 1, 0]]
+    monkeypatch.setattr(free_mod, "confidence", _Scripted(pattern))
+    s = FREE(exit_step=2, threshold=0.5, adaptive=True)
+    ps = prompts(3, seed=7)
+    res = generate(model, ps, SamplingParams(max_new_tokens=14, ignore_eos=True), strategy=s)
+    expected = []
+    agree = []
+    for p, r in zip(ps, res):
+        with torch.inference_mode():
+            out = model(torch.tensor([p + r.token_ids]), exits=True)
+        shallow, deep = out.exit_logits[0][0].argmax(-1), out.exit_logits[-1][0].argmax(-1)
+        agree.append((shallow == deep).tolist())
+    for t in range(1, 14):  # decode steps, rows in batch order within a step
+        for b, (p, r) in enumerate(zip(ps, res)):
+            if r.depths[t] == 6:  # a deep pass at position len(p) - 1 + t
+                stack = []
+                u = t - 1
+                while u >= 1 and r.depths[u] == 2:  # the exits since the last deep pass
+                    stack.insert(0, len(p) - 1 + u)
+                    u -= 1
+                if stack:
+                    expected += [agree[b][q] for q in [*stack, len(p) - 1 + t]]
+    assert s.calibrator.agree == expected
+    assert 0 < sum(expected) < len(expected)  # both labels occur: a shift would show
+
+
+def test_beta_mixture_threshold_is_the_smallest_grid_value_whose_posterior_passes():
+    """free.md §3 with a monotone posterior: lambda is the smallest of 10 points on
+    [0.3, 0.9] where P(agree | c) > 0.4 under method-of-moments Beta fits per class."""
+
+    def fit(x):
+        m, v = x.mean(), x.var()
+        a = m * (m * (1 - m) / v - 1)
+        return a, a * (1 - m) / m
+
+    def log_pdf(x, a, b):
+        return (
+            (a - 1) * np.log(x)
+            + (b - 1) * np.log1p(-x)
+            - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+        )
+
+    grid = np.linspace(0.3, 0.9, 10)
+    seen = set()
+    for a_agree in (3.0, 5.0, 7.0, 10.0):
+        rng = np.random.default_rng(0)
+        agree, disagree = rng.beta(a_agree, 2.0, 4000), rng.beta(2.0, 5.0, 4000)
+        (a1, b1), (a0, b0) = fit(agree), fit(disagree)
+        post = 1 / (1 + np.exp(log_pdf(grid, a0, b0) - log_pdf(grid, a1, b1)))
+        assert (np.diff(post) > 0).all() and (abs(post - 0.4) > 0.02).all()
+        passing = grid[post > 0.4]
+        want = float(passing.min()) if len(passing) else 0.9
+        bmm = BetaMixtureThreshold(initial=0.77)
+        bmm.observe(list(agree) + list(disagree), [1] * 4000 + [0] * 4000)
+        bmm.start_sequences()
+        assert abs(bmm.value - want) < 1e-9, (a_agree, bmm.value, want)
+        seen.add(round(want, 3))
+    assert len(seen - {0.3, 0.9}) >= 2  # interior grid points: an index shift would show
+
+
+def reference_refit(conf, agree, initial):
+    """free.md §3 written out: hard-label (0.9995 / 0.0005) weighted moment fits per class
+    on confidences clipped to [1e-4, 1 - 1e-4], the equal-prior posterior of the
+    higher-mean component on the grid (computed stably), lambda = grid[clamp(10 - k)]."""
+    y = np.asarray(agree)
+    if len(y) < 2 or y.min() == y.max():
+        return initial, None
+    x = np.clip(np.asarray(conf, dtype=float), 1e-4, 1 - 1e-4)
+
+    def fit(w):
+        w = w / w.sum()
+        m = (w * x).sum()
+        v = max((w * (x - m) ** 2).sum(), 1e-12)
+        a = max(m * (m * (1 - m) / v - 1), 1e-6)
+        return a, max(a * (1 - m) / m, 1e-6)
+
+    def log_pdf(g, a, b):
+        return (
+            (a - 1) * np.log(g)
+            + (b - 1) * np.log(1 - g)
+            - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+        )
+
+    r = np.where(y == 1, 0.9995, 0.0005)
+    dis, agr = fit(1 - r), fit(r)
+    hi, lo = (agr, dis) if agr[0] / sum(agr) >= dis[0] / sum(dis) else (dis, agr)
+    grid = np.linspace(0.3, 0.9, 10)
+    la, lb = log_pdf(grid, *hi), log_pdf(grid, *lo)
+    post = np.exp(la - np.logaddexp(la, lb))
+    k = int((post > 0.4).sum())
+    return float(grid[min(max(10 - k, 0), 9)]), (dis, agr)
+
+
+def _calibration_sets():
+    rng = np.random.default_rng(3)
+    sets = {}
+    for a in (1.5, 3.0, 6.0, 12.0):  # ordinary: agreeing tokens more confident
+        sets[f"agree-beta-{a}"] = (
+            [*rng.beta(a, 2.0, 300), *rng.beta(2.0, 5.0, 300)],
+            [1] * 300 + [0] * 300,
+        )
+    # inverted: agreement at *low* confidence (the higher-mean component is "disagree")
+    sets["inverted"] = ([*rng.beta(2, 6, 200), *rng.beta(6, 2, 200)], [1] * 200 + [0] * 200)
+    # every grid point passes (lambda 0.3) / none does (lambda 0.9, posteriors underflow)
+    sets["all-pass"] = ([*rng.beta(3, 1, 200), *rng.beta(1, 30, 200)], [1] * 200 + [0] * 200)
+    sets["none-pass"] = (
+        [*(0.97 + 1e-4 * rng.standard_normal(200)), *rng.beta(2, 2, 200)],
+        [1] * 200 + [0] * 200,
+    )
+    # the agree component has the larger mean but the smaller a (a + b)
+    sets["mean-not-size"] = ([*rng.beta(2, 0.5, 300), *rng.beta(5, 20, 300)], [1] * 300 + [0] * 300)
+    # confidences of exactly 0 and 1 (clipped), and U-shaped classes (a < 1)
+    sets["edges"] = ([0.0, 1.0, 1.0, 0.95, 0.0, 0.3, 1.0, 0.02], [1, 1, 1, 1, 0, 0, 0, 0])
+    sets["u-shaped"] = ([*rng.beta(0.5, 0.4, 300), *rng.beta(0.3, 0.6, 300)], [1] * 300 + [0] * 300)
+    # an agree component so concentrated that its density underflows on the whole grid
+    sets["extreme"] = ([*(0.97 + 1e-5 * rng.standard_normal(2000)), 0.2, 0.5], [1] * 2000 + [0, 0])
+    sets["two-samples"] = ([0.2, 0.9], [0, 1])
+    sets["one-class"] = ([0.2, 0.9, 0.5], [1, 1, 1])
+    return sets
+
+
+@pytest.mark.parametrize("name", list(_calibration_sets()))
+def test_beta_mixture_refit_equals_the_written_out_rule(name):
+    conf, agree = _calibration_sets()[name]
+    want, fits = reference_refit(conf, agree, initial=0.77)
+    bmm = BetaMixtureThreshold(initial=0.77)
+    bmm.observe(list(conf), list(agree))
+    assert bmm.start_sequences() == pytest.approx(want, abs=1e-12)
+    st = bmm.state()
+    assert st["threshold"] == bmm.value and st["initial"] == 0.77 and st["sequences"] == 1
+    assert st["samples"] == len(conf) and st["agree_rate"] == pytest.approx(np.mean(agree))
+    assert st["fits"] == (fits is not None) and not st["frozen"]
+    if fits is None:
+        assert st["beta_disagree"] is None and st["beta_agree"] is None
+    else:
+        np.testing.assert_allclose(st["beta_disagree"], fits[0], rtol=1e-9)
+        np.testing.assert_allclose(st["beta_agree"], fits[1], rtol=1e-9)
+        bmm.start_sequences(3)  # refits again: the fit counter counts
+        assert bmm.state()["fits"] == 2 and bmm.state()["sequences"] == 4
+
+
+def test_beta_pieces_against_closed_forms():
+    from earlyexit.decoding.threshold import beta_logpdf
+
+    # Beta(2, 3) pdf is 12 x (1 - x)^2; Beta(0.5, 0.5) is 1 / (pi sqrt(x (1 - x)))
+    for x in (0.1, 0.5, 0.8):
+        assert math.exp(beta_logpdf(x, 2.0, 3.0)) == pytest.approx(12 * x * (1 - x) ** 2)
+        want = 1 / (math.pi * math.sqrt(x * (1 - x)))
+        assert math.exp(beta_logpdf(x, 0.5, 0.5)) == pytest.approx(want)
+    assert BetaMixtureThreshold().state()["agree_rate"] is None  # no samples yet
+    rng = np.random.default_rng(1)
+    a, b = beta_moments(rng.beta(0.5, 0.7, 200_000), np.ones(200_000))  # alpha, beta < 1
+    assert abs(a - 0.5) < 0.02 and abs(b - 0.7) < 0.03
+
+
+def test_free_stats_and_finished_rows_caches(model, monkeypatch):
+    """One decode step by hand: the counters FREE reports, and a finished row's cache does
+    not grow while the other row goes on."""
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 0, 1, 0], [0, 0, 0, 0]]))
+    s = FREE(exit_step=2, threshold=0.5)
+    cache = KVCache.for_model(model, 2, 16)
+    with torch.inference_mode():
+        s.begin(model, cache, 2, 8)
+        s.prefill(model, cache, torch.tensor([[5, 6, 7], [8, 9, 10]]), np.array([3, 3]))
+        s.decode(model, cache, torch.tensor([1, 2]), np.array([1, 0]))  # row 1 has finished
+        assert s.stats() == {
+            "exit_step": 2,
+            "threshold": 0.5,
+            "exit_rate": 1.0,
+            "tokens": 1,
+            "shallow": 1,
+            "deep_passes": 0,
+            "caught_up": 0,
+            "plain_steps": 0,
+        }
+        before = cache.lengths[:, 1].copy()
+        s.decode(model, cache, torch.tensor([3, 2]), np.array([1, 0]))  # row 0 goes deep
+        np.testing.assert_array_equal(cache.lengths[:, 1], before)
+        st = s.stats()
+        assert (st["tokens"], st["shallow"], st["deep_passes"], st["caught_up"]) == (2, 1, 1, 1)
+        assert st["exit_rate"] == 0.5
+        s.decode(model, cache, torch.tensor([4, 2]), np.array([1, 0]))  # exits again
+        s.decode(model, cache, torch.tensor([5, 2]), np.array([1, 0]))  # deep over 1 stacked
+    st = s.stats()
+    assert (st["tokens"], st["shallow"], st["deep_passes"], st["caught_up"]) == (4, 2, 2, 2)
+
+
+def test_free_calibration_logs_each_rows_confidences_in_order(model, monkeypatch):
+    """Two rows going deep in the same step both log their pairs (stacked confidences, then
+    the trigger's), in row order."""
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 1, 0], [1, 0, 0]]))
+    s = FREE(exit_step=2, threshold=0.5, adaptive=True)
+    generate(model, prompts(2), SamplingParams(max_new_tokens=4, ignore_eos=True), strategy=s)
+    # step 2: row 1 goes deep over 1 stacked token; step 3: row 0 over 2 (row 1: empty stack)
+    assert s.calibrator.conf == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert len(s.calibrator.agree) == 5
+
+
+def test_free_adaptive_with_a_classifier_and_in_bf16():
+    """Adaptive FREE with the classifier measure calibrates (it needs the shallow argmaxes
+    the classifier-only path skips); FREE runs on a bf16 model (its stack has the model's
+    dtype), deep passes included."""
+    m = make_model(n_layers=6, exits={"steps": [2], "classifier": True, "trained": True})
+    s = FREE(2, 0.5, adaptive=True, measure="classifier")
+    generate(m, prompts(3, seed=6), GREEDY, strategy=s)
+    assert len(s.calibrator.conf) == len(s.calibrator.agree) > 0
+    bf = m.to(torch.bfloat16)  # the classifier path returns logits in the model's dtype
+    cache = KVCache.for_model(bf, 2, 8)
+    c = FREE(2, 0.5, measure="classifier")
+    with torch.inference_mode():
+        c.begin(bf, cache, 2, 4)
+        c.prefill(bf, cache, torch.tensor([[1, 2], [3, 4]]), np.array([2, 2]))
+        assert c.decode(bf, cache, torch.tensor([5, 6])).logits.dtype == torch.bfloat16
+    half = make_model(n_layers=6, exits={"steps": [2], "trained": True}, init_std=0.3)
+    half = half.to(torch.bfloat16)
+    s = FREE(2, 0.06)
+    res = generate(half, prompts(3, seed=3), GREEDY, strategy=s)
+    assert s.stats()["caught_up"] > 0 and all(len(r.token_ids) == 16 for r in res)
+
+
+def test_free_defaults():
+    s = FREE(2)
+    assert s.threshold == s.current_threshold == 0.9 and s.calibrator is None
+    a = FREE(2, 0.7, adaptive=True)
+    assert a.current_threshold == a.calibrator.initial == 0.7
+
+
+def test_free_exits_use_the_exit_norm_and_classifier_rows_alone(monkeypatch):
+    """With per-exit norms, an exited token is the argmax of *that exit's* logits (norm +
+    head), checked against a teacher-forced forward; on the classifier path any subset of
+    rows may exit in one step, and rows that do not exit never pay for the exit head."""
+    m = make_model(
+        n_layers=6,
+        exits={"steps": [2], "norms": True, "classifier": True, "trained": True},
+        init_std=0.3,
+    )
+    with torch.no_grad():
+        m.exit_norms[0].weight.normal_(1.0, 0.5)  # an exit norm unlike the final one
+
+    def check(res, ps):
+        exited = 0
+        for p, r in zip(ps, res):
+            with torch.inference_mode():
+                out = m(torch.tensor([p + r.token_ids]), exits=True)
+            for t, (tok, d) in enumerate(zip(r.token_ids, r.depths)):
+                want = out.exit_logits[0 if d == 2 else -1][0, len(p) - 1 + t].argmax()
+                assert tok == int(want), (t, d)
+                exited += d == 2
+        return exited
+
+    ps = prompts(3, seed=9)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert check(generate(m, ps, params, strategy=FREE(2, -1.0)), ps) == 15  # margin path
+    # classifier path: two of three rows exit at every step
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1], [0], [1]]))
+    calls = []
+    orig = m.exit_logits
+    m.exit_logits = lambda h, step: calls.append(h.shape[0]) or orig(h, step)
+    res = generate(m, ps, params, strategy=FREE(2, 0.5, measure="classifier"))
+    assert set(calls) == {2}  # only the exiting rows' heads, never all three
+    assert check(res, ps) == 10

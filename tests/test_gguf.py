@@ -10,6 +10,7 @@ needed. The reference is ``transformers.AutoModelForCausalLM.from_pretrained(ggu
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -336,3 +337,36 @@ def test_conversions_and_fine_tunes_keep_the_chat_template(tmp_path):
     files = _chat_files(TrainConfig(init_from=str(tmp_path / "ours")))
     assert json.loads(files["tokenizer_config.json"])["chat_template"] == CHATML
     assert _chat_files(TrainConfig()) is None  # from scratch: no template to keep
+
+
+def test_server_chat_uses_the_models_own_template(tmp_path):
+    """/v1/chat/completions on an instruct model: the prompt is the model's template,
+    tokenized without extra special tokens, exactly as transformers renders it."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import earlyexit
+    from earlyexit.serve.app import build_app
+    from earlyexit.serve.server import make_server
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path)
+    lm = earlyexit.load(path, device="cpu")
+    server = make_server(build_app(lm, "m", max_batch=2, max_len=100), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert server.ready.wait(60)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        msgs = [{"role": "user", "content": "Hi!"}]
+        body = {"messages": msgs, "max_tokens": 3, "temperature": 0}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        want = _reference(path)[1].apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert r.json()["usage"]["prompt_tokens"] == len(want)
+        got = lm.generate(want, max_new_tokens=3)
+        assert r.json()["choices"][0]["message"]["content"] == got.text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,13 +164,21 @@ def test_gemma_2b_shaped_parameter_counts():
         assert round(cfg.param_counts()["non_embedding"] / 1e9, 2) == billions, rank
 
 
-def test_per_row_lora_slots_equal_each_row_at_its_own_step():
-    """Rows at different steps of one shared block in one call (depth-wise batching)."""
-    rec = convert_recursive(make_model(n_layers=6), 3, init="average", lora=LoraConfig(rank=4))
-    with torch.no_grad():  # make every slot's delta non-trivial
+@pytest.mark.parametrize("relax_norms_biases", [False, True])
+def test_per_row_lora_slots_equal_each_row_at_its_own_step(relax_norms_biases):
+    """Rows at different steps of one shared block in one call (depth-wise batching), each
+    with its own LoRA slot (and, relaxed, its own norm and bias offsets)."""
+    opts = dict(norms=True, biases=True) if relax_norms_biases else {}
+    bias = dict(qkv_bias=True, o_bias=True, mlp_bias=True) if relax_norms_biases else {}
+    rec = convert_recursive(
+        make_model(n_layers=6, **bias), 3, init="average", lora=LoraConfig(rank=4, **opts)
+    )
+    with torch.no_grad():  # make every slot's delta (and offset) non-trivial
         for b in rec.blocks:
             for t in b.lora.B:
                 b.lora.B[t].normal_(0, 0.05)
+            for p in [*(b.lora.norm or {}).values(), *(b.lora.bias or {}).values()]:
+                p.normal_(0, 0.05)
     h = torch.randn(3, 5, 64)
     ctx = rec.context(rec.default_positions((3, 5), None))
     slots = torch.tensor([2, 0, 1])
@@ -258,6 +267,7 @@ def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
                 "average",
                 "--lora-ranks",
                 "q=4,down=8",
+                "--lora-norms",
                 "--json",
             ]
         )
@@ -267,6 +277,7 @@ def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
     assert info["non_embedding_params"] < info["source_non_embedding_params"]
     rec, _ = load_checkpoint(tmp_path / "rec")
     assert rec.config.lora.q == 4 and rec.config.lora.down == 8 and rec.config.lora.rank == 0
+    assert rec.config.lora.norms and not rec.config.lora.biases
     assert main(["convert", "merge", str(tmp_path / "rec"), str(tmp_path / "merged")]) == 0
     merged, _ = load_checkpoint(tmp_path / "merged")
     x = torch.randint(0, 300, (1, 9))
@@ -408,3 +419,126 @@ def _copy_cache(c):
     new.k, new.v, new.pos = list(new.k_all), list(new.v_all), list(new.pos_all)
     new.lengths = c.lengths.copy()
     return new
+
+
+def reference_block_of(scheme, L, B):
+    """recursive.md §1 / mor.md §1: the shared block each unrolled layer (0-based) runs,
+    and whether the layer is a unique first / last one."""
+    if scheme == "cycle":
+        return [ell % (L // B) for ell in range(L)]
+    if scheme == "sequence":
+        return [ell // B for ell in range(L)]
+    K = (L - 2) // B
+    inner = [
+        1 + ((ell - 1) % K if scheme == "middle_cycle" else (ell - 1) // B)
+        for ell in range(1, L - 1)
+    ]
+    return [0, *inner, K + 1]
+
+
+@pytest.mark.parametrize(
+    "scheme,L,B",
+    [("cycle", 6, 2), ("sequence", 6, 3), ("middle_cycle", 8, 3), ("middle_sequence", 8, 2)],
+)
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_fills_every_block_from_the_right_layers(scheme, L, B, init):
+    """recursive.md §1 for B > 1 (B = 1 cannot tell inits apart): every tensor of every
+    block, norms included, against the source layers the paper's rule names."""
+    # seed 5: a source built from the conversion's own init seed (0) would equal "random"
+    dense = make_model(n_layers=L, seed=5)
+    rec = convert_recursive(dense, B, scheme, init=init)
+    blocks = reference_block_of(scheme, L, B)
+    middle = scheme.startswith("middle_")
+    shared = sorted({b for b in blocks if blocks.count(b) > 1})
+    K = len(shared)
+    lo, hi = (1, L - 2) if middle else (0, L - 1)
+    for b in range(rec.config.n_blocks):
+        tied = [ell for ell in range(L) if blocks[ell] == b]
+        if len(tied) == 1:  # a unique first or last layer keeps its own weights
+            sources = tied
+        elif init == "stepwise":
+            sources = [[round(float(x)) for x in np.linspace(lo, hi, K)][shared.index(b)]]
+        elif init == "lower":
+            sources = [lo + shared.index(b)]
+        elif init == "average":
+            sources = tied
+        else:  # random: no layer of the source
+            for name, v in rec.blocks[b].state_dict().items():
+                if "norm" not in name:
+                    assert all(
+                        not torch.equal(v, dense.blocks[ell].state_dict()[name]) for ell in range(L)
+                    )
+            continue
+        for name, v in rec.blocks[b].state_dict().items():
+            want = torch.stack([dense.blocks[ell].state_dict()[name] for ell in sources]).mean(0)
+            torch.testing.assert_close(v, want, atol=1e-7, rtol=0, msg=f"{init} block {b} {name}")
+
+
+def qwen2_like(n_layers=8, **kw):
+    """Distinct per-layer norms (make_model perturbs them) and, as Qwen2, q/k/v biases."""
+    return make_model(n_layers=n_layers, qkv_bias=True, **kw)
+
+
+RELAX_SOURCES = {
+    "distinct-norms": (lambda L: make_model(n_layers=L), dict(norms=True)),
+    "qwen2-biases": (lambda L: qwen2_like(L), dict(norms=True, biases=True)),
+    "all-biases": (
+        lambda L: make_model(n_layers=L, qkv_bias=True, o_bias=True, mlp_bias=True),
+        dict(norms=True, biases=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("source", list(RELAX_SOURCES))
+@pytest.mark.parametrize(
+    "scheme,loops,layers", [("cycle", 2, 8), ("sequence", 2, 6), ("middle_cycle", 3, 8)]
+)
+def test_full_rank_relaxation_with_per_depth_norms_and_biases_is_exact(
+    source, scheme, loops, layers
+):
+    """recursive.md §2's norm caveat, lifted: with per-step norm and bias offsets a full-rank
+    SVD relaxation reproduces a source whose layers differ in norms and biases (prefill
+    and cached decode). Without them it does not (the control)."""
+    make, opts = RELAX_SOURCES[source]
+    dense = make(layers)
+    x = torch.randint(0, 512, (2, 14))
+    full = LoraConfig(rank=10_000, **opts)
+    rec = convert_recursive(dense, loops, scheme, init="average", lora=full)
+    plain = convert_recursive(dense, loops, scheme, init="average", lora=LoraConfig(rank=10_000))
+    with torch.inference_mode():
+        ref = dense(x)
+        torch.testing.assert_close(rec(x), ref, atol=1e-4, rtol=0)
+        assert (plain(x) - ref).abs().max() > 1e-2
+        cached, _ = _cached(rec, x)
+    torch.testing.assert_close(cached, ref, atol=1e-4, rtol=0)
+
+
+def test_relaxed_norms_and_biases_unroll_count_and_start_at_zero(tmp_path):
+    dense = make_model(n_layers=6, qkv_bias=True, o_bias=True, mlp_bias=True)
+    opts = LoraConfig(rank=2, norms=True, biases=True)
+    rec = convert_recursive(dense, 2, init="average", lora=opts)
+    assert rec.config.lora_params() == sum(
+        p.numel() for n, p in rec.named_parameters() if ".lora." in n
+    )
+    with torch.no_grad():  # non-trivial offsets everywhere
+        for b in rec.blocks:
+            for p in [*b.lora.norm.values(), *b.lora.bias.values(), *b.lora.B.values()]:
+                p.normal_(0, 0.05)
+    x = torch.randint(0, 512, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(unroll(rec)(x), rec(x), atol=ATOL, rtol=0)
+    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+
+    loaded, _ = load_checkpoint(save_checkpoint(rec, tmp_path / "rec"))
+    assert loaded.config.lora.norms and loaded.config.lora.biases
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), rec(x), atol=0, rtol=0)
+    # standard init: every offset zero, so the model is the plain recursive one
+    zero = convert_recursive(dense, 2, init="average", lora=opts, lora_init="zero")
+    plain = convert_recursive(dense, 2, init="average")
+    with torch.inference_mode():
+        torch.testing.assert_close(zero(x), plain(x), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="has none"):
+        ModelConfig.from_name(
+            "tiny", n_layers=4, sharing={"scheme": "cycle", "loops": 2}, lora={"biases": True}
+        )

@@ -61,7 +61,15 @@ class FREE(Strategy):
         self.calibrator = calibrator or (
             BetaMixtureThreshold(initial=threshold) if adaptive else None
         )
-        self.counts = {"tokens": 0, "shallow": 0, "deep_passes": 0, "caught_up": 0}
+        # plain_steps: decode steps needing no synchronization (no live row exited or had
+        # states pending), run as one full-depth pass without the stack
+        self.counts = {
+            "tokens": 0,
+            "shallow": 0,
+            "deep_passes": 0,
+            "caught_up": 0,
+            "plain_steps": 0,
+        }
 
     @property
     def current_threshold(self) -> float:
@@ -110,10 +118,12 @@ class FREE(Strategy):
         self.counts["tokens"] += int(live.sum())
         self.counts["shallow"] += int(exits.sum())
 
-        if not exits.any() and not self.n_stack.any():
-            # nothing exits and nothing is pending: a plain full-depth step, no stacking
+        if not exits.any() and not self.n_stack[live].any():
+            # nothing exits and no live row has states pending (a finished row's stack is
+            # never caught up, so it must not count): a plain full-depth step, no stacking
             hd = run_rows(model, cache, h[:, None], ls, L, rows, n_new)
             self.counts["deep_passes"] += int(live.sum())
+            self.counts["plain_steps"] += 1
             return StepOutput(model.logits(hd[:, 0]), depths)
 
         # push exited rows' layer-L_s states (and write the deep rows' current state too:
@@ -140,7 +150,7 @@ class FREE(Strategy):
             logits[torch.as_tensor(d_rows, device=h.device)] = model.logits(hd[d_idx, last])
             self.counts["deep_passes"] += len(d_rows)
             self.counts["caught_up"] += int((n - 1).sum())
-            if self.adaptive:
+            if self.adaptive and not self.calibrator.frozen:  # frozen: nobody reads samples
                 self._calibrate(model, hd, d_rows, n, host)
             self.n_stack[d_rows] = 0
             for b in d_rows:

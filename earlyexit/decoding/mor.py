@@ -26,6 +26,13 @@ class RouterDepth(Strategy):
 
     def __init__(self) -> None:
         self.recursions: list[int] = []
+        # token-recursions the forwards computed, and those the routers granted: equal,
+        # since a recursion runs only its routed tokens (models/mor.py)
+        self.token_recursions = {"computed": 0, "routed": 0}
+
+    def _count(self, out) -> None:
+        self.token_recursions["computed"] += sum(out.computed)
+        self.token_recursions["routed"] += int(out.recursions.sum())
 
     def prefill(
         self, model: Decoder, cache: KVCache, tokens: Tensor, lens: np.ndarray
@@ -33,6 +40,7 @@ class RouterDepth(Strategy):
         B, T = tokens.shape
         positions = model.default_positions((B, T), cache)
         out = model(tokens, positions, cache, n_new=lens, routing="causal", return_routing=True)
+        self._count(out)
         last = torch.as_tensor(lens - 1, device=tokens.device)
         b = torch.arange(B, device=tokens.device)
         depth = step_depth(model, out.recursions[b, last]).tolist()
@@ -46,10 +54,15 @@ class RouterDepth(Strategy):
         out = model(
             tokens[:, None], positions, cache, n_new=n_new, routing="causal", return_routing=True
         )
+        self._count(out)
         runs = out.recursions[:, 0]
         self.recursions += runs.tolist()
         return StepOutput(out.logits[:, 0], step_depth(model, runs).tolist())
 
     def stats(self) -> dict:
         hist = np.bincount(self.recursions) if self.recursions else np.zeros(1)
-        return {"recursion_histogram": hist.tolist(), "tokens": len(self.recursions)}
+        return {
+            "recursion_histogram": hist.tolist(),
+            "tokens": len(self.recursions),
+            "token_recursions": dict(self.token_recursions),
+        }

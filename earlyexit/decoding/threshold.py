@@ -3,7 +3,8 @@
 - Samples: at every synchronized deep pass with n >= 1 stacked tokens, n + 1 pairs
   (confidence c_k, y_k), y_k = 1 iff the shallow argmax equals the deep argmax at that
   position (the trigger token included). A deep pass with an empty stack logs nothing.
-  Samples accumulate across sequences and are never forgotten.
+  Samples accumulate across sequences until the threshold freezes; then they are no
+  longer logged (no refit would read them).
 - Fit: confidences clipped to [1e-4, 1 - 1e-4]; component 0 = disagree, 1 = agree;
   responsibilities are the hard labels as the official code ends up with (0.9995 / 0.0005);
   each component is a weighted method-of-moments Beta fit,
@@ -62,13 +63,22 @@ class BetaMixtureThreshold:
         self.value = self.initial
 
     def observe(self, confs: list[float], labels: list[int]) -> None:
-        """Log (confidence, agreement) pairs from one synchronized deep pass."""
+        """Log (confidence, agreement) pairs from one synchronized deep pass. Once the
+        threshold is frozen no refit will read them, so they are dropped (the log stays
+        bounded however long the calibrator serves)."""
+        if self.frozen:
+            return
         self.conf.extend(confs)
         self.agree.extend(labels)
 
+    @property
+    def frozen(self) -> bool:
+        """No more refits: ``max_fits`` sequences have started."""
+        return self.sequences >= self.max_fits
+
     def start_sequences(self, n: int = 1) -> float:
         """``n`` sequences start: refit (while fewer than ``max_fits`` started); return lambda."""
-        if self.sequences < self.max_fits:
+        if not self.frozen:
             self.refit()
         self.sequences += n
         return self.value
@@ -100,7 +110,7 @@ class BetaMixtureThreshold:
             "agree_rate": float(np.mean(self.agree)) if self.agree else None,
             "sequences": self.sequences,
             "fits": self.fits,
-            "frozen": self.sequences >= self.max_fits,
+            "frozen": self.frozen,
             "beta_disagree": self.params[0] if self.params else None,
             "beta_agree": self.params[1] if self.params else None,
         }

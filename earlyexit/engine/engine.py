@@ -109,8 +109,11 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         exit: ExitMode | None = None,
+        special_tokens: bool = True,
     ) -> tuple[list[int], SamplingParams]:
         """Validate a request and tokenize its prompt: (token ids, validated params).
+        ``special_tokens``: let the tokenizer add its own (BOS...); not for a chat prompt
+        rendered by the model's template, which wrote them itself.
 
         Touches no engine state, so a server may call it from any thread (tokenizing a long
         prompt takes a while; the engine thread should not wait for it). Raises
@@ -128,7 +131,7 @@ class LLMEngine:
                     f"the prompt has {len(prompt):,} characters, more than fit the context "
                     f"of {self.max_len} tokens"
                 )
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=special_tokens)
         else:
             if len(prompt) > self.max_len:
                 raise InputError(

@@ -222,14 +222,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ MoR routing
     @torch.inference_mode()
     def route(self, rows: list[int], r: int) -> Tensor:
-        """Expert-choice scores z_r (G,) of the rows' current states; remembers each row's
-        recursion input and gate alpha * sigmoid(z)."""
+        """Expert-choice decision scores (G,) for recursion ``r``: a row continues iff its
+        score is > 0. They are the auxiliary router's when the model has one (it decides at
+        inference, as in ``models/mor.py``), else the main router's z_r. Remembers each
+        row's recursion input and gate alpha * sigmoid(z_r) (always the main router's)."""
+        routers = self.model.routers
         idx = torch.as_tensor(rows, device=self.device)
         h = self.hbuf[idx, 0]
-        z = self.model.routers.scores(r, h)
+        z = routers.scores(r, h)
         self.mor_in[idx] = h
-        self.mor_gate[idx] = self.model.routers.gate(z).to(h.dtype)
-        return z
+        self.mor_gate[idx] = routers.gate(z).to(h.dtype)
+        return z if routers.aux is None else routers.aux_scores(r, h)
 
     @torch.inference_mode()
     def route_depth(self, rows: list[int]) -> Tensor:
@@ -237,8 +240,9 @@ class ModelRunner:
         the router input and the chosen probability as the gate."""
         idx = torch.as_tensor(rows, device=self.device)
         h = self.hbuf[idx, 0]
-        probs = self.model.routers.depth_logits(h).softmax(-1) * self.model.routers.alpha
-        choice = probs.argmax(-1)
+        routers = self.model.routers
+        probs = routers.depth_logits(h).softmax(-1) * routers.alpha  # (G, N_r)
+        choice = (probs + routers.bias).argmax(-1)  # the loss-free balancing bias included
         self.mor_h1[idx] = h
         self.mor_gate[idx] = probs.gather(-1, choice[:, None])[:, 0].to(h.dtype)
         return choice

@@ -34,6 +34,20 @@ def _add_lora(out: Tensor, lora: Lora, target: str, x: Tensor, lo: int, hi: int)
         out[..., lo:hi] += d
 
 
+def _add_bias(out: Tensor, lora: Lora, name: str, lo: int = 0, hi: int | None = None) -> None:
+    """out += the step's offset of fused linear ``name``'s bias, columns lo:hi (relaxed
+    biases only; otherwise a no-op)."""
+    if lora is None:
+        return
+    off = lora[0].bias_offset(name, lora[1])
+    if off is not None:
+        out += off[..., lo:hi]
+
+
+def _norm_offset(lora: Lora, which: str) -> Tensor | None:
+    return None if lora is None else lora[0].norm_offset(which, lora[1])
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 and cast back (as HF Llama does)."""
 
@@ -42,13 +56,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offset: Tensor | None = None) -> Tensor:
+        """``offset``: a relaxed step's offset added to the weight ((d,) or per row (B, 1, d))."""
+        w = self.weight if offset is None else self.weight + offset
         if x.dtype == torch.float32:  # same arithmetic, two fewer dispatches on the hot path
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return w * x.to(dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
@@ -108,6 +124,7 @@ class Attention(nn.Module):
         w = self.wqkv.weight[self.q_dim :]  # the k and v rows of the fused projection
         b = None if self.wqkv.bias is None else self.wqkv.bias[self.q_dim :]
         kv = linear(x, w, b)  # (B, T, 2 kv_dim)
+        _add_bias(kv, lora, "qkv", self.q_dim)
         _add_lora(kv, lora, "k", x, 0, self.kv_dim)
         _add_lora(kv, lora, "v", x, self.kv_dim, 2 * self.kv_dim)
         k = kv[..., : self.kv_dim].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -121,13 +138,16 @@ class Attention(nn.Module):
         w = self.wqkv.weight[: self.q_dim]
         b = None if self.wqkv.bias is None else self.wqkv.bias[: self.q_dim]
         q = linear(x, w, b)  # (B, T, q_dim): no K/V projections at all
+        _add_bias(q, lora, "qkv", 0, self.q_dim)
         _add_lora(q, lora, "q", x, 0, self.q_dim)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v, mask = ctx.cache.read(kv_slot, ctx)
         else:
-            k, v, kpos, kseg = ctx.shared[kv_slot]
+            k, v, kpos, kseg, kvalid = ctx.shared[kv_slot]
             mask = kpos[:, None, :] <= ctx.positions[:, :, None]  # (B, T, N)
+            if kvalid is not None:  # entries that hold no token of this row (see models/mor.py)
+                mask = mask & kvalid[:, None, :]
             if kseg is not None:  # packed documents: only the query's own document
                 mask = mask & (kseg[:, None, :] == ctx.segments[:, :, None])
             mask = mask[:, None]  # (B, 1, T, N)
@@ -136,6 +156,7 @@ class Attention(nn.Module):
         )
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)
         out = self.wo(y)
+        _add_bias(out, lora, "o")
         _add_lora(out, lora, "o", y, 0, out.shape[-1])
         return out
 
@@ -144,6 +165,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
         if lora is not None:
+            _add_bias(qkv, lora, "qkv")
             q_end, k_end = self.q_dim, self.q_dim + self.kv_dim
             _add_lora(qkv, lora, "q", x, 0, q_end)
             _add_lora(qkv, lora, "k", x, q_end, k_end)
@@ -185,13 +207,14 @@ class Attention(nn.Module):
         else:
             mask = ctx.uncached_mask()
             if kv_slot in ctx.stash_slots:  # later recursions will read these (KV sharing)
-                ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments)
+                ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments, None)  # None: all valid
         if mask is None and ctx.cache is None and T > 1:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*D)
         out = self.wo(y)
+        _add_bias(out, lora, "o")
         _add_lora(out, lora, "o", y, 0, out.shape[-1])
         return out
 
@@ -207,10 +230,12 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, lora: Lora = None) -> Tensor:
         gu = self.w13(x)  # (B, T, 2 d_ff)
+        _add_bias(gu, lora, "w13")
         _add_lora(gu, lora, "gate", x, 0, self.d_ff)
         _add_lora(gu, lora, "up", x, self.d_ff, 2 * self.d_ff)
         z = F.silu(gu[..., : self.d_ff]) * gu[..., self.d_ff :]
         out = self.w2(z)
+        _add_bias(out, lora, "w2")
         _add_lora(out, lora, "down", z, 0, out.shape[-1])
         return out
 
@@ -241,14 +266,17 @@ class Block(nn.Module):
         """``lora_slot``: this step's LoRA slot, or per-row slots (B,) for mixed-depth rows;
         ``read_only``: attend to ``kv_slot`` without writing it (MoR KV sharing)."""
         lora = self._lora(lora_slot)
-        h = h + self.attn(self.attn_norm(h), ctx, kv_slot, lora, read_only)
-        return h + self.mlp(self.mlp_norm(h), lora)
+        h = h + self.attn(
+            self.attn_norm(h, _norm_offset(lora, "attn")), ctx, kv_slot, lora, read_only
+        )
+        return h + self.mlp(self.mlp_norm(h, _norm_offset(lora, "mlp")), lora)
 
     def write_kv(
         self, h: Tensor, ctx: ForwardContext, kv_slot: int, lora_slot: int | Tensor | None = None
     ) -> None:
         """Cache the keys and values this block would write for ``h``; skip the rest."""
-        self.attn.write_kv(self.attn_norm(h), ctx, kv_slot, self._lora(lora_slot))
+        lora = self._lora(lora_slot)
+        self.attn.write_kv(self.attn_norm(h, _norm_offset(lora, "attn")), ctx, kv_slot, lora)
 
 
 class ExitAdapter(nn.Module):

@@ -12,6 +12,10 @@
   W_l - W' between the step's original and the shared weight; standard init (Gaussian A,
   B = 0) where the residual is zero. Full rank reproduces W_l exactly (Eckart-Young).
 - ``merged``: W' + B_l A_l, for export or analysis.
+- Optional per-step offsets of the block's two norm weights (``norms``) and of its biases
+  (``biases``): the step's norm weight is shared + offset, its bias shared + offset. Tied
+  norms and biases are otherwise what keeps a full-rank relaxation from reproducing a
+  source whose layers differ in them (Qwen2's q/k/v biases, per-layer norms).
 """
 
 from __future__ import annotations
@@ -35,12 +39,45 @@ class LoraBank(nn.Module):
         self.B = nn.ParameterDict(
             {t: nn.Parameter(torch.zeros(n_slots, o, r)) for t, (r, i, o) in self.shapes.items()}
         )
+        d = cfg.d_model
+        # per-step offsets: norm weights ("attn", "mlp") and biases (by fused linear)
+        self.norm = (
+            nn.ParameterDict({k: nn.Parameter(torch.zeros(n_slots, d)) for k in ("attn", "mlp")})
+            if cfg.lora.norms
+            else None
+        )
+        self.bias = (
+            nn.ParameterDict(
+                {k: nn.Parameter(torch.zeros(n_slots, w)) for k, w in cfg.lora_bias_dims().items()}
+            )
+            if cfg.lora.biases
+            else None
+        )
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Standard LoRA init: Gaussian A (std 1/r), B = 0, so every delta starts at zero."""
+        """Standard LoRA init: Gaussian A (std 1/r), B = 0, so every delta starts at zero;
+        zero norm and bias offsets."""
         for t, (r, _, _) in self.shapes.items():
             nn.init.normal_(self.A[t], 0.0, 1.0 / r, generator=generator)
             nn.init.zeros_(self.B[t])
+        for offsets in (self.norm, self.bias):
+            for p in (offsets or {}).values():
+                nn.init.zeros_(p)
+
+    @staticmethod
+    def _pick(offsets: Tensor, slot: int | Tensor) -> Tensor:
+        """One slot's offset (n,), or per-row slots' (B, 1, n) to broadcast over (B, T, n)."""
+        return offsets[slot] if isinstance(slot, int) else offsets[slot][:, None, :]
+
+    def norm_offset(self, which: str, slot: int | Tensor) -> Tensor | None:
+        """Offset of the ``attn`` or ``mlp`` norm weight for ``slot``, or None."""
+        return None if self.norm is None else self._pick(self.norm[which], slot)
+
+    def bias_offset(self, name: str, slot: int | Tensor) -> Tensor | None:
+        """Offset of the bias of fused linear ``name`` (qkv, o, w13, w2), or None."""
+        if self.bias is None or name not in self.bias:
+            return None
+        return self._pick(self.bias[name], slot)
 
     def delta(self, target: str, x: Tensor, slot: int | Tensor) -> Tensor | None:
         """B A x for ``x`` (B, T, d_in): one slot for all rows, or per-row slots (B,)."""

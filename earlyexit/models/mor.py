@@ -2,10 +2,14 @@
 
 Steps are [prefix] + N_r recursions of K shared blocks + [suffix] (middle-cycle: the first
 and last layers are unique). At each recursion r the router picks which tokens continue;
-only they run the recursion's K steps, gathered into a (B, k, d) batch in their original
-order with their original RoPE positions, attending causally **among themselves**. With a
-KV cache this is recursion-wise caching: recursion r's slots receive only the tokens that
-reached r, so a token never attends to (or recomputes) states a shallower token skipped.
+only they run the recursion's K steps, gathered in their original order with their original
+RoPE positions, attending causally **among themselves**. Rows with the same number of
+selected tokens run as one (G, k, d) batch, so no padding is computed: a recursion costs
+exactly its routed tokens (``MoROutput.computed`` counts them; in decoding, rows that stop
+cost nothing). With a KV cache this is recursion-wise caching: recursion r's slots receive
+only the tokens that reached r, so a token never attends to (or recomputes) states a
+shallower token skipped. Under KV sharing without a cache, recursion 1's keys and values are
+kept per batch row with a validity mask, so nothing but a row's own tokens is attended.
 
 Routing modes:
 - ``train``: expert-choice keeps the top-k scores (k = max(1, floor(c_r T)), T the full
@@ -42,6 +46,7 @@ class MoROutput:
     recursions: Tensor  # (B, T) int: recursions each token ran
     aux_loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    computed: list[int] = field(default_factory=list)  # token-recursions run, per recursion
 
 
 def recursion_ranges(plan) -> tuple[range, list[range], range]:
@@ -86,6 +91,10 @@ def mor_forward(
     runs = torch.zeros(B, T, dtype=torch.long, device=dev)
     aux = torch.zeros((), device=dev)
     metrics: dict[str, Tensor] = {}
+    ar = torch.arange(T, device=dev)[None, :]
+    all_rows = np.arange(B) if rows is None else np.asarray(rows)
+    shared: dict = {}  # KV sharing, uncached: recursion 1's K/V per batch row (see _stash)
+    computed: list[int] = []  # token-recursions computed, per recursion
     if routers.kind == "token":
         dlogits = routers.depth_logits(h1)  # (B, T, N)
         probs = dlogits.softmax(-1) * routers.alpha
@@ -124,40 +133,72 @@ def mor_forward(
             gate = routers.gate(z)
         else:
             sel = candidates & (choice >= r)
-        counts = sel.sum(1)
-        k_max = int(counts.max())  # a host sync per recursion (ragged subsets need sizes)
-        if k_max == 0:
+        counts = sel.sum(1).cpu().numpy()  # a host sync per recursion (ragged subsets)
+        if counts.max() == 0:
             break
-        # selected indices in causal order, right-padded per row
-        order = torch.sort(torch.where(sel, torch.arange(T, device=dev)[None, :], T), dim=1).values[
-            :, :k_max
-        ]
-        pad = order >= T
-        idx = order.masked_fill(pad, 0)  # (B, k)
-        h_sel = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, k, d)
-        pos_sel = positions.gather(1, idx)
-        n_sel = counts.cpu().numpy().astype(np.int64)
-        seg_sel = None if segments is None else segments.gather(1, idx)
-        ctx_r = model.context(pos_sel, cache, rows, n_new=n_sel, segments=seg_sel)
-        ctx_r.shared = ctx.shared  # KV sharing: later recursions read recursion 1's K/V
-        out = model.run_steps(steps.start, steps.stop, h_sel, ctx_r)
-        if routers.kind == "expert":
-            if cfg.router.gating == "replace":
-                new = out
+        # Rows with equal counts run together, each group without padding: a recursion
+        # computes exactly the tokens routed to it (decode: only rows that continue).
+        computed.append(0)
+        for c in np.unique(counts[counts > 0]).tolist():
+            g = np.nonzero(counts == c)[0]
+            gi = torch.as_tensor(g, device=dev)[:, None]  # (G, 1)
+            # the group's selected indices in causal order, exactly c per row
+            idx = torch.sort(torch.where(sel[gi[:, 0]], ar, T), dim=1).values[:, :c]  # (G, c)
+            h_sel = h[gi, idx]  # (G, c, d)
+            seg_sel = None if segments is None else segments[gi, idx]
+            ctx_r = model.context(
+                positions[gi, idx], cache, None if cache is None else all_rows[g], segments=seg_sel
+            )
+            if r > 0:  # KV sharing: later recursions read recursion 1's K/V of every token
+                ctx_r.shared = {
+                    s: tuple(None if t is None else t[gi[:, 0]] for t in v)
+                    for s, v in shared.items()
+                }
+            out = model.run_steps(steps.start, steps.stop, h_sel, ctx_r)
+            if r == 0:
+                _stash(shared, ctx_r.shared, g, c, B, T, dev)
+            if routers.kind == "expert":
+                if cfg.router.gating == "replace":
+                    new = out
+                else:
+                    new = h_sel + gate[gi, idx][..., None].to(out.dtype) * out
             else:
-                new = h_sel + gate.gather(1, idx)[..., None].to(out.dtype) * out
-        else:
-            last = (choice.gather(1, idx) == r)[..., None]
-            g = gate_tc.gather(1, idx)[..., None].to(out.dtype)
-            new = torch.where(last, h1.gather(1, idx[..., None].expand_as(h_sel)) + g * out, out)
-        b_i, t_i = torch.nonzero(~pad, as_tuple=True)
-        h = h.index_put((b_i, idx[b_i, t_i]), new[b_i, t_i])
+                last = (choice[gi, idx] == r)[..., None]
+                gt = gate_tc[gi, idx][..., None].to(out.dtype)
+                new = torch.where(last, h1[gi, idx] + gt * out, out)
+            h = h.index_put((gi.expand_as(idx), idx), new)
+            computed[-1] += len(g) * c
         runs = runs + sel.long()
         candidates = sel
-        if mode == "train" and r == len(recs) - 1 and B > 1:
-            # dead tokens: positions no sequence of the batch routes to the last recursion
-            metrics["dead_token_ratio"] = (~sel.any(0)).float().mean().detach()
+    if mode == "train" and B > 1:
+        # dead tokens: positions no sequence of the batch routes to the last recursion (all
+        # of them when no token at all reached it)
+        metrics["dead_token_ratio"] = (~(runs == len(recs)).any(0)).float().mean().detach()
     h = model.run_steps(suffix.start, suffix.stop, h, ctx)
     hist = torch.bincount(runs[valid], minlength=len(recs) + 1).float()
     metrics.update({f"depth_share@{d}": v for d, v in enumerate((hist / hist.sum()).tolist()) if d})
-    return MoROutput(model.logits(h), runs, aux, metrics)
+    return MoROutput(model.logits(h), runs, aux, metrics, computed)
+
+
+def _stash(shared: dict, written: dict, g: np.ndarray, c: int, B: int, T: int, dev) -> None:
+    """Gather the keys, values, positions and documents that recursion 1 of the rows ``g``
+    (``c`` tokens each) wrote for KV sharing into per-batch-row tensors of width T, with a
+    validity mask: rows of other groups, and padding, are never attended."""
+    gi = torch.as_tensor(g, device=dev)
+    for slot, (k, v, pos, seg, _) in written.items():
+        if slot not in shared:
+            Hkv, D = k.shape[1], k.shape[3]
+            shared[slot] = (
+                k.new_zeros(B, Hkv, T, D),
+                v.new_zeros(B, Hkv, T, D),
+                pos.new_zeros(B, T),
+                None if seg is None else seg.new_zeros(B, T),
+                torch.zeros(B, T, dtype=torch.bool, device=dev),
+            )
+        fk, fv, fpos, fseg, fvalid = shared[slot]
+        fk[gi, :, :c] = k  # (G, Hkv, c, D)
+        fv[gi, :, :c] = v
+        fpos[gi, :c] = pos
+        if fseg is not None:
+            fseg[gi, :c] = seg
+        fvalid[gi, :c] = True

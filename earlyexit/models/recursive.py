@@ -10,8 +10,12 @@
 - Relaxation (§2): per-step LoRA initialised from the truncated SVD of (the step's dense
   weight - the shared weight) in fp32, or standard init (``lora_init="zero"``, or wherever
   the residual is exactly zero).
+- Norms and biases (``LoraConfig.norms`` / ``biases``): each relaxed step's offsets start
+  at (its dense layer's norm weights and biases - the shared ones) under ``svd`` init, so a
+  full-rank relaxation reproduces any source, Qwen2's q/k/v biases and per-layer norms
+  included; zero under ``zero`` init.
 - ``unroll``: the equivalent dense model, each step's weights = shared weights + its merged
-  LoRA (export to Hugging Face, analysis, tests).
+  LoRA and offsets (export to Hugging Face, analysis, tests).
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ def convert_recursive(
                 if step.lora is None:
                     continue
                 blk = model.blocks[step.block]
+                _relax_norms_and_biases(dense.blocks[i], blk, step.lora)
                 for t in blk.lora.shapes:
                     residual = (
                         target_weight(dense.blocks[i], t).float() - target_weight(blk, t).float()
@@ -130,6 +135,24 @@ def convert_recursive(
                     blk.lora.B[t][step.lora].copy_(bm)
                     blk.lora.A[t][step.lora].copy_(am)
     return model
+
+
+# (module path inside a block, LoRA bank key) of each relaxable norm weight and bias
+NORMS = (("attn_norm", "attn"), ("mlp_norm", "mlp"))
+BIASES = (("attn.wqkv", "qkv"), ("attn.wo", "o"), ("mlp.w13", "w13"), ("mlp.w2", "w2"))
+
+
+def _relax_norms_and_biases(source, block, slot: int) -> None:
+    """Set ``block``'s norm and bias offsets of LoRA ``slot`` to (source layer - shared):
+    the relaxed step then has exactly the source layer's norms and biases."""
+    bank = block.lora
+    for path, key in NORMS if bank.norm is not None else ():
+        own, shared = source.get_submodule(path).weight, block.get_submodule(path).weight
+        bank.norm[key][slot].copy_(own.float() - shared.float())
+    for path, key in BIASES if bank.bias is not None else ():
+        if key in bank.bias:
+            own, shared = source.get_submodule(path).bias, block.get_submodule(path).bias
+            bank.bias[key][slot].copy_(own.float() - shared.float())
 
 
 def _copy_block_mean(dense: Decoder, layers: list[int], block) -> None:
@@ -170,4 +193,9 @@ def unroll(model: Decoder) -> Decoder:
                     target_weight(dense.blocks[i], t).add_(
                         delta.to(target_weight(dense.blocks[i], t).dtype)
                     )
+            for path, key in NORMS if blk.lora.norm is not None else ():
+                dense.blocks[i].get_submodule(path).weight.add_(blk.lora.norm[key][step.lora])
+            for path, key in BIASES if blk.lora.bias is not None else ():
+                if key in blk.lora.bias:
+                    dense.blocks[i].get_submodule(path).bias.add_(blk.lora.bias[key][step.lora])
     return dense.eval()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from earlyexit.models.layers import _add_lora, rope_cos_sin
+from earlyexit.models.layers import _add_bias, _add_lora, _norm_offset, rope_cos_sin
 
 
 def static_unsupported(model) -> str | None:
@@ -78,10 +78,9 @@ class StaticDecodeStep:
         for step in model.plan:
             blk = model.blocks[step.block]
             lora = blk._lora(step.lora)
-            h = h + self._attention(
-                blk.attn, blk.attn_norm(h), cos, sin, mask, rows, col, step.kv_slot, lora
-            )
-            h = h + blk.mlp(blk.mlp_norm(h), lora)
+            x = blk.attn_norm(h, _norm_offset(lora, "attn"))
+            h = h + self._attention(blk.attn, x, cos, sin, mask, rows, col, step.kv_slot, lora)
+            h = h + blk.mlp(blk.mlp_norm(h, _norm_offset(lora, "mlp")), lora)
         return model.logits(h[:, 0])  # (B, V)
 
     def _attention(self, attn, x, cos, sin, mask, rows, col, slot, lora) -> Tensor:
@@ -95,5 +94,6 @@ class StaticDecodeStep:
         )  # (B, H, 1, D)
         y = y.transpose(1, 2).reshape(B, 1, attn.q_dim)
         out = attn.wo(y)
+        _add_bias(out, lora, "o")
         _add_lora(out, lora, "o", y, 0, out.shape[-1])
         return out

@@ -155,11 +155,14 @@ def build_app(
     api_key: str | None = None,
     default_exit: ExitMode | None = None,
     max_tokens_default: int = 16,
-    chat_template: str | None = None,
+    chat_template: str | dict | None = None,
     max_body_bytes: int = 1 << 20,
     max_failed_steps: int = 3,
 ):
     """The FastAPI application serving ``lm`` (an ``earlyexit.LM``).
+
+    ``chat_template``: a template (its source, or a ``tokenizer_config.json`` dict with its
+    special tokens); default: the model's own (``lm.chat_config``).
 
     ``max_body_bytes`` caps a request body (413 beyond it, before it is read in full): a
     prompt that large cannot fit any context, and reading it would cost memory for nothing.
@@ -171,7 +174,10 @@ def build_app(
 
     engine = LLMEngine(lm.model, lm.tokenizer, policy, max_batch, max_len, max_queue)
     worker = EngineThread(engine, max_failed_steps)
-    template = ChatTemplate(chat_template) if chat_template is not None else None
+    if isinstance(chat_template, str):
+        chat_template = {"chat_template": chat_template}
+    chat_config = chat_template if chat_template is not None else lm.chat_config
+    template = ChatTemplate(chat_config) if chat_config else None
     L = lm.model.n_steps
     exit_steps = tuple(lm.config.exits.steps)
 
@@ -282,7 +288,8 @@ def build_app(
             stream = protocol.get(body, "stream", bool, False, None, "true or false")
             opts = protocol.get(body, "stream_options", dict, {}, None, "an object")
             include_usage = protocol.get(opts, "include_usage", bool, False, None, "true or false")
-            rid, out = await worker.submit(prompt, params, exit)
+            # a rendered chat already holds the template's special tokens
+            rid, out = await worker.submit(prompt, params, exit, special_tokens=kind != "chat")
         except BadRequest as e:
             return _error(400, str(e), param=e.param)
         except _TooLarge as e:

@@ -117,9 +117,14 @@ class EngineThread:
         return None
 
     async def submit(
-        self, prompt: str | list[int], params, exit: ExitMode | None
+        self,
+        prompt: str | list[int],
+        params,
+        exit: ExitMode | None,
+        special_tokens: bool = True,
     ) -> tuple[str, OutputStream]:
         """Validate and tokenize (on a worker thread), then queue the request.
+        ``special_tokens``: whether the tokenizer adds its own (not for a rendered chat).
 
         Raises :class:`InputError` for bad input and :class:`EngineDead` if the engine
         stopped. A full queue arrives later, as the stream's first item (QueueFull)."""
@@ -127,7 +132,7 @@ class EngineThread:
             raise EngineDead(f"the engine stopped: {self.error!r}")
         loop = asyncio.get_running_loop()
         ids, params = await loop.run_in_executor(
-            None, self.engine.check_request, prompt, params, exit
+            None, self.engine.check_request, prompt, params, exit, special_tokens
         )
         rid = f"http-{next(self._ids)}"  # apart from the engine's own req-N ids
         stream = OutputStream(loop)

@@ -218,40 +218,19 @@ def completion_prompt(body: dict) -> str | list[int]:
 
 
 class ChatTemplate:
-    """A model's chat template, compiled once, rendered in Jinja's immutable sandbox."""
+    """A model's chat template for ``/v1/chat/completions`` (:class:`earlyexit.chat.ChatTemplate`,
+    compiled once); messages that do not fit it are a 400 naming ``messages``."""
 
-    def __init__(self, source: str) -> None:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def __init__(self, config: dict) -> None:
+        from earlyexit.chat import ChatTemplate as _Template
 
-        def raise_exception(message):  # Hugging Face templates call it on bad input
-            raise TemplateError(str(message))
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
+        self._template = _Template(config)
 
     def render(self, body: dict) -> str:
         """The prompt text of a ``/v1/chat/completions`` body."""
-        from jinja2 import TemplateError
+        from earlyexit.chat import ChatTemplateError
 
-        msgs = body.get("messages")
-        if (
-            not isinstance(msgs, list)
-            or not msgs
-            or not all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in msgs
-            )
-        ):
-            raise BadRequest(
-                "'messages' must be a non-empty list of {role, content} objects", "messages"
-            )
         try:
-            return self.template.render(
-                messages=msgs, add_generation_prompt=True, bos_token="", eos_token=""
-            )
-        except TemplateError as e:  # raise_exception, or the template failing on this input
-            raise BadRequest(f"the chat template refused the messages: {e}", "messages") from None
+            return self._template.render(body.get("messages"))
+        except ChatTemplateError as e:
+            raise BadRequest(str(e), "messages") from None

@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 from earlyexit.engine import ExitMode
 from earlyexit.errors import EarlyExitError, InputError
@@ -234,7 +233,6 @@ def serve(
         max_queue,
         api_key,
         default_exit,
-        chat_template=load_chat_template(model),
     )
     server = make_server(
         app,
@@ -252,14 +250,3 @@ def serve(
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def load_chat_template(model_dir: str) -> str | None:
-    """The ``chat_template`` of a model directory's ``tokenizer_config.json``, if any."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    t = data.get("chat_template")
-    return t if isinstance(t, str) else None

@@ -453,10 +453,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for m in model.modules():
         if isinstance(m, (RMSNorm, torch.nn.Embedding)):
             no_decay_ids.update(id(p) for p in m.parameters(recurse=False))
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+        offset = ".lora.norm." in name or ".lora.bias." in name  # relaxed norms and biases
+        (no_decay if p.ndim < 2 or offset or id(p) in no_decay_ids else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
