@@ -471,6 +471,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for path in plot_all(args.results, args.plots):
             print(f"wrote {path}")
         return 0
+    if args.name == "depthwise" and args.synthetic:
+        from earlyexit.bench.depthwise import run_synthetic
+
+        run_synthetic(
+            presets=tuple(args.presets or ("stdlib-small", "smollm-135m")),
+            max_batches=tuple(args.batch_sizes or (8, 16, 32)),
+            n_requests=args.prompts or 64,
+            mean_len=args.new_tokens or 32,
+            threads=args.threads,
+            out=args.out or "results/depthwise_synthetic.json",
+        )
+        return 0
     if args.name == "depthwise" and args.calls:
         from earlyexit.bench.block_call import run as calls_run
         from earlyexit.bench.common import bench_device
@@ -1137,6 +1149,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--lengths", type=int, nargs="+", default=None, help="depthwise --calls: context lengths"
     )
+    b.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="depthwise: random-weight models of --presets shapes, exits and MoR depths drawn "
+        "from fixed distributions (a systems measurement, not a quality one); --batch-sizes "
+        "max batches, --prompts requests, --new-tokens mean generation length",
+    )
+    b.add_argument("--presets", nargs="+", default=None, help="depthwise --synthetic: model shapes")
     b.add_argument(
         "--compile",
         action="store_true",

@@ -234,3 +234,25 @@ def test_bench_depthwise_calls_tiny(tmp_path, capsys):
     assert [(r["rows"], r["length"]) for r in rows] == [(2, 8), (4, 8)]
     assert all(r["plain_s"] > 0 and r["mixed_s"] > 0 and r["gathered_s"] > 0 for r in rows)
     assert "mixed" in capsys.readouterr().out
+
+
+def test_bench_depthwise_synthetic_tiny(tmp_path):
+    from earlyexit.bench.depthwise import run_synthetic
+
+    rows = run_synthetic(
+        presets=("tiny",),
+        max_batches=(4,),
+        exit_rates=(0.0, 1.0),
+        n_requests=6,
+        mean_len=4,
+        max_prompt=8,
+        threads=1,
+        out=str(tmp_path / "s.json"),
+    )
+    by = {(r["model"], r["policy"], r["decisions"]): r for r in rows}
+    full = by[("recursive", "depthwise", "exit 0%")]
+    exited = by[("recursive", "depthwise", "exit 100%")]
+    assert full["mean_depth"] > exited["mean_depth"]  # every generated token after the first exits
+    assert by[("vanilla", "continuous", "vanilla")]["x_vanilla_continuous"] == 1.0
+    assert {r["tokens"] for r in rows} == {rows[0]["tokens"]}
+    assert ("mor", "depthwise", "MoR 1/3") in by

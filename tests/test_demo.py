@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from earlyexit.demo import pipeline
 
@@ -117,11 +118,24 @@ def test_bench_all_dry_run_lists_every_benchmark(capsys, tmp_path, monkeypatch):
 
 
 def test_demo_on_a_users_model(tiny_lm_dir, tmp_path):
+    """A pretrained model without exits gets one, fine-tuned with its body frozen: its
+    full-depth output stays the user's, and every exit strategy is measured on it."""
+    import earlyexit
+
     res, _ = _demo(tmp_path / "work", "--model", str(tiny_lm_dir))
     assert {r["model"] for r in res["rows"]} == {"user"}
-    assert res["reused"] == [] and "training" not in res["timings"]
+    assert res["reused"] == [] and "train user-exit" in res["timings"]
+    labels = {r["label"] for r in res["rows"]}
+    assert {"full", "static@1", "free λ=0.1", "speculative k=2"} <= labels
     assert {e["policy"] for e in res["engine"]} == {"static", "continuous", "depthwise"}
+    assert any(e["exit"] is not None for e in res["engine"])
     assert (tmp_path / "work" / "report" / "report.md").is_file()
+    tuned = earlyexit.load(tmp_path / "work" / "runs" / "user-exit" / "final", device="cpu")
+    source = earlyexit.load(tiny_lm_dir, device="cpu")
+    for name, w in source.model.state_dict().items():
+        assert torch.equal(tuned.model.state_dict()[name], w), name
+    again, _ = _demo(tmp_path / "work", "--model", str(tiny_lm_dir))
+    assert again["reused"] == ["user-exit"]
 
 
 def test_a_rebuilt_stage_rebuilds_the_stages_built_from_it(tmp_path, monkeypatch):

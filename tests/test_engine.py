@@ -291,3 +291,58 @@ def test_engine_serves_mor_models_exactly(policy, kind):
         assert req.depths == ref.depths
         depths |= set(ref.depths)
     assert len(depths) > 1  # the routers give tokens different depths
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_synthetic_exits_follow_their_draws_under_every_policy(rate):
+    """bench depthwise --synthetic: a token exits iff its drawn number falls under the rate,
+    the same draws under every policy (a fixed function of request and token index)."""
+    from earlyexit.engine import SyntheticDepth
+
+    model, ls = MODELS["recursive"]
+    syn = SyntheticDepth(exit_rate=rate, seed=3)
+    ps, n = prompts(6, seed=5), 7
+    per_policy = {}
+    for policy in ("static", "continuous", "depthwise"):
+        engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64, synthetic=syn)
+        rids = [
+            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), ExitMode(ls))
+            for p in ps
+        ]
+        reqs = [engine.requests[r] for r in rids]
+        while engine.has_unfinished():
+            engine.step()
+        per_policy[policy] = [r.depths for r in reqs]
+        for rid, r in zip(rids, reqs):
+            # the first token comes from the prefill (full depth); token i >= 1 is checked
+            want = [model.n_steps] + [
+                ls if syn.uniform(rid, i) < rate else model.n_steps for i in range(1, n)
+            ]
+            assert r.depths == want
+    assert per_policy["static"] == per_policy["continuous"] == per_policy["depthwise"]
+
+
+def test_synthetic_mor_depths_follow_their_draws():
+    from earlyexit.engine import SyntheticDepth
+    from earlyexit.models.mor import recursion_ranges
+
+    model = MOR_MODELS["mor-token"]
+    prefix, recs, suffix = recursion_ranges(model.plan)
+    shares = tuple([1 / len(recs)] * len(recs))
+    syn = SyntheticDepth(mor_shares=shares, seed=1)
+    engine = LLMEngine(model, policy="depthwise", max_batch=3, max_len=64, synthetic=syn)
+    rids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        for p in prompts(5, seed=2)
+    ]
+    reqs = [engine.requests[r] for r in rids]
+    while engine.has_unfinished():
+        engine.step()
+    fixed = len(prefix) + len(suffix)
+    for rid, r in zip(rids, reqs):
+        want = [fixed + syn.recursions(rid, i) * len(recs[0]) for i in range(1, 6)]
+        assert r.depths[1:] == want
+    with pytest.raises(InputError, match="mor_shares"):
+        LLMEngine(MODELS["recursive"][0], synthetic=SyntheticDepth(mor_shares=shares))
+    with pytest.raises(InputError, match="exit_rate"):
+        SyntheticDepth(exit_rate=1.5)

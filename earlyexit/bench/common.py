@@ -156,14 +156,19 @@ def request_stream(
     return out
 
 
-def serve_offline(model, stream, policy: str, max_batch: int, exit=None, max_len=None) -> dict:
+def serve_offline(
+    model, stream, policy: str, max_batch: int, exit=None, max_len=None, synthetic=None
+) -> dict:
     """Serve ``stream`` (every request arriving at once) with the engine; throughput, each
-    generated token's depth and the engine's occupancy."""
+    generated token's depth and the engine's occupancy. ``synthetic``: depth decisions
+    drawn from fixed distributions (:class:`earlyexit.engine.SyntheticDepth`)."""
     from earlyexit.decoding.sampling import SamplingParams
     from earlyexit.engine import LLMEngine
 
     max_len = max_len or max(len(p) + g for p, g in stream) + 1
-    engine = LLMEngine(model, policy=policy, max_batch=max_batch, max_len=max_len)
+    engine = LLMEngine(
+        model, policy=policy, max_batch=max_batch, max_len=max_len, synthetic=synthetic
+    )
     t = time.perf_counter()
     reqs = [
         engine.requests[

@@ -196,3 +196,129 @@ def _row(label, path, policy, mode, dt, tokens, depths, occ, n_steps, nll, env, 
         "occupancy": occ,
         "env": env,
     }
+
+
+# ---------------------------------------------------------------------- synthetic exits
+SYNTHETIC_RATES = (0.0, 0.25, 0.5, 0.75)
+MOR_SHARES = (1 / 3, 1 / 3, 1 / 3)
+
+
+def synthetic_models(preset: str, device: str = "cpu", seed: int = 0) -> dict:
+    """Random-weight models of one shape: vanilla (the preset), recursive (cycle, 2 loops
+    of half the layers: the same depth) and MoR-like (middle-cycle, 3 recursions, token-
+    choice router; the depth rounded to 1 + 3k + 1 layers)."""
+    import torch
+
+    from earlyexit.config import ModelConfig
+    from earlyexit.models.decoder import Decoder
+
+    base = ModelConfig.from_name(preset)
+    L = base.n_layers
+    mor_layers = 2 + 3 * max(1, round((L - 2) / 3))
+    configs = {
+        "vanilla": ModelConfig.from_name(preset),
+        "recursive": ModelConfig.from_name(
+            preset, n_layers=2 * (L // 2), sharing={"scheme": "cycle", "loops": 2}
+        ),
+        "mor": ModelConfig.from_name(
+            preset,
+            n_layers=mor_layers,
+            sharing={"scheme": "middle_cycle", "loops": 3},
+            router={"kind": "token"},
+        ),
+    }
+    out = {}
+    for name, cfg in configs.items():
+        with torch.device(device):
+            m = Decoder(cfg)
+        m.init_weights(torch.Generator(device=device).manual_seed(seed))
+        out[name] = m.eval()
+    return out
+
+
+def synthetic_stream(vocab: int, n: int, mean_len: float, max_prompt: int, seed: int = 0):
+    """(random prompt ids, generation length) per request, seeded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        plen = int(rng.integers(8, max_prompt + 1))
+        glen = int(np.clip(round(rng.normal(mean_len, mean_len / 4)), 4, 4 * mean_len))
+        out.append((rng.integers(0, vocab, plen).tolist(), glen))
+    return out
+
+
+def run_synthetic(
+    presets: tuple[str, ...] = ("stdlib-small", "smollm-135m"),
+    max_batches: tuple[int, ...] = (8, 16, 32),
+    exit_rates: tuple[float, ...] = SYNTHETIC_RATES,
+    n_requests: int = 64,
+    mean_len: float = 32.0,
+    max_prompt: int = 32,
+    threads: int | None = None,
+    out: str | None = "results/depthwise_synthetic.json",
+) -> list[dict]:
+    """The synthetic-exit sweep: a *systems* measurement (random weights; each token's exit
+    after loop 1 of 2, or its MoR recursions, drawn from fixed distributions) of what the
+    engine's batching policies deliver at each model shape. Ratios are to vanilla
+    continuous batching at the same shape and max batch, in the same run."""
+    from earlyexit.engine import SyntheticDepth
+
+    threads = set_threads(threads)
+    env = environment(threads)
+    rows = []
+    for preset in presets:
+        models = synthetic_models(preset, bench_device())
+        vocab = models["vanilla"].config.vocab_size
+        stream = synthetic_stream(vocab, n_requests, mean_len, max_prompt)
+        max_len = max_prompt + 4 * int(mean_len) + 2
+        K = models["recursive"].config.n_blocks  # loop 1 ends after K steps
+        for mb in max_batches:
+            runs = [
+                ("vanilla", "static", None, None, "vanilla"),
+                ("vanilla", "continuous", None, None, "vanilla"),
+            ]
+            for rate in exit_rates:
+                syn = SyntheticDepth(exit_rate=rate)
+                for policy in ("continuous", "depthwise"):
+                    runs.append(("recursive", policy, ExitMode(K, 0.0), syn, f"exit {rate:.0%}"))
+            for policy in ("continuous", "depthwise"):
+                runs.append(("mor", policy, None, SyntheticDepth(mor_shares=MOR_SHARES), "MoR 1/3"))
+            serve_offline(models["vanilla"], stream[:4], "continuous", mb, max_len=max_len)
+            group = []
+            for model_key, policy, mode, syn, what in runs:
+                m = models[model_key]
+                res = serve_offline(m, stream, policy, mb, mode, max_len, synthetic=syn)
+                occ = res["occupancy"]
+                row = {
+                    "bench": "depthwise-synthetic",
+                    "preset": preset,
+                    "model": model_key,
+                    "policy": policy,
+                    "decisions": what,
+                    "exit_rate": None if syn is None else syn.exit_rate,
+                    "max_batch": mb,
+                    "requests": n_requests,
+                    "tokens": res["tokens"],
+                    "seconds": res["seconds"],
+                    "tokens_per_s": res["tokens_per_s"],
+                    "mean_depth": res["mean_depth"],
+                    "n_steps": m.n_steps,
+                    "block_calls": occ["block_calls"],
+                    "rows_per_block_call": occ["mean_rows_per_block_call"],
+                    "ms_per_block_call": 1e3 * res["seconds"] / max(occ["block_calls"], 1),
+                    "params": m.config.param_counts()["total"],
+                    "env": env,
+                }
+                group.append(row)
+                print(
+                    f"  {preset:13s} mb {mb:2d}  {model_key:9s} {policy:10s} {what:9s} "
+                    f"{row['tokens_per_s']:8.1f} tok/s  depth {row['mean_depth']:5.2f}  "
+                    f"{row['rows_per_block_call']:5.1f} rows/call  {row['ms_per_block_call']:6.2f} ms/call",
+                    flush=True,
+                )
+            base = next(r["tokens_per_s"] for r in group if r["policy"] == "continuous")
+            for r in group:
+                r["x_vanilla_continuous"] = r["tokens_per_s"] / base
+            rows += group
+            write_rows(rows, out)
+    return rows

@@ -34,8 +34,9 @@ class Config:
     options: dict
 
 
-def dense_configs(model) -> list[Config]:
-    """Every strategy the dense model with exits serves."""
+def dense_configs(model, draft_tokens=None) -> list[Config]:
+    """Every strategy the dense model with exits serves; with ``draft_tokens`` (the most
+    frequent tokens of the corpus) also self-speculation drafting over only those."""
     steps = model.config.exits.steps
     if not steps:
         return [
@@ -67,6 +68,17 @@ def dense_configs(model) -> list[Config]:
         )
         for k in (2, 4)
     ]
+    if draft_tokens is not None:
+        n = len(draft_tokens)
+        out += [
+            Config(
+                f"speculative k={k} vocab {n}",
+                "speculative (pruned draft head)",
+                "speculative",
+                {"exit_step": first, "draft_k": k, "draft_vocab": draft_tokens},
+            )
+            for k in (2, 4)
+        ]
     return out
 
 
@@ -118,9 +130,11 @@ def strategy_rows(
     t_full, ref = [], None
     times: list[list[float]] = [[] for _ in configs]
     results: list[list | None] = [None] * len(configs)
-    for r in range(rounds):
+    tick = on_config or (lambda: None)  # one call per timed decode: (configs + 1) x rounds + 1
+    for _ in range(rounds):
         dt, out = timed_decode(model, prompts, params, make_strategy(model, "full"))
         t_full.append(dt)
+        tick()
         ref = ref or out
         for i, c in enumerate(configs):
             dt, res = timed_decode(
@@ -128,10 +142,10 @@ def strategy_rows(
             )
             times[i].append(dt)
             results[i] = results[i] or res
-            if on_config and r == rounds - 1:
-                on_config()
+            tick()
     dt, _ = timed_decode(model, prompts, params, make_strategy(model, "full"))
     t_full.append(dt)
+    tick()
     # the full-depth reference of round r: the mean of the runs before and after it
     base_r = [(t_full[r] + t_full[r + 1]) / 2 for r in range(rounds)]
     if reference_time is not None:
@@ -189,7 +203,7 @@ def _row(
         "model": tag,
         "label": label,
         "curve": curve,
-        "options": options,
+        "options": {k: (len(v) if k == "draft_vocab" else v) for k, v in options.items()},
         "seconds": dt,
         "tokens_per_s": n_tok / dt,
         "speedup": float(np.median(speedups)),
@@ -239,10 +253,10 @@ def engine_rows(lms: dict, stream, max_batch: int, rounds: int = 3, on_job=None)
     row carries its median and spread (``x_static``, ``x_static_lo``, ``x_static_hi``)."""
     jobs = engine_jobs(lms)
     runs: list[list[dict]] = [[] for _ in jobs]
-    for r in range(max(1, rounds)):
+    for _ in range(max(1, rounds)):
         for i, (_, key, policy, mode) in enumerate(jobs):
             runs[i].append(serve_offline(lms[key].model, stream, policy, max_batch, mode))
-            if on_job and r == rounds - 1:
+            if on_job:  # one call per run: jobs x rounds
                 on_job()
     base = [x["tokens_per_s"] for x in runs[0]]
     out = []

@@ -80,15 +80,23 @@ def main(
     # ------------------------------------------------------------------ data + models
     from earlyexit.training.corpus import prepare
 
-    model_dir = Path(_resolve_model(model)) if model else None  # resolved (downloaded) once
+    model_dir = _resolve_model(model, work) if model else None  # resolved (downloaded) once
     user_tok = _user_tokenizer(model_dir) if model_dir else None
     data = work / ("data" if user_tok is None else "data-user")
     data_ready = (data / "manifest.json").is_file()
-    st = (
-        []
-        if model
-        else pipeline.stages(plan, work, data, threads, device=str(dev), precision=train_precision)
-    )
+    if model:  # a pretrained model: an exit fine-tune if it has none (its body frozen)
+        up = pipeline.USER_EXIT_QUICK if quick else pipeline.USER_EXIT_FULL
+        st = (
+            []
+            if _has_trained_exits(model_dir)
+            else [
+                pipeline.user_exit_stage(
+                    plan, up, model_dir, work, data, threads, str(dev), train_precision
+                )
+            ]
+        )
+    else:
+        st = pipeline.stages(plan, work, data, threads, device=str(dev), precision=train_precision)
     todo = [s for s in st if not pipeline.is_done(s)]
     # the estimate comes from one training step timed here, now (a few seconds at most)
     est = pipeline.Estimate(plan, pipeline.probe_step_seconds(plan, str(dev), train_precision))
@@ -108,20 +116,20 @@ def main(
         log=lambda m: say(f"  {m}"),
     )
     timings["data"] = time.perf_counter() - t
-    if model:
-        paths = {"user": model_dir}
-        reused: list[str] = []
-    else:
-        t = time.perf_counter()
-        paths, trained_s, reused = pipeline.build(st, progress, lambda m: say(f"  {m}"), est)
+    t = time.perf_counter()
+    built, trained_s, reused = pipeline.build(st, progress, lambda m: say(f"  {m}"), est)
+    if st:
         timings["training"] = time.perf_counter() - t
         timings.update({f"train {k}": v for k, v in trained_s.items()})
-        if reused:
-            say(f"[train] reused cached stage(s): {', '.join(reused)}")
+    if reused:
+        say(f"[train] reused cached stage(s): {', '.join(reused)}")
+    if model:
+        paths = {"user": built.get("user-exit", model_dir)}
+    else:
         paths = {
-            "dense": paths["dense-exits"],
-            "recursive": paths["recursive"],
-            "mor": paths["mor"],
+            "dense": built["dense-exits"],
+            "recursive": built["recursive"],
+            "mor": built["mor"],
         }
 
     # ------------------------------------------------------------------ measurements
@@ -160,20 +168,20 @@ def main(
         if k == "recursive":
             jobs.append((k, lm, recursive_configs(lm.model)))
         elif k != "mor":
-            jobs.append((k, lm, dense_configs(lm.model)))
-    n_cfg = sum(len(c) + 1 for _, _, c in jobs) + (1 if "mor" in lms else 0)
+            jobs.append((k, lm, dense_configs(lm.model, _draft_tokens(lm, data))))
+    rounds = plan.rounds  # progress units: every timed decode of every round
+    n_cfg = sum((len(c) + 1) * rounds + 1 for _, _, c in jobs) + (rounds + 1) * ("mor" in lms)
     say(
         f"[decode] {plan.prompts} validation prompts x {plan.new_tokens} tokens, batch 1, "
         f"every strategy, {plan.rounds} interleaved timing rounds"
     )
-    bar = progress_bar(progress, n_cfg, "[decode] strategies", log=say, unit="config")
+    bar = progress_bar(progress, n_cfg, "[decode] timed decodes", log=say, unit="run")
     rows, depths = [], {}
     dense_full_time = None
     for k, lm, cfgs in jobs:
         r, d = strategy_rows(
             k, lm, prompts, plan.new_tokens, cfgs, nll[k], plan.rounds, on_config=bar.update
         )
-        bar.update(1)
         rows += r
         depths[k] = (d, lm.model.n_steps)
         if k == "dense":
@@ -188,8 +196,8 @@ def main(
             nll["mor"],
             plan.rounds,
             reference_time=dense_full_time,
+            on_config=bar.update,
         )
-        bar.update(1)
         rows += r
         depths["mor"] = (d, lms["mor"].model.n_steps)
     bar.close()
@@ -209,7 +217,7 @@ def main(
         f"under each batching policy, {plan.rounds} interleaved rounds"
     )
     bar = progress_bar(
-        progress, len(engine_jobs(lms)), "[engine] configurations", log=say, unit="config"
+        progress, len(engine_jobs(lms)) * plan.rounds, "[engine] runs", log=say, unit="run"
     )
     engine = engine_rows(lms, stream, plan.max_batch, plan.rounds, on_job=bar.update)
     bar.close()
@@ -259,13 +267,21 @@ def main(
 
 
 # ---------------------------------------------------------------------- helpers
-def _resolve_model(model: str) -> str:
-    """A local directory, or a hub name downloaded with huggingface_hub (online only)."""
+def _resolve_model(model: str, work: Path) -> Path:
+    """A named model (``smollm2``), a local directory (ours or Hugging Face's, which is
+    converted once into ``work``), or a hub name downloaded with huggingface_hub (online)."""
+    from earlyexit.registry import NAMED, resolve_model
+
     p = Path(model).expanduser()
+    if model in NAMED and not p.exists():
+        return resolve_model(model)
     if p.is_dir():
-        return str(p)
+        return _ours(p, work)
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise InputError(f"{model}: not a model directory (and not a hub name like org/name)")
+        raise InputError(
+            f"{model}: not a model directory (and not a named model like smollm2 or a hub "
+            f"name like org/name)"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -273,11 +289,49 @@ def _resolve_model(model: str) -> str:
             f"{model}: downloading from the hub needs `pip install 'earlyexit[hf]'`"
         ) from None
     try:
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        got = snapshot_download(
+            model, allow_patterns=["*.json", "*.jinja", "*.safetensors", "tokenizer*"]
+        )
     except Exception as e:  # offline, unknown repo, gated...
         raise InputError(
             f"{model}: could not download from the Hugging Face hub ({type(e).__name__}: {e})"
         ) from None
+    return _ours(Path(got), work)
+
+
+def _ours(model_dir: Path, work: Path) -> Path:
+    """``model_dir`` in our checkpoint format (a Hugging Face directory is converted into
+    ``work/user-model`` once; fine-tuning and the stage stamps read our format)."""
+    from earlyexit.api import _is_hf_dir
+
+    if not _is_hf_dir(model_dir):
+        return model_dir
+    from earlyexit.models.hf import hf_import
+
+    dst = work / "user-model"
+    marker = dst / "source.txt"
+    if not (marker.is_file() and marker.read_text() == str(model_dir.resolve())):
+        hf_import(model_dir, dst)
+        marker.write_text(str(model_dir.resolve()))
+    return dst
+
+
+def _draft_tokens(lm, data: Path):
+    """A large vocabulary's most frequent 8k tokens in the corpus (FR-Spec drafting); None
+    for vocabularies small enough that the full head is cheap."""
+    if lm.config.vocab_size <= 16384:
+        return None
+    from earlyexit.decoding.speculative import frequent_tokens
+    from earlyexit.training.data import token_file
+
+    return frequent_tokens(token_file(data, "train"), 8192, lm.config.vocab_size)
+
+
+def _has_trained_exits(model_dir: Path) -> bool:
+    from earlyexit.checkpoint import load_config
+
+    exits = load_config(model_dir).exits
+    return bool(exits.steps) and exits.trained
 
 
 def _user_tokenizer(model_dir: Path) -> str:

@@ -1,7 +1,13 @@
 """Serving engine: requests, a pure-Python scheduler, a tensor-only runner, the engine."""
 
 from earlyexit.engine.engine import LLMEngine, QueueFull, StepFailed
-from earlyexit.engine.request import ExitMode, Request, RequestOutput, RequestStatus
+from earlyexit.engine.request import (
+    ExitMode,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SyntheticDepth,
+)
 from earlyexit.engine.scheduler import POLICIES, Scheduler
 
 __all__ = [
@@ -14,4 +20,5 @@ __all__ = [
     "RequestStatus",
     "Scheduler",
     "StepFailed",
+    "SyntheticDepth",
 ]

@@ -24,7 +24,13 @@ import torch
 
 from earlyexit.decoding.generate import OutputTracker
 from earlyexit.decoding.sampling import SamplingParams, apply_penalties, make_generator
-from earlyexit.engine.request import ExitMode, Request, RequestOutput, RequestStatus
+from earlyexit.engine.request import (
+    ExitMode,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SyntheticDepth,
+)
 from earlyexit.engine.runner import ModelRunner
 from earlyexit.engine.scheduler import Scheduler
 from earlyexit.errors import EarlyExitError, InputError
@@ -65,6 +71,8 @@ class LLMEngine:
         max_batch: concurrent requests (cache rows).
         max_len: cache entries per request: prompt + generated tokens must fit.
         max_queue: waiting requests beyond which ``add_request`` raises :class:`QueueFull`.
+        synthetic: draw exit and recursion decisions from fixed distributions instead of
+            the model (:class:`SyntheticDepth`; a systems measurement, not a quality one).
     """
 
     def __init__(
@@ -75,11 +83,13 @@ class LLMEngine:
         max_batch: int = 32,
         max_len: int | None = None,
         max_queue: int = 4096,
+        synthetic: SyntheticDepth | None = None,
     ) -> None:
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.L = model.n_steps
         self.max_len = min(max_len or model.config.max_context, model.config.max_context)
         self.max_queue = max_queue
+        self.synthetic = synthetic
         # a text prompt longer than this cannot fit: refused before it is tokenized
         self.max_prompt_chars = self.max_len * (tokenizer.max_token_chars if tokenizer else 1)
         self.scheduler = Scheduler(policy, max_batch, [s.block for s in model.plan])
@@ -102,6 +112,13 @@ class LLMEngine:
                 )
             self._mor_runs: dict[str, int] = {}
             self._mor_choice: dict[str, int] = {}
+        self._syn_mor = synthetic is not None and synthetic.mor_shares is not None
+        if self._syn_mor and (self.mor is None or len(synthetic.mor_shares) != len(self.mor[1])):
+            n = 0 if self.mor is None else len(self.mor[1])
+            raise InputError(
+                f"mor_shares needs a Mixture-of-Recursions model with {len(synthetic.mor_shares)} "
+                f"recursions (this one has {n})"
+            )
 
     # ------------------------------------------------------------------ requests
     def check_request(
@@ -253,8 +270,17 @@ class LLMEngine:
         if shallow:
             idx = torch.as_tensor(shallow, device=logits.device)
             conf = self.runner.margins(logits[idx]).tolist()  # one host sync for all checks
+            syn = (
+                self.synthetic if self.synthetic and self.synthetic.exit_rate is not None else None
+            )
             for i, c in zip(shallow, conf):
-                if not c > self.requests[rids[i]].exit.threshold:
+                req = self.requests[rids[i]]
+                exits = (
+                    syn.exits(req.request_id, len(req.output_ids))
+                    if syn
+                    else c > req.exit.threshold
+                )
+                if not exits:
                     go_deep.add(i)
         for i in sorted(go_deep):
             r = rids[i]
@@ -295,6 +321,8 @@ class LLMEngine:
             first = [r for r, i in nxt.items() if i == 0]
             if first:
                 choice = self.runner.route_depth([rows[r] for r in first]).tolist()
+                if self._syn_mor:  # drawn instead (the router still ran: same cost)
+                    choice = [self._drawn_recursions(r) - 1 for r in first]
                 self._mor_choice.update(zip(first, choice))
             for r, i in nxt.items():
                 (go if i < len(recs) and self._mor_choice[r] >= i else stop).append(r)
@@ -312,6 +340,8 @@ class LLMEngine:
                     if self.model.config.capacities[i] >= 1
                     else (z > 0).tolist()
                 )
+                if self._syn_mor:  # drawn instead (the router still ran: same cost)
+                    keep = [self._drawn_recursions(r) > i for r in group]
                 for r, k in zip(group, keep):
                     (go if k else stop).append(r)
         for r in go:
@@ -324,6 +354,10 @@ class LLMEngine:
             logits = self.runner.logits([rows[r] for r in done], [self.L] * len(done))
             depths = [len(prefix) + len(suffix) + self._mor_runs[r] * len(recs[0]) for r in done]
             self._emit(done, logits, depths, events)
+
+    def _drawn_recursions(self, rid: str) -> int:
+        req = self.requests[rid]
+        return self.synthetic.recursions(req.request_id, len(req.output_ids))
 
     def _emit(
         self, rids: list[str], logits: torch.Tensor, depths: list[int], events: list[RequestOutput]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from earlyexit.decoding.sampling import SamplingParams
@@ -38,6 +39,55 @@ class ExitMode:
 
     step: int
     threshold: float = 0.9
+
+
+@dataclass(frozen=True)
+class SyntheticDepth:
+    """A *systems* measurement mode: depth decisions drawn from fixed distributions instead
+    of the model's confidence or routers, so that the engine's cost can be measured apart
+    from any model's quality (``bench depthwise --synthetic``). Every decision still
+    computes what the real one computes (the shallow exit's logits and margin, the router's
+    scores), so the cost is the real cost; only the outcome is drawn.
+
+    Each draw is a fixed function of (request id, token index, ``seed``): the same requests
+    get the same depths under every batching policy.
+
+    Attributes:
+        exit_rate: probability that a token exits at its request's exit step (``ExitMode``).
+        mor_shares: probabilities that a Mixture-of-Recursions token runs 1, 2, ...
+            recursions (one per recursion of the model).
+        seed: varies the draws.
+    """
+
+    exit_rate: float | None = None
+    mor_shares: tuple[float, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from earlyexit.errors import InputError
+
+        if self.exit_rate is not None and not 0 <= self.exit_rate <= 1:
+            raise InputError(f"exit_rate must be in [0, 1], got {self.exit_rate}")
+        if self.mor_shares is not None and (
+            any(x < 0 for x in self.mor_shares) or abs(sum(self.mor_shares) - 1) > 1e-6
+        ):
+            raise InputError(f"mor_shares must be probabilities summing to 1: {self.mor_shares}")
+
+    def uniform(self, request_id: str, index: int) -> float:
+        """A number in [0, 1) fixed by (request, token index, seed)."""
+        return zlib.crc32(f"{self.seed}:{request_id}:{index}".encode()) / 2**32
+
+    def exits(self, request_id: str, index: int) -> bool:
+        return self.uniform(request_id, index) < self.exit_rate
+
+    def recursions(self, request_id: str, index: int) -> int:
+        """How many recursions this token runs (1-based)."""
+        u, total = self.uniform(request_id, index), 0.0
+        for k, share in enumerate(self.mor_shares, start=1):
+            total += share
+            if u < total:
+                return k
+        return len(self.mor_shares)
 
 
 @dataclass

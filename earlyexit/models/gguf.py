@@ -73,10 +73,14 @@ def _open(path: Path):
         ) from None
 
 
-def _field(reader, key: str, default=None, required: bool = True, path: Path | None = None):
+_REQUIRED = object()
+
+
+def _field(reader, key: str, path: Path, default=_REQUIRED):
+    """A metadata value; ``default`` when absent, or an error if there is none."""
     f = reader.fields.get(key)
     if f is None:
-        if required and default is None:
+        if default is _REQUIRED:
             raise CheckpointError(f"{path}: GGUF metadata lacks {key}")
         return default
     return f.contents()
@@ -84,43 +88,43 @@ def _field(reader, key: str, default=None, required: bool = True, path: Path | N
 
 def config_from_gguf(reader, path: Path) -> ModelConfig:
     """Our :class:`ModelConfig` from a GGUF file's metadata and tensor names."""
-    arch = _field(reader, "general.architecture", path=path)
+    arch = _field(reader, "general.architecture", path)
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"
         )
 
-    def meta(key: str, default=None, required: bool = True):
-        return _field(reader, f"{arch}.{key}", default, required, path)
+    def meta(key: str, default=_REQUIRED):
+        return _field(reader, f"{arch}.{key}", path, default)
 
     d_model = int(meta("embedding_length"))
     n_heads = int(meta("attention.head_count"))
     names = {t.name for t in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = int(meta("vocab_size", len(tokens.data) if tokens is not None else None))
-    key_len = meta("attention.key_length", None, required=False)
-    rope_type = meta("rope.scaling.type", "none", required=False)
+    vocab = int(meta("vocab_size", len(tokens.data) if tokens is not None else _REQUIRED))
+    key_len = meta("attention.key_length", None)
+    rope_type = meta("rope.scaling.type", "none")
     scaling = None
     if rope_type not in ("none", None):
         if rope_type != "linear":
             raise ConfigError(f"{path}: RoPE scaling {rope_type!r} is not supported (none, linear)")
         scaling = RopeScaling(type="linear", factor=float(meta("rope.scaling.factor")))
-    bos = _field(reader, "tokenizer.ggml.bos_token_id", None, False)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id", None, False)
+    bos = _field(reader, "tokenizer.ggml.bos_token_id", path, None)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id", path, None)
     qwen = arch == "qwen2"
     return ModelConfig(
-        name=str(_field(reader, "general.name", arch, False)),
+        name=str(_field(reader, "general.name", path, arch)),
         vocab_size=vocab,
         d_model=d_model,
         n_layers=int(meta("block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(meta("attention.head_count_kv", n_heads, required=False)),
+        n_kv_heads=int(meta("attention.head_count_kv", n_heads)),
         head_dim=int(key_len) if key_len else d_model // n_heads,
         d_ff=int(meta("feed_forward_length")),
-        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6, required=False)),
-        rope_theta=float(meta("rope.freq_base", 10000.0, required=False)),
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
-        max_context=int(meta("context_length", 2048, required=False)),
+        max_context=int(meta("context_length", 2048)),
         tie_embeddings="output.weight" not in names,
         qkv_bias=qwen or "blk.0.attn_q.bias" in names,
         o_bias="blk.0.attn_output.bias" in names,
@@ -167,7 +171,7 @@ def state_from_gguf(
 ) -> dict[str, torch.Tensor]:
     """Our state dict from the GGUF tensors, dequantized one tensor at a time."""
     tensors = {t.name: t for t in reader.tensors}
-    permuted = _field(reader, "general.architecture") == "llama"
+    permuted = _field(reader, "general.architecture", path) == "llama"
 
     def take(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -235,7 +239,7 @@ def tokenizer_from_gguf(path: Path) -> tuple[Tokenizer | None, dict]:
         value = getattr(hf_tok, name, None)
         if isinstance(value, str):
             config[name] = value
-    template = _field(reader, "tokenizer.chat_template", None, False)
+    template = _field(reader, "tokenizer.chat_template", path, None)
     if template:
         config["chat_template"] = str(template)
     return tok, config
