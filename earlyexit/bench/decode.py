@@ -358,7 +358,7 @@ def main(
     else:
         env = rows[0]["env"]
         print(
-            f"decode benchmark: {preset}, {env['dtype']}, {env.get('gpu', env['cpu'])}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}"
+            f"decode benchmark: {model or preset}, {env['dtype']}, {env.get('gpu', env['cpu'])}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}"
         )
         print(
             f"copy bandwidth {rows[-1]['copy_bandwidth_GBps']:.1f} GB/s; {rows[-1]['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token"
