@@ -261,6 +261,30 @@ RECIPES: dict[str, dict] = {
         eval_every=150,
         save_every=150,
     ),
+    # Exits for a real pretrained model (SmolLM2-135M-Instruct, `--model smollm2`, issue 14):
+    #   earlyexit prepare --corpus stdlib --tokenizer smollm2 --out data/smollm2-stdlib
+    # The body stays frozen (the full-depth model is exactly the published one); exits after
+    # 10 and 20 of 30 layers each get a norm and a rank-256 residual adapter before the tied
+    # head, trained with CE + KL toward the final layer. Budget: <= 30 min on 2 cores.
+    "smollm2-exit": dict(
+        init_from="smollm2",
+        data="data/smollm2-stdlib",
+        out="runs/smollm2-exit",
+        objective="exits",
+        exit_steps=(10, 20),
+        exit_loss="aggressive",
+        exit_norms=True,
+        exit_adapter_rank=256,
+        train_only=("exit_",),
+        seq_len=256,
+        batch_size=4,
+        steps=150,
+        lr=2e-3,
+        warmup_steps=15,
+        eval_every=75,
+        eval_batches=4,
+        save_every=25,
+    ),
     # Relaxed Recursive Transformers on the embedded model: after
     #   earlyexit convert recursive runs/stdlib-small/final runs/stdlib-small-rec-init --loops 2
     # uptrain with distillation from the dense source, then train the loop-1 exit (RRT §4:
