@@ -256,3 +256,14 @@ def test_bench_depthwise_synthetic_tiny(tmp_path):
     assert by[("vanilla", "continuous", "vanilla")]["x_vanilla_continuous"] == 1.0
     assert {r["tokens"] for r in rows} == {rows[0]["tokens"]}
     assert ("mor", "depthwise", "MoR 1/3") in by
+
+
+def test_early_exit_grid_overrides_the_swept_values(exit_setup):
+    """A real model's sweep runs a smaller grid: the override replaces each list, and only it."""
+    from earlyexit import load
+    from earlyexit.bench.early_exit import _configs
+
+    model = load(str(exit_setup / "model")).model
+    grid = {"free": (0.3,), "calm": (), "draft": (3,)}
+    labels = [label for label, _, _ in _configs(model, grid=grid)]
+    assert labels == ["static@1", "static@2", "free λ=0.3", "free adaptive", "speculative k=3"]

@@ -46,13 +46,24 @@ def _decode_all(model, prompts, params, factory, batch_size: int = 1):
     return dt, results, strategy
 
 
-def _configs(model, with_calm_on_shared_exit: bool = True, draft_vocabs: dict | None = None):
+def _configs(
+    model,
+    with_calm_on_shared_exit: bool = True,
+    draft_vocabs: dict | None = None,
+    grid: dict | None = None,
+):
     """(label, strategy name, options) for the sweep on one model. ``draft_vocabs``: {N:
-    the N most frequent token ids}: vocabulary-pruned self-speculation variants (FR-Spec)."""
+    the N most frequent token ids}: vocabulary-pruned self-speculation variants (FR-Spec).
+    ``grid`` overrides the swept values: keys ``free``, ``calm``, ``draft`` (a larger model
+    cannot afford the full grid on a CPU)."""
+    grid = grid or {}
+    free_sweep = grid.get("free", FREE_SWEEP)
+    calm_sweep = grid.get("calm", CALM_SWEEP)
+    draft_sweep = grid.get("draft", DRAFT_SWEEP)
     cfg = model.config
     out = [(f"static@{s}", "static", {"exit_step": s}) for s in cfg.exits.steps]
     first = cfg.exits.steps[0]
-    out += [(f"free λ={t}", "free", {"exit_step": first, "threshold": t}) for t in FREE_SWEEP]
+    out += [(f"free λ={t}", "free", {"exit_step": first, "threshold": t}) for t in free_sweep]
     out += [("free adaptive", "free", {"exit_step": first, "threshold": 0.9, "adaptive": True})]
     if model.exit_classifiers is not None:  # learned confidence: P(shallow agrees with deep)
         out += [
@@ -64,10 +75,10 @@ def _configs(model, with_calm_on_shared_exit: bool = True, draft_vocabs: dict | 
             for t in CLS_SWEEP
         ]
     if with_calm_on_shared_exit:
-        out += [(f"calm λ={t}", "calm", {"threshold": t}) for t in CALM_SWEEP]
+        out += [(f"calm λ={t}", "calm", {"threshold": t}) for t in calm_sweep]
     out += [
         (f"speculative k={k}", "speculative", {"exit_step": first, "draft_k": k})
-        for k in DRAFT_SWEEP
+        for k in draft_sweep
     ]
     for n, ids in (draft_vocabs or {}).items():
         out += [
@@ -91,6 +102,7 @@ def sweep(
     tag: str,
     env: dict,
     draft_vocabs: tuple[int, ...] = (),
+    grid: dict | None = None,
 ) -> list[dict]:
     from earlyexit.decoding.speculative import frequent_tokens
     from earlyexit.training.data import token_file
@@ -106,7 +118,7 @@ def sweep(
     _, ref, _ = _decode_all(model, prompts, params, full)
     references = [r.token_ids for r in ref]
     rows = []
-    for label, name, opts in _configs(model, draft_vocabs=vocabs):
+    for label, name, opts in _configs(model, draft_vocabs=vocabs, grid=grid):
         factory = functools.partial(make_strategy, model, name, **opts)
         t_full, t_cfg = [], []
         for r in range(repeats):
@@ -162,11 +174,14 @@ def main_early_exit(
     threads: int | None = None,
     out: str | None = "results/early_exit.json",
     draft_vocabs: tuple[int, ...] = (),
+    grid: dict | None = None,
 ) -> list[dict]:
     threads = set_threads(threads)
     env = environment(threads)
     warnings.simplefilter("ignore", ExitWarning)
-    rows = sweep(model, data, n_prompts, prompt_len, new_tokens, repeats, "free", env, draft_vocabs)
+    rows = sweep(
+        model, data, n_prompts, prompt_len, new_tokens, repeats, "free", env, draft_vocabs, grid
+    )
     if calm_model:
         rows += sweep(calm_model, data, n_prompts, prompt_len, new_tokens, repeats, "calm", env)
     write_rows(rows, out)
