@@ -29,4 +29,7 @@ log "depthwise on the GPU"
 ee bench depthwise --device cuda --dense runs/stdlib-small/final --recursive runs/stdlib-small-rec-exit/final \
     --exit-model runs/stdlib-small-free/final --mor runs/stdlib-small-mor/final --threshold 0.3 \
     --out "$OUT/depthwise_cuda.json" 2>&1 | tee "$OUT/depthwise.txt"
+log "synthetic-exit sweep on the GPU in bf16 (issue 15: the systems map, random weights)"
+ee bench depthwise --synthetic --device cuda --dtype bfloat16 --presets smollm-135m smollm-360m llama-3.2-1b \
+    --batch-sizes 8 16 32 --prompts 64 --new-tokens 32 --out "$OUT/depthwise_synthetic_cuda.json" 2>&1 | tee "$OUT/synthetic.txt" || true
 log "done"

@@ -267,3 +267,14 @@ def test_early_exit_grid_overrides_the_swept_values(exit_setup):
     grid = {"free": (0.3,), "calm": (), "draft": (3,)}
     labels = [label for label, _, _ in _configs(model, grid=grid)]
     assert labels == ["static@1", "static@2", "free λ=0.3", "free adaptive", "speculative k=3"]
+
+
+def test_synthetic_models_take_the_benchmark_dtype():
+    """`bench depthwise --synthetic --dtype bfloat16` (the GPU run) measures bf16 weights."""
+    import torch
+
+    from earlyexit.bench.depthwise import synthetic_models
+
+    models = synthetic_models("tiny", dtype="bfloat16")
+    assert {p.dtype for m in models.values() for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in synthetic_models("tiny")["mor"].parameters()} == {torch.float32}

@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from earlyexit.bench.common import (
+    _DEVICE,
     bench_device,
     environment,
     load_model,
@@ -203,13 +204,16 @@ SYNTHETIC_RATES = (0.0, 0.25, 0.5, 0.75)
 MOR_SHARES = (1 / 3, 1 / 3, 1 / 3)
 
 
-def synthetic_models(preset: str, device: str = "cpu", seed: int = 0) -> dict:
+def synthetic_models(
+    preset: str, device: str = "cpu", seed: int = 0, dtype: str | None = None
+) -> dict:
     """Random-weight models of one shape: vanilla (the preset), recursive (cycle, 2 loops
     of half the layers: the same depth) and MoR-like (middle-cycle, 3 recursions, token-
     choice router; the depth rounded to 1 + 3k + 1 layers)."""
     import torch
 
     from earlyexit.config import ModelConfig
+    from earlyexit.device import resolve_dtype
     from earlyexit.models.decoder import Decoder
 
     base = ModelConfig.from_name(preset)
@@ -232,6 +236,8 @@ def synthetic_models(preset: str, device: str = "cpu", seed: int = 0) -> dict:
         with torch.device(device):
             m = Decoder(cfg)
         m.init_weights(torch.Generator(device=device).manual_seed(seed))
+        if dtype is not None:  # e.g. bf16 weights on a GPU (`bench --dtype`)
+            m.to(resolve_dtype(dtype, torch.device(device)))
         out[name] = m.eval()
     return out
 
@@ -267,7 +273,7 @@ def run_synthetic(
     env = environment(threads)
     rows = []
     for preset in presets:
-        models = synthetic_models(preset, bench_device())
+        models = synthetic_models(preset, bench_device(), dtype=_DEVICE["dtype"])
         vocab = models["vanilla"].config.vocab_size
         stream = synthetic_stream(vocab, n_requests, mean_len, max_prompt)
         max_len = max_prompt + 4 * int(mean_len) + 2
