@@ -75,8 +75,12 @@ def test_bench_early_exit_and_batched_exit_and_plots(exit_setup, tmp_path, monke
         out=str(tmp_path / "batched_exit.json"),
     )
     assert {(r["variant"], r["batch_size"]) for r in rows} == {
-        (v, b) for v in ("full", "naive", "ours") for b in (1, 4)
+        (v, b) for v in ("full", "naive", "ours", "ours-nofb") for b in (1, 4)
     }
+    # a single row has nothing to synchronize: the batch fallback never triggers there
+    one = {r["variant"]: r for r in rows if r["batch_size"] == 1}
+    assert one["ours"]["stats"]["fallback"] is None
+    assert one["ours"]["mean_depth"] == one["ours-nofb"]["mean_depth"]
     assert all(r["identical"] for r in rows if r["variant"] == "full")
     made = plots.plot_all(tmp_path, tmp_path / "plots")
     assert {p.name for p in made} == {"pareto.png", "batched_exit.png"}

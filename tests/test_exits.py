@@ -606,6 +606,7 @@ def test_free_stats_and_finished_rows_caches(model, monkeypatch):
             "deep_passes": 0,
             "caught_up": 0,
             "plain_steps": 0,
+            "fallback": None,
         }
         before = cache.lengths[:, 1].copy()
         s.decode(model, cache, torch.tensor([3, 2]), np.array([1, 0]))  # row 0 goes deep
@@ -693,3 +694,62 @@ def test_free_exits_use_the_exit_norm_and_classifier_rows_alone(monkeypatch):
     res = generate(m, ps, params, strategy=FREE(2, 0.5, measure="classifier"))
     assert set(calls) == {2}  # only the exiting rows' heads, never all three
     assert check(res, ps) == 10
+
+
+def _run_scripted(monkeypatch, pattern, n_rows, **free_kwargs):
+    model = make_model(n_layers=6, exits={"steps": [2, 4], "trained": True})
+    monkeypatch.setattr(free_mod, "confidence", _Scripted(pattern))
+    ps = prompts(n_rows, seed=3)
+    s = FREE(exit_step=2, threshold=0.5, **free_kwargs)
+    res = generate(model, ps, SamplingParams(max_new_tokens=12, ignore_eos=True), strategy=s)
+    return model, ps, s, res
+
+
+def test_free_batch_fallback_goes_full_depth_and_stays_exact(monkeypatch):
+    """Two rows that never exit together: the deep pass runs every step, so after the probe
+    the batch falls back; every later token is the full model's argmax (uncached forward on
+    the emitted prefix), stacks are caught up, and the earlier tokens are FREE's own."""
+    pattern = [[1, 0], [0, 1]]
+    model, ps, s, res = _run_scripted(monkeypatch, pattern, 2, min_sync_rate=0.5, probe_steps=3)
+    _, _, s_ref, ref = _run_scripted(monkeypatch, pattern, 2, min_sync_rate=None)
+    assert s.stats()["fallback"] and s_ref.stats()["fallback"] is None
+    L = model.n_steps
+    for r, r_ref, p in zip(res, ref, ps):
+        # token 0 comes from the prefill; decode steps 1..3 are the probe, decided as without
+        # fallback; from then on every token runs full depth
+        assert r.token_ids[:4] == r_ref.token_ids[:4] and r.depths[:4] == r_ref.depths[:4]
+        assert r.depths[4:] == [L] * (len(r.depths) - 4)
+        assert any(d < L for d in r.depths[1:4])  # the probe really exited
+        with torch.inference_mode():
+            full_logits = model(torch.tensor([p + r.token_ids]))[0]
+        for t in range(4, len(r.token_ids)):
+            assert r.token_ids[t] == int(full_logits[len(p) - 1 + t].argmax())
+    assert not s.n_stack.any()  # stacks caught up: deep KV complete
+    assert s.counts["plain_steps"] >= len(res[0].token_ids) - 6
+
+
+def test_free_batch_fallback_keeps_exits_that_pay(monkeypatch):
+    """All rows exiting together skip the deep pass: no fallback; a single row never falls
+    back (nothing to synchronize), even when it never exits."""
+    _, _, s, res = _run_scripted(monkeypatch, [[1], [1]], 2, min_sync_rate=0.5, probe_steps=3)
+    assert s.stats()["fallback"] is None and all(d == 2 for r in res for d in r.depths[1:])
+    _, _, s1, _ = _run_scripted(monkeypatch, [[0]], 1, min_sync_rate=1.0, probe_steps=1)
+    assert s1.stats()["fallback"] is None
+
+
+def test_free_batch_fallback_options_are_validated():
+    model = make_model(n_layers=6, exits={"steps": [2, 4], "trained": True})
+    with pytest.raises(InputError, match="min_sync_rate"):
+        make_strategy(model, "free", min_sync_rate=1.5)
+    with pytest.raises(ValueError, match="probe_steps"):
+        FREE(2, probe_steps=0)
+    assert make_strategy(model, "free").min_sync_rate == 0.5
+    assert make_strategy(model, "free", min_sync_rate=None).min_sync_rate is None
+
+
+@pytest.mark.parametrize("rate, falls_back", [(0.5, False), (0.75, True)])
+def test_free_batch_fallback_threshold_is_a_share_of_probe_steps(monkeypatch, rate, falls_back):
+    """2 of 4 probe steps skip the deep pass (both rows exit): a 50% floor keeps exits."""
+    pattern = [[1, 1, 0, 0], [1, 1, 1, 1]]
+    _, _, s, _ = _run_scripted(monkeypatch, pattern, 2, min_sync_rate=rate, probe_steps=4)
+    assert (s.stats()["fallback"] is not None) == falls_back

@@ -215,6 +215,10 @@ def main_batched_exit(
             make_strategy, m, "calm", threshold=threshold, min_exit=ls, sync_batch=True
         ),
         "ours": functools.partial(make_strategy, m, "free", exit_step=ls, threshold=threshold),
+        # the same without the batch fallback: what per-row exits cost in lock-step batches
+        "ours-nofb": functools.partial(
+            make_strategy, m, "free", exit_step=ls, threshold=threshold, min_sync_rate=None
+        ),
     }
     _decode_all(m, prompts[:2], params, variants["full"])  # warm up
     _, ref, _ = _decode_all(m, prompts, params, variants["full"], 8)
@@ -253,7 +257,7 @@ def main_batched_exit(
             }
             rows.append(row)
             print(
-                f"  batch {bs:2d} {name:5s} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_full']:.2f}x  "
+                f"  batch {bs:2d} {name:9s} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_full']:.2f}x  "
                 f"ROUGE-L {row['rouge_l']:.3f}  depth {row['mean_depth']:.2f}",
                 flush=True,
             )

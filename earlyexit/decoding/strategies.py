@@ -22,6 +22,13 @@ from earlyexit.errors import InputError
 
 STRATEGIES = ("full", "static", "calm", "free", "speculative")
 
+# FREE's batch fallback (decoding/free.py): below this share of batched steps that skip the
+# deep pass, exits cannot pay for the shallow heads and padded catch-ups. Break-even
+# measured on the embedded model (exit at 2 of 8, head = 2.7 blocks): a skipped deep pass
+# saves ~56% of a step, a step with catch-ups costs ~54% more than a plain one
+# (BENCHMARKS.md, batched-exit), so exits pay above ~50% skipped steps.
+FREE_MIN_SYNC_RATE = 0.5
+
 
 class ExitWarning(UserWarning):
     """An exit strategy runs where its quality cannot be trusted (untrained exits)."""
@@ -42,6 +49,7 @@ def make_strategy(
     sync_batch: bool = False,
     calibrator: BetaMixtureThreshold | None = None,
     compile: bool = False,
+    min_sync_rate: float | None = FREE_MIN_SYNC_RATE,
 ) -> Strategy:
     """A ready strategy for ``model``; see each strategy's module for the options' meaning.
 
@@ -114,7 +122,9 @@ def make_strategy(
     if name == "static":
         return StaticExit(exit_step)
     if name == "free":
-        return FREE(exit_step, threshold, adaptive, measure, calibrator)
+        if min_sync_rate is not None and not 0 <= min_sync_rate <= 1:
+            raise InputError(f"min_sync_rate must be within [0, 1] (or None), got {min_sync_rate}")
+        return FREE(exit_step, threshold, adaptive, measure, calibrator, min_sync_rate)
     if not 1 <= draft_k <= 32:
         raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
     return SelfSpeculative(exit_step, draft_k, _draft_tokens(draft_vocab, cfg.vocab_size))
