@@ -13,8 +13,22 @@ from earlyexit.errors import InputError
 def register(sub) -> None:
     """Add ``earlyexit train`` and its flags to the subcommand parsers ``sub``."""
     t = sub.add_parser("train", help="train or fine-tune a model (also under torchrun)")
-    t.add_argument("--preset", default=None, help="a named recipe (stdlib-small)")
-    t.add_argument("--config", default=None, help="a TrainConfig JSON file (flags override it)")
+    t.add_argument(
+        "--preset",
+        default=None,
+        help="a named recipe, earlyexit/recipes/NAME.json (stdlib-small; --list-presets)",
+    )
+    t.add_argument(
+        "--config",
+        default=None,
+        help="a TrainConfig JSON file, the format of a recipe (flags override it)",
+    )
+    t.add_argument(
+        "--list-presets",
+        action="store_true",
+        help="list the recipes (--preset NAME), one line each, and the model presets "
+        "(--model NAME); then exit",
+    )
     t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
@@ -169,7 +183,8 @@ def register(sub) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     """The TrainConfig a ``train`` command line describes: recipe or file, then flags."""
-    from earlyexit.training.loop import RECIPES, TrainConfig
+    from earlyexit.training.config import TrainConfig
+    from earlyexit.training.recipes import RECIPES
 
     flags = {
         k: v
@@ -188,9 +203,23 @@ def train_config_from_args(args: argparse.Namespace):
     return TrainConfig(**{**base, **flags}).validate()
 
 
+def _list_presets(as_json: bool) -> int:
+    from earlyexit.config import PRESETS
+    from earlyexit.training.recipes import DESCRIPTIONS, list_recipes
+
+    if as_json:
+        print(json.dumps({"recipes": DESCRIPTIONS, "model_presets": sorted(PRESETS)}))
+        return 0
+    print("\n".join(list_recipes()))
+    print(f"model presets (--model NAME): {', '.join(sorted(PRESETS))}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from earlyexit.training.loop import train
 
+    if args.list_presets:
+        return _list_presets(args.json)
     cfg = train_config_from_args(args)
     summary = train(
         cfg,
