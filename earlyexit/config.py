@@ -6,21 +6,21 @@
   plan is derived, stored in ``config.json`` for readers, and checked on load.
 - ``from_dict`` is strict: unknown keys and wrong types are refused with the key named,
   so a typo in a config file never silently falls back to a default.
-- Presets live in ``PRESETS`` behind :meth:`ModelConfig.from_name` (gpt-fast style).
+- Presets are files, ``earlyexit/presets/NAME.json``, loaded into ``PRESETS`` behind
+  :meth:`ModelConfig.from_name` (gpt-fast style); strict parsing is ``earlyexit/strict.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from earlyexit.errors import ConfigError
 from earlyexit.models.plan import Step, build_plan, n_blocks, n_kv_slots
+from earlyexit.strict import parse_dataclass
 
 # Bumped when the on-disk checkpoint layout changes incompatibly. Loaders refuse newer ones.
 FORMAT_VERSION = 1
@@ -444,7 +444,7 @@ class ModelConfig:
         data = dict(data)
         stored_plan = data.pop("plan", None)
         try:
-            cfg = _parse_dataclass(cls, data, "")
+            cfg = parse_dataclass(cls, data, "")
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         if stored_plan is not None:
@@ -493,199 +493,17 @@ class ModelConfig:
         return cls.from_dict(data, source=f"preset {match!r}")
 
 
-# One line per model; numbers from the models' Hugging Face configs.
-# The embedded default's shape (see the "stdlib-small" preset); its variants and the demo's
+def _load_presets() -> dict[str, dict[str, Any]]:
+    """name -> ModelConfig fields of every ``earlyexit/presets/*.json`` (one file per model;
+    its ``description`` says where the numbers come from). Checked strictly on use
+    (:meth:`ModelConfig.from_name`), like a user's config file."""
+    from earlyexit.datafiles import read_named
+
+    return {name: body for name, (_, body) in read_named("presets").items()}
+
+
+PRESETS: dict[str, dict[str, Any]] = _load_presets()
+
+# The embedded default's shape (the "stdlib-small" preset); its variants and the demo's
 # models derive from it.
-STDLIB_SMALL: dict[str, Any] = dict(
-    vocab_size=8192,
-    d_model=256,
-    n_layers=8,
-    n_heads=8,
-    n_kv_heads=4,
-    d_ff=768,
-    max_context=1024,
-    tie_embeddings=True,
-)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Tests: runs everything on a CPU in milliseconds.
-    "tiny": dict(
-        vocab_size=512,
-        d_model=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=128,
-        max_context=256,
-        tie_embeddings=False,
-    ),
-    # The embedded default trained on the Python standard library (training/loop.py
-    # RECIPES). 8 layers: FREE 2/8 shallow-deep, recursive 4x2 cycle and MoR middle-cycle
-    # 1 + 2x3 + 1 all fit without adding layers. The vocabulary comes from the data.
-    "stdlib-small": STDLIB_SMALL,
-    # Gemma-2B *shape* as a Llama (MQA, head_dim 256, tied 256k vocab; SwiGLU has the same
-    # parameter count as Gemma's GeGLU): reproduces the recursive paper's parameter counts.
-    "gemma-2b-shape": dict(
-        vocab_size=256000,
-        d_model=2048,
-        n_layers=18,
-        n_heads=8,
-        n_kv_heads=1,
-        head_dim=256,
-        d_ff=16384,
-        max_context=8192,
-        tie_embeddings=True,
-    ),
-    # Mixture-of-Recursions variant of stdlib-small: the same 8-step depth as 1 + 2 x 3 + 1,
-    # 4 unique blocks, expert-choice routing with capacities 1, 2/3, 1/3.
-    "stdlib-small-mor": dict(
-        STDLIB_SMALL, sharing=dict(scheme="middle_cycle", loops=3), router=dict(kind="expert")
-    ),
-    "stdlib-small-mor-token": dict(
-        STDLIB_SMALL, sharing=dict(scheme="middle_cycle", loops=3), router=dict(kind="token")
-    ),
-    # The same shape without routers: every token runs all three recursions (the
-    # recursive baseline of the equal-FLOP comparison).
-    "stdlib-small-rec3": dict(STDLIB_SMALL, sharing=dict(scheme="middle_cycle", loops=3)),
-    # HuggingFaceTB/SmolLM-135M (also MoR's 135M base shape).
-    "smollm-135m": dict(
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        d_ff=1536,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_context=2048,
-        tie_embeddings=True,
-        eos_token_ids=(0,),
-        bos_token_id=0,
-    ),
-    # HuggingFaceTB/SmolLM2-135M.
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        d_ff=1536,
-        norm_eps=1e-5,
-        rope_theta=100000.0,
-        max_context=8192,
-        tie_embeddings=True,
-        eos_token_ids=(0,),
-        bos_token_id=1,
-    ),
-    # HuggingFaceTB/SmolLM-360M (MoR's 360M base shape).
-    "smollm-360m": dict(
-        vocab_size=49152,
-        d_model=960,
-        n_layers=32,
-        n_heads=15,
-        n_kv_heads=5,
-        d_ff=2560,
-        max_context=2048,
-        tie_embeddings=True,
-        eos_token_ids=(0,),
-        bos_token_id=0,
-    ),
-    # meta-llama/Llama-3.2-1B shape (Llama-3 RoPE scaling, GQA 32/8, tied head).
-    "llama-3.2-1b": dict(
-        vocab_size=128256,
-        d_model=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=64,
-        d_ff=8192,
-        rope_theta=500000.0,
-        rope_scaling=dict(
-            type="llama3",
-            factor=32.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position=8192,
-        ),
-        max_context=131072,
-        tie_embeddings=True,
-        eos_token_ids=(128001,),
-        bos_token_id=128000,
-    ),
-    # TinyLlama-1.1B shape (the recursive paper's 22-layer model).
-    "tinyllama-1.1b": dict(
-        vocab_size=32000,
-        d_model=2048,
-        n_layers=22,
-        n_heads=32,
-        n_kv_heads=4,
-        d_ff=5632,
-        max_context=2048,
-        tie_embeddings=False,
-        eos_token_ids=(2,),
-        bos_token_id=1,
-    ),
-}
-
-
-# --------------------------------------------------------------------- strict parsing
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` (JSON-shaped), converting lists to tuples."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        candidates = [a for a in args if a is not type(None)]
-        if len(candidates) == 1:  # Optional[X]: X's own, more precise error
-            return _coerce(value, candidates[0], key)
-        for arg in candidates:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is tuple:
-        (elem, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return _parse_dataclass(tp, value, key + ".")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug, not user input
-
-
-def _parse_dataclass(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a JSON object; ``prefix`` names nested keys in errors."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected an object, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        names = ", ".join(repr(prefix + k) for k in unknown)
-        raise ConfigError(f"unknown key(s) {names}; known: {', '.join(fields)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+STDLIB_SMALL: dict[str, Any] = PRESETS["stdlib-small"]

@@ -27,3 +27,7 @@ class InputError(EarlyExitError, ValueError):
 
 class DeviceError(EarlyExitError):
     """The requested device or dtype is not available here."""
+
+
+class TrainingError(EarlyExitError):
+    """Training cannot go on (non-finite loss, incompatible resume)."""

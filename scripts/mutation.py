@@ -62,6 +62,7 @@ TESTS = {
     "earlyexit/engine/engine.py": ["tests/test_engine.py"],
     "earlyexit/training/losses.py": ["tests/test_exit_training.py", "tests/test_mor.py"],
     "earlyexit/training/exit_losses.py": ["tests/test_exit_training.py"],
+    "earlyexit/training/objective.py": ["tests/test_exit_training.py", "tests/test_mor.py"],
 }
 
 

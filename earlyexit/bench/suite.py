@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from earlyexit.errors import EarlyExitError
@@ -133,6 +134,7 @@ def _with_device(argv: list[str], device: list[str], precision: str = "auto") ->
 
 
 def run_all(
+    command: Callable[[list[str]], int],
     skip: set[str] | None = None,
     dry_run: bool = False,
     device: list[str] | None = None,
@@ -140,10 +142,10 @@ def run_all(
     precision: str = "auto",
 ) -> int:
     """Run the suite; returns the number of failed steps (each failure is reported and the
-    suite goes on with the steps that do not depend on it). ``device``: flags appended to
-    every training and benchmark step (``--device cuda --dtype bfloat16``)."""
-    from earlyexit.cli import main as cli_main
-
+    suite goes on with the steps that do not depend on it). ``command`` runs one step's
+    ``earlyexit`` argv and returns its exit status (the CLI passes its ``main``: the suite
+    does not import the CLI, which imports the suite). ``device``: flags appended to every
+    training and benchmark step (``--device cuda --dtype bfloat16``)."""
     steps = [(n, _with_device(argv, device or [], precision)) for n, argv in plan(skip or set())]
     failed = []
     for name, argv in steps:
@@ -153,7 +155,7 @@ def run_all(
             continue
         log(f"=== {name}: {cmd}")
         t = time.perf_counter()
-        rc = cli_main(argv)
+        rc = command(argv)
         log(
             f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t:.0f}s"
         )

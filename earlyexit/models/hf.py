@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from earlyexit.checkpoint import atomic_dir, build_model, read_safetensors, save_checkpoint
-from earlyexit.config import ExitConfig, ModelConfig, RopeScaling, SharingConfig, _parse_dataclass
+from earlyexit.config import ExitConfig, ModelConfig, RopeScaling, SharingConfig
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.models.decoder import Decoder
+from earlyexit.strict import parse_dataclass
 from earlyexit.tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -100,7 +101,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     extra = hf.get(EXTRA_KEY)  # written by hf_export: exits survive a round trip
     if isinstance(extra, dict) and extra.get("exits"):
         try:
-            exits = _parse_dataclass(ExitConfig, extra["exits"], f"{EXTRA_KEY}.exits.")
+            exits = parse_dataclass(ExitConfig, extra["exits"], f"{EXTRA_KEY}.exits.")
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     return ModelConfig(**cfg, sharing=SharingConfig(), exits=exits)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earlyexit.errors import ConfigError
-from earlyexit.training.losses import LossOutput, Objective, cross_entropy
+from earlyexit.training.objective import LossOutput, Objective, cross_entropy
 
 EXIT_LOSSES = ("weighted", "aggressive", "shallow-deep")
 

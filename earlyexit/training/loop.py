@@ -18,6 +18,13 @@
   R ranks x batch b equals 1 rank x batch R*b.
 - A NaN/inf loss stops with the step and a hint (or skips the step, ``nonfinite="skip"``);
   the last good checkpoint is never touched.
+
+This module is the loop itself; what it calls lives beside it, named by what it does:
+``config.py`` (``TrainConfig``), ``recipes.py`` (named runs from ``earlyexit/recipes/``),
+``model_setup.py`` (the model and its parameter groups), ``distributed.py`` (process group,
+DDP/FSDP2), ``checkpointing.py`` (step checkpoints, resume fingerprint, metrics files),
+``evaluation.py`` (validation NLL), ``mfu.py`` (FLOPs per token, MFU), ``losses.py`` /
+``exit_losses.py`` (the objectives), ``data.py`` (batches), ``state.py`` (files on disk).
 """
 
 from __future__ import annotations
@@ -25,10 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
-import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,515 +40,67 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from earlyexit.checkpoint import load_checkpoint, load_config, save_checkpoint
-from earlyexit.config import ExitConfig, ModelConfig, _parse_dataclass
-from earlyexit.device import PRECISIONS, resolve_device, resolve_precision
-from earlyexit.errors import ConfigError, EarlyExitError, InputError
+from earlyexit.checkpoint import save_checkpoint
+from earlyexit.config import ModelConfig
+from earlyexit.device import resolve_device, resolve_precision
+from earlyexit.errors import InputError, TrainingError
 from earlyexit.models.decoder import Decoder
-from earlyexit.models.layers import RMSNorm
 from earlyexit.progress import progress as progress_bar
-from earlyexit.registry import resolve_model
 from earlyexit.tokenizer import Tokenizer
+from earlyexit.training.checkpointing import (
+    append_metrics,
+    check_fingerprint,
+    fingerprint,
+    load_optimizer,
+    save_step,
+    truncate_metrics,
+    write_run_config,
+)
+from earlyexit.training.checkpointing import chat_files as _chat_files
+from earlyexit.training.config import TrainConfig
 from earlyexit.training.data import (
     TrainBatches,
     Windows,
     document_segments,
     load_manifest,
     token_file,
-    val_batches,
 )
-from earlyexit.training.losses import evaluate_nll, get_objective
-from earlyexit.training.schedule import SCHEDULES, lr_at
-from earlyexit.training.state import (
-    latest_checkpoint,
-    load_training_state,
-    lock_run,
-    restore_rng,
-    save_training_checkpoint,
+from earlyexit.training.distributed import Dist, all_mean, full_model, setup_distributed, wrap
+from earlyexit.training.evaluation import validation_nll
+from earlyexit.training.losses import get_objective
+from earlyexit.training.mfu import flops_per_token, matmul_peak, model_flops_utilization
+from earlyexit.training.model_setup import (
+    build_config,
+    exit_config,
+    freeze_all_but,
+    initial_model,
+    param_groups,
+    with_exits,
 )
+from earlyexit.training.objective import Objective
+from earlyexit.training.recipes import RECIPES
+from earlyexit.training.schedule import lr_at
+from earlyexit.training.state import latest_checkpoint, load_training_state, lock_run, restore_rng
+
+# What used to be defined here stays importable from here.
+__all__ = [
+    "RECIPES",
+    "Dist",
+    "TrainConfig",
+    "TrainingError",
+    "build_config",
+    "exit_config",
+    "flops_per_token",
+    "freeze_all_but",
+    "matmul_peak",
+    "model_flops_utilization",
+    "param_groups",
+    "setup_distributed",
+    "train",
+    "with_exits",
+]
 
 
-class TrainingError(EarlyExitError):
-    """Training cannot go on (non-finite loss, incompatible resume)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on. ``-1`` / ``0`` disable where noted.
-
-    Attributes:
-        data: prepared data directory (``earlyexit prepare``).
-        out: run directory (checkpoints, metrics, final model).
-        model: model preset name or path to a ModelConfig JSON (training from scratch).
-        init_from: checkpoint to start from instead (fine-tuning); overrides ``model``.
-        objective: training objective (``lm``; later ``exits``, ``uptrain``, ``mor``).
-        seq_len: tokens per training window.
-        batch_size: windows per micro-batch per process.
-        grad_accum: micro-batches per optimizer step.
-        steps: optimizer steps in the run (the schedule spans them).
-        lr: peak learning rate.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-        schedule: ``cosine`` or ``wsd`` (warmup-stable-decay).
-        warmup_steps: linear warmup steps.
-        decay_fraction: ``wsd`` only: fraction of steps spent decaying.
-        weight_decay: AdamW weight decay on matrices (not norms, biases, embeddings).
-        beta1, beta2: AdamW betas.
-        grad_clip: max global gradient norm (<= 0 disables).
-        precision: ``auto`` (bf16 autocast where the device runs bf16 natively, fp32
-            elsewhere: :func:`earlyexit.device.resolve_precision`), ``float32``, or
-            ``bfloat16`` autocast with fp32 master weights.
-        eval_every: steps between validation evaluations (<= 0: only at the end).
-        eval_batches: validation batches per evaluation.
-        save_every: steps between checkpoints (<= 0: only at the end).
-        keep_last: checkpoints kept (<= 0 keeps all).
-        log_every: steps between metric lines.
-        seed: seed of initialisation and data order.
-        nonfinite: ``stop`` or ``skip`` on a NaN/inf loss.
-        device: ``cpu``, ``cuda`` or ``auto``.
-        threads: torch CPU threads (0: leave torch's default).
-        fsdp: shard with FSDP2 instead of replicating with DDP (multi-process runs).
-        stop_at_step: end the process after this step as if interrupted (-1: never); for
-            resume tests and time-sliced jobs.
-        exit_steps: set the model's early-exit points (None: keep the model's).
-        exit_loss: ``--objective exits``: ``weighted`` (CALM), ``aggressive`` (RRT) or
-            ``shallow-deep`` (FREE).
-        exit_coef: ``aggressive``: weight of the intermediate exits.
-        kd_alpha: ``shallow-deep``: weight of the layer-wise distillation.
-        exit_norms: give each intermediate exit its own RMSNorm (initialised from the final).
-        exit_classifier: give each intermediate exit a confidence classifier.
-        exit_adapter_rank: give each intermediate exit a residual adapter of this rank
-            (``ExitConfig.adapter_rank``; 0: none).
-        train_only: train only parameters whose names start with one of these prefixes
-            (e.g. ``exit_`` : the exits' adapters and norms); everything else is frozen.
-            None trains everything.
-        teacher: ``--objective uptrain``: the dense model distilled from.
-        distill_weight: ``uptrain``: weight of KL(teacher || student) next to the LM loss.
-        flops_budget: set ``steps`` so the run spends this many forward FLOPs (MoR's
-            accountant, ``training/flops.py``): equal-compute comparisons.
-        doc_mask: attend only within each document of a packed window (documents end with
-            the end-of-text token); off by default, as in the recipes' measured runs.
-    """
-
-    data: str = "data/stdlib"
-    out: str = "runs/stdlib-small"
-    model: str = "stdlib-small"
-    init_from: str | None = None
-    objective: str = "lm"
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 1000
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    schedule: str = "cosine"
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    eval_every: int = 100
-    eval_batches: int = 16
-    save_every: int = 200
-    keep_last: int = 3
-    log_every: int = 10
-    seed: int = 0
-    nonfinite: str = "stop"
-    device: str = "auto"
-    threads: int = 0
-    fsdp: bool = False
-    stop_at_step: int = -1
-    exit_steps: tuple[int, ...] | None = None
-    exit_loss: str = "shallow-deep"
-    exit_coef: float = 0.1
-    kd_alpha: float = 0.5
-    exit_norms: bool = False
-    exit_classifier: bool = False
-    exit_adapter_rank: int | None = None
-    train_only: tuple[str, ...] | None = None
-    teacher: str | None = None
-    distill_weight: float = 1.0
-    flops_budget: float | None = None
-    doc_mask: bool = False
-
-    def validate(self) -> TrainConfig:
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-            )
-        if self.precision == "float16":
-            # fp16 training needs dynamic loss scaling (and its state in every checkpoint for
-            # exact resume); bf16 has fp32's range and the same speed where it exists
-            raise ConfigError(
-                "float16 training is not supported: use --precision bfloat16 (fp32 master weights)"
-            )
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
-        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
-            raise ConfigError("min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        return self
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except ValueError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        try:
-            return _parse_dataclass(cls, {**data, **overrides}, "")
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-
-# Named recipes: `earlyexit train --preset NAME`. Each must run as documented on 2 CPU cores.
-RECIPES: dict[str, dict] = {
-    # The embedded default: the small dense model the demo builds on, trained on the
-    # Python standard library (1.8M tokens, ~0.6 epoch) in ~12 minutes on 2 cores
-    # (BENCHMARKS.md, "train"). Precision is the default ``auto``: bf16 autocast where the
-    # hardware has it (1.45x faster than fp32 on AVX512-BF16 CPUs), fp32 elsewhere.
-    "stdlib-small": dict(
-        model="stdlib-small",
-        data="data/stdlib",
-        out="runs/stdlib-small",
-        seq_len=256,
-        batch_size=16,
-        steps=450,
-        lr=2e-3,
-        warmup_steps=30,
-        eval_every=50,
-        save_every=50,
-    ),
-    # Exit fine-tuning of the embedded model (run after stdlib-small): FREE's shallow-deep
-    # loss with the shallow exit after 2 of 8 layers, and CALM's weighted loss on exits
-    # after 2, 4 and 6 layers, for the early-exit benchmarks.
-    "stdlib-small-free": dict(
-        init_from="runs/stdlib-small/final",
-        data="data/stdlib",
-        out="runs/stdlib-small-free",
-        objective="exits",
-        exit_steps=(2,),
-        exit_loss="shallow-deep",
-        seq_len=256,
-        batch_size=16,
-        steps=300,
-        lr=1e-3,
-        warmup_steps=20,
-        eval_every=100,
-        save_every=100,
-    ),
-    # CALM's learned exit classifier on the frozen FREE model (confidence without the head).
-    "stdlib-small-free-cls": dict(
-        init_from="runs/stdlib-small-free/final",
-        data="data/stdlib",
-        out="runs/stdlib-small-free-cls",
-        objective="exit-classifier",
-        exit_classifier=True,
-        seq_len=256,
-        batch_size=16,
-        steps=150,
-        lr=1e-3,
-        warmup_steps=10,
-        eval_every=150,
-        save_every=150,
-    ),
-    # Exits for a real pretrained model (SmolLM2-135M-Instruct, `--model smollm2`, issue 14):
-    #   earlyexit prepare --corpus stdlib --tokenizer smollm2 --out data/smollm2-stdlib
-    # The body stays frozen (the full-depth model is exactly the published one); exits after
-    # 10 and 20 of 30 layers each get a norm and a rank-256 residual adapter before the tied
-    # head, trained with CE + KL toward the final layer. Budget: <= 30 min on 2 cores.
-    "smollm2-exit": dict(
-        init_from="smollm2",
-        data="data/smollm2-stdlib",
-        out="runs/smollm2-exit",
-        objective="exits",
-        exit_steps=(10, 20),
-        exit_loss="aggressive",
-        exit_norms=True,
-        exit_adapter_rank=256,
-        train_only=("exit_",),
-        seq_len=256,
-        batch_size=4,
-        steps=150,
-        lr=2e-3,
-        warmup_steps=15,
-        eval_every=75,
-        eval_batches=4,
-        save_every=25,
-    ),
-    # Relaxed Recursive Transformers on the embedded model: after
-    #   earlyexit convert recursive runs/stdlib-small/final runs/stdlib-small-rec-init --loops 2
-    # uptrain with distillation from the dense source, then train the loop-1 exit (RRT §4:
-    # aggressive coefficient 0.1 + KD toward the final loop).
-    "stdlib-small-rec": dict(
-        init_from="runs/stdlib-small-rec-init",
-        teacher="runs/stdlib-small/final",
-        objective="uptrain",
-        data="data/stdlib",
-        out="runs/stdlib-small-rec",
-        seq_len=256,
-        batch_size=16,
-        steps=120,
-        lr=1e-3,
-        warmup_steps=10,
-        eval_every=60,
-        save_every=60,
-    ),
-    "stdlib-small-rec-exit": dict(
-        init_from="runs/stdlib-small-rec/final",
-        objective="exits",
-        exit_steps=(4,),
-        exit_loss="aggressive",
-        data="data/stdlib",
-        out="runs/stdlib-small-rec-exit",
-        seq_len=256,
-        batch_size=16,
-        steps=150,
-        lr=1e-3,
-        warmup_steps=10,
-        eval_every=75,
-        save_every=75,
-    ),
-    # Mixture-of-Recursions on the embedded corpus: 8 layers as 1 + 2 x 3 + 1 (middle-cycle,
-    # N_r = 3), expert-choice routing, trained from scratch at the FLOP budget of the
-    # stdlib-small recipe (450 steps of 16 x 256 tokens of the 8-layer vanilla model).
-    "stdlib-small-mor": dict(
-        model="stdlib-small-mor",
-        data="data/stdlib",
-        out="runs/stdlib-small-mor",
-        seq_len=256,
-        batch_size=16,
-        flops_budget=450 * 16 * 256 * 14_680_064,  # vanilla: 14.68 MFLOP per token at 256
-        lr=2e-3,
-        warmup_steps=30,
-        eval_every=100,
-        save_every=100,
-    ),
-    "stdlib-small-mor-token": dict(
-        model="stdlib-small-mor-token",
-        data="data/stdlib",
-        out="runs/stdlib-small-mor-token",
-        seq_len=256,
-        batch_size=16,
-        flops_budget=450 * 16 * 256 * 14_680_064,
-        lr=2e-3,
-        warmup_steps=30,
-        eval_every=100,
-        save_every=100,
-    ),
-    "stdlib-small-rec3": dict(
-        model="stdlib-small-rec3",
-        data="data/stdlib",
-        out="runs/stdlib-small-rec3",
-        seq_len=256,
-        batch_size=16,
-        flops_budget=450 * 16 * 256 * 14_680_064,
-        lr=2e-3,
-        warmup_steps=30,
-        eval_every=100,
-        save_every=100,
-    ),
-    "stdlib-small-calm": dict(
-        init_from="runs/stdlib-small/final",
-        data="data/stdlib",
-        out="runs/stdlib-small-calm",
-        objective="exits",
-        exit_steps=(2, 4, 6),
-        exit_loss="weighted",
-        seq_len=256,
-        batch_size=16,
-        steps=300,
-        lr=1e-3,
-        warmup_steps=20,
-        eval_every=100,
-        save_every=100,
-    ),
-}
-
-
-# ---------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: torch.device) -> Dist:
-    """Join the process group ``torchrun`` describes (no-op for a single process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local)
-
-
-def _all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= d.world
-    return x
-
-
-# ---------------------------------------------------------------------- model and optimizer
-def build_config(cfg: TrainConfig, tokenizer: Tokenizer, eot: int) -> ModelConfig:
-    """The model config: preset or file, with the vocabulary of the data's tokenizer."""
-    over = {"vocab_size": tokenizer.vocab_size, "eos_token_ids": [eot]}
-    if Path(cfg.model).suffix == ".json":
-        mc = ModelConfig.load(cfg.model)
-        data = mc.to_dict()
-        data.pop("plan")
-        return ModelConfig.from_dict({**data, **over}, source=cfg.model)
-    return ModelConfig.from_name(cfg.model, **over)
-
-
-def exit_config(current: ExitConfig, cfg: TrainConfig) -> ExitConfig:
-    """The model's exits with the run's ``exit_*`` settings applied."""
-    return dataclasses.replace(
-        current,
-        steps=current.steps if cfg.exit_steps is None else tuple(cfg.exit_steps),
-        norms=current.norms or cfg.exit_norms,
-        classifier=current.classifier or cfg.exit_classifier,
-        adapter_rank=current.adapter_rank
-        if cfg.exit_adapter_rank is None
-        else cfg.exit_adapter_rank,
-    )
-
-
-def with_exits(model: Decoder, cfg: TrainConfig) -> Decoder:
-    """``model`` with the run's exit settings; new per-exit norms start as copies of the
-    final norm, new classifiers at random, everything else keeps its trained weights."""
-    exits = exit_config(model.config.exits, cfg)
-    if exits == model.config.exits:
-        return model
-    mc = dataclasses.replace(model.config, exits=exits)
-    dev = model.tok_embeddings.weight.device
-    new = Decoder(mc).to(dev)
-    # new exit parts start from the run's seed: two runs of one recipe start identically
-    new.init_weights(torch.Generator(device=dev).manual_seed(cfg.seed))
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    exit_parts = ("exit_norms.", "exit_classifiers.", "exit_adapters.")
-    stale = [k for k in unexpected if not k.startswith(exit_parts)]
-    if stale or any(not k.startswith(exit_parts) for k in missing):
-        raise ConfigError(f"cannot change the exits of {cfg.init_from}: {stale or missing}")
-    if new.exit_norms is not None:
-        for i, s in enumerate(mc.exits.steps):
-            old = model.exit_index(s)
-            src = model.norm if old is None or model.exit_norms is None else model.exit_norms[old]
-            new.exit_norms[i].weight.data.copy_(src.weight.data)
-    return new
-
-
-def freeze_all_but(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
-    """Train only the parameters whose names start with one of ``prefixes``; returns how
-    many parameter tensors were frozen. Refuses a pattern that matches nothing."""
-    names = [n for n, _ in model.named_parameters()]
-    for pre in prefixes:
-        if not any(n.startswith(pre) for n in names):
-            raise ConfigError(f"--train-only {pre!r} matches no parameter of this model")
-    frozen = 0
-    for n, p in model.named_parameters():
-        keep = n.startswith(tuple(prefixes))
-        p.requires_grad_(keep and p.requires_grad)
-        frozen += not keep
-    return frozen
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on linear matrices only; not on norms, biases or embeddings."""
-    decay, no_decay = [], []
-    no_decay_ids = set()
-    for m in model.modules():
-        if isinstance(m, (RMSNorm, torch.nn.Embedding)):
-            no_decay_ids.update(id(p) for p in m.parameters(recurse=False))
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        offset = ".lora.norm." in name or ".lora.bias." in name  # relaxed norms and biases
-        (no_decay if p.ndim < 2 or offset or id(p) in no_decay_ids else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    aux = getattr(getattr(model, "routers", None), "aux", None)
-    if aux is not None:  # MoR's auxiliary router: its own group at 10x the learning rate
-        ids = {id(p) for p in aux.parameters()}
-        for g in groups:
-            g["params"] = [p for p in g["params"] if id(p) not in ids]
-        groups.append({"params": list(aux.parameters()), "weight_decay": 0.0, "lr_scale": 10.0})
-    return groups
-
-
-def matmul_peak(
-    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5
-) -> float:
-    """FLOP/s of an n x n x n matmul in ``dtype``, measured here and now (for MFU): the best
-    of ``reps`` timed calls after one warm-up, so a busy moment does not lower the peak (a
-    low peak is what makes MFU come out above 1)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak: float):
-    """Achieved / peak FLOP/s, or None when the peak is unknown or the ratio is impossible
-    (above 1: the probe ran at a slower moment than the step; reporting it would be a lie)."""
-    if not peak:
-        return None
-    mfu = tokens_per_s * flops_per_token / peak
-    return mfu if mfu <= 1.0 else None
-
-
-def flops_per_token(mc: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters run per token (shared blocks count
-    once per step) + 6 x layers x seq_len x d (causal attention scores and values)."""
-    per_step = mc.block_params() - 2 * mc.d_model  # matmul weights of one block
-    n = mc.n_layers * per_step + mc.vocab_size * mc.d_model  # + the head
-    return 6 * n + 6 * mc.n_layers * seq_len * mc.q_dim
-
-
-def _git_revision() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-# ---------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Run (or resume) a training run; returns a summary dict. See the module docstring."""
     cfg.validate()
@@ -573,144 +129,38 @@ def _train(
     tokenizer = Tokenizer.from_file(tok_path)
     train_w = Windows(token_file(cfg.data, "train"), cfg.seq_len)
     val_w = Windows(token_file(cfg.data, "val"), cfg.seq_len)
-
-    # ------------------------------------------------------------------ model
-    start_step, tokens_seen = 0, 0
-    ckpt = latest_checkpoint(run) if resume else None
-    if resume and ckpt is None:
-        say(f"{run}: no checkpoint to resume from; starting from scratch")
-    if not resume and (run / "latest").exists():
-        raise InputError(
-            f"{run}: already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if ckpt is not None:  # resuming: the run's own config (its weights come below)
-        mc = load_config(ckpt)
-        model = Decoder(mc).to(device)
-        model.train()
-    elif cfg.init_from:
-        model, _ = load_checkpoint(resolve_model(cfg.init_from), device)
-        model = with_exits(model, cfg)
-        model.train()
-        mc = model.config
-        if tokenizer.vocab_size > mc.vocab_size:
-            raise InputError(
-                f"{tok_path}: {tokenizer.vocab_size} tokens do not fit the vocabulary of {cfg.init_from} ({mc.vocab_size})"
-            )
-    else:
-        mc = build_config(cfg, tokenizer, manifest["eot_id"])
-        mc = dataclasses.replace(mc, exits=exit_config(mc.exits, cfg))
-        torch.manual_seed(cfg.seed)
-        model = Decoder(mc).to(device)
-        model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed))
-        model.train()
-    if cfg.seq_len > mc.max_context:
-        raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's context ({mc.max_context})")
-    if cfg.flops_budget:
-        from earlyexit.training.flops import steps_for_budget
-
-        tokens_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * d.world
-        cfg = dataclasses.replace(
-            cfg, steps=max(1, steps_for_budget(cfg.flops_budget, mc, cfg.seq_len, tokens_step))
-        )
-        say(f"--flops-budget {cfg.flops_budget:.3g}: {cfg.steps} steps")
-    fingerprint = _fingerprint(cfg, mc, d)
-    state = None
-    if ckpt is not None:
-        model_state, optim_state, state = load_training_state(ckpt, device)
-        _check_fingerprint(ckpt, state, fingerprint)
-        model.load_state_dict(model_state, strict=True)
-    objective = get_objective(cfg.objective, cfg)
-    objective.setup(model)
-    if cfg.train_only:
-        frozen = freeze_all_but(model, cfg.train_only)
-        say(f"--train-only {','.join(cfg.train_only)}: {frozen} parameter tensors frozen")
-    net = _wrap(model, cfg, d, device)  # FSDP2 swaps parameters: build the optimizer after
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
-    )
-    if ckpt is not None:
-        _load_optimizer(ckpt, model, optimizer, optim_state)
-        restore_rng(ckpt, state)
-        start_step, tokens_seen = state["step"], state["tokens"]
-        say(f"resuming {run} from {ckpt.name} (step {start_step})")
+    eot_id = manifest["eot_id"]
+    r = _set_up(cfg, run, resume, tokenizer, tok_path, eot_id, device, d, say)
+    cfg, model, mc, optimizer, tokens_seen = r.cfg, r.model, r.mc, r.optimizer, r.tokens_seen
 
     # ------------------------------------------------------------------ bookkeeping
     precision, why = resolve_precision(cfg.precision, device)
+    metrics = run / "metrics.jsonl"
     if d.main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "train_config.json").write_text(
-            json.dumps(
-                {
-                    **dataclasses.asdict(cfg),
-                    "precision_resolved": precision,
-                    "world_size": d.world,
-                    "git": _git_revision(),
-                },
-                indent=1,
-            )
-            + "\n"
-        )
-        _truncate_metrics(run / "metrics.jsonl", start_step)
+        write_run_config(run, cfg, precision, d.world)
+        truncate_metrics(metrics, r.start_step)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * d.world
     fpt = flops_per_token(mc, cfg.seq_len)
     compute_dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     batches = TrainBatches(train_w, cfg.batch_size, cfg.seed, d.rank, d.world)
-    eot_id = manifest["eot_id"]
-    if precision == "bfloat16":  # fp32 master weights, bf16 compute
-        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext
+    autocast = _autocast(precision, device)
     say(
         f"training {mc.name}: {mc.param_counts()['total'] / 1e6:.2f}M parameters, {d.world} process(es), "
-        f"{tokens_per_step:,} tokens/step, steps {start_step}->{cfg.steps}"
+        f"{tokens_per_step:,} tokens/step, steps {r.start_step}->{cfg.steps}"
     )
     say(f"precision: {precision} ({why})")
     peak = matmul_peak(device, compute_dtype) if d.main else 0.0
 
+    # ------------------------------------------------------------------ the loop
     bar = progress_bar(
-        progress and d.main, cfg.steps, f"train {run.name}", log=say, initial=start_step
+        progress and d.main, cfg.steps, f"train {run.name}", log=say, initial=r.start_step
     )
     skipped, last_eval = 0, None
     t_start, tok_start = time.perf_counter(), tokens_seen
-    completed = start_step
-    for step in range(start_step, cfg.steps):
-        lr = lr_at(
-            step,
-            lr=cfg.lr,
-            steps=cfg.steps,
-            warmup=cfg.warmup_steps,
-            schedule=cfg.schedule,
-            min_lr_ratio=cfg.min_lr_ratio,
-            decay_fraction=cfg.decay_fraction,
-        )
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        loss_sum = torch.zeros((), device=device)
-        extra: dict[str, torch.Tensor] = {}
-        for micro in range(cfg.grad_accum):
-            x, y = batches.batch(step * cfg.grad_accum + micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP: all-reduce gradients only on the last micro-batch of the step
-            last = micro == cfg.grad_accum - 1
-            sync = (
-                net.no_sync()
-                if (d.world > 1 and not cfg.fsdp and not last)
-                else contextlib.nullcontext()
-            )
-            docs = (
-                model.documents(document_segments(x, eot_id))
-                if cfg.doc_mask
-                else contextlib.nullcontext()
-            )
-            with sync:
-                with autocast(), docs:
-                    out = objective(net, x, y)
-                (out.loss / cfg.grad_accum).backward()
-            loss_sum += out.loss.detach()
-            for k, v in out.metrics.items():  # objective-specific metrics, averaged per step
-                extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
-        loss = _all_mean(loss_sum / cfg.grad_accum, d)
-        loss_value = loss.item()
+    completed = r.start_step
+    for step in range(r.start_step, cfg.steps):
+        lr = _set_lr(optimizer, step, cfg)
+        loss_value, extra = _accumulate_gradients(r, batches, step, eot_id, autocast, device, d)
         if not math.isfinite(loss_value):
             if cfg.nonfinite == "stop":
                 last = latest_checkpoint(run)
@@ -733,8 +183,8 @@ def _train(
         tps = (tokens_seen - tok_start) / max(elapsed, 1e-9)
         bar.update(1, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tokens_per_s=f"{tps:,.0f}")
         if d.main and (done % cfg.log_every == 0 or done == cfg.steps or done == 1):
-            _append(
-                run / "metrics.jsonl",
+            append_metrics(
+                metrics,
                 {
                     "step": done,
                     "loss": loss_value,
@@ -749,31 +199,25 @@ def _train(
                 },
             )
         if (cfg.eval_every > 0 and done % cfg.eval_every == 0) or done == cfg.steps:
-            last_eval = _evaluate(model, val_w, cfg, device, d)
+            last_eval = validation_nll(model, val_w, cfg, device, d)
             if d.main:
-                _append(
-                    run / "metrics.jsonl",
-                    {
-                        "step": done,
-                        "val_nll": last_eval,
-                        "val_ppl": math.exp(min(last_eval, 50)),
-                        "tokens": tokens_seen,
-                    },
-                )
-                bar.write(
-                    f"step {done}: val nll {last_eval:.4f} (ppl {math.exp(min(last_eval, 50)):.2f})"
-                )
+                ppl = math.exp(min(last_eval, 50))
+                row = {"step": done, "val_nll": last_eval, "val_ppl": ppl, "tokens": tokens_seen}
+                append_metrics(metrics, row)
+                bar.write(f"step {done}: val nll {last_eval:.4f} (ppl {ppl:.2f})")
         if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == cfg.steps:
-            _save(run, done, tokens_seen, model, optimizer, mc, tok_path, cfg, fingerprint, d)
+            save_step(run, done, tokens_seen, model, optimizer, mc, tok_path, cfg, r.fingerprint, d)
         if cfg.stop_at_step > 0 and done >= cfg.stop_at_step and done < cfg.steps:
             say(f"stopping at step {done} (--stop-at-step)")
             break
     bar.close()
+
+    # ------------------------------------------------------------------ the end
     finished = completed >= cfg.steps
     if finished and last_eval is None:  # resumed a run that had already finished
-        last_eval = _evaluate(model, val_w, cfg, device, d)
+        last_eval = validation_nll(model, val_w, cfg, device, d)
     if finished:
-        final = _full_model(model, mc)  # a collective: every rank takes part, rank 0 gets it
+        final = full_model(model, mc)  # a collective: every rank takes part, rank 0 gets it
         if d.main:
             save_checkpoint(final, run / "final", tokenizer, extra_files=_chat_files(cfg))
     if d.world > 1:
@@ -796,138 +240,120 @@ def _train(
     }
 
 
-def _chat_files(cfg: TrainConfig) -> dict[str, str] | None:
-    """A fine-tuned model keeps the chat template of the model it started from."""
-    from earlyexit.chat import chat_files, load_chat_config
+@dataclass
+class _Run:
+    """A run ready for its first step: the config (``steps`` set by a FLOP budget), the model
+    and its wrapped view (DDP/FSDP2), the objective, the optimizer, and where it starts."""
 
-    return chat_files(load_chat_config(resolve_model(cfg.init_from))) if cfg.init_from else None
-
-
-def _wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device):
-    if d.world == 1:
-        return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    cfg: TrainConfig
+    model: Decoder
+    net: torch.nn.Module
+    mc: ModelConfig
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    fingerprint: dict
+    start_step: int
+    tokens_seen: int
 
 
-def _fingerprint(cfg: TrainConfig, mc: ModelConfig, d: Dist) -> dict:
-    """What must not change across a resume for it to be exact."""
-    model = {k: v for k, v in mc.to_dict().items() if k != "name"}
-    # `trained` flips when the exit objective starts: bookkeeping, not part of the setup
-    model["exits"] = {k: v for k, v in model["exits"].items() if k != "trained"}
-    return {
-        "model": model,
-        "seq_len": cfg.seq_len,
-        "global_batch": cfg.batch_size * d.world,
-        "grad_accum": cfg.grad_accum,
-        "seed": cfg.seed,
-        "objective": cfg.objective,
-        "exit_loss": cfg.exit_loss if cfg.objective == "exits" else None,
-        "teacher": cfg.teacher if cfg.objective == "uptrain" else None,
-        "data": str(Path(cfg.data).resolve()),
-    }
-
-
-def _check_fingerprint(ckpt: Path, state: dict, fingerprint: dict) -> None:
-    old = state.get("fingerprint", {})
-    changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-    if changed:
-        raise TrainingError(
-            f"{ckpt}: cannot resume: {', '.join(changed)} differ from the run being resumed "
-            f"(start a new run with another --out, or restore the original settings)"
+def _set_up(cfg, run, resume, tokenizer, tok_path, eot_id, device, d, say) -> _Run:
+    """The model, objective and optimizer: fresh, fine-tuned from ``init_from``, or (with
+    ``resume``) restored from the run's latest checkpoint with optimizer moments, step, data
+    position and RNG states, after checking the settings that exact resume depends on."""
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None:
+        say(f"{run}: no checkpoint to resume from; starting from scratch")
+    if not resume and (run / "latest").exists():
+        raise InputError(
+            f"{run}: already holds a run; pass --resume to continue it or choose another --out"
         )
+    model, mc = initial_model(cfg, ckpt, tokenizer, tok_path, eot_id, device)
+    if cfg.seq_len > mc.max_context:
+        raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's context ({mc.max_context})")
+    if cfg.flops_budget:
+        from earlyexit.training.flops import steps_for_budget
 
-
-def _load_optimizer(ckpt: Path, model, optimizer, optim_state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    # frozen parameters (--train-only, exit-classifier training) have no optimizer state
-    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    missing = [n for n in names.values() if n not in optim_state["state"]]
-    if missing:
-        raise TrainingError(f"{ckpt}: optimizer state lacks {', '.join(missing[:3])}")
-    groups = optimizer.state_dict()["param_groups"]
-    optim_state["param_groups"] = [
-        {
-            **{k: v for k, v in g.items() if k != "params"},
-            "params": [names[id(p)] for p in optimizer.param_groups[i]["params"]],
-        }
-        for i, g in enumerate(groups)
-    ]
-    set_optimizer_state_dict(
-        model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+        tokens_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * d.world
+        cfg = dataclasses.replace(
+            cfg, steps=max(1, steps_for_budget(cfg.flops_budget, mc, cfg.seq_len, tokens_step))
+        )
+        say(f"--flops-budget {cfg.flops_budget:.3g}: {cfg.steps} steps")
+    fp = fingerprint(cfg, mc, d)
+    state = None
+    if ckpt is not None:
+        model_state, optim_state, state = load_training_state(ckpt, device)
+        check_fingerprint(ckpt, state, fp)
+        model.load_state_dict(model_state, strict=True)
+    objective = get_objective(cfg.objective, cfg)
+    objective.setup(model)
+    if cfg.train_only:
+        frozen = freeze_all_but(model, cfg.train_only)
+        say(f"--train-only {','.join(cfg.train_only)}: {frozen} parameter tensors frozen")
+    net = wrap(model, cfg.fsdp, d, device)  # FSDP2 swaps parameters: build the optimizer after
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
     )
+    start_step, tokens_seen = 0, 0
+    if ckpt is not None:
+        load_optimizer(ckpt, model, optimizer, optim_state)
+        restore_rng(ckpt, state)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        say(f"resuming {run} from {ckpt.name} (step {start_step})")
+    return _Run(cfg, model, net, mc, objective, optimizer, fp, start_step, tokens_seen)
 
 
-def _full_model(model, mc: ModelConfig) -> Decoder | None:
-    """A plain Decoder with the full weights on rank 0 (None elsewhere); gathers FSDP shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(model, options=opts)
-    if not sd:  # with cpu_offload only rank 0 receives the full state
-        return None
-    with torch.device("meta"):
-        plain = Decoder(mc)
-    plain.load_state_dict({k: v.detach().cpu() for k, v in sd.items()}, assign=True)
-    plain.rebuild_buffers("cpu")
-    return plain.eval()
+def _autocast(precision: str, device: torch.device):
+    """The context each forward runs in: bf16 autocast (fp32 master weights) or nothing."""
+    if precision == "bfloat16":
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
-def _save(
-    run: Path, step: int, tokens: int, model, optimizer, mc, tok_path, cfg, fingerprint, d: Dist
-) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """The schedule's learning rate at ``step``, set on every group (times its ``lr_scale``)."""
+    lr = lr_at(
+        step,
+        lr=cfg.lr,
+        steps=cfg.steps,
+        warmup=cfg.warmup_steps,
+        schedule=cfg.schedule,
+        min_lr_ratio=cfg.min_lr_ratio,
+        decay_fraction=cfg.decay_fraction,
     )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)  # collective under FSDP: every rank calls it
-    osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    if d.main:
-        state = {
-            "step": step,
-            "tokens": tokens,
-            "micro_batch": step * cfg.grad_accum,
-            "fingerprint": fingerprint,
-        }
-        save_training_checkpoint(run, step, msd, mc.to_dict(), tok_path, osd, state, cfg.keep_last)
-    if d.world > 1:
-        dist.barrier()
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
 
 
-def _evaluate(model, val_w: Windows, cfg: TrainConfig, device, d: Dist) -> float:
-    """Validation NLL on every rank's copy (identical data; FSDP needs all ranks anyway)."""
-    model.eval()
-    try:
-        nll, _ = evaluate_nll(model, val_batches(val_w, cfg.batch_size, cfg.eval_batches))
-    finally:
-        model.train()
-    return nll
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written by a run killed after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [
-        ln
-        for ln in path.read_text().splitlines()
-        if ln.strip() and json.loads(ln).get("step", 0) <= step
-    ]
-    path.write_text("".join(ln + "\n" for ln in keep))
+def _accumulate_gradients(
+    r: _Run, batches: TrainBatches, step: int, eot_id: int, autocast, device, d: Dist
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """Forward and backward over the step's ``grad_accum`` micro-batches; returns the step's
+    loss (mean over micro-batches and ranks) and the objective's metrics (mean per step)."""
+    cfg, net = r.cfg, r.net
+    loss_sum = torch.zeros((), device=device)
+    extra: dict[str, torch.Tensor] = {}
+    for micro in range(cfg.grad_accum):
+        x, y = batches.batch(step * cfg.grad_accum + micro)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP: all-reduce gradients only on the last micro-batch of the step
+        last = micro == cfg.grad_accum - 1
+        sync = (
+            net.no_sync()
+            if (d.world > 1 and not cfg.fsdp and not last)
+            else contextlib.nullcontext()
+        )
+        docs = (
+            r.model.documents(document_segments(x, eot_id))
+            if cfg.doc_mask
+            else contextlib.nullcontext()
+        )
+        with sync:
+            with autocast(), docs:
+                out = r.objective(net, x, y)
+            (out.loss / cfg.grad_accum).backward()
+        loss_sum += out.loss.detach()
+        for k, v in out.metrics.items():  # objective-specific metrics, averaged per step
+            extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
+    loss = all_mean(loss_sum / cfg.grad_accum, d)
+    return loss.item(), extra

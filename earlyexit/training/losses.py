@@ -8,36 +8,22 @@ loop, checkpointing, resume and multi-process training are shared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from earlyexit.training.objective import LossOutput, Objective, cross_entropy
 
-@dataclass
-class LossOutput:
-    """A scalar ``loss`` to backpropagate and detached ``metrics`` (name -> scalar tensor)."""
-
-    loss: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-
-
-class Objective:
-    """Base class: ``__call__(model, inputs, targets) -> LossOutput``."""
-
-    name = "objective"
-
-    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> LossOutput:
-        raise NotImplementedError
-
-    def setup(self, model: nn.Module) -> None:
-        """Hook run once before training (e.g. load a teacher). Default: nothing."""
-
-
-def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in fp32; logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+__all__ = [
+    "OBJECTIVES",
+    "LanguageModeling",
+    "LossOutput",
+    "Objective",
+    "Uptraining",
+    "cross_entropy",
+    "evaluate_nll",
+    "get_objective",
+]
 
 
 class LanguageModeling(Objective):

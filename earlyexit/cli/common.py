@@ -1,0 +1,157 @@
+"""Flag groups several commands share (device, precision, sampling, early-exit strategy)
+and the help formatter; each command module adds its own flags and these groups."""
+
+from __future__ import annotations
+
+import argparse
+
+from earlyexit.errors import InputError
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help says it already or it has none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weight and compute dtype (default: as stored)",
+    )
+
+
+def add_precision_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help=f"{what}: auto (default) = bfloat16 autocast where the hardware runs bf16 "
+        "natively, float32 elsewhere",
+    )
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    g.add_argument(
+        "--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 or 0 = disabled"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = disabled"
+    )
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop string (repeatable); the text is cut before it",
+    )
+    g.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens"
+    )
+
+
+def add_strategy_flags(g: argparse.ArgumentParser) -> None:
+    """The early-exit strategy flags (generate, eval agreement, eval lm-eval)."""
+    xg = g.add_argument_group("early exit")
+    xg.add_argument(
+        "--strategy",
+        default="full",
+        choices=["full", "static", "calm", "free", "speculative"],
+        help="which steps each token runs (default: full)",
+    )
+    xg.add_argument(
+        "--exit-step",
+        type=int,
+        default=None,
+        help="static/free/speculative: the shallow exit (default: the model's first exit)",
+    )
+    xg.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="calm/free: exit when confidence passes this, in [-1, 1] (1: never)",
+    )
+    xg.add_argument(
+        "--adaptive", action="store_true", help="free: fit the threshold online (Beta mixture)"
+    )
+    xg.add_argument(
+        "--confidence",
+        default="margin",
+        choices=["margin", "max-prob", "saturation", "classifier"],
+        help="calm/free: confidence measure",
+    )
+    xg.add_argument(
+        "--min-exit",
+        type=int,
+        default=None,
+        help="calm: first exit to check (default: the first exit)",
+    )
+    xg.add_argument(
+        "--decay-tau",
+        type=float,
+        default=None,
+        help="calm: decaying threshold temperature (default: constant)",
+    )
+    xg.add_argument(
+        "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
+    )
+    xg.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="speculative: draft only among the N most frequent tokens of --draft-data (FR-Spec)",
+    )
+    xg.add_argument(
+        "--draft-data",
+        default=None,
+        metavar="DIR",
+        help="speculative --draft-vocab: a prepared corpus whose token counts rank the tokens",
+    )
+    xg.add_argument(
+        "--compile",
+        action="store_true",
+        help="full: static-shape decode step under torch.compile (CUDA graphs on CUDA)",
+    )
+
+
+def draft_vocab(args: argparse.Namespace):
+    """--draft-vocab N --draft-data DIR: the N most frequent tokens of DIR's training split."""
+    if args.draft_vocab is None:
+        return None
+    if not args.draft_data:
+        raise InputError(
+            "--draft-vocab needs --draft-data DIR (a prepared corpus to count tokens in)"
+        )
+    from earlyexit.decoding.speculative import frequent_tokens
+    from earlyexit.training.data import token_file
+
+    return frequent_tokens(token_file(args.draft_data, "train"), args.draft_vocab)
+
+
+def strategy_options(args: argparse.Namespace) -> dict:
+    """make_strategy keyword arguments from the strategy flags."""
+    return dict(
+        draft_vocab=draft_vocab(args),
+        exit_step=args.exit_step,
+        threshold=args.threshold,
+        adaptive=args.adaptive,
+        measure=args.confidence,
+        min_exit=args.min_exit,
+        decay_tau=args.decay_tau,
+        draft_k=args.draft_k,
+        compile=args.compile,
+    )

@@ -1,0 +1,151 @@
+"""``earlyexit convert``: between Hugging Face, GGUF and earlyexit checkpoints, dense and recursive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from earlyexit.errors import InputError
+
+
+def register(sub) -> None:
+    """Add ``earlyexit convert`` and its flags to the subcommand parsers ``sub``."""
+    c = sub.add_parser("convert", help="convert between Hugging Face and earlyexit checkpoints")
+    c.add_argument(
+        "kind",
+        choices=["hf-import", "gguf-import", "hf-export", "recursive", "merge"],
+        help="hf-import: HF directory or hub name -> ours (a .gguf file is read as gguf-import); "
+        "gguf-import: a llama.cpp GGUF file (dequantized) -> ours, with its tokenizer and chat "
+        "template; hf-export: ours (dense) -> HF directory; recursive: dense -> layer-shared "
+        "(+ LoRA); merge: recursive -> the equivalent dense model",
+    )
+    c.add_argument(
+        "src",
+        help="source directory, GGUF file, named model (smollm2), or hub name for hf-import",
+    )
+    c.add_argument("dst", help="destination directory")
+    c.add_argument("--force", action="store_true", help="replace an existing destination")
+    rg = c.add_argument_group("recursive")
+    rg.add_argument(
+        "--loops", type=int, default=2, help="recursions B (the shared part's layers / B blocks)"
+    )
+    rg.add_argument(
+        "--sharing",
+        default="cycle",
+        choices=["cycle", "sequence", "middle_cycle", "middle_sequence"],
+        help="sharing scheme",
+    )
+    rg.add_argument(
+        "--init",
+        default="stepwise",
+        choices=["stepwise", "average", "lower", "random"],
+        help="initialisation of the shared blocks",
+    )
+    rg.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="per-step LoRA rank of every target (0: no relaxation)",
+    )
+    rg.add_argument("--lora-ranks", default=None, help="per-target ranks, e.g. q=64,k=32,down=128")
+    rg.add_argument(
+        "--lora-norms",
+        action="store_true",
+        help="relax the norms too: per-step norm weights (exact full-rank relaxation of a "
+        "source whose layers have different norms)",
+    )
+    rg.add_argument(
+        "--lora-biases",
+        action="store_true",
+        help="relax the biases too: per-step biases (models with biases, e.g. Qwen2)",
+    )
+    rg.add_argument(
+        "--lora-init",
+        default="svd",
+        choices=["svd", "zero"],
+        help="svd: truncated SVD of the residual; zero: standard init",
+    )
+    rg.add_argument("--seed", type=int, default=0, help="seed of random and standard inits")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(func=run)
+
+
+def _check_dst(dst: str, force: bool) -> None:
+    p = Path(dst)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not force:
+        raise InputError(f"{dst}: already exists; pass --force to replace it")
+
+
+def run(args: argparse.Namespace) -> int:
+    import earlyexit
+    from earlyexit.chat import chat_files
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.models import hf
+    from earlyexit.models.gguf import gguf_import, is_gguf
+    from earlyexit.registry import resolve_model
+
+    _check_dst(args.dst, args.force)
+    info: dict = {}
+    src = resolve_model(args.src)  # a named model: its cached checkpoint
+    if args.kind == "gguf-import" or (args.kind == "hf-import" and is_gguf(src)):
+        out = gguf_import(src, args.dst)
+    elif args.kind == "hf-import":
+        out = hf.hf_import(src, args.dst)
+    elif args.kind == "hf-export":
+        lm = earlyexit.load(src, device="cpu")
+        out = hf.hf_export(lm.model, args.dst, lm.tokenizer)
+    elif args.kind == "recursive":
+        from earlyexit.models.recursive import convert_recursive
+
+        lm = earlyexit.load(src, device="cpu")  # ours, a HF directory, GGUF, or a name
+        model = convert_recursive(
+            lm.model,
+            args.loops,
+            args.sharing,
+            args.init,
+            _lora_config(args),
+            args.lora_init,
+            args.seed,
+        )
+        out = save_checkpoint(model, args.dst, lm.tokenizer, chat_files(lm.chat_config))
+        counts = model.config.param_counts()
+        info = {
+            "non_embedding_params": counts["non_embedding"],
+            "source_non_embedding_params": lm.config.param_counts()["non_embedding"],
+        }
+    else:  # merge
+        from earlyexit.models.recursive import unroll
+
+        lm = earlyexit.load(src, device="cpu")
+        if lm.config.sharing.scheme == "none":
+            raise InputError(f"{args.src} is already dense; nothing to merge")
+        out = save_checkpoint(unroll(lm.model), args.dst, lm.tokenizer, chat_files(lm.chat_config))
+    if args.json:
+        print(json.dumps({"kind": args.kind, "src": str(args.src), "dst": str(out), **info}))
+    else:
+        print(
+            f"wrote {out}"
+            + (
+                f" ({info['non_embedding_params'] / 1e6:.2f}M non-embedding parameters, source {info['source_non_embedding_params'] / 1e6:.2f}M)"
+                if info
+                else ""
+            )
+        )
+    return 0
+
+
+def _lora_config(args: argparse.Namespace):
+    from earlyexit.config import LORA_TARGETS, LoraConfig
+
+    per = {}
+    for item in filter(None, (args.lora_ranks or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in LORA_TARGETS or not value.lstrip("-").isdigit():
+            raise InputError(
+                f"--lora-ranks expects target=rank pairs for {', '.join(LORA_TARGETS)}, got {item!r}"
+            )
+        per[name] = int(value)
+    if args.lora_rank < 0 or any(v < 0 for v in per.values()):
+        raise InputError("LoRA ranks must be >= 0")
+    return LoraConfig(rank=args.lora_rank, norms=args.lora_norms, biases=args.lora_biases, **per)

@@ -1,0 +1,106 @@
+"""``earlyexit serve``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from earlyexit.cli.common import (
+    DefaultsFormatter,
+    add_device_flags,
+)
+
+
+def register(sub) -> None:
+    """Add ``earlyexit serve`` and its flags to the subcommand parsers ``sub``."""
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (FastAPI + uvicorn)",
+        formatter_class=DefaultsFormatter,
+    )
+    sv.add_argument("--model", required=True, help="checkpoint or Hugging Face model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    sv.add_argument(
+        "--name",
+        default=None,
+        help="model id clients use (default: the run's name for RUN/final, else the "
+        "directory name)",
+    )
+    sv.add_argument(
+        "--policy",
+        default="depthwise",
+        choices=["static", "continuous", "depthwise"],
+        help="batching policy",
+    )
+    sv.add_argument("--max-batch", type=int, default=32, help="concurrent requests")
+    sv.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="prompt + generated tokens per request (default: the model's context)",
+    )
+    sv.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="waiting requests beyond which the server answers 503",
+    )
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument(
+        "--exit-step", type=int, default=None, help="default early exit for requests (FREE)"
+    )
+    sv.add_argument(
+        "--threshold", type=float, default=None, help="default exit threshold (implies early exit)"
+    )
+    sv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight get to finish after SIGTERM/SIGINT; then they are aborted",
+    )
+    sv.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=None,
+        help="open connections at most; one more is answered 503 and closed (default: max "
+        "batch + max queue + 32, under the open-file limit)",
+    )
+    sv.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a connection has to send a complete request; slower ones are closed",
+    )
+    add_device_flags(sv)
+    sv.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from earlyexit.serve.server import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"earlyexit: warning: serving on {args.host}, reachable beyond this machine"
+            + ("" if args.api_key else " and without --api-key"),
+            file=sys.stderr,
+        )
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        args.policy,
+        args.max_batch,
+        args.max_len,
+        args.max_queue,
+        args.api_key,
+        args.exit_step,
+        args.threshold,
+        args.device,
+        args.dtype,
+        args.name,
+        shutdown_timeout=args.shutdown_timeout,
+        limit_concurrency=args.limit_concurrency,
+        request_timeout=args.request_timeout,
+    )
+    return 0
