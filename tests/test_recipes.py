@@ -53,3 +53,11 @@ def test_list_presets_one_line_each(capsys):
     assert main(["train", "--list-presets", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["recipes"]) == set(RECIPES) and "tiny" in out["model_presets"]
+
+
+def test_preset_and_config_together_are_refused(tmp_path, capsys):
+    """Both name a whole recipe: silently preferring one would train the wrong thing."""
+    mine = tmp_path / "mine.json"
+    mine.write_text((resources.files("earlyexit") / "recipes" / "stdlib-small.json").read_text())
+    assert main(["train", "--preset", "stdlib-small", "--config", str(mine)]) == 1
+    assert "--preset and --config" in capsys.readouterr().err

@@ -191,6 +191,11 @@ def train_config_from_args(args: argparse.Namespace):
         for k, v in vars(args).items()
         if k in TrainConfig.__dataclass_fields__ and v is not None
     }
+    if args.config and args.preset:
+        raise InputError(
+            "--preset and --config both name a whole recipe; give one (copy the preset's file "
+            "from earlyexit/recipes/ to change it)"
+        )
     if args.config:
         return TrainConfig.from_file(args.config, **flags).validate()
     base = {}
