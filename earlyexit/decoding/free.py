@@ -22,8 +22,9 @@ only when *every* live row exits (otherwise the deep pass runs anyway, on chunks
 the longest stack, after a shallow head for every row): with a per-row exit rate p, a batch
 of B rows skips the deep pass in ~p^B of its steps, and measured on the embedded model
 batched FREE ran at 0.56-0.65x of full depth at batch 8-32. So with ``min_sync_rate`` set
-and at least 2 live rows, after ``probe_steps`` steps the strategy counts the steps whose
-deep pass was skipped; below that share it stops exiting for the rest of the generation
+and at least 2 live rows, the strategy counts the steps whose deep pass was skipped among
+the first ``probe_steps``; as soon as that share can no longer reach ``min_sync_rate`` it
+stops exiting for the rest of the generation
 (pending stacks are caught up on the next step, then every step is a plain full-depth step
 with no shallow head) and says so in :meth:`stats` (``fallback``). The decision depends on
 the outputs only, never on timing, so it is reproducible; it does make a batched row's
@@ -157,10 +158,15 @@ class FREE(Strategy):
             self._probe[0] += 1
             self._probe[1] += int(not deep.any())
             seen, skipped = self._probe
-            if seen == self.probe_steps and skipped < self.min_sync_rate * seen:
+            # decided as soon as the share over the probe can no longer reach the floor
+            # (at batch 8+ that is usually just past half the probe), so the probe's
+            # overhead is paid for as few steps as the decision allows
+            best = skipped + max(self.probe_steps - seen, 0)
+            if seen <= self.probe_steps and best < self.min_sync_rate * self.probe_steps:
                 self.fallback = (
                     f"full depth after {seen} batched steps: the deep pass was skipped in "
-                    f"{skipped} of them (< {self.min_sync_rate:.0%}), so exits could not pay"
+                    f"{skipped}, so fewer than {self.min_sync_rate:.0%} of the first "
+                    f"{self.probe_steps} could skip it and exits could not pay"
                 )
 
         if not exits.any() and not self.n_stack[live].any():
