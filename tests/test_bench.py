@@ -252,7 +252,9 @@ def test_bench_depthwise_synthetic_tiny(tmp_path):
         max_prompt=8,
         threads=1,
         out=str(tmp_path / "s.json"),
+        repeats=2,
     )
+    assert all(len(r["seconds_all"]) == 2 for r in rows)
     by = {(r["model"], r["policy"], r["decisions"]): r for r in rows}
     full = by[("recursive", "depthwise", "exit 0%")]
     exited = by[("recursive", "depthwise", "exit 100%")]

@@ -19,6 +19,7 @@ beside it. Configurations:
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 
@@ -262,11 +263,14 @@ def run_synthetic(
     max_prompt: int = 32,
     threads: int | None = None,
     out: str | None = "results/depthwise_synthetic.json",
+    repeats: int = 1,
 ) -> list[dict]:
     """The synthetic-exit sweep: a *systems* measurement (random weights; each token's exit
     after loop 1 of 2, or its MoR recursions, drawn from fixed distributions) of what the
     engine's batching policies deliver at each model shape. Ratios are to vanilla
-    continuous batching at the same shape and max batch, in the same run."""
+    continuous batching at the same shape and max batch, in the same run; with
+    ``repeats`` > 1 every configuration of a (shape, max batch) group runs once per round,
+    rounds alternate the order, and each row reports the median time."""
     from earlyexit.engine import SyntheticDepth
 
     threads = set_threads(threads)
@@ -290,10 +294,20 @@ def run_synthetic(
             for policy in ("continuous", "depthwise"):
                 runs.append(("mor", policy, None, SyntheticDepth(mor_shares=MOR_SHARES), "MoR 1/3"))
             serve_offline(models["vanilla"], stream[:4], "continuous", mb, max_len=max_len)
+            times: list[list[float]] = [[] for _ in runs]
+            results: list[dict] = [{} for _ in runs]
+            for r in range(repeats):
+                order = list(enumerate(runs))
+                for i, (model_key, policy, mode, syn, _) in order if r % 2 == 0 else order[::-1]:
+                    res = serve_offline(
+                        models[model_key], stream, policy, mb, mode, max_len, synthetic=syn
+                    )
+                    times[i].append(res["seconds"])
+                    results[i] = res
             group = []
-            for model_key, policy, mode, syn, what in runs:
-                m = models[model_key]
-                res = serve_offline(m, stream, policy, mb, mode, max_len, synthetic=syn)
+            for i, (model_key, policy, _, syn, what) in enumerate(runs):
+                m, res = models[model_key], results[i]
+                seconds = statistics.median(times[i])
                 occ = res["occupancy"]
                 row = {
                     "bench": "depthwise-synthetic",
@@ -305,13 +319,14 @@ def run_synthetic(
                     "max_batch": mb,
                     "requests": n_requests,
                     "tokens": res["tokens"],
-                    "seconds": res["seconds"],
-                    "tokens_per_s": res["tokens_per_s"],
+                    "seconds": seconds,
+                    "seconds_all": times[i],
+                    "tokens_per_s": res["tokens"] / seconds,
                     "mean_depth": res["mean_depth"],
                     "n_steps": m.n_steps,
                     "block_calls": occ["block_calls"],
                     "rows_per_block_call": occ["mean_rows_per_block_call"],
-                    "ms_per_block_call": 1e3 * res["seconds"] / max(occ["block_calls"], 1),
+                    "ms_per_block_call": 1e3 * seconds / max(occ["block_calls"], 1),
                     "params": m.config.param_counts()["total"],
                     "env": env,
                 }

@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
             mean_len=args.new_tokens or 32,
             threads=args.threads,
             out=args.out or "results/depthwise_synthetic.json",
+            repeats=args.repeats or 1,
         )
         return 0
     if args.name == "depthwise" and args.calls:
