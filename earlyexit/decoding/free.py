@@ -69,7 +69,7 @@ class FREE(Strategy):
         measure: str = "margin",
         calibrator: BetaMixtureThreshold | None = None,
         min_sync_rate: float | None = None,
-        probe_steps: int = 16,
+        probe_steps: int = 8,
     ) -> None:
         if min_sync_rate is not None and not 0.0 <= min_sync_rate <= 1.0:
             raise ValueError(f"min_sync_rate must be within [0, 1], got {min_sync_rate}")
