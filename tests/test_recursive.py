@@ -360,18 +360,25 @@ def test_depthwise_mixed_batch_equals_each_row_alone():
 
 
 @torch.no_grad()
-def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone():
+@pytest.mark.parametrize("relaxed", ["lora", "lora+norms+biases"])
+def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relaxed):
     """Depth-wise batching's block call (rows at loop 1 and loop 2 of one shared block, each
     row with its own KV slot, cache length and LoRA slot) against the obviously correct
     reference: every row run alone through its own step. Contiguous and scattered rows,
-    a ragged catch-up chunk, and both attention paths (per-slot views and the gather)."""
+    a ragged catch-up chunk, both attention paths (per-slot views and the gather), and a
+    source with q/k/v/o biases whose per-loop norm and bias offsets are relaxed too."""
     import numpy as np
 
     from earlyexit.config import LoraConfig
     from earlyexit.models import layers
     from earlyexit.models.kv_cache import KVCache
 
-    model = convert_recursive(make_model(n_layers=4), 2, lora=LoraConfig(rank=2))
+    if relaxed == "lora":
+        model = convert_recursive(make_model(n_layers=4), 2, lora=LoraConfig(rank=2))
+    else:
+        src = make_model(n_layers=4, qkv_bias=True, o_bias=True)
+        lora = LoraConfig(rank=2, norms=True, biases=True)
+        model = convert_recursive(src, 2, lora=lora)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora." in name:

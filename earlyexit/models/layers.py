@@ -200,6 +200,7 @@ class Attention(nn.Module):
                 y = y_s if y is None else torch.where(member[:, None, None, None], y_s, y)
             y = y.transpose(1, 2).reshape(B, T, self.q_dim)
             out = self.wo(y)
+            _add_bias(out, lora, "o")
             _add_lora(out, lora, "o", y, 0, out.shape[-1])
             return out
         if ctx.cache is not None:
