@@ -262,6 +262,9 @@ def test_bench_depthwise_synthetic_tiny(tmp_path):
     assert by[("vanilla", "continuous", "vanilla")]["x_vanilla_continuous"] == 1.0
     assert {r["tokens"] for r in rows} == {rows[0]["tokens"]}
     assert ("mor", "depthwise", "MoR 1/3") in by
+    from earlyexit.bench import plots
+
+    assert plots.synthetic(rows, tmp_path / "s.png").stat().st_size > 1000
 
 
 def test_early_exit_grid_overrides_the_swept_values(exit_setup):

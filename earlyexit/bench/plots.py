@@ -4,6 +4,10 @@
   model, from ``early_exit.json``; the upper envelope is the frontier.
 - ``batched_exit.png``: tokens/s by batch size for full depth, naive batched exit and ours.
 - ``decode.png``: our decoder vs transformers (and the F.linear ablation) by batch size.
+- ``depthwise_synthetic.png``: the synthetic-exit map, x vanilla continuous batching.
+- ``depthwise_calls.png``: a depth-wise block call over a plain one, by rows and context.
+- ``real_model_pareto.png`` / ``batched_exit_demo.png``: the same figures for SmolLM2 and
+  for the demo model with the batch fallback.
 
 Needs matplotlib (``pip install 'earlyexit[plot]'``).
 """
@@ -131,6 +135,48 @@ def depthwise(rows: list[dict], out: Path) -> Path:
     return save(fig, out)
 
 
+def synthetic(rows: list[dict], out: Path) -> Path:
+    """The synthetic-exit map: throughput / vanilla continuous batching per configuration,
+    one panel per (shape, max batch); the line at 1 is the crossover."""
+    plt = _plt()
+    groups = sorted({(r["preset"], r["max_batch"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 4.2), sharey=True)
+    axes = [axes] if len(groups) == 1 else list(axes)
+    for ax, (preset, mb) in zip(axes, groups):
+        g = [r for r in rows if r["preset"] == preset and r["max_batch"] == mb]
+        labels = [f"{r['model']} {r['decisions']} {r['policy']}" for r in g]
+        vals = [r["x_vanilla_continuous"] for r in g]
+        colors = [
+            "#888" if r["model"] == "vanilla" else "#2a7" if r["policy"] == "depthwise" else "#79c"
+            for r in g
+        ]
+        ax.barh(range(len(g)), vals, color=colors)
+        ax.set_yticks(range(len(g)), labels, fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.6)
+        ax.set_title(f"{preset}, max batch {mb}", fontsize=9)
+        ax.set_xlabel("x vanilla continuous", fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Synthetic exits (systems only): green = depth-wise batching", fontsize=10)
+    return save(fig, out)
+
+
+def calls(rows: list[dict], out: Path) -> Path:
+    """One depth-wise block call (rows at two loops) over a plain one, by rows and context."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("mixed_over_plain", "-o"), ("gathered_over_plain", "--x")):
+        for n in sorted({r["rows"] for r in rows}):
+            pts = sorted((r["length"], r[key]) for r in rows if r["rows"] == n)
+            ax.plot(*zip(*pts), style, label=f"{key.split('_')[0]}, {n} rows")
+    ax.axhline(1.1, color="k", lw=0.5, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length")
+    ax.set_ylabel("call time / plain call")
+    ax.set_title("Depth-wise block call (goal <= 1.1x, dotted)")
+    ax.legend(fontsize=7)
+    return save(fig, out)
+
+
 def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plots") -> list[Path]:
     """Every figure whose rows exist in ``results``."""
     results, out_dir = Path(results), Path(out_dir)
@@ -141,6 +187,10 @@ def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plo
         ("batched_exit.json", batched, "batched_exit.png"),
         ("decode.json", decode, "decode.png"),
         ("depthwise.json", depthwise, "depthwise.png"),
+        ("depthwise_synthetic.json", synthetic, "depthwise_synthetic.png"),
+        ("depthwise_calls.json", calls, "depthwise_calls.png"),
+        ("real_model_early_exit.json", pareto, "real_model_pareto.png"),
+        ("batched_exit_demo.json", batched, "batched_exit_demo.png"),
     ):
         path = results / name
         if path.is_file():
