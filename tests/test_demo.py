@@ -281,3 +281,28 @@ def test_mor_finding_is_computed_with_its_error_bar():
     ]
     out = findings([], [], {"dense": dense, "mor": {"nll": 3.21, "nll_se": 0.02}})
     assert "within twice its standard error" in out[0]
+
+
+def test_serving_gain_from_exits_names_the_quality_it_cost():
+    """Serving measures speed only: a "depth paid" finding for exits must bound its quality
+    with the batch-1 rows of the same model that went as shallow (the --quick SmolLM2 run
+    reported 1.18x from a 4-step exit that kept ROUGE-L 0.19)."""
+    from earlyexit.demo.report import findings
+
+    rows = [
+        _row("full", 1.0, 1.0, "full", depth=8.0),
+        _row("free λ=0.5", 1.1, 0.995, depth=6.5),
+        _row("free λ=0.1", 1.6, 0.7, depth=3.0),
+    ]
+    exit_ = {"step": 2, "threshold": 0.3}
+    base = _eng("dense", "dense", "static", 1.0, 1.0, 1.0)
+
+    def paid(depth):
+        e = _eng("dense + FREE exit", "dense", "continuous", 1.2, 1.1, 1.3, exit_)
+        e["mean_depth"] = depth
+        (line,) = [f for f in findings(rows, [base, e]) if "Per-token depth paid" in f]
+        return line
+
+    assert "above 0.995." in paid(7.0)  # as shallow as the λ=0.5 row: quality kept
+    assert "above 0.700, below the 0.99 bar" in paid(3.5)  # only the λ=0.1 row went as shallow
+    assert "no batch-1 row of this model went as shallow" in paid(2.0)

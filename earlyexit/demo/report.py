@@ -258,13 +258,15 @@ def findings(
                 )
             out.append(msg + ".")
     if engine:
-        out += _serving_findings(engine)
+        out += _serving_findings(engine, rows, min_quality)
     if nll and "mor" in nll and "dense" in nll:
         out.append(_mor_finding(nll["mor"], nll["dense"]))
     return out
 
 
-def _serving_findings(engine: list[dict]) -> list[str]:
+def _serving_findings(
+    engine: list[dict], rows: list[dict] | None = None, min_quality: float = 0.99
+) -> list[str]:
     out = []
     lo = {id(e): e.get("x_static_lo", e["x_static"]) for e in engine}
     hi = {id(e): e.get("x_static_hi", e["x_static"]) for e in engine}
@@ -294,12 +296,40 @@ def _serving_findings(engine: list[dict]) -> list[str]:
     paid = [e for e in adaptive if lo[id(e)] > 1 and e.get("rounds", 1) >= 2]
     if paid:
         e = max(paid, key=lambda e: e["x_static"])
-        out.append(
+        text = (
             f"Per-token depth paid in serving: {e['model_label']} with {e['policy']} batching "
             f"served {e['x_static']:.2f}x dense static ({_spread(lo[id(e)], hi[id(e)])}) at "
             f"average depth {e['mean_depth']:.2f}."
         )
+        out.append(text + _serving_quality(e, rows or [], min_quality))
     return out
+
+
+def _serving_quality(e: dict, rows: list[dict], min_quality: float) -> str:
+    """Serving measures speed only; for exits, bound the quality from the batch-1 rows of the
+    same model: the best ROUGE-L of any strategy that went no deeper on average."""
+    if e["exit"] is None:
+        return ""  # routers (MoR) decide depth by design; their quality is the NLL
+    as_shallow = [
+        r
+        for r in rows
+        if r["model"] == e["model"]
+        and r["curve"] != "full"
+        and r.get("rouge_l") is not None
+        and r["mean_depth"] <= e["mean_depth"] + 1e-9
+    ]
+    if not as_shallow:
+        return " Serving measures speed only; no batch-1 row of this model went as shallow."
+    best = max(r["rouge_l"] for r in as_shallow)
+    verdict = (
+        ""
+        if best >= min_quality
+        else f", below the {min_quality} bar: a speed gain, not a free one"
+    )
+    return (
+        f" Serving measures speed only: at batch 1, no strategy of this model that went as "
+        f"shallow on average kept ROUGE-L above {best:.3f}{verdict}."
+    )
 
 
 def _mor_finding(mor: dict, dense: dict) -> str:
