@@ -44,6 +44,11 @@ def bench_device() -> str:
     return _DEVICE["device"]
 
 
+def bench_dtype() -> str | None:
+    """The weight dtype name set by ``use_device`` (None: as stored / as built)."""
+    return _DEVICE["dtype"]
+
+
 def load_model(path):
     """``earlyexit.load`` on the benchmark device and dtype."""
     import earlyexit

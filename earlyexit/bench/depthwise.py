@@ -26,8 +26,8 @@ import warnings
 import numpy as np
 
 from earlyexit.bench.common import (
-    _DEVICE,
     bench_device,
+    bench_dtype,
     environment,
     load_model,
     serve_offline,
@@ -277,7 +277,7 @@ def run_synthetic(
     env = environment(threads)
     rows = []
     for preset in presets:
-        models = synthetic_models(preset, bench_device(), dtype=_DEVICE["dtype"])
+        models = synthetic_models(preset, bench_device(), dtype=bench_dtype())
         vocab = models["vanilla"].config.vocab_size
         stream = synthetic_stream(vocab, n_requests, mean_len, max_prompt)
         max_len = max_prompt + 4 * int(mean_len) + 2
