@@ -346,3 +346,69 @@ def test_synthetic_mor_depths_follow_their_draws():
         LLMEngine(MODELS["recursive"][0], synthetic=SyntheticDepth(mor_shares=shares))
     with pytest.raises(InputError, match="exit_rate"):
         SyntheticDepth(exit_rate=1.5)
+
+
+@pytest.mark.parametrize("policy", ["continuous", "depthwise"])
+@pytest.mark.parametrize("kind", ["dense", "relaxed"])
+def test_engine_with_a_pruned_exit_head_equals_single_request_free(policy, kind):
+    """``exit_vocab``: the engine's exit decisions over a token subset equal FREE's with the
+    same subset, request by request; exited tokens are in the subset."""
+    model, exit_step = MODELS[kind]
+    allowed = torch.tensor(random.Random(1).sample(range(model.config.vocab_size), 24))
+    ps, lengths = prompts(), [3, 9, 5, 12, 1, 7, 10]
+    engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64, exit_vocab=allowed)
+    exit = ExitMode(exit_step, 0.3)
+    reqs = [
+        engine.requests[
+            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
+        ]
+        for p, n in zip(ps, lengths)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    depths = set()
+    for req, p, n in zip(reqs, ps, lengths):
+        ref = generate(
+            model,
+            [p],
+            SamplingParams(max_new_tokens=n, ignore_eos=True),
+            strategy=FREE(exit_step, 0.3, exit_vocab=allowed),
+        )[0]
+        assert req.output_ids == ref.token_ids and req.depths == ref.depths
+        for tok, d in zip(req.output_ids, req.depths):
+            if d == exit_step:
+                assert tok in allowed.tolist()
+        depths |= set(req.depths[1:])
+    assert len(depths) > 1, "some tokens should exit and others not"
+    with pytest.raises(InputError, match="exit_vocab"):
+        LLMEngine(model, exit_vocab=[3, 3])
+
+
+def test_runner_logits_share_one_head_and_match_each_exit_point(monkeypatch):
+    """Rows at an exit point and at the end in one call: each row's logits are its own exit's
+    (exit norm + head) or the final ones, computed row by row as the reference; and the
+    full head runs once for all of them."""
+    model = make_model(
+        n_layers=6, exits={"steps": [2], "norms": True, "trained": True}, init_std=0.3
+    )
+    with torch.no_grad():
+        model.exit_norms[0].weight.normal_(1.0, 0.5)
+    engine = LLMEngine(model, policy="depthwise", max_batch=4, max_len=32)
+    runner = engine.runner
+    h = torch.randn(4, model.config.d_model)
+    runner.hbuf[:4, 0] = h
+    runner.hlen[:4] = 1
+    steps = [2, 6, 2, 6]
+    heads = []
+    from earlyexit.engine import runner as runner_mod
+
+    orig = runner_mod.linear
+    monkeypatch.setattr(
+        runner_mod, "linear", lambda x, w, b=None: heads.append(w.shape) or orig(x, w, b)
+    )
+    got = runner.logits([0, 1, 2, 3], steps)
+    assert heads == [model.head_weight().shape]
+    with torch.inference_mode():
+        for i, s in enumerate(steps):
+            want = model.exit_logits(h[i : i + 1], s) if s < 6 else model.logits(h[i : i + 1])
+            torch.testing.assert_close(got[i : i + 1], want, atol=1e-5, rtol=1e-5)

@@ -601,6 +601,7 @@ def test_free_stats_and_finished_rows_caches(model, monkeypatch):
             "exit_step": 2,
             "threshold": 0.5,
             "exit_rate": 1.0,
+            "exit_vocab": None,
             "tokens": 1,
             "shallow": 1,
             "deep_passes": 0,
@@ -690,7 +691,7 @@ def test_free_exits_use_the_exit_norm_and_classifier_rows_alone(monkeypatch):
     monkeypatch.setattr(free_mod, "confidence", _Scripted([[1], [0], [1]]))
     calls = []
     orig = m.exit_logits
-    m.exit_logits = lambda h, step: calls.append(h.shape[0]) or orig(h, step)
+    m.exit_logits = lambda h, step, pruned=None: calls.append(h.shape[0]) or orig(h, step, pruned)
     res = generate(m, ps, params, strategy=FREE(2, 0.5, measure="classifier"))
     assert set(calls) == {2}  # only the exiting rows' heads, never all three
     assert check(res, ps) == 10
@@ -754,3 +755,81 @@ def test_free_batch_fallback_threshold_is_a_share_of_probe_steps(monkeypatch, ra
     pattern = [[1, 1, 0, 0], [1, 1, 1, 1]]
     _, _, s, _ = _run_scripted(monkeypatch, pattern, 2, min_sync_rate=rate, probe_steps=4)
     assert (s.stats()["fallback"] is not None) == falls_back
+
+
+# ---------------------------------------------------------------------- pruned exit head
+ALLOWED = torch.tensor([7, 3, 100, 42, 5, 300, 11, 250, 499, 64, 1, 77])
+
+
+def _margin(logits):
+    p = logits.double().softmax(-1).sort(descending=True).values
+    return float(p[0] - p[1])
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6])
+def test_free_with_a_pruned_exit_head_follows_the_pruned_decision_rule(model, threshold):
+    """Reference, from an uncached teacher-forced forward over what was emitted: a token
+    emitted at the exit is the argmax of the exit's logits over the allowed ids only, and
+    that softmax's margin (over the allowed ids alone) passed the threshold; a token
+    decided deep is the full model's argmax, and the pruned margin did not pass."""
+    ps = prompts(4, seed=5)
+    s = FREE(exit_step=2, threshold=threshold, exit_vocab=ALLOWED)
+    res = generate(model, ps, SamplingParams(max_new_tokens=12, ignore_eos=True), strategy=s)
+    kinds = set()
+    for p, r in zip(ps, res):
+        with torch.inference_mode():
+            out = model(torch.tensor([p + r.token_ids]), exits=True)
+        for t, (tok, depth) in enumerate(zip(r.token_ids, r.depths)):
+            pos = len(p) - 1 + t
+            if t == 0:  # the prefill's token runs full depth
+                assert depth == model.n_steps
+                continue
+            sub = out.exit_logits[0][0, pos, ALLOWED]  # the exit after 2 steps, allowed ids
+            if depth == 2:
+                assert tok == int(ALLOWED[sub.argmax()]) and _margin(sub) > threshold
+            else:
+                assert tok == int(out.exit_logits[-1][0, pos].argmax())
+                assert _margin(sub) <= threshold + 1e-6
+            kinds.add(depth)
+    assert kinds == {2, model.n_steps}, "the threshold should split the tokens"
+    assert s.stats()["exit_vocab"] == len(ALLOWED)
+
+
+def test_free_with_the_whole_vocabulary_as_exit_head_equals_plain_free(model):
+    """A pruned head over every id (in any order) is the full head: same tokens, depths."""
+    ps = prompts(3, seed=6)
+    plain = generate(model, ps, GREEDY, strategy=FREE(2, 0.06))
+    perm = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    pruned = generate(model, ps, GREEDY, strategy=FREE(2, 0.06, exit_vocab=perm))
+    assert tokens_of(pruned) == tokens_of(plain)
+    assert [r.depths for r in pruned] == [r.depths for r in plain]
+
+
+def test_pruned_head_logits_and_refresh_after_the_head_changes(model):
+    """Masked full-head logits as the reference; an in-place weight update is seen."""
+    from earlyexit.models.heads import PrunedHead
+
+    head = PrunedHead(ALLOWED)
+    h = torch.randn(3, 5, model.config.d_model)
+    with torch.inference_mode():
+        ref = torch.full((3, 5, model.config.vocab_size), float("-inf"))
+        ref[..., ALLOWED] = model.exit_logits(h, 2)[..., ALLOWED]
+        torch.testing.assert_close(model.exit_logits(h, 2, head), ref)
+    with torch.no_grad():
+        model.head_weight()[ALLOWED[0]] += 1.0  # in place: the cached rows must follow
+    with torch.inference_mode():
+        got = model.exit_logits(h, 2, head)[..., ALLOWED[0]]
+        torch.testing.assert_close(got, model.exit_logits(h, 2)[..., ALLOWED[0]])
+
+
+def test_exit_vocab_is_validated(model):
+    with pytest.raises(InputError, match="exit_vocab"):
+        make_strategy(model, "free", exit_step=2, exit_vocab=[1, 1])
+    with pytest.raises(InputError, match="exit_vocab"):
+        make_strategy(model, "free", exit_step=2, exit_vocab=[0, 512])
+    with pytest.raises(InputError, match="free strategy"):
+        make_strategy(model, "static", exit_step=2, exit_vocab=[1, 2])
+    with pytest.raises(InputError, match="draft_vocab"):
+        make_strategy(model, "speculative", exit_step=2, exit_vocab=[1, 2])
+    s = make_strategy(model, "free", exit_step=2, exit_vocab=[4, 2])
+    assert s.stats()["exit_vocab"] == 2

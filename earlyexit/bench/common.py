@@ -162,17 +162,30 @@ def request_stream(
 
 
 def serve_offline(
-    model, stream, policy: str, max_batch: int, exit=None, max_len=None, synthetic=None
+    model,
+    stream,
+    policy: str,
+    max_batch: int,
+    exit=None,
+    max_len=None,
+    synthetic=None,
+    exit_vocab=None,
 ) -> dict:
     """Serve ``stream`` (every request arriving at once) with the engine; throughput, each
     generated token's depth and the engine's occupancy. ``synthetic``: depth decisions
-    drawn from fixed distributions (:class:`earlyexit.engine.SyntheticDepth`)."""
+    drawn from fixed distributions (:class:`earlyexit.engine.SyntheticDepth`);
+    ``exit_vocab``: the engine's pruned exit head."""
     from earlyexit.decoding.sampling import SamplingParams
     from earlyexit.engine import LLMEngine
 
     max_len = max_len or max(len(p) + g for p, g in stream) + 1
     engine = LLMEngine(
-        model, policy=policy, max_batch=max_batch, max_len=max_len, synthetic=synthetic
+        model,
+        policy=policy,
+        max_batch=max_batch,
+        max_len=max_len,
+        synthetic=synthetic,
+        exit_vocab=exit_vocab,
     )
     t = time.perf_counter()
     reqs = [

@@ -264,13 +264,16 @@ def run_synthetic(
     threads: int | None = None,
     out: str | None = "results/depthwise_synthetic.json",
     repeats: int = 1,
+    exit_vocab: int | None = None,
 ) -> list[dict]:
     """The synthetic-exit sweep: a *systems* measurement (random weights; each token's exit
     after loop 1 of 2, or its MoR recursions, drawn from fixed distributions) of what the
     engine's batching policies deliver at each model shape. Ratios are to vanilla
     continuous batching at the same shape and max batch, in the same run; with
     ``repeats`` > 1 every configuration of a (shape, max batch) group runs once per round,
-    rounds alternate the order, and each row reports the median time."""
+    rounds alternate the order, and each row reports the median time. With ``exit_vocab``
+    N every loop-exit configuration also runs with its decisions over an N-token pruned
+    head (the first N ids: which tokens does not change the cost)."""
     from earlyexit.engine import SyntheticDepth
 
     threads = set_threads(threads)
@@ -284,28 +287,39 @@ def run_synthetic(
         K = models["recursive"].config.n_blocks  # loop 1 ends after K steps
         for mb in max_batches:
             runs = [
-                ("vanilla", "static", None, None, "vanilla"),
-                ("vanilla", "continuous", None, None, "vanilla"),
+                ("vanilla", "static", None, None, "vanilla", None),
+                ("vanilla", "continuous", None, None, "vanilla", None),
             ]
+            heads = [None] if exit_vocab is None else [None, exit_vocab]
             for rate in exit_rates:
                 syn = SyntheticDepth(exit_rate=rate)
-                for policy in ("continuous", "depthwise"):
-                    runs.append(("recursive", policy, ExitMode(K, 0.0), syn, f"exit {rate:.0%}"))
+                for head in heads:
+                    what = f"exit {rate:.0%}" + ("" if head is None else f" v{head}")
+                    for policy in ("continuous", "depthwise"):
+                        runs.append(("recursive", policy, ExitMode(K, 0.0), syn, what, head))
             for policy in ("continuous", "depthwise"):
-                runs.append(("mor", policy, None, SyntheticDepth(mor_shares=MOR_SHARES), "MoR 1/3"))
+                mor = SyntheticDepth(mor_shares=MOR_SHARES)
+                runs.append(("mor", policy, None, mor, "MoR 1/3", None))
             serve_offline(models["vanilla"], stream[:4], "continuous", mb, max_len=max_len)
             times: list[list[float]] = [[] for _ in runs]
             results: list[dict] = [{} for _ in runs]
             for r in range(repeats):
                 order = list(enumerate(runs))
-                for i, (model_key, policy, mode, syn, _) in order if r % 2 == 0 else order[::-1]:
+                for i, (key, policy, mode, syn, _, head) in order if r % 2 == 0 else order[::-1]:
                     res = serve_offline(
-                        models[model_key], stream, policy, mb, mode, max_len, synthetic=syn
+                        models[key],
+                        stream,
+                        policy,
+                        mb,
+                        mode,
+                        max_len,
+                        synthetic=syn,
+                        exit_vocab=None if head is None else range(head),
                     )
                     times[i].append(res["seconds"])
                     results[i] = res
             group = []
-            for i, (model_key, policy, _, syn, what) in enumerate(runs):
+            for i, (model_key, policy, _, syn, what, head) in enumerate(runs):
                 m, res = models[model_key], results[i]
                 seconds = statistics.median(times[i])
                 occ = res["occupancy"]
@@ -316,6 +330,7 @@ def run_synthetic(
                     "policy": policy,
                     "decisions": what,
                     "exit_rate": None if syn is None else syn.exit_rate,
+                    "exit_vocab": head,
                     "max_batch": mb,
                     "requests": n_requests,
                     "tokens": res["tokens"],
@@ -332,7 +347,7 @@ def run_synthetic(
                 }
                 group.append(row)
                 print(
-                    f"  {preset:13s} mb {mb:2d}  {model_key:9s} {policy:10s} {what:9s} "
+                    f"  {preset:13s} mb {mb:2d}  {model_key:9s} {policy:10s} {what:13s} "
                     f"{row['tokens_per_s']:8.1f} tok/s  depth {row['mean_depth']:5.2f}  "
                     f"{row['rows_per_block_call']:5.1f} rows/call  {row['ms_per_block_call']:6.2f} ms/call",
                     flush=True,

@@ -51,10 +51,12 @@ def _configs(
     with_calm_on_shared_exit: bool = True,
     draft_vocabs: dict | None = None,
     grid: dict | None = None,
+    exit_vocabs: dict | None = None,
 ):
     """(label, strategy name, options) for the sweep on one model. ``draft_vocabs``: {N:
-    the N most frequent token ids}: vocabulary-pruned self-speculation variants (FR-Spec).
-    ``grid`` overrides the swept values: keys ``free``, ``calm``, ``draft`` (a larger model
+    the N most frequent token ids}: vocabulary-pruned self-speculation variants (FR-Spec);
+    ``exit_vocabs``: the same for FREE's exit head (a pruned exit decision, at each
+    threshold of the sweep). ``grid`` overrides the swept values: keys ``free``, ``calm``, ``draft`` (a larger model
     cannot afford the full grid on a CPU)."""
     grid = grid or {}
     free_sweep = grid.get("free", FREE_SWEEP)
@@ -64,6 +66,15 @@ def _configs(
     out = [(f"static@{s}", "static", {"exit_step": s}) for s in cfg.exits.steps]
     first = cfg.exits.steps[0]
     out += [(f"free λ={t}", "free", {"exit_step": first, "threshold": t}) for t in free_sweep]
+    for n, ids in (exit_vocabs or {}).items():
+        out += [
+            (
+                f"free λ={t} vocab {n}",
+                "free",
+                {"exit_step": first, "threshold": t, "exit_vocab": ids},
+            )
+            for t in free_sweep
+        ]
     out += [("free adaptive", "free", {"exit_step": first, "threshold": 0.9, "adaptive": True})]
     if model.exit_classifiers is not None:  # learned confidence: P(shallow agrees with deep)
         out += [
@@ -103,14 +114,11 @@ def sweep(
     env: dict,
     draft_vocabs: tuple[int, ...] = (),
     grid: dict | None = None,
+    exit_vocabs: tuple[int, ...] = (),
 ) -> list[dict]:
-    from earlyexit.decoding.speculative import frequent_tokens
-    from earlyexit.training.data import token_file
-
     lm = load_model(model_dir)
     model = lm.model
-    train_tokens = token_file(data, "train") if draft_vocabs else None
-    vocabs = {n: frequent_tokens(train_tokens, n, model.config.vocab_size) for n in draft_vocabs}
+    vocabs = _frequent(data, model, {*draft_vocabs, *exit_vocabs})
     prompts = validation_prompts(data, n_prompts, prompt_len)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     full = functools.partial(make_strategy, model, "full")
@@ -118,7 +126,13 @@ def sweep(
     _, ref, _ = _decode_all(model, prompts, params, full)
     references = [r.token_ids for r in ref]
     rows = []
-    for label, name, opts in _configs(model, draft_vocabs=vocabs, grid=grid):
+    configs = _configs(
+        model,
+        draft_vocabs={n: vocabs[n] for n in draft_vocabs},
+        grid=grid,
+        exit_vocabs={n: vocabs[n] for n in exit_vocabs},
+    )
+    for label, name, opts in configs:
         factory = functools.partial(make_strategy, model, name, **opts)
         t_full, t_cfg = [], []
         for r in range(repeats):
@@ -136,8 +150,7 @@ def sweep(
             "model_dir": model_dir,
             "label": label,
             "strategy": name,
-            "options": {k: v for k, v in opts.items() if k != "draft_vocab"}
-            | ({"draft_vocab": len(opts["draft_vocab"])} if "draft_vocab" in opts else {}),
+            "options": _json_options(opts),
             "batch_size": 1,
             "prompts": n_prompts,
             "prompt_len": prompt_len,
@@ -163,6 +176,22 @@ def sweep(
     return rows
 
 
+def _frequent(data: str, model, sizes) -> dict:
+    """{N: the N most frequent token ids of ``data``'s training split} for each N."""
+    if not sizes:
+        return {}
+    from earlyexit.decoding.speculative import frequent_tokens
+    from earlyexit.training.data import token_file
+
+    tokens = token_file(data, "train")
+    return {n: frequent_tokens(tokens, n, model.config.vocab_size) for n in sizes}
+
+
+def _json_options(opts: dict) -> dict:
+    """Strategy options for a JSON row: a token subset is written as its size."""
+    return {k: (len(v) if k in ("draft_vocab", "exit_vocab") else v) for k, v in opts.items()}
+
+
 def main_early_exit(
     model: str,
     data: str,
@@ -175,12 +204,23 @@ def main_early_exit(
     out: str | None = "results/early_exit.json",
     draft_vocabs: tuple[int, ...] = (),
     grid: dict | None = None,
+    exit_vocabs: tuple[int, ...] = (),
 ) -> list[dict]:
     threads = set_threads(threads)
     env = environment(threads)
     warnings.simplefilter("ignore", ExitWarning)
     rows = sweep(
-        model, data, n_prompts, prompt_len, new_tokens, repeats, "free", env, draft_vocabs, grid
+        model,
+        data,
+        n_prompts,
+        prompt_len,
+        new_tokens,
+        repeats,
+        "free",
+        env,
+        draft_vocabs,
+        grid,
+        exit_vocabs,
     )
     if calm_model:
         rows += sweep(calm_model, data, n_prompts, prompt_len, new_tokens, repeats, "calm", env)
@@ -199,8 +239,11 @@ def main_batched_exit(
     repeats: int = 2,
     threads: int | None = None,
     out: str | None = "results/batched_exit.json",
+    exit_vocab: int | None = None,
 ) -> list[dict]:
-
+    """Full depth, naive (CALM sync), ours (FREE) and ours without the batch fallback at
+    each batch size; with ``exit_vocab`` N also ours with a pruned exit head over the N
+    most frequent tokens of ``data`` (``ours-vN``, ``ours-nofb-vN``)."""
     threads = set_threads(threads)
     env = environment(threads)
     warnings.simplefilter("ignore", ExitWarning)
@@ -220,6 +263,15 @@ def main_batched_exit(
             make_strategy, m, "free", exit_step=ls, threshold=threshold, min_sync_rate=None
         ),
     }
+    if exit_vocab is not None:
+        ids = _frequent(data, m, {exit_vocab})[exit_vocab]
+        for name, fb in (
+            (f"ours-v{exit_vocab}", {}),
+            (f"ours-nofb-v{exit_vocab}", {"min_sync_rate": None}),
+        ):
+            variants[name] = functools.partial(
+                make_strategy, m, "free", exit_step=ls, threshold=threshold, exit_vocab=ids, **fb
+            )
     _decode_all(m, prompts[:2], params, variants["full"])  # warm up
     _, ref, _ = _decode_all(m, prompts, params, variants["full"], 8)
     references = [r.token_ids for r in ref]
@@ -257,7 +309,7 @@ def main_batched_exit(
             }
             rows.append(row)
             print(
-                f"  batch {bs:2d} {name:9s} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_full']:.2f}x  "
+                f"  batch {bs:2d} {name:14s} {row['tokens_per_s']:8.1f} tok/s  {row['speedup_vs_full']:.2f}x  "
                 f"ROUGE-L {row['rouge_l']:.3f}  depth {row['mean_depth']:.2f}",
                 flush=True,
             )

@@ -90,6 +90,23 @@ def register(sub) -> None:
         help="early-exit: add self-speculation drafting over the N most frequent tokens of "
         "--data's training split (FR-Spec)",
     )
+    b.add_argument(
+        "--exit-vocab",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="early-exit/batched-exit: add FREE with a pruned exit head over the N most "
+        "frequent tokens of --data's training split; depthwise --synthetic: add loop exits "
+        "deciding over N tokens",
+    )
+    b.add_argument(
+        "--exit-rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="depthwise --synthetic: shares of tokens exiting after loop 1 (default 0 .25 .5 .75)",
+    )
     b.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt")
     b.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row")
     b.add_argument(
@@ -186,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             out=args.out or "results/depthwise_synthetic.json",
             repeats=args.repeats or 1,
+            exit_vocab=(args.exit_vocab or [None])[0],
+            **({"exit_rates": tuple(args.exit_rates)} if args.exit_rates else {}),
         )
         return 0
     if args.name == "depthwise" and args.calls:
@@ -273,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
             args.threads,
             out,
             draft_vocabs=tuple(args.draft_vocab or ()),
+            exit_vocabs=tuple(args.exit_vocab or ()),
         )
     else:
         rows = main_batched_exit(
@@ -286,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
             args.repeats or 2,
             args.threads,
             out,
+            exit_vocab=(args.exit_vocab or [None])[0],
         )
     if args.json:
         print(json.dumps(rows))

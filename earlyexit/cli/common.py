@@ -116,10 +116,20 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
         help="speculative: draft only among the N most frequent tokens of --draft-data (FR-Spec)",
     )
     xg.add_argument(
+        "--exit-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="free: the shallow exit's head covers only the N most frequent tokens of "
+        "--vocab-data (a pruned head: cheaper decisions; exited tokens come from those N)",
+    )
+    xg.add_argument(
+        "--vocab-data",
         "--draft-data",
+        dest="draft_data",
         default=None,
         metavar="DIR",
-        help="speculative --draft-vocab: a prepared corpus whose token counts rank the tokens",
+        help="--draft-vocab / --exit-vocab: a prepared corpus whose token counts rank the tokens",
     )
     xg.add_argument(
         "--compile",
@@ -128,24 +138,30 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     )
 
 
-def draft_vocab(args: argparse.Namespace):
-    """--draft-vocab N --draft-data DIR: the N most frequent tokens of DIR's training split."""
-    if args.draft_vocab is None:
+def frequent_vocab(args: argparse.Namespace, n: int | None, flag: str):
+    """``flag`` N with --vocab-data DIR: the N most frequent tokens of DIR's training split."""
+    if n is None:
         return None
+    if n < 1:
+        raise InputError(f"{flag} must be >= 1, got {n}")
     if not args.draft_data:
-        raise InputError(
-            "--draft-vocab needs --draft-data DIR (a prepared corpus to count tokens in)"
-        )
+        raise InputError(f"{flag} needs --vocab-data DIR (a prepared corpus to count tokens in)")
     from earlyexit.decoding.speculative import frequent_tokens
     from earlyexit.training.data import token_file
 
-    return frequent_tokens(token_file(args.draft_data, "train"), args.draft_vocab)
+    return frequent_tokens(token_file(args.draft_data, "train"), n)
+
+
+def draft_vocab(args: argparse.Namespace):
+    """--draft-vocab N: the N most frequent tokens of --vocab-data's training split."""
+    return frequent_vocab(args, args.draft_vocab, "--draft-vocab")
 
 
 def strategy_options(args: argparse.Namespace) -> dict:
     """make_strategy keyword arguments from the strategy flags."""
     return dict(
         draft_vocab=draft_vocab(args),
+        exit_vocab=frequent_vocab(args, getattr(args, "exit_vocab", None), "--exit-vocab"),
         exit_step=args.exit_step,
         threshold=args.threshold,
         adaptive=args.adaptive,

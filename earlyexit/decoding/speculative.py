@@ -31,7 +31,7 @@ from torch import Tensor
 
 from earlyexit.decoding.base import StepOutput, Strategy, run_rows
 from earlyexit.models.decoder import Decoder
-from earlyexit.models.kernels import linear
+from earlyexit.models.heads import PrunedHead
 from earlyexit.models.kv_cache import KVCache
 
 
@@ -56,18 +56,14 @@ class SelfSpeculative(Strategy):
         self.cache_slack = k + 1
         self.counts = {"calls": 0, "drafted": 0, "accepted": 0, "emitted": 0}
         self.draft_tokens = draft_tokens  # (N,) token ids the draft head may propose
-        self._draft_head: tuple[int, Tensor, Tensor] | None = None  # (weights' id, rows, ids)
+        self._draft_head = None if draft_tokens is None else PrunedHead(draft_tokens)
 
     def _draft(self, model: Decoder, h: Tensor) -> Tensor:
         """The shallow exit's greedy draft (B,) for states ``h`` (B, d)."""
-        if self.draft_tokens is None:
+        if self._draft_head is None:
             return model.exit_logits(h, self.ls).argmax(-1)
-        w = model.head_weight()
-        if self._draft_head is None or self._draft_head[0] != id(w):
-            ids = self.draft_tokens.to(w.device)
-            self._draft_head = (id(w), w[ids].contiguous(), ids)  # (N, d): copied once
-        _, rows, ids = self._draft_head
-        return ids[linear(model.exit_norm(h, self.ls), rows).argmax(-1)]
+        sub, ids = self._draft_head.logits(model, model.exit_norm(h, self.ls))  # (B, N)
+        return ids[sub.argmax(-1)]
 
     def decode(
         self, model: Decoder, cache: KVCache, tokens: Tensor, n_new: np.ndarray | None = None

@@ -19,6 +19,7 @@ from earlyexit.decoding.mor import RouterDepth
 from earlyexit.decoding.speculative import SelfSpeculative
 from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.errors import InputError
+from earlyexit.models.heads import vocabulary_ids
 
 STRATEGIES = ("full", "static", "calm", "free", "speculative")
 
@@ -46,6 +47,7 @@ def make_strategy(
     decay_tau: float | None = None,
     draft_k: int = 4,
     draft_vocab=None,
+    exit_vocab=None,
     sync_batch: bool = False,
     calibrator: BetaMixtureThreshold | None = None,
     compile: bool = False,
@@ -59,6 +61,11 @@ def make_strategy(
     """
     if name not in STRATEGIES:
         raise InputError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}")
+    if exit_vocab is not None and name != "free":
+        raise InputError(
+            f"exit_vocab (a pruned exit head) applies to the free strategy, not {name!r}"
+            + (" (drafts take draft_vocab)" if name == "speculative" else "")
+        )
     if name == "full":  # a MoR model's "full" depth is whatever its routers grant
         return (
             FullDepth(static=compile, compile=compile) if model.routers is None else RouterDepth()
@@ -124,24 +131,23 @@ def make_strategy(
     if name == "free":
         if min_sync_rate is not None and not 0 <= min_sync_rate <= 1:
             raise InputError(f"min_sync_rate must be within [0, 1] (or None), got {min_sync_rate}")
-        return FREE(exit_step, threshold, adaptive, measure, calibrator, min_sync_rate)
+        return FREE(
+            exit_step,
+            threshold,
+            adaptive,
+            measure,
+            calibrator,
+            min_sync_rate,
+            exit_vocab=_ids(exit_vocab, cfg.vocab_size, "exit_vocab"),
+        )
     if not 1 <= draft_k <= 32:
         raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
-    return SelfSpeculative(exit_step, draft_k, _draft_tokens(draft_vocab, cfg.vocab_size))
+    return SelfSpeculative(exit_step, draft_k, _ids(draft_vocab, cfg.vocab_size, "draft_vocab"))
 
 
-def _draft_tokens(draft_vocab, vocab_size: int):
-    """``draft_vocab`` (token ids the draft head may propose) as a tensor, validated."""
-    if draft_vocab is None:
-        return None
-    import torch
-
-    ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten()
-    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        raise InputError(f"draft_vocab must be token ids within [0, {vocab_size}), non-empty")
-    if len(set(ids.tolist())) != ids.numel():
-        raise InputError("draft_vocab has repeated token ids")
-    return ids
+def _ids(ids, vocab_size: int, what: str):
+    """Token ids a pruned head covers, validated (None stays None: the full vocabulary)."""
+    return None if ids is None else vocabulary_ids(ids, vocab_size, what)
 
 
 def _warn_untrained(cfg, name: str) -> None:

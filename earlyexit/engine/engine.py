@@ -35,6 +35,7 @@ from earlyexit.engine.runner import ModelRunner
 from earlyexit.engine.scheduler import Scheduler
 from earlyexit.errors import EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
+from earlyexit.models.heads import PrunedHead, vocabulary_ids
 from earlyexit.tokenizer import Tokenizer
 
 
@@ -73,6 +74,9 @@ class LLMEngine:
         max_queue: waiting requests beyond which ``add_request`` raises :class:`QueueFull`.
         synthetic: draw exit and recursion decisions from fixed distributions instead of
             the model (:class:`SyntheticDepth`; a systems measurement, not a quality one).
+        exit_vocab: token ids the exits' head covers for every ``ExitMode`` request (a
+            pruned head, ``models/heads.py``: the margin is over them and an exited token
+            is one of them); None: the full vocabulary.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class LLMEngine:
         max_len: int | None = None,
         max_queue: int = 4096,
         synthetic: SyntheticDepth | None = None,
+        exit_vocab=None,
     ) -> None:
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.L = model.n_steps
@@ -93,7 +98,12 @@ class LLMEngine:
         # a text prompt longer than this cannot fit: refused before it is tokenized
         self.max_prompt_chars = self.max_len * (tokenizer.max_token_chars if tokenizer else 1)
         self.scheduler = Scheduler(policy, max_batch, [s.block for s in model.plan])
-        self.runner = ModelRunner(model, max_batch, self.max_len)
+        exit_head = None
+        if exit_vocab is not None:
+            exit_head = PrunedHead(
+                vocabulary_ids(exit_vocab, model.config.vocab_size, "exit_vocab")
+            )
+        self.runner = ModelRunner(model, max_batch, self.max_len, exit_head)
         self.requests: dict[str, Request] = {}
         self._trackers: dict[str, OutputTracker] = {}
         self._generators: dict[str, torch.Generator | None] = {}

@@ -8,8 +8,9 @@
   group of equal (start, stop) with ``run_steps``; a depth-wise iteration runs one block on
   rows at different steps of it in **one** call, each row with its own KV slot, cache
   length, positions and LoRA slot (``Decoder.run_block``).
-- ``logits`` at an exit point or the end, ``margin`` confidences, and sampling with each
-  request's own parameters and generator.
+- ``logits`` at an exit point or the end (one full-head matmul per call; exits over a pruned
+  head when the engine has one), ``margin`` confidences, and sampling with each request's
+  own parameters and generator.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ from torch import Tensor
 from earlyexit.decoding.confidence import confidence
 from earlyexit.decoding.sampling import sample
 from earlyexit.models.decoder import Decoder
+from earlyexit.models.heads import PrunedHead
+from earlyexit.models.kernels import linear
 from earlyexit.models.kv_cache import KVCache
 
 
 class ModelRunner:
     """Executes prefill, steps and sampling for the engine."""
 
-    def __init__(self, model: Decoder, max_batch: int, max_len: int) -> None:
+    def __init__(
+        self, model: Decoder, max_batch: int, max_len: int, exit_head: PrunedHead | None = None
+    ) -> None:
         self.model, self.plan, self.L = model, model.plan, model.n_steps
+        self.exit_head = exit_head  # exit decisions over a token subset (None: full head)
         self.cache = KVCache.for_model(model, max_batch, max_len)
         p = model.tok_embeddings.weight
         self.device = p.device
@@ -168,16 +174,27 @@ class ModelRunner:
     # ------------------------------------------------------------------ decisions
     @torch.inference_mode()
     def logits(self, rows: list[int], steps: list[int]) -> Tensor:
-        """Logits (G, V) of each row's last in-flight position at exit point ``steps[i]``."""
+        """Logits (G, V) of each row's last in-flight position at exit point ``steps[i]``.
+
+        Every row that needs the full head (the final one, or an exit's when there is no
+        pruned exit head) shares **one** head matmul: the head weighs as much as several
+        blocks and is read once per call whatever the rows, so rows at different exit
+        points must not each pay it. Exit rows use ``exit_head`` (a pruned head) if set."""
+        m = self.model
         last = torch.as_tensor(self.hlen[rows] - 1, device=self.device)
         h = self.hbuf[torch.as_tensor(rows, device=self.device), last]  # (G, d)
-        out = torch.empty(
-            len(rows), self.model.config.vocab_size, device=self.device, dtype=h.dtype
-        )
-        for s in set(steps):
-            idx = [i for i, x in enumerate(steps) if x == s]
-            it = torch.as_tensor(idx, device=self.device)
-            out[it] = self.model.exit_logits(h[it], s) if s < self.L else self.model.logits(h[it])
+        out = torch.empty(len(rows), m.config.vocab_size, device=self.device, dtype=h.dtype)
+        full_idx, full_h = [], []
+        for s in sorted(set(steps)):
+            it = torch.as_tensor([i for i, x in enumerate(steps) if x == s], device=self.device)
+            hn = m.exit_norm(h[it], s) if s < self.L else m.norm(h[it])  # (g, d)
+            if s < self.L and self.exit_head is not None:
+                out[it] = self.exit_head.full_logits(m, hn)
+            else:
+                full_idx.append(it)
+                full_h.append(hn)
+        if full_idx:
+            out[torch.cat(full_idx)] = linear(torch.cat(full_h), m.head_weight())
         return out
 
     @staticmethod

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from earlyexit.config import ModelConfig
+from earlyexit.models.heads import PrunedHead
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext, KVCache
 from earlyexit.models.layers import (
@@ -220,8 +221,11 @@ class Decoder(nn.Module):
             return self.exit_norms[i](h)
         return self.norm(h)
 
-    def exit_logits(self, h: Tensor, step: int) -> Tensor:
-        """Logits of the exit after ``step`` steps: its norm + the shared LM head."""
+    def exit_logits(self, h: Tensor, step: int, pruned: PrunedHead | None = None) -> Tensor:
+        """Logits (..., V) of the exit after ``step`` steps: its norm + the shared LM head, or
+        with ``pruned`` the head over that token subset only (-inf elsewhere; ``heads.py``)."""
+        if pruned is not None:
+            return pruned.full_logits(self, self.exit_norm(h, step))
         return linear(self.exit_norm(h, step), self.head_weight())
 
     def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:

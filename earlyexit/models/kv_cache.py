@@ -108,6 +108,7 @@ class KVCache:
         # RoPE position of every entry (only read for sliding-window masks).
         self.pos_all = torch.zeros(n_slots, batch_size, max_len, device=device, dtype=torch.long)
         self.k, self.v, self.pos = list(self.k_all), list(self.v_all), list(self.pos_all)
+        self._slot_plans: dict = {}  # update_slots' plans, reused across calls (pure of key)
         self.lengths = np.zeros((n_slots, batch_size), dtype=np.int64)  # host-side
         self.batch_size, self.max_len, self.n_slots = batch_size, max_len, n_slots
         self.device = torch.device(device)
@@ -163,19 +164,32 @@ class KVCache:
         slots = ctx.kv_slots
         lens = self.lengths[slots, rows]
         n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
-        key = ("slots", slots.tobytes(), rows.tobytes(), lens.tobytes(), n_new.tobytes(), T)
-        meta = ctx._memo.get(key)
+        # The plan depends on the slots only relative to the lowest one: the same rows moving
+        # on to the next shared block (slots + 1, same lengths) reuse it, so consecutive
+        # depth-wise calls do not rebuild it (host work a plain call would not pay).
+        base = int(slots.min())
+        rel = slots - base
+        key = (rel.tobytes(), rows.tobytes(), lens.tobytes(), n_new.tobytes(), T)
+        meta = self._slot_plans.get(key)
         if meta is None:
-            meta = ctx._memo[key] = self._plan_slots(slots, rows, lens, n_new, T)
-        writes, row_sl, groups = meta
-        s_w, r_w, c_w, b_sel, t_sel = writes
-        self.k_all[s_w, r_w, :, c_w] = k.transpose(1, 2)[b_sel, t_sel]  # (N, Hkv, D): one scatter
-        self.v_all[s_w, r_w, :, c_w] = v.transpose(1, 2)[b_sel, t_sel]
+            if len(self._slot_plans) >= 256:  # bounded: a long-lived server sees many shapes
+                self._slot_plans.clear()
+            meta = self._slot_plans[key] = self._plan_slots(rel, rows, lens, n_new, T)
+        (flat_rel, c_w, b_sel, t_sel, single), row_sl, groups = meta
+        flat = flat_rel + base * self.batch_size if base else flat_rel  # slot * batch + row
+        if single:  # one entry per row: the new keys are (B, Hkv, D) as they are
+            new_k, new_v = k[:, :, 0], v[:, :, 0]
+        else:
+            new_k, new_v = k.transpose(1, 2)[b_sel, t_sel], v.transpose(1, 2)[b_sel, t_sel]
+        # (slot * batch + row)-indexed views: each row's own slot in one two-index scatter
+        self.k_all.flatten(0, 1)[flat, :, c_w] = new_k  # (N, Hkv, D)
+        self.v_all.flatten(0, 1)[flat, :, c_w] = new_v
         if ctx.sliding_window is not None or set(slots.tolist()) & ctx.stash_slots:
-            self.pos_all[s_w, r_w, c_w] = ctx.positions[b_sel, t_sel]
+            self.pos_all.flatten(0, 1)[flat, c_w] = ctx.positions[b_sel, t_sel]
         self.lengths[slots, rows] = lens + n_new
         out = []
-        for slot, W, mask, member in groups:
+        for rel_slot, W, mask, member in groups:
+            slot = rel_slot + base
             # views for contiguous rows; other row sets are gathered (as in the plain path)
             k_s, v_s = self.k[slot][row_sl, :, :W], self.v[slot][row_sl, :, :W]
             if ctx.sliding_window is not None:
@@ -183,40 +197,54 @@ class KVCache:
             out.append((k_s, v_s, mask, member))
         return out
 
-    def _plan_slots(self, slots, rows, lens, n_new, T):
-        """Writes, the rows' view and each slot's (slot, W, mask, member) for update_slots."""
+    def _plan_slots(self, rel, rows, lens, n_new, T):
+        """Writes, the rows' view and each slot's (relative slot, W, mask, member) for
+        ``update_slots``; ``rel``: each row's slot minus the call's lowest slot.
+
+        Host arithmetic only, vectorized over the call's slots, with one host-to-device
+        conversion each for the writes and the masks. W covers the members' entries only:
+        the other rows see column 0 (their outputs are discarded)."""
         B = len(rows)
         if (lens + n_new).max() > self.max_len:
             raise InputError(
                 f"KV cache full: {int((lens + n_new).max())} entries exceed its length {self.max_len}"
             )
-        as_t = functools.partial(torch.as_tensor, device=self.device)
-        b_sel, t_sel = np.nonzero(np.arange(T)[None, :] < n_new[:, None])
-        writes = (
-            as_t(slots[b_sel]),
-            as_t(rows[b_sel]),
-            as_t(lens[b_sel] + t_sel),
-            as_t(b_sel),
-            as_t(t_sel),
+        single = T == 1 and bool(n_new.all())  # decode: every row appends one entry
+        if single:
+            b_sel, t_sel = np.arange(B), np.zeros(B, dtype=np.int64)
+        else:
+            b_sel, t_sel = np.nonzero(np.arange(T)[None, :] < n_new[:, None])
+        w = torch.as_tensor(
+            np.stack(
+                [rel[b_sel] * self.batch_size + rows[b_sel], lens[b_sel] + t_sel, b_sel, t_sel]
+            ),
+            device=self.device,
         )
+        writes = (*w.unbind(0), single)  # flat (slot, row) index, column, batch, query index
         contiguous = rows[0] >= 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + B))
-        row_sl = slice(int(rows[0]), int(rows[0]) + B) if contiguous else as_t(rows)
-        groups = []
-        t = np.arange(T)
-        for slot in np.unique(slots):
-            member = slots == slot
-            # every row's entries in this slot after the write (others' are read, not used)
-            after = self.lengths[slot, rows] + np.where(member, n_new, 0)
-            W = max(int(after.max()), 1)
-            j = np.arange(W)[None, None, :]
-            # members: causal by index over their entries; a member's query t sits at
-            # lens + t. Others (outputs discarded) and padding queries see column 0 only,
-            # so no softmax row is ever empty.
-            q_idx = np.where(member, lens, after)[:, None, None] + t[None, :, None]
-            valid = (j < after[:, None, None]) & (j <= q_idx)
-            live = (member[:, None] & (t[None, :] < n_new[:, None]))[:, :, None]
-            mask = np.where(live, valid, j == 0)
-            groups.append((int(slot), W, as_t(mask[:, None]), as_t(member)))
+        row_sl = (
+            slice(int(rows[0]), int(rows[0]) + B)
+            if contiguous
+            else torch.as_tensor(rows, device=self.device)
+        )
+        uniq = np.unique(rel)  # (G,)
+        member = rel[None, :] == uniq[:, None]  # (G, B)
+        after = np.where(member, lens + n_new, 0)  # (G, B) members' entries after the write
+        Ws = np.maximum(after.max(axis=1), 1)  # (G,)
+        j = np.arange(int(Ws.max()))[None, None, None, :]
+        # members: causal by index over their entries; a member's query t sits at lens + t.
+        # Others (outputs discarded) and padding queries see column 0 only, so no softmax
+        # row is ever empty.
+        t = np.arange(T)[None, None, :, None]
+        q_idx = lens[None, :, None, None] + t  # (1, B, T, 1)
+        valid = (j < after[:, :, None, None]) & (j <= q_idx)
+        live = member[:, :, None, None] & (t < n_new[None, :, None, None])
+        masks = torch.as_tensor(np.where(live, valid, j == 0)[:, :, None], device=self.device)
+        members = torch.as_tensor(member, device=self.device)
+        groups = [
+            (int(slot), int(W), masks[g, ..., : int(W)], members[g])
+            for g, (slot, W) in enumerate(zip(uniq, Ws))
+        ]
         return writes, row_sl, groups
 
     def _update(self, slot: int, k: Tensor, v: Tensor, ctx: ForwardContext, n_new: np.ndarray):
@@ -227,8 +255,15 @@ class KVCache:
             rows, lens = ctx.rows, self.lengths[slot, ctx.rows]
         key = (lens.tobytes(), None if ctx.rows is None else rows.tobytes(), n_new.tobytes(), T)
         meta = ctx._memo.get(key)
-        if meta is None:
-            meta = ctx._memo[key] = self._plan_update(lens, rows, n_new, T, ctx)
+        if meta is None:  # not yet in this forward: maybe from an earlier call (same rows, lengths)
+            meta = self._slot_plans.get(("plain", *key))
+            if meta is None:
+                if len(self._slot_plans) >= 256:
+                    self._slot_plans.clear()
+                meta = self._slot_plans[("plain", *key)] = self._plan_update(
+                    lens, rows, n_new, T, ctx
+                )
+            ctx._memo[key] = meta
         row_sl, col_idx, W, mask = meta
         kb, vb, pb = self.k[slot], self.v[slot], self.pos[slot]
         windowed = ctx.sliding_window is not None
