@@ -29,6 +29,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--draft-vocab", type=int, nargs="*", default=[8192])
+    ap.add_argument(
+        "--exit-vocab", type=int, nargs="*", default=[], help="FREE with a pruned exit head"
+    )
+    ap.add_argument("--free", type=float, nargs="*", default=None, help="FREE thresholds")
+    ap.add_argument("--calm", type=float, nargs="*", default=None, help="CALM thresholds")
+    ap.add_argument("--draft-k", type=int, nargs="*", default=None, help="speculative k values")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/real_model_early_exit.json")
     args = ap.parse_args()
@@ -36,6 +42,10 @@ def main() -> None:
     from earlyexit.bench.early_exit import main_early_exit
 
     warnings.simplefilter("ignore")
+    grid = dict(GRID)
+    for key, val in (("free", args.free), ("calm", args.calm), ("draft", args.draft_k)):
+        if val is not None:
+            grid[key] = tuple(val)
     main_early_exit(
         args.model,
         args.data,
@@ -46,7 +56,8 @@ def main() -> None:
         threads=args.threads,
         out=args.out,
         draft_vocabs=tuple(args.draft_vocab),
-        grid=GRID,
+        grid=grid,
+        exit_vocabs=tuple(args.exit_vocab),
     )
 
 

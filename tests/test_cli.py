@@ -272,3 +272,26 @@ def test_exit_strategy_errors_and_warnings(capsys, exit_lm_dir, tiny_lm_dir):
         "x",
     )
     assert code == 0 and "earlyexit: warning: step 2 is not an exit point" in err
+
+
+def test_generate_with_a_pruned_exit_head(capsys, exit_setup):
+    """--exit-vocab N --vocab-data DIR: the exit decides over the corpus's N most frequent
+    tokens; every token emitted at the exit is one of them (counted here from the corpus
+    as the reference). Without --vocab-data: one error line."""
+    import numpy as np
+
+    from earlyexit.training.data import token_file
+
+    model, data = str(exit_setup / "model"), str(exit_setup / "data")
+    counts = np.bincount(token_file(data, "train"), minlength=300)
+    top = set(np.argsort(-counts, kind="stable")[:20].tolist())
+    base = ["generate", "--model", model, "--strategy", "free", "--threshold", "-1"]
+    args = [*base, "--exit-vocab", "20", "--vocab-data", data, "--json", "--ids"]
+    code, out, err = run_cli(capsys, *args, "--max-new-tokens", "8", "5,6,7")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["strategy_stats"]["exit_vocab"] == 20
+    exited = [t for t, d in zip(res["token_ids"], res["depths"]) if d == 1]
+    assert exited and set(exited) <= top
+    code, _, err = run_cli(capsys, *base, "--exit-vocab", "20", "x")
+    assert code == 1 and "--vocab-data" in err and err.count("\n") == 1

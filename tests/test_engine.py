@@ -412,3 +412,101 @@ def test_runner_logits_share_one_head_and_match_each_exit_point(monkeypatch):
         for i, s in enumerate(steps):
             want = model.exit_logits(h[i : i + 1], s) if s < 6 else model.logits(h[i : i + 1])
             torch.testing.assert_close(got[i : i + 1], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["relaxed", "middle"])
+def test_depthwise_engine_with_row_by_row_attention_equals_single_requests(kind, monkeypatch):
+    """The per-row attention path (chosen for long histories) through the whole engine:
+    FREE catch-up chunks (several tokens per row) and rows at 2-3 loops per call."""
+    from earlyexit.models import layers
+
+    monkeypatch.setattr(layers, "DEPTHWISE_ATTENTION", "per-row")
+    model, exit_step = MODELS[kind]
+    ps, lengths = prompts(), [3, 9, 5, 12, 1, 7, 10]
+    engine = LLMEngine(model, policy="depthwise", max_batch=3, max_len=64)
+    exit = ExitMode(exit_step, 0.05)
+    reqs = [
+        engine.requests[
+            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
+        ]
+        for p, n in zip(ps, lengths)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    for req, p, n in zip(reqs, ps, lengths):
+        ref = generate(
+            model,
+            [p],
+            SamplingParams(max_new_tokens=n, ignore_eos=True),
+            strategy=FREE(exit_step, 0.05),
+        )[0]
+        assert req.output_ids == ref.token_ids and req.depths == ref.depths
+
+
+def test_depthwise_attention_mode_follows_history_length_and_slots():
+    """auto: per-row once (distinct slots - 1) x the longest history reaches the floor."""
+    import numpy as np
+
+    from earlyexit.models import layers
+    from earlyexit.models.kv_cache import KVCache
+
+    model, _ = MODELS["recursive"]
+    cache = KVCache.for_model(model, 4, 600)
+    pos = torch.zeros(4, 1, dtype=torch.long)
+    floor = layers.PER_ROW_MIN_ENTRIES
+    for lens, slots, want in (
+        ([3, 5, 2, 4], [0, 3, 0, 3], "per-slot"),
+        ([floor - 1, 5, 2, 4], [0, 3, 0, 3], "per-row"),  # floor - 1 + the new token
+        ([floor - 2, 5, 2, 4], [0, 3, 0, 3], "per-slot"),
+        ([floor // 2, 5, 2, 4], [0, 3, 0, 3], "per-slot"),  # 2 slots: 1 extra pass
+    ):
+        cache.lengths[:] = 0
+        cache.lengths[np.array(slots), np.arange(4)] = lens
+        ctx = model.context(pos, cache, rows=np.arange(4), kv_slots=slots)
+        assert layers.depthwise_attention_mode(ctx, 1) == want, (lens, slots)
+
+
+@pytest.mark.parametrize("policy", ["continuous", "depthwise"])
+@pytest.mark.parametrize("kind", ["dense", "relaxed", "middle"])
+@pytest.mark.parametrize("deep_kv", ["propagate", "skip"])
+def test_engine_exits_without_catch_up_equal_single_request_calm(policy, kind, deep_kv):
+    """``ExitMode.deep_kv``: an exited token's skipped steps get its exit state's K/V now
+    (propagate) or nothing (skip); each request equals single-request CALM with one exit
+    point and the same choice. Without a catch-up, every token runs exactly its depth."""
+    from earlyexit.decoding.calm import CALM
+
+    model, exit_step = MODELS[kind]
+    ps, lengths = prompts(), [3, 9, 5, 12, 1, 7, 10]
+    engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64)
+    exit = ExitMode(exit_step, 0.05, deep_kv)
+    reqs = [
+        engine.requests[
+            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
+        ]
+        for p, n in zip(ps, lengths)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    exits_before = model.config.exits
+    depths = set()
+    for req, p, n in zip(reqs, ps, lengths):
+        # CALM checks every exit point from min_exit on: give it exactly this one
+        model.config.exits = exits_before.__class__(
+            **{**exits_before.__dict__, "steps": (exit_step,)}
+        )
+        try:
+            ref = generate(
+                model,
+                [p],
+                SamplingParams(max_new_tokens=n, ignore_eos=True),
+                strategy=CALM(0.05, exit_step, deep_kv=deep_kv),
+            )[0]
+        finally:
+            model.config.exits = exits_before
+        assert req.output_ids == ref.token_ids and req.depths == ref.depths, (kind, policy)
+        depths |= set(req.depths[1:])
+        # work: the prefill's steps, then each token its own depth (no catch-up)
+        assert req.steps_run == model.n_steps + sum(req.depths[1:])
+    assert len(depths) > 1
+    with pytest.raises(InputError, match="deep_kv"):
+        engine.add_request([1, 2], SamplingParams(max_new_tokens=2), ExitMode(exit_step, 0.1, "x"))

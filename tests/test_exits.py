@@ -833,3 +833,57 @@ def test_exit_vocab_is_validated(model):
         make_strategy(model, "speculative", exit_step=2, exit_vocab=[1, 2])
     s = make_strategy(model, "free", exit_step=2, exit_vocab=[4, 2])
     assert s.stats()["exit_vocab"] == 2
+
+
+@pytest.mark.parametrize("deep_kv", ["propagate", "skip"])
+def test_calm_deep_kv_against_a_layer_by_layer_reference(deep_kv):
+    """What an exited token leaves in the layers it skipped, checked against a slow
+    reference built from the paper's rule with ``tests.reference.layer``: at each layer the
+    keys are the positions that ran it (skip), or those plus every exited position with its
+    exit state as the layer's input (propagate: CALM's state propagation). Each emitted
+    token must be the argmax at its own depth, and the exit decision its margin's."""
+    from tests.reference import layer
+
+    model = make_model(n_layers=6, exits={"steps": [2], "trained": True}, init_std=0.3)
+    cfg, L, K, lam = model.config, 6, 2, 0.05
+    ps = prompts(3, seed=11)
+    s = CALM(lam, K, deep_kv=deep_kv)
+    res = generate(model, ps, SamplingParams(max_new_tokens=10, ignore_eos=True), strategy=s)
+    checked = exited = 0
+    for p, r in zip(ps, res):
+        seq = torch.tensor(p + r.token_ids[:-1])  # inputs of every position
+        n = len(seq)
+        # depth of each position: the prompt (and the prefill's token) ran every layer
+        depth = [L] * len(p) + list(r.depths[1:])
+        pos = torch.arange(n)
+        with torch.no_grad():
+            h = model.embed(seq[None])[0]  # (n, d)
+            states = {0: h}
+            for j in range(L):
+                ran = torch.tensor([d > j for d in depth])
+                x = h.clone()
+                keys = ran.clone()
+                if deep_kv == "propagate" and j >= K:  # exited: exit state stands in
+                    gone = ~ran
+                    x[gone] = states[K][gone]
+                    keys = torch.ones(n, dtype=torch.bool)
+                out, _ = layer(cfg, model.blocks[j], x[keys], pos[keys])
+                h = h.clone()
+                h[ran] = out[ran[keys]]
+                states[j + 1] = h
+            for t in range(1, len(r.token_ids)):
+                i = len(p) - 1 + t  # the position that produced token t
+                ex = model.exit_logits(states[K][i], K)
+                top = ex.softmax(-1).topk(2).values
+                margin = float(top[0] - top[1])
+                if abs(margin - lam) < 1e-4:
+                    continue  # too close to the threshold to call
+                want_depth = K if margin >= lam else L
+                assert r.depths[t] == want_depth, (t, margin)
+                lg = ex if want_depth == K else model.logits(states[L][i])
+                two = lg.topk(2).values
+                if float(two[0] - two[1]) > 1e-4:
+                    assert r.token_ids[t] == int(lg.argmax()), (deep_kv, t)
+                checked += 1
+                exited += want_depth == K
+    assert checked > 15 and 0 < exited < checked

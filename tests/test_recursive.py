@@ -365,7 +365,8 @@ def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relax
     """Depth-wise batching's block call (rows at loop 1 and loop 2 of one shared block, each
     row with its own KV slot, cache length and LoRA slot) against the obviously correct
     reference: every row run alone through its own step. Contiguous and scattered rows,
-    a ragged catch-up chunk, both attention paths (per-slot views and the gather), and a
+    a ragged catch-up chunk, every attention path (per-slot views, per-row views, the
+    gather, and the automatic choice), and a
     source with q/k/v/o biases whose per-loop norm and bias offsets are relaxed too."""
     import numpy as np
 
@@ -403,8 +404,8 @@ def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relax
             c = _copy_cache(base)
             ctx = model.context(pos[b : b + 1], c, rows=[r], n_new=[n_new[b]])
             ref.append(model.run_step(int(steps[b]), h[b : b + 1], ctx)[0, : n_new[b]])
-        for per_slot in (True, False):
-            layers.PER_SLOT_ATTENTION = per_slot
+        for mode in ("per-slot", "per-row", "gather", "auto"):
+            layers.DEPTHWISE_ATTENTION = mode
             try:
                 c = _copy_cache(base)
                 slots = [model.plan[s].kv_slot for s in steps]
@@ -412,7 +413,7 @@ def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relax
                 ctx = model.context(pos, c, rows=rows, n_new=n_new, kv_slots=slots)
                 out = model.run_block(0, h, ctx, -1, lora)
             finally:
-                layers.PER_SLOT_ATTENTION = True
+                layers.DEPTHWISE_ATTENTION = "auto"
             for b in range(5):
                 torch.testing.assert_close(out[b, : n_new[b]], ref[b], atol=2e-5, rtol=1e-4)
                 assert c.lengths[slots[b], rows[b]] == lens[b] + n_new[b]

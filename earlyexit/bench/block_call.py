@@ -10,10 +10,12 @@ entries in both loops' slots of block 0; one decode token per row runs through b
 
 - *plain*: every row at loop 1 (slot 0), rows 0..R-1;
 - *mixed*: the same rows, alternately at loop 1 and loop 2 (slots 0 and K): the depth-wise
-  case, through ``Decoder.run_block`` with per-row KV slots: attention once per KV slot
-  over views of the slot (what the engine runs);
+  case, through ``Decoder.run_block`` with per-row KV slots, on the attention path the
+  engine picks (``layers.DEPTHWISE_ATTENTION = "auto"``);
+- *per-slot* / *per-row*: the same call forced onto either path (attention once per KV
+  slot over views of it for all rows / once per row over a view of its own history);
 - *mixed, gathered*: the same call with each row's keys and values gathered out of its own
-  slot into one batch first (the earlier design, kept as the ablation).
+  slot into one batch first (the first design, kept as the ablation).
 
 Each call appends one entry per row and the lengths are set back, so every call sees the
 same cache. Calls alternate between the two, ``repeats`` of each; the median is reported.
@@ -64,37 +66,41 @@ def time_calls(
         model.run_step(0, h, ctx)
         cache.lengths[0, r] -= 1
 
-    def mixed(per_slot: bool = True) -> None:
-        layers.PER_SLOT_ATTENTION = per_slot
+    def mixed(mode: str = "auto") -> None:
+        layers.DEPTHWISE_ATTENTION = mode
         try:
             ctx = model.context(pos, cache, rows=r, kv_slots=mixed_slots)
             model.run_block(0, h, ctx, -1, lora)
         finally:
-            layers.PER_SLOT_ATTENTION = True
+            layers.DEPTHWISE_ATTENTION = "auto"
         cache.lengths[mixed_slots, r] -= 1
 
-    def gathered() -> None:
-        mixed(per_slot=False)
-
-    times: dict[str, list[float]] = {"plain": [], "mixed": [], "gathered": []}
+    variants = {
+        "plain": plain,
+        "mixed": mixed,
+        "per_slot": lambda: mixed("per-slot"),
+        "per_row": lambda: mixed("per-row"),
+        "gathered": lambda: mixed("gather"),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
-        for f in (plain, mixed, gathered, plain, mixed, gathered):  # warm-up
+        for f in [*variants.values(), *variants.values()]:  # warm-up
             f()
         for i in range(repeats):
-            order = [("plain", plain), ("mixed", mixed), ("gathered", gathered)]
+            order = list(variants.items())
             for name, f in order if i % 2 == 0 else order[::-1]:
                 sync()
                 t = time.perf_counter()
                 f()
                 sync()
                 times[name].append(time.perf_counter() - t)
-    p, m, g = (statistics.median(times[k]) for k in ("plain", "mixed", "gathered"))
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "plain_s": p,
-        "mixed_s": m,
-        "gathered_s": g,
-        "mixed_over_plain": m / p,
-        "gathered_over_plain": g / p,
+        **{f"{k}_s": t for k, t in med.items()},
+        **{f"{k}_over_plain": t / med["plain"] for k, t in med.items() if k != "plain"},
+        "mode": layers.depthwise_attention_mode(
+            model.context(pos, cache, rows=r, kv_slots=mixed_slots), 1
+        ),
         "samples": times,
     }
 
@@ -127,8 +133,10 @@ def run(
             )
             print(
                 f"  rows {R:3d}  length {length:5d}  plain {res['plain_s'] * 1e3:7.2f} ms  "
-                f"mixed {res['mixed_s'] * 1e3:7.2f} ms ({res['mixed_over_plain']:.2f}x)  "
-                f"gathered {res['gathered_s'] * 1e3:7.2f} ms ({res['gathered_over_plain']:.2f}x)",
+                f"mixed {res['mixed_s'] * 1e3:7.2f} ms ({res['mixed_over_plain']:.2f}x, "
+                f"{res['mode']})  per-slot {res['per_slot_over_plain']:.2f}x  "
+                f"per-row {res['per_row_over_plain']:.2f}x  "
+                f"gathered {res['gathered_over_plain']:.2f}x",
                 flush=True,
             )
     write_rows(out_rows, out)

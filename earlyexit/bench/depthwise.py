@@ -265,6 +265,7 @@ def run_synthetic(
     out: str | None = "results/depthwise_synthetic.json",
     repeats: int = 1,
     exit_vocab: int | None = None,
+    deep_kvs: tuple[str, ...] = ("catch-up",),
 ) -> list[dict]:
     """The synthetic-exit sweep: a *systems* measurement (random weights; each token's exit
     after loop 1 of 2, or its MoR recursions, drawn from fixed distributions) of what the
@@ -273,7 +274,8 @@ def run_synthetic(
     ``repeats`` > 1 every configuration of a (shape, max batch) group runs once per round,
     rounds alternate the order, and each row reports the median time. With ``exit_vocab``
     N every loop-exit configuration also runs with its decisions over an N-token pruned
-    head (the first N ids: which tokens does not change the cost)."""
+    head (the first N ids: which tokens does not change the cost). ``deep_kvs``: what an
+    exited token leaves in loop 2 (``ExitMode.deep_kv``), one set of rows each."""
     from earlyexit.engine import SyntheticDepth
 
     threads = set_threads(threads)
@@ -294,9 +296,12 @@ def run_synthetic(
             for rate in exit_rates:
                 syn = SyntheticDepth(exit_rate=rate)
                 for head in heads:
-                    what = f"exit {rate:.0%}" + ("" if head is None else f" v{head}")
-                    for policy in ("continuous", "depthwise"):
-                        runs.append(("recursive", policy, ExitMode(K, 0.0), syn, what, head))
+                    for kv in deep_kvs:
+                        what = f"exit {rate:.0%}" + ("" if head is None else f" v{head}")
+                        what += "" if kv == "catch-up" else f" {kv}"
+                        mode = ExitMode(K, 0.0, kv)
+                        for policy in ("continuous", "depthwise"):
+                            runs.append(("recursive", policy, mode, syn, what, head))
             for policy in ("continuous", "depthwise"):
                 mor = SyntheticDepth(mor_shares=MOR_SHARES)
                 runs.append(("mor", policy, None, mor, "MoR 1/3", None))
@@ -319,7 +324,7 @@ def run_synthetic(
                     times[i].append(res["seconds"])
                     results[i] = res
             group = []
-            for i, (model_key, policy, _, syn, what, head) in enumerate(runs):
+            for i, (model_key, policy, mode, syn, what, head) in enumerate(runs):
                 m, res = models[model_key], results[i]
                 seconds = statistics.median(times[i])
                 occ = res["occupancy"]
@@ -331,6 +336,7 @@ def run_synthetic(
                     "decisions": what,
                     "exit_rate": None if syn is None else syn.exit_rate,
                     "exit_vocab": head,
+                    "deep_kv": None if mode is None else mode.deep_kv,
                     "max_batch": mb,
                     "requests": n_requests,
                     "tokens": res["tokens"],
@@ -347,7 +353,7 @@ def run_synthetic(
                 }
                 group.append(row)
                 print(
-                    f"  {preset:13s} mb {mb:2d}  {model_key:9s} {policy:10s} {what:13s} "
+                    f"  {preset:13s} mb {mb:2d}  {model_key:9s} {policy:10s} {what:22s} "
                     f"{row['tokens_per_s']:8.1f} tok/s  depth {row['mean_depth']:5.2f}  "
                     f"{row['rows_per_block_call']:5.1f} rows/call  {row['ms_per_block_call']:6.2f} ms/call",
                     flush=True,

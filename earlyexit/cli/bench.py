@@ -101,6 +101,14 @@ def register(sub) -> None:
         "deciding over N tokens",
     )
     b.add_argument(
+        "--deep-kv",
+        nargs="+",
+        default=None,
+        choices=["catch-up", "propagate", "skip"],
+        help="depthwise --synthetic: what exited tokens leave in loop 2, one set of rows each "
+        "(default catch-up)",
+    )
+    b.add_argument(
         "--exit-rates",
         type=float,
         nargs="+",
@@ -204,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out or "results/depthwise_synthetic.json",
             repeats=args.repeats or 1,
             exit_vocab=(args.exit_vocab or [None])[0],
+            deep_kvs=tuple(args.deep_kv or ("catch-up",)),
             **({"exit_rates": tuple(args.exit_rates)} if args.exit_rates else {}),
         )
         return 0

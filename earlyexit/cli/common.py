@@ -106,6 +106,13 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
         help="calm: decaying threshold temperature (default: constant)",
     )
     xg.add_argument(
+        "--deep-kv",
+        default=None,
+        choices=["propagate", "skip"],
+        help="calm: an exited token's K/V at the steps it skipped: its exit state's "
+        "(propagate, the default) or none (skip: later tokens attend over those that ran them)",
+    )
+    xg.add_argument(
         "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
     )
     xg.add_argument(
@@ -162,6 +169,7 @@ def strategy_options(args: argparse.Namespace) -> dict:
     return dict(
         draft_vocab=draft_vocab(args),
         exit_vocab=frequent_vocab(args, getattr(args, "exit_vocab", None), "--exit-vocab"),
+        deep_kv=getattr(args, "deep_kv", None),
         exit_step=args.exit_step,
         threshold=args.threshold,
         adaptive=args.adaptive,

@@ -8,6 +8,7 @@ import sys
 from earlyexit.cli.common import (
     DefaultsFormatter,
     add_device_flags,
+    frequent_vocab,
 )
 
 
@@ -52,6 +53,29 @@ def register(sub) -> None:
     )
     sv.add_argument(
         "--threshold", type=float, default=None, help="default exit threshold (implies early exit)"
+    )
+    sv.add_argument(
+        "--deep-kv",
+        default="catch-up",
+        choices=["catch-up", "propagate", "skip"],
+        help="an exited token's K/V at the steps it skipped: computed later with the next "
+        "deep token (catch-up, FREE: exact), its exit state's (propagate, CALM), or none "
+        "(skip: each token costs exactly its depth)",
+    )
+    sv.add_argument(
+        "--exit-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exits decide over the N most frequent tokens of --vocab-data only (a pruned "
+        "exit head: cheaper decisions; exited tokens come from those N)",
+    )
+    sv.add_argument(
+        "--vocab-data",
+        dest="draft_data",
+        default=None,
+        metavar="DIR",
+        help="--exit-vocab: a prepared corpus whose token counts rank the tokens",
     )
     sv.add_argument(
         "--shutdown-timeout",
@@ -102,5 +126,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         limit_concurrency=args.limit_concurrency,
         request_timeout=args.request_timeout,
+        exit_vocab=frequent_vocab(args, args.exit_vocab, "--exit-vocab"),
+        deep_kv=args.deep_kv,
     )
     return 0

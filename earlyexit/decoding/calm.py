@@ -6,6 +6,9 @@
   lambda_t = 0.9 lambda + 0.1 lambda exp(-tau t / N) (CALM's code).
 - Missing deep KV is filled by state propagation: an exited token's state stands in for
   every skipped step, which then runs only its K/V projection (``only_propagate_state``).
+  With ``deep_kv="skip"`` it is left missing instead: later tokens attend, at each step,
+  over the tokens that ran it (recursion-wise caching, as MoR does), and each token costs
+  exactly its own depth.
 - Each row exits on its own: the rows still running go on as a smaller batch (one host sync
   per exit checked, for the whole batch). ``sync_batch=True`` is the naive batched variant
   CALM's code implies: the whole batch exits only when its least confident row passes.
@@ -37,7 +40,11 @@ class CALM(Strategy):
         decay_tau: float | None = None,
         measure: str = "margin",
         sync_batch: bool = False,
+        deep_kv: str = "propagate",
     ) -> None:
+        if deep_kv not in ("propagate", "skip"):
+            raise ValueError(f"deep_kv must be 'propagate' or 'skip', got {deep_kv!r}")
+        self.deep_kv = deep_kv
         self.threshold, self.min_exit, self.tau, self.measure = (
             threshold,
             min_exit,
@@ -107,12 +114,12 @@ class CALM(Strategy):
             ]
             for b in gone:
                 depths[b] = e
-            # state propagation: the exit state writes K/V at every skipped step
-            keep = torch.as_tensor(np.nonzero(ok)[0], device=dev)
-            h_gone = h[keep]
-            ctx_gone = self._ctx(model, cache, pos_all, gone, n_new, B)
-            for j in range(e, L):
-                model.kv_only_step(j, h_gone, ctx_gone)
+            if self.deep_kv == "propagate":  # the exit state writes K/V at every skipped step
+                keep = torch.as_tensor(np.nonzero(ok)[0], device=dev)
+                h_gone = h[keep]
+                ctx_gone = self._ctx(model, cache, pos_all, gone, n_new, B)
+                for j in range(e, L):
+                    model.kv_only_step(j, h_gone, ctx_gone)
             stay = np.nonzero(~ok)[0]
             active = active[~ok]
             if len(active) == 0:
@@ -139,6 +146,7 @@ class CALM(Strategy):
             "decay_tau": self.tau,
             "min_exit": self.min_exit,
             "sync_batch": self.sync_batch,
+            "deep_kv": self.deep_kv,
             "exit_rate": c["exited"] / max(c["tokens"], 1),
             "mean_depth": c["depth_sum"] / max(c["tokens"], 1),
             **c,

@@ -48,6 +48,7 @@ def make_strategy(
     draft_k: int = 4,
     draft_vocab=None,
     exit_vocab=None,
+    deep_kv: str | None = None,
     sync_batch: bool = False,
     calibrator: BetaMixtureThreshold | None = None,
     compile: bool = False,
@@ -65,6 +66,11 @@ def make_strategy(
         raise InputError(
             f"exit_vocab (a pruned exit head) applies to the free strategy, not {name!r}"
             + (" (drafts take draft_vocab)" if name == "speculative" else "")
+        )
+    if deep_kv is not None and (name != "calm" or deep_kv not in ("propagate", "skip")):
+        raise InputError(
+            f"deep_kv {deep_kv!r}: calm takes 'propagate' (CALM's state propagation) or "
+            "'skip' (leave the skipped steps' KV missing); free always catches up (exact KV)"
         )
     if name == "full":  # a MoR model's "full" depth is whatever its routers grant
         return (
@@ -106,7 +112,7 @@ def make_strategy(
                 "the calm strategy checks the model's exit points, and this model has none (train with --exit-steps)"
             )
         _warn_untrained(cfg, name)
-        return CALM(threshold, min_exit, decay_tau, measure, sync_batch)
+        return CALM(threshold, min_exit, decay_tau, measure, sync_batch, deep_kv or "propagate")
     if exit_step is None:
         if not cfg.exits.steps:
             raise InputError(

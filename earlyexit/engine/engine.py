@@ -25,6 +25,7 @@ import torch
 from earlyexit.decoding.generate import OutputTracker
 from earlyexit.decoding.sampling import SamplingParams, apply_penalties, make_generator
 from earlyexit.engine.request import (
+    DEEP_KV,
     ExitMode,
     Request,
     RequestOutput,
@@ -178,6 +179,8 @@ class LLMEngine:
             raise InputError("stop strings need a tokenizer")
         if exit is not None and not (1 <= exit.step < self.L and -1 <= exit.threshold <= 1):
             raise InputError(f"exit step must be in [1, {self.L - 1}] and threshold in [-1, 1]")
+        if exit is not None and exit.deep_kv not in DEEP_KV:
+            raise InputError(f"deep_kv must be one of {', '.join(DEEP_KV)}, got {exit.deep_kv!r}")
         return ids, params
 
     def add_request(
@@ -298,10 +301,21 @@ class LLMEngine:
             self.scheduler.set_segment(r, steps[i], self.L)
         emit = [i for i in range(len(rids)) if i not in go_deep]
         if emit:
-            exited = [rows[rids[i]] for i in emit if steps[i] < self.L]
-            if exited:
-                self.runner.push_stack(exited)  # exited: keep their states for the catch-up
-            self.runner.clear_stack([rows[rids[i]] for i in emit if steps[i] == self.L])
+            exited: dict[str, list[int]] = {}  # deep_kv mode -> rows whose token exited
+            for i in emit:
+                if steps[i] < self.L:
+                    exited.setdefault(self.requests[rids[i]].exit.deep_kv, []).append(i)
+            if "catch-up" in exited:  # keep their states for the catch-up
+                self.runner.push_stack([rows[rids[i]] for i in exited["catch-up"]])
+            by_step: dict[int, list[int]] = {}
+            for i in exited.get("propagate", ()):
+                by_step.setdefault(steps[i], []).append(rows[rids[i]])
+            for step, prop_rows in by_step.items():
+                self.runner.propagate(prop_rows, step)  # K/V of every skipped step, now
+            self.runner.clear_stack(
+                [rows[rids[i]] for i in emit if steps[i] == self.L]
+                + [rows[rids[i]] for mode in ("propagate", "skip") for i in exited.get(mode, ())]
+            )
             idx = torch.as_tensor(emit, device=logits.device)
             self._emit([rids[i] for i in emit], logits[idx], [steps[i] for i in emit], events)
 

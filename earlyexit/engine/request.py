@@ -28,17 +28,33 @@ class RequestStatus(enum.Enum):
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
+DEEP_KV = ("catch-up", "propagate", "skip")
+
+
 @dataclass
 class ExitMode:
-    """Per-request early exit (FREE's synchronized parallel decoding, batched by the engine).
+    """Per-request early exit, batched by the engine.
 
     Attributes:
         step: the shallow exit (steps run before the confidence check).
         threshold: exit iff the shallow margin confidence > threshold (1 never exits).
+        deep_kv: what an exited token leaves in the steps it skipped, which later tokens
+            attend to:
+
+            - ``catch-up`` (FREE's synchronized parallel decoding): its layer-``step``
+              state is kept and the skipped steps run on it, together with the next token
+              that goes deep: exact KV, but every token eventually runs every step;
+            - ``propagate`` (CALM's state propagation): its exit state is written as K/V
+              at every skipped step right away (the K/V projections only);
+            - ``skip`` (recursion-wise caching, as in MoR): nothing; later tokens attend
+              over the entries that exist. Each token runs exactly its own depth, the
+              work-conserving setting of the recursive-transformer paper's throughput
+              simulation.
     """
 
     step: int
     threshold: float = 0.9
+    deep_kv: str = "catch-up"
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,21 @@ class ModelRunner:
         self.sbuf[idx, pos] = self.hbuf[idx, last]
         self.slen[rows] += 1
 
+    @torch.inference_mode()
+    def propagate(self, rows: list[int], step: int) -> None:
+        """CALM's state propagation for tokens that exited after ``step`` steps: each row's
+        exit state (its last in-flight position) is written as keys and values at every
+        skipped step ``step .. L-1``, running only those steps' K/V projections."""
+        m = self.model
+        r = np.asarray(rows)
+        idx = torch.as_tensor(rows, device=self.device)
+        last = torch.as_tensor(self.hlen[r] - 1, device=self.device)
+        h = self.hbuf[idx, last][:, None]  # (G, 1, d)
+        pos = torch.as_tensor(self.cache.lengths[self.plan[0].kv_slot, r] - 1, device=self.device)
+        ctx = m.context(pos[:, None], self.cache, rows=r)
+        for j in range(step, self.L):
+            m.kv_only_step(j, h, ctx)
+
     def start_catch_up(self, row: int) -> None:
         """FREE: the next segment runs the deep steps on [pending states, current]."""
         n = int(self.slen[row])

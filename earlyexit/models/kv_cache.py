@@ -79,6 +79,11 @@ class ForwardContext:
         return self._memo["uncached"]
 
 
+# Plans kept across calls (``update_slots``, ``_update``): a hit is the same rows at the same
+# lengths moving on to the next block, so only the last few calls' plans are ever reused.
+PLAN_CACHE = 32
+
+
 class KVCache:
     """Preallocated keys and values for every KV slot of a plan.
 
@@ -159,6 +164,55 @@ class KVCache:
         that slot's. Attention then runs once per slot and each row keeps its own slot's
         output: one extra attention pass per extra slot instead of a gather of every row's
         keys and values (measured: BENCHMARKS.md, ``depthwise --calls``)."""
+        base, (_, row_sl, groups) = self._append_slots(k, v, ctx)
+        out = []
+        for rel_slot, W, mask, member in groups:
+            slot = rel_slot + base
+            # views for contiguous rows; other row sets are gathered (as in the plain path)
+            k_s, v_s = self.k[slot][row_sl, :, :W], self.v[slot][row_sl, :, :W]
+            if ctx.sliding_window is not None:
+                mask = self._window_mask(mask, self.pos[slot], _as_rows(row_sl), W, ctx)
+            out.append((k_s, v_s, mask, member))
+        return out
+
+    def update_rows(
+        self, k: Tensor, v: Tensor, ctx: ForwardContext
+    ) -> list[tuple[int, int, Tensor, Tensor, Tensor | None]]:
+        """Rows at different KV slots, attended row by row: each row appends ``k``, ``v``
+        (B, Hkv, T, D) to its own slot (as ``update_slots``) and gets a view of exactly its
+        own history there. Returns per row (batch index b, valid new tokens n, keys and
+        values (1, Hkv, W_b, D), a causal mask (1, 1, n, W_b) or None when n == 1).
+
+        One attention call per row reads each history once (a single pass, no copy), at
+        a fixed launch cost per row; ``update_slots`` instead reads every row's history once
+        per distinct slot of the call. Which is cheaper depends on the histories' length
+        (``layers.depthwise_attention_mode``). Not for sliding windows or KV sharing."""
+        if ctx.sliding_window is not None or ctx.stash_slots:
+            raise ValueError("row-by-row attention does not apply to windows or KV sharing")
+        self._append_slots(k, v, ctx)
+        rows = np.arange(k.shape[0]) if ctx.rows is None else ctx.rows
+        slots = ctx.kv_slots
+        n_new = np.full(k.shape[0], k.shape[2]) if ctx.n_new is None else ctx.n_new
+        after = self.lengths[slots, rows]  # (B,) entries after the write
+        out = []
+        for b, (slot, row, n, W) in enumerate(
+            zip(slots.tolist(), rows.tolist(), n_new.tolist(), after.tolist())
+        ):
+            if n == 0:
+                continue  # padding only: nothing to attend
+            mask = None
+            if n > 1:  # query t of this row sits at entry W - n + t
+                mask = torch.ones(n, W, dtype=torch.bool, device=self.device).tril(W - n)[
+                    None, None
+                ]
+            out.append(
+                (b, n, self.k[slot][row : row + 1, :, :W], self.v[slot][row : row + 1, :, :W], mask)
+            )
+        return out
+
+    def _append_slots(self, k: Tensor, v: Tensor, ctx: ForwardContext):
+        """Append each row's new entries to its own slot (``ctx.kv_slots``); return the
+        lowest slot of the call and the call's plan (``_plan_slots``)."""
         B, _, T, _ = k.shape
         rows = np.arange(B) if ctx.rows is None else ctx.rows
         slots = ctx.kv_slots
@@ -172,10 +226,10 @@ class KVCache:
         key = (rel.tobytes(), rows.tobytes(), lens.tobytes(), n_new.tobytes(), T)
         meta = self._slot_plans.get(key)
         if meta is None:
-            if len(self._slot_plans) >= 256:  # bounded: a long-lived server sees many shapes
+            if len(self._slot_plans) >= PLAN_CACHE:  # a long-lived server sees many shapes
                 self._slot_plans.clear()
             meta = self._slot_plans[key] = self._plan_slots(rel, rows, lens, n_new, T)
-        (flat_rel, c_w, b_sel, t_sel, single), row_sl, groups = meta
+        flat_rel, c_w, b_sel, t_sel, single = meta[0]
         flat = flat_rel + base * self.batch_size if base else flat_rel  # slot * batch + row
         if single:  # one entry per row: the new keys are (B, Hkv, D) as they are
             new_k, new_v = k[:, :, 0], v[:, :, 0]
@@ -187,15 +241,7 @@ class KVCache:
         if ctx.sliding_window is not None or set(slots.tolist()) & ctx.stash_slots:
             self.pos_all.flatten(0, 1)[flat, c_w] = ctx.positions[b_sel, t_sel]
         self.lengths[slots, rows] = lens + n_new
-        out = []
-        for rel_slot, W, mask, member in groups:
-            slot = rel_slot + base
-            # views for contiguous rows; other row sets are gathered (as in the plain path)
-            k_s, v_s = self.k[slot][row_sl, :, :W], self.v[slot][row_sl, :, :W]
-            if ctx.sliding_window is not None:
-                mask = self._window_mask(mask, self.pos[slot], _as_rows(row_sl), W, ctx)
-            out.append((k_s, v_s, mask, member))
-        return out
+        return base, meta
 
     def _plan_slots(self, rel, rows, lens, n_new, T):
         """Writes, the rows' view and each slot's (relative slot, W, mask, member) for
@@ -258,7 +304,7 @@ class KVCache:
         if meta is None:  # not yet in this forward: maybe from an earlier call (same rows, lengths)
             meta = self._slot_plans.get(("plain", *key))
             if meta is None:
-                if len(self._slot_plans) >= 256:
+                if len(self._slot_plans) >= PLAN_CACHE:
                     self._slot_plans.clear()
                 meta = self._slot_plans[("plain", *key)] = self._plan_update(
                     lens, rows, n_new, T, ctx

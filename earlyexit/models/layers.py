@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,8 +105,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-# depth-wise calls attend per KV slot over views (True) or gather each row's history (False)
-PER_SLOT_ATTENTION = True
+# How a depth-wise call (rows at different KV slots of one shared block) attends:
+# "auto" picks per call between "per-row" (one attention call per row over a view of its own
+# history: each history read once, one launch per row) and "per-slot" (one call per distinct
+# slot over all the call's rows: every history read once per slot, few launches); "gather"
+# copies each row's history into one batch (the first design, kept as the ablation).
+DEPTHWISE_ATTENTION = "auto"
+# "auto" goes row by row when (distinct slots - 1) x the longest history reaches this many
+# entries: the extra reads of the per-slot path then cost more than the per-row launches
+# (measured on this CPU at the SmolLM shape: BENCHMARKS.md, ``depthwise --calls``)
+PER_ROW_MIN_ENTRIES = 256
+
+
+def depthwise_attention_mode(ctx: ForwardContext, T: int) -> str:
+    """The attention path of a depth-wise call (see ``DEPTHWISE_ATTENTION``)."""
+    mode = DEPTHWISE_ATTENTION
+    if mode != "auto":
+        return mode
+    if ctx.sliding_window is not None or ctx.stash_slots:
+        return "per-slot"  # windows and KV sharing read positions: the per-slot path has them
+    rows = np.arange(len(ctx.kv_slots)) if ctx.rows is None else ctx.rows
+    extra_slots = len(set(ctx.kv_slots.tolist())) - 1
+    longest = int(ctx.cache.lengths[ctx.kv_slots, rows].max()) + T
+    return "per-row" if extra_slots * longest >= PER_ROW_MIN_ENTRIES else "per-slot"
 
 
 class Attention(nn.Module):
@@ -191,33 +213,47 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, ctx.cos, ctx.sin, lora)
         gqa = self.n_kv_heads != self.n_heads
-        if ctx.cache is not None and ctx.kv_slots is not None and PER_SLOT_ATTENTION:
-            # rows at different steps of this block: one attention pass per KV slot over
-            # views of that slot, each row keeping its own slot's output (no gather)
-            y = None
-            for k_s, v_s, mask, member in ctx.cache.update_slots(k, v, ctx):
-                y_s = F.scaled_dot_product_attention(q, k_s, v_s, attn_mask=mask, enable_gqa=gqa)
-                y = y_s if y is None else torch.where(member[:, None, None, None], y_s, y)
-            y = y.transpose(1, 2).reshape(B, T, self.q_dim)
-            out = self.wo(y)
-            _add_bias(out, lora, "o")
-            _add_lora(out, lora, "o", y, 0, out.shape[-1])
-            return out
-        if ctx.cache is not None:
-            k, v, mask = ctx.cache.update(kv_slot, k, v, ctx)  # (B, Hkv, W, D), mask (B|1, 1, T, W)
+        mode = None
+        if ctx.cache is not None and ctx.kv_slots is not None:
+            mode = depthwise_attention_mode(ctx, T)
+        if mode in ("per-row", "per-slot"):  # rows at different steps of this block
+            y = _attend_depthwise(q, k, v, ctx, mode == "per-row", gqa)
         else:
-            mask = ctx.uncached_mask()
-            if kv_slot in ctx.stash_slots:  # later recursions will read these (KV sharing)
-                ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments, None)  # None: all valid
-        if mask is None and ctx.cache is None and T > 1:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if ctx.cache is not None:  # (B, Hkv, W, D), mask (B|1, 1, T, W)
+                k, v, mask = ctx.cache.update(kv_slot, k, v, ctx)
+            else:
+                mask = ctx.uncached_mask()
+                if kv_slot in ctx.stash_slots:  # later recursions will read these (KV sharing)
+                    ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments, None)  # all valid
+            if mask is None and ctx.cache is None and T > 1:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*D)
         out = self.wo(y)
         _add_bias(out, lora, "o")
         _add_lora(out, lora, "o", y, 0, out.shape[-1])
         return out
+
+
+def _attend_depthwise(q: Tensor, k: Tensor, v: Tensor, ctx, per_row: bool, gqa: bool) -> Tensor:
+    """Attention output (B, H, T, D) for rows at different KV slots, each appending ``k``,
+    ``v`` to its own slot and attending over its own history there, never a copy of it.
+    ``per_row``: one call per row over a view of exactly its history (padding queries'
+    outputs stay 0); else one call per distinct slot over views of that slot for all the
+    rows, each row keeping its own slot's output."""
+    if per_row:
+        y = q.new_zeros(q.shape)
+        for b, n, k_b, v_b, mask in ctx.cache.update_rows(k, v, ctx):
+            y[b : b + 1, :, :n] = F.scaled_dot_product_attention(
+                q[b : b + 1, :, :n], k_b, v_b, attn_mask=mask, enable_gqa=gqa
+            )
+        return y
+    y = None
+    for k_s, v_s, mask, member in ctx.cache.update_slots(k, v, ctx):
+        y_s = F.scaled_dot_product_attention(q, k_s, v_s, attn_mask=mask, enable_gqa=gqa)
+        y = y_s if y is None else torch.where(member[:, None, None, None], y_s, y)
+    return y
 
 
 class MLP(nn.Module):

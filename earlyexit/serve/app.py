@@ -158,8 +158,12 @@ def build_app(
     chat_template: str | dict | None = None,
     max_body_bytes: int = 1 << 20,
     max_failed_steps: int = 3,
+    exit_vocab=None,
 ):
     """The FastAPI application serving ``lm`` (an ``earlyexit.LM``).
+
+    ``exit_vocab``: token ids the exits' head covers for requests that exit (a pruned exit
+    head, ``LLMEngine``); None: the full vocabulary.
 
     ``chat_template``: a template (its source, or a ``tokenizer_config.json`` dict with its
     special tokens); default: the model's own (``lm.chat_config``).
@@ -172,7 +176,9 @@ def build_app(
     from fastapi import FastAPI
     from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
-    engine = LLMEngine(lm.model, lm.tokenizer, policy, max_batch, max_len, max_queue)
+    engine = LLMEngine(
+        lm.model, lm.tokenizer, policy, max_batch, max_len, max_queue, exit_vocab=exit_vocab
+    )
     worker = EngineThread(engine, max_failed_steps)
     if isinstance(chat_template, str):
         chat_template = {"chat_template": chat_template}

@@ -193,7 +193,7 @@ def sampling(
         lambda v: -1 <= v <= 1,
         "a number in [-1, 1]",
     )
-    return params, ExitMode(step, float(thr))
+    return params, ExitMode(step, float(thr), base.deep_kv if base else "catch-up")
 
 
 def completion_prompt(body: dict) -> str | list[int]:

@@ -197,8 +197,12 @@ def serve(
     shutdown_timeout: float = 30.0,
     limit_concurrency: int | None = None,
     request_timeout: float = 30.0,
+    exit_vocab=None,
+    deep_kv: str = "catch-up",
 ) -> None:
-    """Load ``model`` and serve it until SIGTERM / SIGINT (see the module docstring)."""
+    """Load ``model`` and serve it until SIGTERM / SIGINT (see the module docstring).
+    ``exit_vocab``: token ids the exits' head covers (a pruned exit head for every request
+    that exits; ``LLMEngine``); ``deep_kv``: the default exit's ``ExitMode.deep_kv``."""
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -218,11 +222,13 @@ def serve(
         raise InputError(f"--limit-concurrency must be >= 1, got {limit_concurrency}")
     lm = earlyexit.load(model, device=device, dtype=dtype)
     default_exit = None
+    if deep_kv != "catch-up" and threshold is None and exit_step is None:
+        raise InputError("--deep-kv sets the default early exit's: pass --threshold too")
     if threshold is not None or exit_step is not None:
         step = exit_step or (lm.config.exits.steps[0] if lm.config.exits.steps else None)
         if step is None:
             raise InputError("--threshold needs --exit-step: this model has no exit points")
-        default_exit = ExitMode(step, 0.9 if threshold is None else threshold)
+        default_exit = ExitMode(step, 0.9 if threshold is None else threshold, deep_kv)
     name = name or model_name(model)
     app = build_app(
         lm,
@@ -233,6 +239,7 @@ def serve(
         max_queue,
         api_key,
         default_exit,
+        exit_vocab=exit_vocab,
     )
     server = make_server(
         app,
