@@ -32,4 +32,8 @@ ee bench depthwise --device cuda --dense runs/stdlib-small/final --recursive run
 log "synthetic-exit sweep on the GPU in bf16 (issue 15: the systems map, random weights)"
 ee bench depthwise --synthetic --device cuda --dtype bfloat16 --presets smollm-135m smollm-360m llama-3.2-1b \
     --batch-sizes 8 16 32 --prompts 64 --new-tokens 32 --out "$OUT/depthwise_synthetic_cuda.json" 2>&1 | tee "$OUT/synthetic.txt" || true
+log "the same with exits that leave no catch-up and a pruned exit head (SmolLM shape)"
+ee bench depthwise --synthetic --device cuda --dtype bfloat16 --presets smollm-135m --batch-sizes 8 16 32 \
+    --prompts 64 --new-tokens 32 --exit-rates 0.5 0.75 --exit-vocab 8192 --deep-kv propagate skip \
+    --out "$OUT/depthwise_synthetic_nocatchup_cuda.json" 2>&1 | tee "$OUT/synthetic_nocatchup.txt" || true
 log "done"

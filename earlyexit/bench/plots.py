@@ -7,7 +7,10 @@
 - ``depthwise_synthetic.png``: the synthetic-exit map, x vanilla continuous batching.
 - ``depthwise_calls.png``: a depth-wise block call over a plain one, by rows and context.
 - ``real_model_pareto.png`` / ``batched_exit_demo.png``: the same figures for SmolLM2 and
-  for the demo model with the batch fallback.
+  for the demo model with the batch fallback; ``batched_exit_vocab.png`` adds the pruned
+  exit head.
+- ``depthwise_synthetic_nocatchup.png``: the synthetic map for exits that leave no catch-up
+  (``ExitMode.deep_kv`` propagate / skip), with and without a pruned exit head.
 
 Needs matplotlib (``pip install 'earlyexit[plot]'``).
 """
@@ -191,6 +194,8 @@ def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plo
         ("depthwise_calls.json", calls, "depthwise_calls.png"),
         ("real_model_early_exit.json", pareto, "real_model_pareto.png"),
         ("batched_exit_demo.json", batched, "batched_exit_demo.png"),
+        ("batched_exit_vocab.json", batched, "batched_exit_vocab.png"),
+        ("depthwise_synthetic_nocatchup.json", synthetic, "depthwise_synthetic_nocatchup.png"),
     ):
         path = results / name
         if path.is_file():
