@@ -138,6 +138,15 @@ def test_streaming_equals_non_streaming_and_early_exit_reports_depth(server):
     assert (
         ex.usage.model_dump()["average_depth"] < 4
     )  # every generated token after the first exits at 2
+    for deep_kv in ("propagate", "skip"):  # no catch-up: the same exits, the same depths
+        ex2 = c.completions.create(
+            model="tiny",
+            prompt="import os",
+            max_tokens=10,
+            temperature=0,
+            extra_body={"strategy": "free", "threshold": -1.0, "deep_kv": deep_kv},
+        )
+        assert ex2.usage.model_dump()["average_depth"] == ex.usage.model_dump()["average_depth"]
 
 
 def test_chat_and_token_id_prompts(server):
@@ -191,6 +200,8 @@ BAD = [
     # point 9: never ignore a field silently
     (json.dumps({"prompt": "x", "strategy": "full", "threshold": 0.5}).encode(), 400, "threshold"),
     (json.dumps({"prompt": "x", "exit_step": 2, "strategy": "full"}).encode(), 400, "exit_step"),
+    (json.dumps({"prompt": "x", "strategy": "free", "deep_kv": "x"}).encode(), 400, "deep_kv"),
+    (json.dumps({"prompt": "x", "deep_kv": "skip", "strategy": "full"}).encode(), 400, "deep_kv"),
     (json.dumps({"prompt": "x", "repetition_penalty": 1.2}).encode(), 400, "repetition_penalty"),
     (json.dumps({"prompt": "x", "presence_penalty": 3}).encode(), 400, "presence_penalty"),
     (json.dumps({"prompt": "x", "frequency_penalty": "a"}).encode(), 400, "frequency_penalty"),

@@ -9,8 +9,10 @@ chat template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheu
   (and more when the client fell behind); chunks are preformatted bytes.
 - ``usage`` adds compute accounting: ``steps_run``, ``average_depth``,
   ``full_depth_fraction``.
-- Per-request early exit: ``"strategy": "free"`` with ``"exit_step"`` and ``"threshold"``
-  (server defaults from ``--strategy`` / ``--exit-step`` / ``--threshold``).
+- Per-request early exit: ``"strategy": "free"`` with ``"exit_step"``, ``"threshold"`` and
+  ``"deep_kv"`` (``catch-up`` / ``propagate`` / ``skip``: ``ExitMode``); server defaults
+  from ``--exit-step`` / ``--threshold`` / ``--deep-kv``, and ``--exit-vocab`` for every
+  exit's head.
 - Errors are OpenAI-shaped JSON: 400 for bad input (:mod:`earlyexit.serve.protocol`), 401
   without the ``--api-key``, 404 for an unknown model, 413 for a body over the limit
   (refused before it is read in full), 503 with ``Retry-After`` when the queue is full or

@@ -9,7 +9,7 @@ that names the field, and the server answers 400 with it.
   and so is a known OpenAI option it does not implement with a value that would change the
   answer (``logprobs: 5``). Nothing is silently ignored.
 - ``presence_penalty`` / ``frequency_penalty`` are applied (OpenAI's definition);
-  ``threshold`` / ``exit_step`` are refused with ``strategy: "full"``.
+  ``threshold`` / ``exit_step`` / ``deep_kv`` are refused with ``strategy: "full"``.
 - Chat templates render in Jinja's immutable sandbox with Hugging Face's
   ``raise_exception``, whose message becomes the 400's (Llama-2 and Mistral templates
   raise on a bad role order).
@@ -22,6 +22,7 @@ from typing import Any
 
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.engine import ExitMode
+from earlyexit.engine.request import DEEP_KV
 
 try:  # the fast path: several times faster on SSE chunks and request bodies
     import orjson as _orjson
@@ -72,6 +73,7 @@ _COMMON = {
     "strategy",
     "exit_step",
     "threshold",
+    "deep_kv",
     "stream_options",  # include_usage: a last event with the usage
     "user",  # an end-user id for the operator's logs; no effect on the answer (as OpenAI)
 }
@@ -165,7 +167,7 @@ def sampling(
         frequency_penalty=float(frequency),
     )
     strategy = get(body, "strategy", str, None, lambda v: v in ("full", "free"), "'full' or 'free'")
-    exit_fields = [k for k in ("exit_step", "threshold") if body.get(k) is not None]
+    exit_fields = [k for k in ("exit_step", "threshold", "deep_kv") if body.get(k) is not None]
     if strategy == "full":
         if exit_fields:
             raise BadRequest(
@@ -193,7 +195,15 @@ def sampling(
         lambda v: -1 <= v <= 1,
         "a number in [-1, 1]",
     )
-    return params, ExitMode(step, float(thr), base.deep_kv if base else "catch-up")
+    deep_kv = get(
+        body,
+        "deep_kv",
+        str,
+        base.deep_kv if base else "catch-up",
+        lambda v: v in DEEP_KV,
+        " or ".join(f"'{k}'" for k in DEEP_KV),
+    )
+    return params, ExitMode(step, float(thr), deep_kv)
 
 
 def completion_prompt(body: dict) -> str | list[int]:
