@@ -84,7 +84,11 @@ def run(
     out: str | None = "results/depthwise.json",
     mean_len: float = 128.0,
     mor: str | None = None,
+    deep_kvs: tuple[str, ...] = ("catch-up",),
 ) -> list[dict]:
+    """Trained models under every batching policy on one request stream (the table in
+    BENCHMARKS.md ``depthwise``). ``deep_kvs``: the recursive model's loop exit runs once per
+    ``ExitMode.deep_kv`` choice (catch-up, propagate, skip)."""
 
     threads = set_threads(threads)
     env = environment(threads)
@@ -107,11 +111,25 @@ def run(
         ("recursive, depth-wise batching, no exit", recursive, rec_lm, "depthwise", None),
     ]
     if exit_step is not None:
-        mode = ExitMode(exit_step, threshold)
-        configs += [
-            ("recursive + loop exit, continuous batching", recursive, rec_lm, "continuous", mode),
-            ("recursive + loop exit, depth-wise batching", recursive, rec_lm, "depthwise", mode),
-        ]
+        for kv in deep_kvs:
+            mode = ExitMode(exit_step, threshold, kv)
+            tag = "" if kv == "catch-up" else f" ({kv})"
+            configs += [
+                (
+                    f"recursive + loop exit{tag}, continuous batching",
+                    recursive,
+                    rec_lm,
+                    "continuous",
+                    mode,
+                ),
+                (
+                    f"recursive + loop exit{tag}, depth-wise batching",
+                    recursive,
+                    rec_lm,
+                    "depthwise",
+                    mode,
+                ),
+            ]
     if mor:
         mor_lm = load_model(mor)
         configs += [
@@ -185,7 +203,9 @@ def _row(label, path, policy, mode, dt, tokens, depths, occ, n_steps, nll, env, 
         "label": label,
         "model": path,
         "policy": policy,
-        "exit": None if mode is None else {"step": mode.step, "threshold": mode.threshold},
+        "exit": None
+        if mode is None
+        else {"step": mode.step, "threshold": mode.threshold, "deep_kv": mode.deep_kv},
         "requests": n,
         "max_batch": max_batch,
         "seconds": dt,

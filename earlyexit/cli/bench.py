@@ -105,8 +105,8 @@ def register(sub) -> None:
         nargs="+",
         default=None,
         choices=["catch-up", "propagate", "skip"],
-        help="depthwise --synthetic: what exited tokens leave in loop 2, one set of rows each "
-        "(default catch-up)",
+        help="depthwise: what the loop exit's exited tokens leave in loop 2, one set of rows "
+        "each (default catch-up)",
     )
     b.add_argument(
         "--exit-rates",
@@ -241,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
             exit_model=args.exit_model,
             threshold=args.threshold,
             n_requests=args.prompts or 256,
+            deep_kvs=tuple(args.deep_kv or ("catch-up",)),
             max_batch=args.max_batch,
             threads=args.threads,
             out=out,
