@@ -6,7 +6,9 @@ Per request and per token, the engine's host logic decides the next segment of s
 - early exit (``ExitMode``, FREE's synchronized parallel decoding): steps 0..L_s-1, then the
   shallow exit's margin decides. Above the threshold the shallow token is emitted and the
   layer-L_s state is kept; otherwise the deep steps L_s..L-1 run on [kept states, current]
-  (exact deep KV) and the deep model decides the token.
+  (exact deep KV) and the deep model decides the token. With ``ExitMode.deep_kv`` =
+  ``propagate`` / ``skip`` an exited token's skipped steps get its exit state's K/V at once
+  / nothing, and there is no catch-up (each token runs exactly its own depth).
 
 With the ``depthwise`` policy every step is a separate work item, so items of many requests
 at different depths share each block call; with ``static`` or ``continuous`` whole segments
@@ -301,7 +303,7 @@ class LLMEngine:
             self.scheduler.set_segment(r, steps[i], self.L)
         emit = [i for i in range(len(rids)) if i not in go_deep]
         if emit:
-            exited: dict[str, list[int]] = {}  # deep_kv mode -> rows whose token exited
+            exited: dict[str, list[int]] = {}  # deep_kv mode -> indices (into rids) that exited
             for i in emit:
                 if steps[i] < self.L:
                     exited.setdefault(self.requests[rids[i]].exit.deep_kv, []).append(i)
