@@ -18,6 +18,7 @@ Needs matplotlib (``pip install 'earlyexit[plot]'``).
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -147,7 +148,11 @@ def synthetic(rows: list[dict], out: Path) -> Path:
     axes = [axes] if len(groups) == 1 else list(axes)
     for ax, (preset, mb) in zip(axes, groups):
         g = [r for r in rows if r["preset"] == preset and r["max_batch"] == mb]
-        labels = [f"{r['model']} {r['decisions']} {r['policy']}" for r in g]
+        # panels share the y axis: name a pruned head by what it is, not its size per shape
+        labels = [
+            f"{r['model']} {re.sub(r' v[0-9]+', ' pruned head', r['decisions'])} {r['policy']}"
+            for r in g
+        ]
         vals = [r["x_vanilla_continuous"] for r in g]
         colors = [
             "#888" if r["model"] == "vanilla" else "#2a7" if r["policy"] == "depthwise" else "#79c"
