@@ -153,6 +153,29 @@ def models():
 
 
 MODELS = models()
+LENGTHS = [3, 9, 5, 12, 1, 7, 10]  # tokens each of prompts() generates
+
+
+def serve_prompts(engine, exit=None):
+    """Serve prompts() (LENGTHS tokens each) to completion; the requests, in prompt order."""
+    reqs = [
+        engine.requests[
+            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
+        ]
+        for p, n in zip(prompts(), LENGTHS)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    return reqs
+
+
+def assert_each_request_alone(model, reqs, strategy):
+    """Each served request equals decoding its prompt alone with ``strategy()``: tokens and
+    depths."""
+    for req, p, n in zip(reqs, prompts(), LENGTHS):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        ref = generate(model, [p], params, strategy=strategy())[0]
+        assert req.output_ids == ref.token_ids and req.depths == ref.depths, req.request_id
 
 
 @pytest.mark.parametrize("policy", ["static", "continuous", "depthwise"])
@@ -160,28 +183,13 @@ MODELS = models()
 @pytest.mark.parametrize("threshold", [None, 0.05])
 def test_engine_equals_single_request_decoding(policy, kind, threshold):
     model, exit_step = MODELS[kind]
-    ps = prompts()
-    lengths = [3, 9, 5, 12, 1, 7, 10]
     engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64)
-    exit = None if threshold is None else ExitMode(exit_step, threshold)
-    rids = [
-        engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
-        for p, n in zip(ps, lengths)
-    ]
-    reqs = {rid: engine.requests[rid] for rid in rids}  # the engine forgets finished ones
-    while engine.has_unfinished():
-        engine.step()
-    depths = set()
-    for rid, p, n in zip(rids, ps, lengths):
-        strategy = None if threshold is None else FREE(exit_step, threshold)
-        ref = generate(
-            model, [p], SamplingParams(max_new_tokens=n, ignore_eos=True), strategy=strategy
-        )[0]
-        req = reqs[rid]
-        assert req.output_ids == ref.token_ids, (kind, policy, rid)
-        assert req.depths == ref.depths
-        depths |= set(req.depths[1:])
+    reqs = serve_prompts(engine, None if threshold is None else ExitMode(exit_step, threshold))
+    assert_each_request_alone(
+        model, reqs, lambda: None if threshold is None else FREE(exit_step, threshold)
+    )
     if threshold is not None:
+        depths = {d for req in reqs for d in req.depths[1:]}
         assert len(depths) > 1, "some tokens should exit and others not"
     assert engine.occupancy()["running"] == 0
 
@@ -355,26 +363,11 @@ def test_engine_with_a_pruned_exit_head_equals_single_request_free(policy, kind)
     same subset, request by request; exited tokens are in the subset."""
     model, exit_step = MODELS[kind]
     allowed = torch.tensor(random.Random(1).sample(range(model.config.vocab_size), 24))
-    ps, lengths = prompts(), [3, 9, 5, 12, 1, 7, 10]
     engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64, exit_vocab=allowed)
-    exit = ExitMode(exit_step, 0.3)
-    reqs = [
-        engine.requests[
-            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
-        ]
-        for p, n in zip(ps, lengths)
-    ]
-    while engine.has_unfinished():
-        engine.step()
+    reqs = serve_prompts(engine, ExitMode(exit_step, 0.3))
+    assert_each_request_alone(model, reqs, lambda: FREE(exit_step, 0.3, exit_vocab=allowed))
     depths = set()
-    for req, p, n in zip(reqs, ps, lengths):
-        ref = generate(
-            model,
-            [p],
-            SamplingParams(max_new_tokens=n, ignore_eos=True),
-            strategy=FREE(exit_step, 0.3, exit_vocab=allowed),
-        )[0]
-        assert req.output_ids == ref.token_ids and req.depths == ref.depths
+    for req in reqs:
         for tok, d in zip(req.output_ids, req.depths):
             if d == exit_step:
                 assert tok in allowed.tolist()
@@ -422,25 +415,9 @@ def test_depthwise_engine_with_row_by_row_attention_equals_single_requests(kind,
 
     monkeypatch.setattr(layers, "DEPTHWISE_ATTENTION", "per-row")
     model, exit_step = MODELS[kind]
-    ps, lengths = prompts(), [3, 9, 5, 12, 1, 7, 10]
     engine = LLMEngine(model, policy="depthwise", max_batch=3, max_len=64)
-    exit = ExitMode(exit_step, 0.05)
-    reqs = [
-        engine.requests[
-            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
-        ]
-        for p, n in zip(ps, lengths)
-    ]
-    while engine.has_unfinished():
-        engine.step()
-    for req, p, n in zip(reqs, ps, lengths):
-        ref = generate(
-            model,
-            [p],
-            SamplingParams(max_new_tokens=n, ignore_eos=True),
-            strategy=FREE(exit_step, 0.05),
-        )[0]
-        assert req.output_ids == ref.token_ids and req.depths == ref.depths
+    reqs = serve_prompts(engine, ExitMode(exit_step, 0.05))
+    assert_each_request_alone(model, reqs, lambda: FREE(exit_step, 0.05))
 
 
 def test_depthwise_attention_mode_follows_history_length_and_slots():
@@ -473,40 +450,22 @@ def test_engine_exits_without_catch_up_equal_single_request_calm(policy, kind, d
     """``ExitMode.deep_kv``: an exited token's skipped steps get its exit state's K/V now
     (propagate) or nothing (skip); each request equals single-request CALM with one exit
     point and the same choice. Without a catch-up, every token runs exactly its depth."""
+    import dataclasses
+
     from earlyexit.decoding.calm import CALM
 
     model, exit_step = MODELS[kind]
-    ps, lengths = prompts(), [3, 9, 5, 12, 1, 7, 10]
     engine = LLMEngine(model, policy=policy, max_batch=3, max_len=64)
-    exit = ExitMode(exit_step, 0.05, deep_kv)
-    reqs = [
-        engine.requests[
-            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), exit)
-        ]
-        for p, n in zip(ps, lengths)
-    ]
-    while engine.has_unfinished():
-        engine.step()
+    reqs = serve_prompts(engine, ExitMode(exit_step, 0.05, deep_kv))
     exits_before = model.config.exits
-    depths = set()
-    for req, p, n in zip(reqs, ps, lengths):
-        # CALM checks every exit point from min_exit on: give it exactly this one
-        model.config.exits = exits_before.__class__(
-            **{**exits_before.__dict__, "steps": (exit_step,)}
-        )
-        try:
-            ref = generate(
-                model,
-                [p],
-                SamplingParams(max_new_tokens=n, ignore_eos=True),
-                strategy=CALM(0.05, exit_step, deep_kv=deep_kv),
-            )[0]
-        finally:
-            model.config.exits = exits_before
-        assert req.output_ids == ref.token_ids and req.depths == ref.depths, (kind, policy)
-        depths |= set(req.depths[1:])
-        # work: the prefill's steps, then each token its own depth (no catch-up)
+    # CALM checks every exit point from min_exit on: give it exactly this one
+    model.config.exits = dataclasses.replace(exits_before, steps=(exit_step,))
+    try:
+        assert_each_request_alone(model, reqs, lambda: CALM(0.05, exit_step, deep_kv=deep_kv))
+    finally:
+        model.config.exits = exits_before
+    for req in reqs:  # work: the prefill's steps, then each token its own depth (no catch-up)
         assert req.steps_run == model.n_steps + sum(req.depths[1:])
-    assert len(depths) > 1
+    assert len({d for req in reqs for d in req.depths[1:]}) > 1
     with pytest.raises(InputError, match="deep_kv"):
         engine.add_request([1, 2], SamplingParams(max_new_tokens=2), ExitMode(exit_step, 0.1, "x"))

@@ -303,21 +303,23 @@ class LLMEngine:
             self.scheduler.set_segment(r, steps[i], self.L)
         emit = [i for i in range(len(rids)) if i not in go_deep]
         if emit:
-            exited: dict[str, list[int]] = {}  # deep_kv mode -> indices (into rids) that exited
+            # exited tokens: catch-up keeps their states for the deep pass; propagate writes
+            # their K/V at the skipped steps now (grouped by exit step); skip leaves nothing.
+            # Only catch-up ever stacks, so only rows that finished at full depth have
+            # stacks to clear.
+            catch_up, propagate = [], {}
             for i in emit:
                 if steps[i] < self.L:
-                    exited.setdefault(self.requests[rids[i]].exit.deep_kv, []).append(i)
-            if "catch-up" in exited:  # keep their states for the catch-up
-                self.runner.push_stack([rows[rids[i]] for i in exited["catch-up"]])
-            by_step: dict[int, list[int]] = {}
-            for i in exited.get("propagate", ()):
-                by_step.setdefault(steps[i], []).append(rows[rids[i]])
-            for step, prop_rows in by_step.items():
-                self.runner.propagate(prop_rows, step)  # K/V of every skipped step, now
-            self.runner.clear_stack(
-                [rows[rids[i]] for i in emit if steps[i] == self.L]
-                + [rows[rids[i]] for mode in ("propagate", "skip") for i in exited.get(mode, ())]
-            )
+                    kv = self.requests[rids[i]].exit.deep_kv
+                    if kv == "catch-up":
+                        catch_up.append(rows[rids[i]])
+                    elif kv == "propagate":
+                        propagate.setdefault(steps[i], []).append(rows[rids[i]])
+            if catch_up:
+                self.runner.push_stack(catch_up)
+            for step, prop_rows in propagate.items():
+                self.runner.propagate(prop_rows, step)
+            self.runner.clear_stack([rows[rids[i]] for i in emit if steps[i] == self.L])
             idx = torch.as_tensor(emit, device=logits.device)
             self._emit([rids[i] for i in emit], logits[idx], [steps[i] for i in emit], events)
 

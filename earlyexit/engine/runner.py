@@ -187,12 +187,11 @@ class ModelRunner:
         full_idx, full_h = [], []
         for s in sorted(set(steps)):
             it = torch.as_tensor([i for i, x in enumerate(steps) if x == s], device=self.device)
-            hn = m.exit_norm(h[it], s) if s < self.L else m.norm(h[it])  # (g, d)
             if s < self.L and self.exit_head is not None:
-                out[it] = self.exit_head.full_logits(m, hn)
-            else:
+                out[it] = m.exit_logits(h[it], s, self.exit_head)
+            else:  # normed now, through the shared head below
                 full_idx.append(it)
-                full_h.append(hn)
+                full_h.append(m.exit_norm(h[it], s) if s < self.L else m.norm(h[it]))  # (g, d)
         if full_idx:
             out[torch.cat(full_idx)] = linear(torch.cat(full_h), m.head_weight())
         return out

@@ -12,8 +12,10 @@
   the sliding window is by RoPE position, which the cache stores per entry (only for models
   with a window: nothing else reads it).
 
-The mask for (slot, rows, lengths) is computed once per forward and shared by every step
-whose slot has the same lengths: a dense forward builds one mask, not one per layer.
+The write indices and mask for (rows, lengths) are planned once and kept (``_plans``, a few
+recent entries): every step of a forward whose slot has the same lengths shares them (a
+dense forward builds one mask, not one per layer), and so does the next call of the same
+rows at the same lengths (a depth-wise call on the next shared block).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class KVCache:
         # RoPE position of every entry (only read for sliding-window masks).
         self.pos_all = torch.zeros(n_slots, batch_size, max_len, device=device, dtype=torch.long)
         self.k, self.v, self.pos = list(self.k_all), list(self.v_all), list(self.pos_all)
-        self._slot_plans: dict = {}  # update_slots' plans, reused across calls (pure of key)
+        self._plans: dict = {}  # host plans of writes and masks by (rows, lengths, ...) key
         self.lengths = np.zeros((n_slots, batch_size), dtype=np.int64)  # host-side
         self.batch_size, self.max_len, self.n_slots = batch_size, max_len, n_slots
         self.device = torch.device(device)
@@ -224,11 +226,11 @@ class KVCache:
         base = int(slots.min())
         rel = slots - base
         key = (rel.tobytes(), rows.tobytes(), lens.tobytes(), n_new.tobytes(), T)
-        meta = self._slot_plans.get(key)
+        meta = self._plans.get(key)
         if meta is None:
-            if len(self._slot_plans) >= PLAN_CACHE:  # a long-lived server sees many shapes
-                self._slot_plans.clear()
-            meta = self._slot_plans[key] = self._plan_slots(rel, rows, lens, n_new, T)
+            if len(self._plans) >= PLAN_CACHE:  # a long-lived server sees many shapes
+                self._plans.clear()
+            meta = self._plans[key] = self._plan_slots(rel, rows, lens, n_new, T)
         flat_rel, c_w, b_sel, t_sel, single = meta[0]
         flat = flat_rel + base * self.batch_size if base else flat_rel  # slot * batch + row
         if single:  # one entry per row: the new keys are (B, Hkv, D) as they are
@@ -299,17 +301,13 @@ class KVCache:
             rows, lens = np.arange(B), self.lengths[slot, :B]  # (B,) host
         else:
             rows, lens = ctx.rows, self.lengths[slot, ctx.rows]
-        key = (lens.tobytes(), None if ctx.rows is None else rows.tobytes(), n_new.tobytes(), T)
-        meta = ctx._memo.get(key)
-        if meta is None:  # not yet in this forward: maybe from an earlier call (same rows, lengths)
-            meta = self._slot_plans.get(("plain", *key))
-            if meta is None:
-                if len(self._slot_plans) >= PLAN_CACHE:
-                    self._slot_plans.clear()
-                meta = self._slot_plans[("plain", *key)] = self._plan_update(
-                    lens, rows, n_new, T, ctx
-                )
-            ctx._memo[key] = meta
+        key = ("plain", lens.tobytes(), None if ctx.rows is None else rows.tobytes())
+        key += (n_new.tobytes(), T)
+        meta = self._plans.get(key)  # every step of a forward, and later calls alike
+        if meta is None:
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            meta = self._plans[key] = self._plan_update(lens, rows, n_new, T)
         row_sl, col_idx, W, mask = meta
         kb, vb, pb = self.k[slot], self.v[slot], self.pos[slot]
         windowed = ctx.sliding_window is not None
@@ -398,10 +396,9 @@ class KVCache:
             mask = mask & in_window[:, None]
         return k_all, v_all, mask
 
-    def _plan_update(
-        self, lens: np.ndarray, rows: np.ndarray, n_new: np.ndarray, T: int, ctx: ForwardContext
-    ):
-        """Indices and mask for one (rows, lengths) pattern; host arithmetic only."""
+    def _plan_update(self, lens: np.ndarray, rows: np.ndarray, n_new: np.ndarray, T: int):
+        """Indices and mask for one (rows, lengths) pattern; host arithmetic only, a pure
+        function of its arguments (plans are cached across forwards)."""
         B = len(rows)
         if (n_new < 0).any() or (n_new > T).any():
             raise ValueError(f"n_new must be within [0, {T}], got {n_new}")
