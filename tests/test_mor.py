@@ -19,11 +19,15 @@ from tests.conftest import make_model
 MOR = dict(n_layers=8, sharing={"scheme": "middle_cycle", "loops": 3})
 
 
-def mor_model(kind="expert", **kw):
+def mor_model(kind="expert", seed=0, **kw):
     m = make_model(**MOR, router={"kind": kind, **kw}, init_std=0.1)
-    with torch.no_grad():  # routers with real spread: some tokens pass, some do not
+    # Routers with real spread: some tokens pass, some do not. Their own generator: drawn
+    # from the global RNG, they depended on what earlier-collected modules had drawn, and a
+    # clean CI clone (fewer optional packages) got routers that sent every token full depth.
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
         for p in m.routers.parameters():
-            p.normal_(0, 0.5)
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return m
 
 
