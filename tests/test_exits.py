@@ -97,16 +97,23 @@ def _teacher_forced_cache(model, seqs):
     return caches
 
 
+@pytest.mark.parametrize("sync", [False, True])
 @pytest.mark.parametrize(
-    "pattern", [[[1, 1, 0, 1, 0, 0, 1, 1, 1, 0]], [[1, 0], [0, 1], [1, 1, 1, 0]]]
+    "pattern",
+    [
+        [[1, 1, 0, 1, 0, 0, 1, 1, 1, 0]],
+        [[1, 0], [0, 1], [1, 1, 1, 0]],
+        [[1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 1, 1]],  # all three rows exit at steps 0 and 3
+    ],
 )
-def test_free_deep_kv_is_exact_and_deep_tokens_are_the_full_models(pattern, monkeypatch):
-    """§7.3 KV exactness, §7.5 deep decision, §7.6 lengths, §7.7 chunk == token by token."""
+def test_free_deep_kv_is_exact_and_deep_tokens_are_the_full_models(pattern, sync, monkeypatch):
+    """§7.3 KV exactness, §7.5 deep decision, §7.6 lengths, §7.7 chunk == token by token;
+    with ``sync_batch`` a step exits iff every row's script says so (all rows together)."""
     # exits are scripted, so the small default init (small activations, tight tolerance) fits
     model = make_model(n_layers=6, exits={"steps": [2, 4], "trained": True})
     monkeypatch.setattr(free_mod, "confidence", _Scripted(pattern))
     ps = prompts(len(pattern), seed=1)
-    s = FREE(exit_step=2, threshold=0.5)
+    s = FREE(exit_step=2, threshold=0.5, sync_batch=sync)
     caches = {}
     orig_decode = s.decode
 
@@ -138,6 +145,13 @@ def test_free_deep_kv_is_exact_and_deep_tokens_are_the_full_models(pattern, monk
         for t, (tok, depth) in enumerate(zip(r.token_ids, r.depths)):
             if depth == model.n_steps:
                 assert tok == int(full_logits[len(p) - 1 + t].argmax())
+        # token 0 comes from the prefill, token t from decode step t - 1 of the script
+        script = [pattern[b][(t - 1) % len(pattern[b])] for t in range(1, len(r.depths))]
+        together = [all(row[(t - 1) % len(row)] for row in pattern) for t in range(1, 10)]
+        want = together if sync else script
+        assert r.depths[1:] == [2 if e else model.n_steps for e in want]
+    if sync:
+        assert len(set(s.n_stack.tolist())) == 1  # stacks grow together: no padded chunk
 
 
 def test_free_calibration_logs_n_plus_one_pairs(model, monkeypatch):
@@ -147,6 +161,27 @@ def test_free_calibration_logs_n_plus_one_pairs(model, monkeypatch):
     generate(model, prompts(1), SamplingParams(max_new_tokens=5, ignore_eos=True), strategy=s)
     assert len(s.calibrator.conf) == len(s.calibrator.agree) == 3
     assert s.calibrator.conf[:2] == [1.0, 1.0] and s.calibrator.conf[2] == 0.0
+
+
+def test_free_sync_batch_calibrates_on_outvoted_rows(monkeypatch):
+    """A confident row sent deep by a batch-mate is what an exit would have given: its
+    (confidence, exit argmax == full argmax) pair is logged, the label checked against a
+    teacher-forced forward; the unconfident batch-mate logs nothing (empty stack)."""
+    model = make_model(n_layers=6, exits={"steps": [2, 4], "trained": True}, init_std=0.3)
+    monkeypatch.setattr(free_mod, "confidence", _Scripted([[1], [0]]))
+    s = FREE(exit_step=2, threshold=0.5, adaptive=True, sync_batch=True)
+    ps = prompts(2, seed=5)
+    res = generate(model, ps, SamplingParams(max_new_tokens=5, ignore_eos=True), strategy=s)
+    assert all(d == model.n_steps for r in res for d in r.depths)
+    assert s.calibrator.conf == [1.0] * 4 and s.stats()["outvoted"] == 4
+    p, r = ps[0], res[0]
+    with torch.inference_mode():
+        out = model(torch.tensor([p + r.token_ids]), exits=True)
+    shallow, full = out.exit_logits[0][0], out.exit_logits[-1][0]  # step 2, final
+    want = [
+        int(shallow[len(p) - 1 + t].argmax() == full[len(p) - 1 + t].argmax()) for t in (1, 2, 3, 4)
+    ]
+    assert s.calibrator.agree == want
 
 
 def test_beta_mixture_threshold():
@@ -587,11 +622,12 @@ def test_beta_pieces_against_closed_forms():
     assert abs(a - 0.5) < 0.02 and abs(b - 0.7) < 0.03
 
 
-def test_free_stats_and_finished_rows_caches(model, monkeypatch):
+@pytest.mark.parametrize("sync", [False, True])
+def test_free_stats_and_finished_rows_caches(model, monkeypatch, sync):
     """One decode step by hand: the counters FREE reports, and a finished row's cache does
-    not grow while the other row goes on."""
+    not grow while the other row goes on (nor, with ``sync_batch``, outvotes it)."""
     monkeypatch.setattr(free_mod, "confidence", _Scripted([[1, 0, 1, 0], [0, 0, 0, 0]]))
-    s = FREE(exit_step=2, threshold=0.5)
+    s = FREE(exit_step=2, threshold=0.5, sync_batch=sync)
     cache = KVCache.for_model(model, 2, 16)
     with torch.inference_mode():
         s.begin(model, cache, 2, 8)
@@ -602,11 +638,13 @@ def test_free_stats_and_finished_rows_caches(model, monkeypatch):
             "threshold": 0.5,
             "exit_rate": 1.0,
             "exit_vocab": None,
+            "sync_batch": sync,
             "tokens": 1,
             "shallow": 1,
             "deep_passes": 0,
             "caught_up": 0,
             "plain_steps": 0,
+            "outvoted": 0,
             "fallback": None,
         }
         before = cache.lengths[:, 1].copy()
@@ -746,6 +784,10 @@ def test_free_batch_fallback_options_are_validated():
     with pytest.raises(ValueError, match="probe_steps"):
         FREE(2, probe_steps=0)
     assert make_strategy(model, "free").min_sync_rate == 0.5
+    # lock-step defaults: FREE's rows exit together, CALM's each on its own
+    assert make_strategy(model, "free").sync_batch is True
+    assert make_strategy(model, "free", sync_batch=False).sync_batch is False
+    assert make_strategy(model, "calm").sync_batch is False
     assert make_strategy(model, "free", min_sync_rate=None).min_sync_rate is None
 
 

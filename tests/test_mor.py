@@ -70,7 +70,9 @@ def test_causal_routing_is_causal_and_top_k_is_not():
     y[0, 10:] = torch.randint(0, 512, (6,))
     with torch.inference_mode():
         a, b = m(x, routing="causal"), m(y, routing="causal")
-        torch.testing.assert_close(a[0, :10], b[0, :10], atol=1e-6, rtol=0)
+        # fp32 reductions over different later tokens may differ in the last bits; a leak
+        # moves logits by far more than 1e-5 (the top-k check below sees > 1e-4)
+        torch.testing.assert_close(a[0, :10], b[0, :10], atol=1e-5, rtol=0)
         leaks = any(
             (m(x, routing="train")[0, :10] - m(z, routing="train")[0, :10]).abs().max() > 1e-4
             for z in (y, torch.cat([x[:, :10], torch.randint(0, 512, (1, 6))], 1))

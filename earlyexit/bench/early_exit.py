@@ -241,9 +241,11 @@ def main_batched_exit(
     out: str | None = "results/batched_exit.json",
     exit_vocab: int | None = None,
 ) -> list[dict]:
-    """Full depth, naive (CALM sync), ours (FREE) and ours without the batch fallback at
-    each batch size; with ``exit_vocab`` N also ours with a pruned exit head over the N
-    most frequent tokens of ``data`` (``ours-vN``, ``ours-nofb-vN``)."""
+    """Full depth, naive (CALM sync), ours (FREE as served: rows exit together, batch
+    fallback), ours without the fallback, and FREE's per-row exits with and without it
+    (``ours-per-row``, ``ours-per-row-nofb``) at each batch size; with ``exit_vocab`` N
+    also ours with a pruned exit head over the N most frequent tokens of ``data``
+    (``ours-vN``, ``ours-nofb-vN``)."""
     threads = set_threads(threads)
     env = environment(threads)
     warnings.simplefilter("ignore", ExitWarning)
@@ -257,12 +259,18 @@ def main_batched_exit(
         "naive": functools.partial(
             make_strategy, m, "calm", threshold=threshold, min_exit=ls, sync_batch=True
         ),
-        "ours": functools.partial(make_strategy, m, "free", exit_step=ls, threshold=threshold),
-        # the same without the batch fallback: what per-row exits cost in lock-step batches
-        "ours-nofb": functools.partial(
-            make_strategy, m, "free", exit_step=ls, threshold=threshold, min_sync_rate=None
-        ),
     }
+    # ours: rows exit together + fallback; the ablations: each alone, and neither (what
+    # per-row exits cost in lock-step batches)
+    for name, opts in (
+        ("ours", {}),
+        ("ours-nofb", {"min_sync_rate": None}),
+        ("ours-per-row", {"sync_batch": False}),
+        ("ours-per-row-nofb", {"sync_batch": False, "min_sync_rate": None}),
+    ):
+        variants[name] = functools.partial(
+            make_strategy, m, "free", exit_step=ls, threshold=threshold, **opts
+        )
     if exit_vocab is not None:
         ids = _frequent(data, m, {exit_vocab})[exit_vocab]
         for name, fb in (

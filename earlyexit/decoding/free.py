@@ -30,6 +30,17 @@ with no shallow head) and says so in :meth:`stats` (``fallback``). The decision 
 the outputs only, never on timing, so it is reproducible; it does make a batched row's
 output depend on its batch-mates (full depth instead of exits): quality can only go up.
 
+**Synchronized batch exits** (``sync_batch``). In a lock-step batch a row that exits
+alone saves nothing: the deep pass runs anyway for its batch-mates, and the exited token's
+deep KV is computed in the next deep pass all the same (a chunk padded for every row), so
+a lone exit costs quality and padding and buys no depth. With ``sync_batch=True`` a step
+exits only when every live row is confident; otherwise every row goes deep. The steps
+that skip the deep pass are then exactly those of per-row exits would skip (all rows
+exit), every live row's stack has the same length (catch-up chunks need no padding), and
+tokens a lone exit would have taken from the shallow head come from the full model. A
+batch of one is unaffected. ``make_strategy`` turns it on for lock-step ``free``; the
+class default is per-row (each row decided as if alone, the paper's per-sequence rule).
+
 **Pruned exit head** (``exit_vocab``): the shallow exit's logits cover only those token ids
 (e.g. the corpus's most frequent 8k: ``models/heads.py``); the margin is over them and an
 exited token is one of them. A token that goes deep is decided by the full head as always.
@@ -66,6 +77,8 @@ class FREE(Strategy):
         probe_steps: how many batched steps the fallback decision looks at.
         exit_vocab: token ids (N,) the shallow exit's head covers (a pruned head); None:
             the full vocabulary.
+        sync_batch: exit a lock-step step only when every live row is confident (module
+            docstring); False: each row exits on its own confidence.
     """
 
     name = "free"
@@ -80,12 +93,14 @@ class FREE(Strategy):
         min_sync_rate: float | None = None,
         probe_steps: int = 8,
         exit_vocab: Tensor | None = None,
+        sync_batch: bool = False,
     ) -> None:
         if min_sync_rate is not None and not 0.0 <= min_sync_rate <= 1.0:
             raise ValueError(f"min_sync_rate must be within [0, 1], got {min_sync_rate}")
         if probe_steps < 1:
             raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
         self.min_sync_rate, self.probe_steps = min_sync_rate, probe_steps
+        self.sync_batch = sync_batch
         self.exit_head = None if exit_vocab is None else PrunedHead(exit_vocab)
         self.ls, self.threshold, self.adaptive, self.measure = (
             exit_step,
@@ -104,6 +119,7 @@ class FREE(Strategy):
             "deep_passes": 0,
             "caught_up": 0,
             "plain_steps": 0,
+            "outvoted": 0,  # confident rows sent deep because a batch-mate was not
         }
         self.fallback: str | None = None  # why this generation went to full depth, if it did
 
@@ -149,6 +165,8 @@ class FREE(Strategy):
             conf = confidence("classifier", None, model, ls, h)
             host = [(conf > lam).float().tolist()]  # the one host sync of the step
             ex = np.nonzero(np.array(host[0], dtype=bool) & live)[0]
+            if self.sync_batch and len(ex) < live.sum():
+                ex = ex[:0]  # outvoted below: no exit head to pay for
             logits = torch.zeros(B, model.config.vocab_size, device=h.device, dtype=h.dtype)
             if len(ex):
                 ex_t = torch.as_tensor(ex, device=h.device)
@@ -161,6 +179,10 @@ class FREE(Strategy):
                 [(conf > lam).float(), conf.float(), logits.argmax(-1).float()]
             ).tolist()
         exits = np.array(host[0], dtype=bool) & live
+        outvoted = None
+        if self.sync_batch and exits.any() and not exits[live].all():
+            outvoted, exits = exits, np.zeros_like(exits)  # nobody exits alone
+            self.counts["outvoted"] += int(outvoted.sum())
         deep = ~exits & live
         depths = [ls if e else L for e in exits]
         self.counts["tokens"] += int(live.sum())
@@ -186,7 +208,15 @@ class FREE(Strategy):
             hd = run_rows(model, cache, h[:, None], ls, L, rows, n_new)
             self.counts["deep_passes"] += int(live.sum())
             self.counts["plain_steps"] += 1
-            return StepOutput(model.logits(hd[:, 0]), depths)
+            out = model.logits(hd[:, 0])
+            if outvoted is not None and self.adaptive and not self.calibrator.frozen:
+                # the confident rows a batch-mate sent deep: what exiting would have given
+                ov = np.nonzero(outvoted)[0]
+                deep_arg = out[torch.as_tensor(ov, device=out.device)].argmax(-1).tolist()
+                self.calibrator.observe(
+                    [host[1][b] for b in ov], [int(host[2][b] == t) for b, t in zip(ov, deep_arg)]
+                )
+            return StepOutput(out, depths)
 
         # push exited rows' layer-L_s states (and write the deep rows' current state too:
         # it becomes the last element of their chunk)
@@ -247,6 +277,7 @@ class FREE(Strategy):
             "threshold": self.current_threshold,
             "exit_rate": c["shallow"] / max(c["tokens"], 1),
             "exit_vocab": None if self.exit_head is None else len(self.exit_head),
+            "sync_batch": self.sync_batch,
             **c,
             "fallback": self.fallback,
         }

@@ -49,12 +49,16 @@ def make_strategy(
     draft_vocab=None,
     exit_vocab=None,
     deep_kv: str | None = None,
-    sync_batch: bool = False,
+    sync_batch: bool | None = None,
     calibrator: BetaMixtureThreshold | None = None,
     compile: bool = False,
     min_sync_rate: float | None = FREE_MIN_SYNC_RATE,
 ) -> Strategy:
     """A ready strategy for ``model``; see each strategy's module for the options' meaning.
+
+    ``sync_batch`` None takes each strategy's batched default: CALM's rows exit on their own
+    (the rest go on as a smaller batch), FREE's lock-step rows exit together (a lone exit
+    would save no deep pass); ``min_sync_rate`` is FREE's batch fallback floor.
 
     Raises:
         InputError: unknown strategy or measure, an exit step outside the model's depth, a
@@ -112,7 +116,9 @@ def make_strategy(
                 "the calm strategy checks the model's exit points, and this model has none (train with --exit-steps)"
             )
         _warn_untrained(cfg, name)
-        return CALM(threshold, min_exit, decay_tau, measure, sync_batch, deep_kv or "propagate")
+        return CALM(
+            threshold, min_exit, decay_tau, measure, bool(sync_batch), deep_kv or "propagate"
+        )
     if exit_step is None:
         if not cfg.exits.steps:
             raise InputError(
@@ -145,6 +151,8 @@ def make_strategy(
             calibrator,
             min_sync_rate,
             exit_vocab=_ids(exit_vocab, cfg.vocab_size, "exit_vocab"),
+            # lock-step batches exit together (decoding/free.py): a lone exit saves nothing
+            sync_batch=True if sync_batch is None else sync_batch,
         )
     if not 1 <= draft_k <= 32:
         raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
