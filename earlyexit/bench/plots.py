@@ -8,7 +8,7 @@
 - ``depthwise_calls.png``: a depth-wise block call over a plain one, by rows and context.
 - ``real_model_pareto.png`` / ``batched_exit_demo.png``: the same figures for SmolLM2 and
   for the demo model with the batch fallback; ``batched_exit_vocab.png`` adds the pruned
-  exit head.
+  exit head; ``batched_exit_sync.png`` rows that exit together against per-row exits.
 - ``depthwise_synthetic_nocatchup.png``: the synthetic map for exits that leave no catch-up
   (``ExitMode.deep_kv`` propagate / skip), with and without a pruned exit head.
 
@@ -200,6 +200,7 @@ def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plo
         ("real_model_early_exit.json", pareto, "real_model_pareto.png"),
         ("batched_exit_demo.json", batched, "batched_exit_demo.png"),
         ("batched_exit_vocab.json", batched, "batched_exit_vocab.png"),
+        ("batched_exit_sync.json", batched, "batched_exit_sync.png"),
         ("depthwise_synthetic_nocatchup.json", synthetic, "depthwise_synthetic_nocatchup.png"),
     ):
         path = results / name
