@@ -134,6 +134,14 @@ def test_demo_on_a_users_model(tiny_lm_dir, tmp_path):
     source = earlyexit.load(tiny_lm_dir, device="cpu")
     for name, w in source.model.state_dict().items():
         assert torch.equal(tuned.model.state_dict()[name], w), name
+    # the measuring-time estimate counts the decodes the demo then ran: one per strategy
+    # row and round (+ full depth once more), one engine run per job and round
+    from earlyexit.demo.user_model import measure_tokens
+
+    plan = pipeline.QUICK
+    decodes, served = measure_tokens(plan, source.config, tuned.config.exits.steps[0])
+    assert decodes == (len(labels) * plan.rounds + 1) * plan.prompts * plan.new_tokens
+    assert served == len(res["engine"]) * plan.rounds * plan.requests * plan.mean_len
     again, _ = _demo(tmp_path / "work", "--model", str(tiny_lm_dir))
     assert again["reused"] == ["user-exit"]
 

@@ -61,6 +61,7 @@ from earlyexit.demo.plans import (
     UserExitPlan,
     corpus_spec,
     exit_steps,
+    user_exit_step,
 )
 from earlyexit.errors import InputError
 from earlyexit.progress import fmt_seconds
@@ -85,7 +86,7 @@ def user_exit_stage(
 
     mc = load_config(model_dir)
     n_layers = mc.n_layers  # the plan's depth
-    step = max(1, min(n_layers - 1, round(n_layers * up.exit_fraction)))
+    step = user_exit_step(n_layers, up)
     head = mc.vocab_size * mc.d_model
     user = (2 * mc.param_counts()["non_embedding"] + 6 * head) * up.seq_len * up.batch_size
     dense = ModelConfig(vocab_size=plan.vocab_size, **plan.model)
@@ -380,8 +381,10 @@ class Estimate:
     # each trained stage also loads models, probes the matmul peak, evaluates and saves
     STAGE_OVERHEAD_S = 3.0
 
-    def __init__(self, plan: DemoPlan, step_s: float) -> None:
-        self.plan, self.step_s = plan, step_s
+    def __init__(self, plan: DemoPlan, step_s: float, measure_s: float | None = None) -> None:
+        """``measure_s``: the measurements' seconds when timed directly (a user's model,
+        ``user_model.measure_seconds``) rather than scaled from the dense step."""
+        self.plan, self.step_s, self.measure_s = plan, step_s, measure_s
         self.predicted = self.actual = 0.0
 
     @property
@@ -399,6 +402,8 @@ class Estimate:
         return self.plan.relative_cost["prepare"] * self.step_s
 
     def measure(self) -> float:
+        if self.measure_s is not None:
+            return self.measure_s
         return self.plan.relative_cost["measure"] * self.step_s * self.scale
 
     def stage_done(self, st: Stage, seconds: float) -> None:

@@ -133,6 +133,11 @@ USER_EXIT_QUICK = UserExitPlan(
 )
 
 
+def user_exit_step(n_layers: int, up: UserExitPlan) -> int:
+    """Where ``demo --model`` puts a user model's exit: ``up.exit_fraction`` of its layers."""
+    return max(1, min(n_layers - 1, round(n_layers * up.exit_fraction)))
+
+
 def exit_steps(n_layers: int) -> tuple[int, ...]:
     """FREE's shallow exit: after a quarter of the layers (2 of 8), within [1, L-1]."""
     return (max(1, min(n_layers - 1, round(n_layers / 4))),)

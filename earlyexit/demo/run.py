@@ -42,9 +42,11 @@ from earlyexit.demo.user_model import (
     check_parity,
     draft_tokens,
     has_trained_exits,
+    model_exit_step,
     user_checkpoint,
     user_tokenizer,
 )
+from earlyexit.demo.user_model import measure_seconds as user_measure_seconds
 from earlyexit.progress import fmt_seconds
 from earlyexit.progress import progress as progress_bar
 
@@ -111,7 +113,12 @@ def main(
         st = pipeline.stages(plan, work, data, threads, device=str(dev), precision=train_precision)
     todo = [s for s in st if not pipeline.is_done(s)]
     # the estimate comes from one training step timed here, now (a few seconds at most)
-    est = pipeline.Estimate(plan, pipeline.probe_step_seconds(plan, str(dev), train_precision))
+    step_s = pipeline.probe_step_seconds(plan, str(dev), train_precision)
+    measure_s = None
+    if model:  # a model unlike the demo's own: its measurements timed from its decode speed
+        exit_at = model_exit_step(model_dir, up)
+        measure_s = user_measure_seconds(plan, model_dir, exit_at, str(dev))
+    est = pipeline.Estimate(plan, step_s, measure_s)
     eta = (0 if data_ready else est.data()) + sum(est.stage(s) for s in todo) + est.measure()
     say(
         f"plan: {'reuse every cached model' if not todo else f'train {len(todo)} stage(s)'}, "

@@ -5,6 +5,7 @@ format, its tokenizer and exits inspected; and the parity check of a dense model
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -118,3 +119,57 @@ def check_parity(path: Path, hf_dir: Path) -> dict:
         lm.model, [ids[0].tolist()], SamplingParams(max_new_tokens=16, ignore_eos=True)
     )[0].token_ids
     return {"max_logit_diff": diff, "greedy_tokens_identical": theirs == ours}
+
+
+def model_exit_step(model_dir: Path, up) -> int:
+    """The exit the demo measures a user's model at: its own first trained exit, or where
+    the demo's exit fine-tune (``UserExitPlan`` ``up``) will put one."""
+    from earlyexit.checkpoint import load_config
+    from earlyexit.demo.plans import user_exit_step
+
+    cfg = load_config(model_dir)
+    if cfg.exits.steps and cfg.exits.trained:
+        return cfg.exits.steps[0]
+    return user_exit_step(cfg.n_layers, up)
+
+
+def measure_tokens(plan, config, exit_step: int) -> tuple[int, int]:
+    """(tokens decoded at batch 1, row-tokens served by the engine) in the demo's
+    measurements of a model with ``config`` once its exit after ``exit_step`` is trained:
+    every strategy's interleaved rounds, and every engine job's rounds."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from earlyexit.demo.evaluate import dense_configs, engine_jobs
+
+    exits = dataclasses.replace(config.exits, steps=(exit_step,), trained=True)
+    cfg = dataclasses.replace(config, exits=exits)
+    shim = SimpleNamespace(config=cfg, n_steps=cfg.n_layers)
+    n_cfg = len(dense_configs(shim, draft_tokens=[0] if cfg.vocab_size > 16384 else None))
+    decodes = ((n_cfg + 1) * plan.rounds + 1) * plan.prompts * plan.new_tokens
+    served = len(engine_jobs({"user": shim})) * plan.rounds * plan.requests * plan.mean_len
+    return decodes, served
+
+
+def measure_seconds(plan, model_dir: Path, exit_step: int, device: str = "cpu") -> float:
+    """Seconds the demo's measurements of a user's model should take, from decode speed
+    timed here: the model's full-depth seconds per token at batch 1 (the batch-1 strategy
+    rounds) and per row-token at the plan's max batch (the engine runs), times the tokens
+    each part decodes (:func:`measure_tokens`). The demo's own models are estimated from a
+    training step instead, which misjudges a model 20x their size (it did: ~11 s said,
+    ~60 s taken)."""
+    import earlyexit
+    from earlyexit.decoding.generate import generate
+    from earlyexit.decoding.sampling import SamplingParams
+
+    lm = earlyexit.load(model_dir, device=device)
+
+    def per_token(batch: int, n: int = 6) -> float:
+        prompts = [[(7 * i + j) % lm.config.vocab_size for j in range(16)] for i in range(batch)]
+        generate(lm.model, prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm
+        t = time.perf_counter()
+        generate(lm.model, prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        return (time.perf_counter() - t) / (n * batch)
+
+    decodes, served = measure_tokens(plan, lm.config, exit_step)
+    return decodes * per_token(1) + served * per_token(plan.max_batch)
