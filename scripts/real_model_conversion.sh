@@ -2,7 +2,7 @@
 # Relaxed recursive conversion of a real model, before any uptraining (BENCHMARKS.md,
 # "real model"): SmolLM2-135M (30 layers) -> 15 shared blocks x 2 loops, each variant's
 # validation NLL on the stdlib corpus next to the dense source's. What the SVD-initialised
-# per-loop LoRA recovers by rank (RRT §3.2). Needs `--model smollm2` (README, "A real
+# per-loop LoRA recovers by rank (RRT §3.2), and the activation-aware init (asvd). Needs `--model smollm2` (README, "A real
 # pretrained model") and data/smollm2-stdlib (scripts/bench_real_model.py's docstring).
 #   bash scripts/real_model_conversion.sh [OUT.jsonl]
 set -euo pipefail
@@ -26,3 +26,12 @@ for r in 64 256 576; do
         --lora-rank "$r" --lora-norms --force --json > /dev/null
     row "stepwise, LoRA $r (SVD) + norms" "$WORK/stepwise-r$r"
 done
+asvd_rows() {  # the activation-aware init: the same ranks, calibrated on 16k training tokens
+    for r in "$@"; do
+        earlyexit convert recursive smollm2 "$WORK/stepwise-asvd-r$r" --loops 2 --init stepwise \
+            --lora-rank "$r" --lora-norms --lora-init asvd --calibration-data data/smollm2-stdlib \
+            --force --json > /dev/null
+        row "stepwise, LoRA $r (asvd) + norms" "$WORK/stepwise-asvd-r$r"
+    done
+}
+asvd_rows 64 128 256

@@ -130,6 +130,67 @@ def test_truncation_error_matches_eckart_young():
     assert not (bm @ am).any()
 
 
+def test_whitened_svd_minimises_output_error_over_its_inputs():
+    """asvd init: over inputs X (n, d_in) with C = X^T X / n, the rank-r B A minimises
+    ||X (R - B A)^T||_F; Eckart-Young on R X^T (the reference, from the SVD of the product
+    itself) gives that minimum. Plain SVD does worse on anisotropic inputs; full rank is
+    exact with or without damping."""
+    from earlyexit.models.lora import whitened_svd
+
+    g = torch.Generator().manual_seed(3)
+    r_mat = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    scales = torch.logspace(1, -3, 40, dtype=torch.float64)  # a few directions carry the inputs
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64) * scales
+    cov = x.T @ x / len(x)
+    for r in (1, 4, 12):
+        bm, am = whitened_svd(r_mat, cov, r, damp=0.0)
+        assert bm.shape == (24, r) and am.shape == (r, 40) and bm.dtype == torch.float32
+        err = (x @ (r_mat - bm.double() @ am.double()).T).pow(2).sum()
+        best = torch.linalg.svdvals(r_mat @ x.T)[r:].pow(2).sum()
+        torch.testing.assert_close(err, best, rtol=1e-4, atol=1e-6 * float(best))
+        pb, pa = truncated_svd(r_mat, r)
+        plain = (x @ (r_mat - pb.double() @ pa.double()).T).pow(2).sum()
+        assert plain > 1.1 * err
+    for damp in (0.0, 1e-2):
+        bm, am = whitened_svd(r_mat, cov, 24, damp=damp)
+        torch.testing.assert_close(bm.double() @ am.double(), r_mat, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scheme,loops,layers", [("cycle", 2, 8), ("middle_cycle", 3, 8)])
+def test_full_rank_asvd_relaxation_reproduces_the_source(scheme, loops, layers):
+    """asvd measures each linear's inputs on calibration tokens, then is exact at full rank
+    like plain SVD; without calibration tokens it is refused."""
+    dense = tied_norm_dense(n_layers=layers)
+    calib = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(1))
+    full = LoraConfig(rank=10_000, norms=True)
+    rec = convert_recursive(
+        dense, loops, scheme, init="average", lora=full, lora_init="asvd", calibration=calib
+    )
+    x = torch.randint(0, 512, (2, 14))
+    with torch.inference_mode():
+        torch.testing.assert_close(rec(x), dense(x), atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="calibration"):
+        convert_recursive(dense, loops, scheme, lora=full, lora_init="asvd")
+
+
+def test_input_moments_are_each_linears_input_second_moment():
+    """The hooks see what each linear sees: checked against the inputs recomputed by hand
+    from the block's own modules (layer 0: embeddings -> attention norm -> wqkv)."""
+    from earlyexit.models.recursive import input_moments
+
+    dense = make_model(n_layers=2)
+    toks = torch.randint(0, 512, (2, 7))
+    m = input_moments(dense, toks, [0, 1], batch_size=1)
+    assert set(m) == {(i, p) for i in (0, 1) for p in ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")}
+    with torch.inference_mode():
+        h = dense.embed(toks)  # layer 0's input: the embeddings
+        xn = dense.blocks[0].attn_norm(h).reshape(-1, h.shape[-1]).double()
+    torch.testing.assert_close(m[0, "attn.wqkv"], xn.T @ xn / toks.numel(), atol=1e-6, rtol=1e-6)
+    down_in = m[1, "mlp.w2"]
+    assert down_in.shape == (dense.config.d_ff, dense.config.d_ff)
+    assert torch.allclose(down_in, down_in.T) and torch.linalg.eigvalsh(down_in).min() > -1e-9
+
+
 def test_shared_gradient_is_the_sum_of_untied_gradients():
     rec = convert_recursive(make_model(n_layers=6), 3, init="average", lora=LoraConfig(rank=2))
     rec.train()
@@ -217,6 +278,8 @@ def test_conversion_errors():
         )
     with pytest.raises(ConfigError, match="unknown init"):
         convert_recursive(make_model(n_layers=4), 2, init="magic")
+    with pytest.raises(ConfigError, match="unknown LoRA init"):
+        convert_recursive(make_model(n_layers=4), 2, lora_init="magic")
 
 
 def test_target_weights_are_views_of_the_fused_linears():
@@ -277,6 +340,25 @@ def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
     assert info["non_embedding_params"] < info["source_non_embedding_params"]
     rec, _ = load_checkpoint(tmp_path / "rec")
     assert rec.config.lora.q == 4 and rec.config.lora.down == 8 and rec.config.lora.rank == 0
+    # the activation-aware init: calibrated on the prepared corpus, refused without it
+    asvd = ["convert", "recursive", str(tmp_path / "dense"), str(tmp_path / "asvd")]
+    asvd += ["--loops", "2", "--lora-rank", "4", "--lora-init", "asvd"]
+    assert main(asvd) == 1 and "--calibration-data" in capsys.readouterr().err
+    assert not (tmp_path / "asvd").exists()
+    calib = ["--calibration-data", str(tmp_path / "data"), "--calibration-tokens", "512"]
+    assert main([*asvd, *calib]) == 0
+    capsys.readouterr()
+    a, _ = load_checkpoint(tmp_path / "asvd")
+    assert a.blocks[0].lora.B["q"].abs().sum() > 0
+    s_dir = [
+        "convert",
+        "recursive",
+        str(tmp_path / "dense"),
+        str(tmp_path / "svd2"),
+        "--lora-rank",
+        "4",
+    ]
+    assert main([*s_dir, *calib]) == 1 and "asvd only" in capsys.readouterr().err
     assert rec.config.lora.norms and not rec.config.lora.biases
     assert main(["convert", "merge", str(tmp_path / "rec"), str(tmp_path / "merged")]) == 0
     merged, _ = load_checkpoint(tmp_path / "merged")

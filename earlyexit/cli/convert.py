@@ -63,8 +63,21 @@ def register(sub) -> None:
     rg.add_argument(
         "--lora-init",
         default="svd",
-        choices=["svd", "zero"],
-        help="svd: truncated SVD of the residual; zero: standard init",
+        choices=["svd", "asvd", "zero"],
+        help="svd: truncated SVD of the residual; asvd: the same, weighted by the source "
+        "layer's inputs on --calibration-data (less output error at equal rank); zero: "
+        "standard init",
+    )
+    rg.add_argument(
+        "--calibration-data",
+        default=None,
+        help="a prepared corpus (earlyexit prepare) whose training tokens calibrate asvd",
+    )
+    rg.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=16384,
+        help="how many training tokens asvd runs through the source (windows of 256)",
     )
     rg.add_argument("--seed", type=int, default=0, help="seed of random and standard inits")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -98,15 +111,24 @@ def run(args: argparse.Namespace) -> int:
     elif args.kind == "recursive":
         from earlyexit.models.recursive import convert_recursive
 
+        lora = _lora_config(args)
+        calibration = _calibration(args)
         lm = earlyexit.load(src, device="cpu")  # ours, a HF directory, GGUF, or a name
+        if calibration is not None and int(calibration.max()) >= lm.config.vocab_size:
+            raise InputError(
+                f"{args.calibration_data}: token ids up to {int(calibration.max())} do not fit "
+                f"{args.src}'s vocabulary of {lm.config.vocab_size} (prepare it with that "
+                "model's tokenizer: earlyexit prepare --tokenizer MODEL)"
+            )
         model = convert_recursive(
             lm.model,
             args.loops,
             args.sharing,
             args.init,
-            _lora_config(args),
+            lora,
             args.lora_init,
             args.seed,
+            calibration,
         )
         out = save_checkpoint(model, args.dst, lm.tokenizer, chat_files(lm.chat_config))
         counts = model.config.param_counts()
@@ -133,6 +155,37 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     return 0
+
+
+CALIBRATION_WINDOW = 256
+
+
+def _calibration(args: argparse.Namespace):
+    """asvd's calibration tokens, (N, 256), from the start of --calibration-data's training
+    split; None for the other inits (where --calibration-data is refused, not ignored)."""
+    if args.lora_init != "asvd":
+        if args.calibration_data:
+            raise InputError("--calibration-data applies to --lora-init asvd only")
+        return None
+    if not args.calibration_data:
+        raise InputError("--lora-init asvd needs --calibration-data DIR (a prepared corpus)")
+    if args.calibration_tokens < CALIBRATION_WINDOW:
+        raise InputError(
+            f"--calibration-tokens must be >= {CALIBRATION_WINDOW}, got {args.calibration_tokens}"
+        )
+    import numpy as np
+    import torch
+
+    from earlyexit.training.data import token_file
+
+    tokens = token_file(args.calibration_data, "train")
+    n = min(args.calibration_tokens, len(tokens)) // CALIBRATION_WINDOW * CALIBRATION_WINDOW
+    if n == 0:
+        raise InputError(
+            f"{args.calibration_data}: fewer than {CALIBRATION_WINDOW} training tokens to calibrate on"
+        )
+    rows = np.asarray(tokens[:n], dtype=np.int64).reshape(-1, CALIBRATION_WINDOW)
+    return torch.from_numpy(rows)
 
 
 def _lora_config(args: argparse.Namespace):

@@ -11,6 +11,11 @@
 - ``svd_init``: B = U_r S_r, A = V_r^T from the truncated SVD (fp32) of the residual
   W_l - W' between the step's original and the shared weight; standard init (Gaussian A,
   B = 0) where the residual is zero. Full rank reproduces W_l exactly (Eckart-Young).
+- ``whitened_svd`` (``asvd`` init): the truncated SVD of the residual *as it acts on the
+  step's inputs*: with C = E[x x^T] of the source layer's inputs to that linear (measured
+  on calibration tokens) and C = L L^T, B A = [R L]_r L^{-1} minimises E||(R - B A) x||^2 over
+  rank-r B A (SVD-LLM's truncation-aware whitening), where plain SVD minimises ||R - B A||_F
+  and spends rank on directions the inputs never take. Full rank is still exact.
 - ``merged``: W' + B_l A_l, for export or analysis.
 - Optional per-step offsets of the block's two norm weights (``norms``) and of its biases
   (``biases``): the step's norm weight is shared + offset, its bias shared + offset. Tied
@@ -102,3 +107,21 @@ def truncated_svd(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     computed in fp32: B = U_r S_r, A = V_r^T."""
     u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
     return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def whitened_svd(
+    residual: Tensor, cov: Tensor, rank: int, damp: float = 1e-2
+) -> tuple[Tensor, Tensor]:
+    """(B, A), fp32, with B A the rank-``rank`` matrix closest to ``residual`` (d_out, d_in)
+    in output error over inputs of second moment ``cov`` (d_in, d_in): it minimises
+    trace((R - B A) C' (R - B A)^T), C' = cov + damp * mean(diag(cov)) * I (the damping keeps
+    the Cholesky factor invertible and L^{-1} bounded where the inputs have ~no variance).
+    Computed in float64: L is the Cholesky factor of C', B = U_r S_r and A = V_r^T L^{-1}
+    from the SVD U S V^T of R L."""
+    c = cov.double()
+    c = c + damp * c.diagonal().mean().clamp_min(1e-12) * torch.eye(len(c), dtype=c.dtype)
+    chol = torch.linalg.cholesky(c)  # C' = L L^T
+    u, s, vh = torch.linalg.svd(residual.double() @ chol, full_matrices=False)
+    # A = V_r^T L^{-1}  <=>  L^T A^T = V_r
+    a = torch.linalg.solve_triangular(chol.mT, vh[:rank].mT, upper=True).mT
+    return (u[:, :rank] * s[:rank]).float(), a.float()

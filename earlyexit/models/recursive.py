@@ -9,7 +9,9 @@
   mean of the layers tied to the block; ``lower`` the first K layers; ``random`` none.
 - Relaxation (§2): per-step LoRA initialised from the truncated SVD of (the step's dense
   weight - the shared weight) in fp32, or standard init (``lora_init="zero"``, or wherever
-  the residual is exactly zero).
+  the residual is exactly zero). ``lora_init="asvd"`` (ours, not the paper's) truncates the
+  residual as it acts on the source layer's inputs over calibration tokens
+  (``lora.whitened_svd``): the same rank spent where the activations are.
 - Norms and biases (``LoraConfig.norms`` / ``biases``): each relaxed step's offsets start
   at (its dense layer's norm weights and biases - the shared ones) under ``svd`` init, so a
   full-rank relaxation reproduces any source, Qwen2's q/k/v biases and per-layer norms
@@ -28,10 +30,20 @@ import torch
 from earlyexit.config import LORA_TARGETS, LoraConfig, SharingConfig
 from earlyexit.errors import ConfigError
 from earlyexit.models.decoder import Decoder
-from earlyexit.models.lora import truncated_svd
+from earlyexit.models.lora import truncated_svd, whitened_svd
 
 INITS = ("stepwise", "average", "lower", "random")
-LORA_INITS = ("svd", "zero")
+LORA_INITS = ("svd", "asvd", "zero")
+# the linear inside a block whose input each LoRA target sees (q/k/v share the fused one)
+TARGET_INPUT = {
+    "q": "attn.wqkv",
+    "k": "attn.wqkv",
+    "v": "attn.wqkv",
+    "o": "attn.wo",
+    "gate": "mlp.w13",
+    "up": "mlp.w13",
+    "down": "mlp.w2",
+}
 
 
 def stepwise_indices(first: int, last: int, k: int) -> list[int]:
@@ -62,12 +74,17 @@ def convert_recursive(
     lora: LoraConfig | None = None,
     lora_init: str = "svd",
     seed: int = 0,
+    calibration: torch.Tensor | None = None,
 ) -> Decoder:
     """A recursive (optionally relaxed) model initialised from ``dense``.
 
+    ``calibration``: token ids (N, T) run through ``dense`` to measure each linear's input
+    moments; required by (and only used by) ``lora_init="asvd"``.
+
     Raises:
         ConfigError: ``dense`` already shares layers, the layer count does not split into
-            ``loops`` recursions for ``scheme``, or an unknown init.
+            ``loops`` recursions for ``scheme``, an unknown init, or ``asvd`` without
+            calibration tokens.
     """
     cfg = dense.config
     if cfg.sharing.scheme != "none":
@@ -81,7 +98,9 @@ def convert_recursive(
     if init not in INITS:
         raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if lora_init not in LORA_INITS:
-        raise ConfigError(f"unknown LoRA init {lora_init!r}; choose svd or zero")
+        raise ConfigError(f"unknown LoRA init {lora_init!r}; choose svd, asvd or zero")
+    if lora_init == "asvd" and calibration is None:
+        raise ConfigError("the asvd LoRA init needs calibration tokens (--calibration-data)")
     lora = lora or LoraConfig()
     new_cfg = dataclasses.replace(
         cfg, name=f"{cfg.name}-{scheme}x{loops}", sharing=SharingConfig(scheme, loops), lora=lora
@@ -118,7 +137,11 @@ def convert_recursive(
             else:  # random
                 continue
             _copy_block_mean(dense, sources, model.blocks[b])
-        if new_cfg.lora.enabled and lora_init == "svd":
+        if new_cfg.lora.enabled and lora_init in ("svd", "asvd"):
+            moments = None
+            if lora_init == "asvd":
+                relaxed = [i for i, s in enumerate(new_cfg.plan) if s.lora is not None]
+                moments = input_moments(dense, calibration, relaxed)
             for i, step in enumerate(new_cfg.plan):
                 if step.lora is None:
                     continue
@@ -131,10 +154,49 @@ def convert_recursive(
                     if not residual.any():
                         continue  # zero residual: keep the standard init (delta starts at 0)
                     r = blk.lora.shapes[t][0]
-                    bm, am = truncated_svd(residual, r)
+                    if moments is None:
+                        bm, am = truncated_svd(residual, r)
+                    else:
+                        bm, am = whitened_svd(residual, moments[i, TARGET_INPUT[t]], r)
                     blk.lora.B[t][step.lora].copy_(bm)
                     blk.lora.A[t][step.lora].copy_(am)
     return model
+
+
+def input_moments(
+    dense: Decoder, tokens: torch.Tensor, layers: list[int], batch_size: int = 4
+) -> dict[tuple[int, str], torch.Tensor]:
+    """E[x x^T] (float64, (d_in, d_in)) of the input of each LoRA-relaxable linear
+    (``TARGET_INPUT``'s values) of dense ``layers``, over every position of ``tokens``
+    (N, T) run through ``dense`` (no cache, causal), ``batch_size`` rows at a time."""
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ConfigError(
+            f"calibration tokens must be a non-empty (N, T) array, got {tuple(tokens.shape)}"
+        )
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+
+    def hook(key):
+        def add(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + x.mT @ x
+
+        return add
+
+    for i in layers:
+        for path in set(TARGET_INPUT.values()):
+            mod = dense.blocks[i].get_submodule(path)
+            hooks.append(mod.register_forward_pre_hook(hook((i, path))))
+    dev = dense.tok_embeddings.weight.device
+    try:
+        with torch.inference_mode():
+            for rows in tokens.split(batch_size):
+                dense(rows.to(dev))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = tokens.numel()
+    return {k: (v / n).cpu() for k, v in sums.items()}
 
 
 # (module path inside a block, LoRA bank key) of each relaxable norm weight and bias
