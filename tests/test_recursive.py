@@ -156,21 +156,52 @@ def test_whitened_svd_minimises_output_error_over_its_inputs():
         torch.testing.assert_close(bm.double() @ am.double(), r_mat, atol=1e-4, rtol=0)
 
 
+def test_drift_corrected_fit_is_the_least_squares_optimum():
+    """sequential init, one linear: B A minimises ||W_src X_d - (W' + B A) X_r||_F over
+    rank r, given the converted model's inputs X_r and the source's X_d at the same
+    positions. Reference: the unconstrained optimum from lstsq, then Eckart-Young on its
+    outputs (the rest of the error is orthogonal to X_r's row space)."""
+    from earlyexit.models.lora import drift_corrected, whitened_svd
+
+    g = torch.Generator().manual_seed(4)
+    d_out, d_in, n = 12, 20, 400
+    w_src = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    w_sh = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    x_d = torch.randn(n, d_in, generator=g, dtype=torch.float64) * torch.logspace(0, -1, d_in)
+    x_r = x_d + 0.3 * torch.randn(n, d_in, generator=g, dtype=torch.float64)  # drifted inputs
+    target = x_d @ w_src.T - x_r @ w_sh.T  # (n, d_out): what B A x_r should add
+    m_star = torch.linalg.lstsq(x_r, target).solution.T  # (d_out, d_in)
+    rest = (target - x_r @ m_star.T).pow(2).sum()
+    c_rr, c_dr = x_r.T @ x_r / n, x_d.T @ x_r / n
+    delta = drift_corrected(w_src - w_sh, w_src, c_rr, c_dr, damp=0.0)
+    torch.testing.assert_close(delta, m_star, atol=1e-8, rtol=1e-8)
+    for r in (2, 6):
+        bm, am = whitened_svd(delta, c_rr, r, damp=0.0)
+        err = (target - x_r @ (bm.double() @ am.double()).T).pow(2).sum()
+        best = rest + torch.linalg.svdvals(x_r @ m_star.T)[r:].pow(2).sum()
+        torch.testing.assert_close(err, best, rtol=1e-4, atol=0.0)
+    # equal inputs: no drift to correct, the plain residual (damping or not)
+    same = drift_corrected(w_src - w_sh, w_src, c_rr, c_rr)
+    torch.testing.assert_close(same, w_src - w_sh, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("lora_init", ["asvd", "sequential"])
 @pytest.mark.parametrize("scheme,loops,layers", [("cycle", 2, 8), ("middle_cycle", 3, 8)])
-def test_full_rank_asvd_relaxation_reproduces_the_source(scheme, loops, layers):
-    """asvd measures each linear's inputs on calibration tokens, then is exact at full rank
-    like plain SVD; without calibration tokens it is refused."""
+def test_full_rank_calibrated_relaxation_reproduces_the_source(lora_init, scheme, loops, layers):
+    """asvd and sequential measure inputs on calibration tokens, then are exact at full
+    rank like plain SVD (sequential: each step then sees the source's own inputs, so there
+    is no drift to correct); without calibration tokens they are refused."""
     dense = tied_norm_dense(n_layers=layers)
     calib = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(1))
     full = LoraConfig(rank=10_000, norms=True)
     rec = convert_recursive(
-        dense, loops, scheme, init="average", lora=full, lora_init="asvd", calibration=calib
+        dense, loops, scheme, init="average", lora=full, lora_init=lora_init, calibration=calib
     )
     x = torch.randint(0, 512, (2, 14))
     with torch.inference_mode():
         torch.testing.assert_close(rec(x), dense(x), atol=1e-4, rtol=0)
     with pytest.raises(ConfigError, match="calibration"):
-        convert_recursive(dense, loops, scheme, lora=full, lora_init="asvd")
+        convert_recursive(dense, loops, scheme, lora=full, lora_init=lora_init)
 
 
 def test_input_moments_are_each_linears_input_second_moment():
@@ -358,7 +389,7 @@ def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
         "--lora-rank",
         "4",
     ]
-    assert main([*s_dir, *calib]) == 1 and "asvd only" in capsys.readouterr().err
+    assert main([*s_dir, *calib]) == 1 and "asvd or sequential only" in capsys.readouterr().err
     assert rec.config.lora.norms and not rec.config.lora.biases
     assert main(["convert", "merge", str(tmp_path / "rec"), str(tmp_path / "merged")]) == 0
     merged, _ = load_checkpoint(tmp_path / "merged")

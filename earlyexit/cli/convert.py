@@ -63,10 +63,11 @@ def register(sub) -> None:
     rg.add_argument(
         "--lora-init",
         default="svd",
-        choices=["svd", "asvd", "zero"],
+        choices=["svd", "asvd", "sequential", "zero"],
         help="svd: truncated SVD of the residual; asvd: the same, weighted by the source "
-        "layer's inputs on --calibration-data (less output error at equal rank); zero: "
-        "standard init",
+        "layer's inputs on --calibration-data (less output error at equal rank); "
+        "sequential: fitted step by step on the converted model's own inputs toward the "
+        "source's outputs (also corrects drift between layers); zero: standard init",
     )
     rg.add_argument(
         "--calibration-data",
@@ -161,14 +162,19 @@ CALIBRATION_WINDOW = 256
 
 
 def _calibration(args: argparse.Namespace):
-    """asvd's calibration tokens, (N, 256), from the start of --calibration-data's training
-    split; None for the other inits (where --calibration-data is refused, not ignored)."""
-    if args.lora_init != "asvd":
+    """Calibration tokens (N, 256) of the asvd and sequential inits, from the start of
+    --calibration-data's training split; None for the other inits (where
+    --calibration-data is refused, not ignored)."""
+    from earlyexit.models.recursive import CALIBRATED
+
+    if args.lora_init not in CALIBRATED:
         if args.calibration_data:
-            raise InputError("--calibration-data applies to --lora-init asvd only")
+            raise InputError("--calibration-data applies to --lora-init asvd or sequential only")
         return None
     if not args.calibration_data:
-        raise InputError("--lora-init asvd needs --calibration-data DIR (a prepared corpus)")
+        raise InputError(
+            f"--lora-init {args.lora_init} needs --calibration-data DIR (a prepared corpus)"
+        )
     if args.calibration_tokens < CALIBRATION_WINDOW:
         raise InputError(
             f"--calibration-tokens must be >= {CALIBRATION_WINDOW}, got {args.calibration_tokens}"

@@ -16,6 +16,10 @@
   on calibration tokens) and C = L L^T, B A = [R L]_r L^{-1} minimises E||(R - B A) x||^2 over
   rank-r B A (SVD-LLM's truncation-aware whitening), where plain SVD minimises ||R - B A||_F
   and spends rank on directions the inputs never take. Full rank is still exact.
+- ``drift_corrected``: for a sequential fit (``lora_init="sequential"``), the residual that
+  makes the step map the converted model's own inputs x_r to what the source layer makes
+  of *its* inputs x_d: R + W_src (E[x_d x_r^T] - E[x_r x_r^T]) E[x_r x_r^T]^{-1}, which
+  ``whitened_svd`` then truncates over x_r. Equal inputs leave R (full rank stays exact).
 - ``merged``: W' + B_l A_l, for export or analysis.
 - Optional per-step offsets of the block's two norm weights (``norms``) and of its biases
   (``biases``): the step's norm weight is shared + offset, its bias shared + offset. Tied
@@ -125,3 +129,17 @@ def whitened_svd(
     # A = V_r^T L^{-1}  <=>  L^T A^T = V_r
     a = torch.linalg.solve_triangular(chol.mT, vh[:rank].mT, upper=True).mT
     return (u[:, :rank] * s[:rank]).float(), a.float()
+
+
+def drift_corrected(
+    residual: Tensor, w_src: Tensor, c_rr: Tensor, c_dr: Tensor, damp: float = 1e-2
+) -> Tensor:
+    """The unconstrained least-squares delta M (d_out, d_in), float64, minimising
+    E||W_src x_d - (W_shared + M) x_r||^2 given ``residual`` = W_src - W_shared, the
+    converted model's input moment ``c_rr`` = E[x_r x_r^T] and the cross moment ``c_dr`` =
+    E[x_d x_r^T] (source inputs x_d at the same positions): M = R + W_src (C_dr - C_rr) C_rr^-1.
+    Only the drift term is damped (C_rr + damp * mean(diag) * I), so equal inputs give R."""
+    c = c_rr.double()
+    c = c + damp * c.diagonal().mean().clamp_min(1e-12) * torch.eye(len(c), dtype=c.dtype)
+    drift = torch.linalg.solve(c, (c_dr.double() - c_rr.double()).mT).mT  # (C_dr - C_rr) C^-1
+    return residual.double() + w_src.double() @ drift

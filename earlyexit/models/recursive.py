@@ -12,6 +12,10 @@
   the residual is exactly zero). ``lora_init="asvd"`` (ours, not the paper's) truncates the
   residual as it acts on the source layer's inputs over calibration tokens
   (``lora.whitened_svd``): the same rank spent where the activations are.
+  ``lora_init="sequential"`` fits step after step, each linear in order (q/k/v, o,
+  gate/up, down) on the *converted* model's inputs so far, toward what the source layer
+  outputs from its own inputs (``lora.drift_corrected``): it also corrects the drift that
+  earlier shared layers leave in the hidden states.
 - Norms and biases (``LoraConfig.norms`` / ``biases``): each relaxed step's offsets start
   at (its dense layer's norm weights and biases - the shared ones) under ``svd`` init, so a
   full-rank relaxation reproduces any source, Qwen2's q/k/v biases and per-layer norms
@@ -30,10 +34,11 @@ import torch
 from earlyexit.config import LORA_TARGETS, LoraConfig, SharingConfig
 from earlyexit.errors import ConfigError
 from earlyexit.models.decoder import Decoder
-from earlyexit.models.lora import truncated_svd, whitened_svd
+from earlyexit.models.lora import drift_corrected, truncated_svd, whitened_svd
 
 INITS = ("stepwise", "average", "lower", "random")
-LORA_INITS = ("svd", "asvd", "zero")
+LORA_INITS = ("svd", "asvd", "sequential", "zero")
+CALIBRATED = ("asvd", "sequential")  # the LoRA inits that need calibration tokens
 # the linear inside a block whose input each LoRA target sees (q/k/v share the fused one)
 TARGET_INPUT = {
     "q": "attn.wqkv",
@@ -99,8 +104,10 @@ def convert_recursive(
         raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if lora_init not in LORA_INITS:
         raise ConfigError(f"unknown LoRA init {lora_init!r}; choose svd, asvd or zero")
-    if lora_init == "asvd" and calibration is None:
-        raise ConfigError("the asvd LoRA init needs calibration tokens (--calibration-data)")
+    if lora_init in CALIBRATED and calibration is None:
+        raise ConfigError(
+            f"the {lora_init} LoRA init needs calibration tokens (--calibration-data)"
+        )
     lora = lora or LoraConfig()
     new_cfg = dataclasses.replace(
         cfg, name=f"{cfg.name}-{scheme}x{loops}", sharing=SharingConfig(scheme, loops), lora=lora
@@ -137,7 +144,12 @@ def convert_recursive(
             else:  # random
                 continue
             _copy_block_mean(dense, sources, model.blocks[b])
-        if new_cfg.lora.enabled and lora_init in ("svd", "asvd"):
+        if new_cfg.lora.enabled and lora_init == "sequential":
+            for i, step in enumerate(new_cfg.plan):
+                if step.lora is not None:
+                    _relax_norms_and_biases(dense.blocks[i], model.blocks[step.block], step.lora)
+            _fit_sequential(dense, model, calibration)
+        elif new_cfg.lora.enabled and lora_init in ("svd", "asvd"):
             moments = None
             if lora_init == "asvd":
                 relaxed = [i for i, s in enumerate(new_cfg.plan) if s.lora is not None]
@@ -161,6 +173,81 @@ def convert_recursive(
                     blk.lora.B[t][step.lora].copy_(bm)
                     blk.lora.A[t][step.lora].copy_(am)
     return model
+
+
+# the order a sequential fit sets a step's linears in: each one's inputs depend on the last
+FIT_ORDER = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
+
+
+def _fit_sequential(dense: Decoder, model: Decoder, tokens: torch.Tensor, batch_size: int = 4):
+    """``lora_init="sequential"``: for each relaxed step i in order, and each of its linears
+    in ``FIT_ORDER``, measure E[x_r x_r^T] and E[x_d x_r^T] over ``tokens`` (x_r: the
+    converted model's input to that linear, with every earlier LoRA already set; x_d: the
+    source layer i's, from the source's own hidden states), then set the LoRA of the
+    targets reading that input to the rank-r truncation (``whitened_svd`` over x_r) of the
+    ``drift_corrected`` delta. Costs ~5 uncached forwards of both models over ``tokens``."""
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ConfigError(
+            f"calibration tokens must be a non-empty (N, T) array, got {tuple(tokens.shape)}"
+        )
+    dev = dense.tok_embeddings.weight.device
+    chunks = [c.to(dev) for c in tokens.split(batch_size)]
+    with torch.inference_mode():
+        ctx_d = [dense.context(dense.default_positions(c.shape, None)) for c in chunks]
+        ctx_r = [model.context(model.default_positions(c.shape, None)) for c in chunks]
+        h_d = [dense.embed(c) for c in chunks]
+        h_r = [model.embed(c) for c in chunks]
+    for i, step in enumerate(model.plan):
+        blk = model.blocks[step.block]
+        if step.lora is not None:
+            for path in FIT_ORDER:
+                targets = [t for t in blk.lora.shapes if TARGET_INPUT[t] == path]
+                if not targets:
+                    continue
+                c_rr, c_dr = _paired_moments(dense, model, i, path, h_d, h_r, ctx_d, ctx_r)
+                with torch.no_grad():
+                    for t in targets:
+                        w_src = target_weight(dense.blocks[i], t)
+                        residual = w_src.float() - target_weight(blk, t).float()
+                        delta = drift_corrected(residual, w_src, c_rr, c_dr)
+                        bm, am = whitened_svd(delta, c_rr, blk.lora.shapes[t][0])
+                        blk.lora.B[t][step.lora].copy_(bm)
+                        blk.lora.A[t][step.lora].copy_(am)
+        with torch.inference_mode():  # both models' states after step i, for step i + 1
+            h_d = [dense.run_step(i, h, c) for h, c in zip(h_d, ctx_d)]
+            h_r = [model.run_step(i, h, c) for h, c in zip(h_r, ctx_r)]
+
+
+def _paired_moments(dense, model, i, path, h_d, h_r, ctx_d, ctx_r):
+    """(E[x_r x_r^T], E[x_d x_r^T]), float64, of the inputs of linear ``path`` in step ``i``
+    of the converted model and in layer ``i`` of the source, over the same positions."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(key):
+        def hook(module, args):
+            seen[key] = args[0].reshape(-1, args[0].shape[-1]).double()
+
+        return hook
+
+    hooks = [
+        dense.blocks[i].get_submodule(path).register_forward_pre_hook(grab("d")),
+        model.blocks[model.plan[i].block].get_submodule(path).register_forward_pre_hook(grab("r")),
+    ]
+    c_rr = c_dr = 0
+    n = 0
+    try:
+        with torch.inference_mode():
+            for hd, hr, cd, cr in zip(h_d, h_r, ctx_d, ctx_r):
+                dense.run_step(i, hd, cd)
+                model.run_step(i, hr, cr)
+                xd, xr = seen["d"], seen["r"]
+                c_rr = c_rr + xr.mT @ xr
+                c_dr = c_dr + xd.mT @ xr
+                n += len(xr)
+    finally:
+        for h in hooks:
+            h.remove()
+    return (c_rr / n).cpu(), (c_dr / n).cpu()
 
 
 def input_moments(
