@@ -2,8 +2,9 @@
 # Relaxed recursive conversion of a real model, before any uptraining (BENCHMARKS.md,
 # "real model"): SmolLM2-135M (30 layers) -> 15 shared blocks x 2 loops, each variant's
 # validation NLL on the stdlib corpus next to the dense source's. What the SVD-initialised
-# per-loop LoRA recovers by rank (RRT §3.2), and the activation-aware init (asvd). Needs `--model smollm2` (README, "A real
-# pretrained model") and data/smollm2-stdlib (scripts/bench_real_model.py's docstring).
+# per-loop LoRA recovers by rank (RRT §3.2), and the calibrated inits (asvd, sequential).
+# Needs `--model smollm2` (README, "A real pretrained model") and data/smollm2-stdlib
+# (scripts/bench_real_model.py's docstring).
 #   bash scripts/real_model_conversion.sh [OUT.jsonl]
 set -euo pipefail
 OUT=${1:-results/real_model_conversion.jsonl}
@@ -26,12 +27,14 @@ for r in 64 256 576; do
         --lora-rank "$r" --lora-norms --force --json > /dev/null
     row "stepwise, LoRA $r (SVD) + norms" "$WORK/stepwise-r$r"
 done
-asvd_rows() {  # the activation-aware init: the same ranks, calibrated on 16k training tokens
+calibrated_rows() {  # asvd / sequential inits: the same ranks, calibrated on 16k training tokens
+    init=$1; short=$2; shift 2
     for r in "$@"; do
-        earlyexit convert recursive smollm2 "$WORK/stepwise-asvd-r$r" --loops 2 --init stepwise \
-            --lora-rank "$r" --lora-norms --lora-init asvd --calibration-data data/smollm2-stdlib \
+        earlyexit convert recursive smollm2 "$WORK/stepwise-$short-r$r" --loops 2 --init stepwise \
+            --lora-rank "$r" --lora-norms --lora-init "$init" --calibration-data data/smollm2-stdlib \
             --force --json > /dev/null
-        row "stepwise, LoRA $r (asvd) + norms" "$WORK/stepwise-asvd-r$r"
+        row "stepwise, LoRA $r ($init) + norms" "$WORK/stepwise-$short-r$r"
     done
 }
-asvd_rows 64 128 256
+calibrated_rows asvd asvd 64 128 256
+calibrated_rows sequential seq 64 256
