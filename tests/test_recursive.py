@@ -204,6 +204,46 @@ def test_full_rank_calibrated_relaxation_reproduces_the_source(lora_init, scheme
         convert_recursive(dense, loops, scheme, lora=full, lora_init=lora_init)
 
 
+def test_asvd_lora_is_the_whitened_truncation_over_each_linears_own_inputs():
+    """Each target's LoRA at partial rank is the whitened truncation of its residual over
+    the inputs of *its* linear (q/k/v: the fused qkv's, o: the attention output's, ...),
+    recorded here with the test's own hooks on the source."""
+    from earlyexit.models.lora import whitened_svd
+
+    dense = tied_norm_dense(n_layers=4)
+    calib = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(6))
+    rec = convert_recursive(
+        dense, 2, init="average", lora=LoraConfig(rank=3), lora_init="asvd", calibration=calib
+    )
+    inputs = {}
+    mods = {"qkv": "attn.wqkv", "o": "attn.wo", "gu": "mlp.w13", "down": "mlp.w2"}
+    hooks = [
+        dense.blocks[i]
+        .get_submodule(path)
+        .register_forward_pre_hook(
+            lambda m, a, key=(i, name): inputs.setdefault(key, []).append(
+                a[0].reshape(-1, a[0].shape[-1])
+            )
+        )
+        for i in range(4)
+        for name, path in mods.items()
+    ]
+    with torch.inference_mode():
+        for row in calib:  # one row at a time: the moments must not depend on batching
+            dense(row[None])
+    for h in hooks:
+        h.remove()
+    which = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gu", "up": "gu", "down": "down"}
+    for i, step in enumerate(rec.plan):
+        blk = rec.blocks[step.block]
+        for t in ("q", "o", "up", "down"):
+            x = torch.cat(inputs[i, which[t]]).double()
+            residual = target_weight(dense.blocks[i], t) - target_weight(blk, t)
+            bm, am = whitened_svd(residual, x.T @ x / len(x), 3)
+            got = blk.lora.B[t][step.lora] @ blk.lora.A[t][step.lora]
+            torch.testing.assert_close(got, bm @ am, atol=1e-4, rtol=1e-3)
+
+
 def test_input_moments_are_each_linears_input_second_moment():
     """The hooks see what each linear sees: checked against the inputs recomputed by hand
     from the block's own modules (layer 0: embeddings -> attention norm -> wqkv)."""
