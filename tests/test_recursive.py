@@ -185,6 +185,67 @@ def test_drift_corrected_fit_is_the_least_squares_optimum():
     torch.testing.assert_close(same, w_src - w_sh, atol=1e-12, rtol=0)
 
 
+def _inputs_by_step(model, tokens):
+    """{(step, linear path): its input (n, d_in)} over an uncached forward, step by step
+    (a shared block's linears are hooked once and see every step that runs it)."""
+    cur, seen = {}, {}
+    paths = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
+    hooks = [
+        blk.get_submodule(p).register_forward_pre_hook(
+            lambda m, a, p=p: seen.__setitem__((cur["i"], p), a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for blk in model.blocks
+        for p in paths
+    ]
+    with torch.inference_mode():
+        ctx = model.context(model.default_positions(tokens.shape, None))
+        h = model.embed(tokens)
+        for i in range(model.n_steps):
+            cur["i"] = i
+            h = model.run_step(i, h, ctx)
+    for hk in hooks:
+        hk.remove()
+    return seen
+
+
+def test_sequential_lora_is_the_least_squares_fit_on_the_converted_models_inputs(monkeypatch):
+    """sequential init, whole model: every step's LoRA (rank 3) minimises
+    ||X_d W_src^T - X_r (W' + B A)^T|| over the inputs X_r the *finished* converted model
+    feeds that linear (earlier LoRAs set) and the source's X_d at the same positions.
+    Reference per (step, target): lstsq's unconstrained optimum, then Eckart-Young on its
+    outputs. A fit that ignored the drift (X_d = X_r), fitted the linears out of order or
+    read the wrong linear's inputs would leave more error."""
+    from earlyexit.models import lora as lora_mod
+    from earlyexit.models.recursive import TARGET_INPUT
+
+    monkeypatch.setattr(lora_mod, "CALIBRATION_DAMP", 0.0)  # exact least squares
+    dense = make_model(n_layers=4)
+    calib = torch.randint(0, 512, (12, 16), generator=torch.Generator().manual_seed(8))
+    rec = convert_recursive(
+        dense,
+        2,
+        init="average",
+        lora=LoraConfig(rank=3, norms=True),
+        lora_init="sequential",
+        calibration=calib,
+    )
+    x_dense, x_rec = _inputs_by_step(dense, calib), _inputs_by_step(rec, calib)
+    for i, step in enumerate(rec.plan):
+        blk = rec.blocks[step.block]
+        for t in ("q", "v", "o", "gate", "down"):
+            xd, xr = x_dense[i, TARGET_INPUT[t]].double(), x_rec[i, TARGET_INPUT[t]].double()
+            w_src, w_sh = target_weight(dense.blocks[i], t).double(), target_weight(blk, t).double()
+            y = xd @ w_src.T - xr @ w_sh.T
+            m_star = torch.linalg.lstsq(xr, y).solution.T
+            rest = (y - xr @ m_star.T).pow(2).sum()
+            best = rest + torch.linalg.svdvals(xr @ m_star.T)[3:].pow(2).sum()
+            ba = (blk.lora.B[t][step.lora] @ blk.lora.A[t][step.lora]).detach().double()
+            err = (y - xr @ ba.T).pow(2).sum()
+            torch.testing.assert_close(
+                err, best, rtol=2e-3, atol=1e-6 * float(best), msg=f"step {i}, {t}"
+            )
+
+
 @pytest.mark.parametrize("lora_init", ["asvd", "sequential"])
 @pytest.mark.parametrize("scheme,loops,layers", [("cycle", 2, 8), ("middle_cycle", 3, 8)])
 def test_full_rank_calibrated_relaxation_reproduces_the_source(lora_init, scheme, loops, layers):

@@ -113,15 +113,22 @@ def truncated_svd(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return u[:, :rank] * s[:rank], vh[:rank]
 
 
+# Ridge on calibration moments, relative to their mean diagonal: keeps the Cholesky factor
+# invertible and L^{-1} bounded where the inputs have ~no variance (the tests set it to 0
+# to compare against exact least squares).
+CALIBRATION_DAMP = 1e-2
+
+
 def whitened_svd(
-    residual: Tensor, cov: Tensor, rank: int, damp: float = 1e-2
+    residual: Tensor, cov: Tensor, rank: int, damp: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """(B, A), fp32, with B A the rank-``rank`` matrix closest to ``residual`` (d_out, d_in)
     in output error over inputs of second moment ``cov`` (d_in, d_in): it minimises
-    trace((R - B A) C' (R - B A)^T), C' = cov + damp * mean(diag(cov)) * I (the damping keeps
-    the Cholesky factor invertible and L^{-1} bounded where the inputs have ~no variance).
+    trace((R - B A) C' (R - B A)^T), C' = cov + damp * mean(diag(cov)) * I (``damp``:
+    ``CALIBRATION_DAMP`` when None).
     Computed in float64: L is the Cholesky factor of C', B = U_r S_r and A = V_r^T L^{-1}
     from the SVD U S V^T of R L."""
+    damp = CALIBRATION_DAMP if damp is None else damp
     c = cov.double()
     c = c + damp * c.diagonal().mean().clamp_min(1e-12) * torch.eye(len(c), dtype=c.dtype)
     chol = torch.linalg.cholesky(c)  # C' = L L^T
@@ -132,13 +139,14 @@ def whitened_svd(
 
 
 def drift_corrected(
-    residual: Tensor, w_src: Tensor, c_rr: Tensor, c_dr: Tensor, damp: float = 1e-2
+    residual: Tensor, w_src: Tensor, c_rr: Tensor, c_dr: Tensor, damp: float | None = None
 ) -> Tensor:
     """The unconstrained least-squares delta M (d_out, d_in), float64, minimising
     E||W_src x_d - (W_shared + M) x_r||^2 given ``residual`` = W_src - W_shared, the
     converted model's input moment ``c_rr`` = E[x_r x_r^T] and the cross moment ``c_dr`` =
     E[x_d x_r^T] (source inputs x_d at the same positions): M = R + W_src (C_dr - C_rr) C_rr^-1.
     Only the drift term is damped (C_rr + damp * mean(diag) * I), so equal inputs give R."""
+    damp = CALIBRATION_DAMP if damp is None else damp
     c = c_rr.double()
     c = c + damp * c.diagonal().mean().clamp_min(1e-12) * torch.eye(len(c), dtype=c.dtype)
     drift = torch.linalg.solve(c, (c_dr.double() - c_rr.double()).mT).mT  # (C_dr - C_rr) C^-1
