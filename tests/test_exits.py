@@ -733,6 +733,11 @@ def test_free_exits_use_the_exit_norm_and_classifier_rows_alone(monkeypatch):
     res = generate(m, ps, params, strategy=FREE(2, 0.5, measure="classifier"))
     assert set(calls) == {2}  # only the exiting rows' heads, never all three
     assert check(res, ps) == 10
+    # rows exiting together: the middle row outvotes the others every step, so nobody
+    # exits and nobody pays for the exit head
+    calls.clear()
+    res = generate(m, ps, params, strategy=FREE(2, 0.5, measure="classifier", sync_batch=True))
+    assert calls == [] and check(res, ps) == 0
 
 
 def _run_scripted(monkeypatch, pattern, n_rows, **free_kwargs):

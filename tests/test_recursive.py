@@ -234,7 +234,8 @@ def test_sequential_lora_is_the_least_squares_fit_on_the_converted_models_inputs
         blk = rec.blocks[step.block]
         for t in ("q", "v", "o", "gate", "down"):
             xd, xr = x_dense[i, TARGET_INPUT[t]].double(), x_rec[i, TARGET_INPUT[t]].double()
-            w_src, w_sh = target_weight(dense.blocks[i], t).double(), target_weight(blk, t).double()
+            w_src = target_weight(dense.blocks[i], t).detach().double()
+            w_sh = target_weight(blk, t).detach().double()
             y = xd @ w_src.T - xr @ w_sh.T
             m_star = torch.linalg.lstsq(xr, y).solution.T
             rest = (y - xr @ m_star.T).pow(2).sum()
