@@ -35,7 +35,7 @@ alone saves nothing: the deep pass runs anyway for its batch-mates, and the exit
 deep KV is computed in the next deep pass all the same (a chunk padded for every row), so
 a lone exit costs quality and padding and buys no depth. With ``sync_batch=True`` a step
 exits only when every live row is confident; otherwise every row goes deep. The steps
-that skip the deep pass are then exactly those of per-row exits would skip (all rows
+that skip the deep pass are then exactly those per-row exits would skip (all rows
 exit), every live row's stack has the same length (catch-up chunks need no padding), and
 tokens a lone exit would have taken from the shallow head come from the full model. A
 batch of one is unaffected. ``make_strategy`` turns it on for lock-step ``free``; the
