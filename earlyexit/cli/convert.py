@@ -72,13 +72,14 @@ def register(sub) -> None:
     rg.add_argument(
         "--calibration-data",
         default=None,
-        help="a prepared corpus (earlyexit prepare) whose training tokens calibrate asvd",
+        help="a prepared corpus (earlyexit prepare) whose training tokens calibrate the asvd "
+        "and sequential inits",
     )
     rg.add_argument(
         "--calibration-tokens",
         type=int,
         default=16384,
-        help="how many training tokens asvd runs through the source (windows of 256)",
+        help="how many training tokens calibrate asvd / sequential (windows of 256)",
     )
     rg.add_argument("--seed", type=int, default=0, help="seed of random and standard inits")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -115,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
         lora = _lora_config(args)
         calibration = _calibration(args)
         lm = earlyexit.load(src, device="cpu")  # ours, a HF directory, GGUF, or a name
-        if calibration is not None and int(calibration.max()) >= lm.config.vocab_size:
+        top = None if calibration is None else int(calibration.max())
+        if top is not None and top >= lm.config.vocab_size:
             raise InputError(
-                f"{args.calibration_data}: token ids up to {int(calibration.max())} do not fit "
+                f"{args.calibration_data}: token ids up to {top} do not fit "
                 f"{args.src}'s vocabulary of {lm.config.vocab_size} (prepare it with that "
                 "model's tokenizer: earlyexit prepare --tokenizer MODEL)"
             )

@@ -119,6 +119,13 @@ def truncated_svd(residual: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 CALIBRATION_DAMP = 1e-2
 
 
+def _damped(cov: Tensor, damp: float | None) -> Tensor:
+    """``cov`` in float64 plus ``damp`` (``CALIBRATION_DAMP`` when None) x its mean diagonal x I."""
+    damp = CALIBRATION_DAMP if damp is None else damp
+    c = cov.double()
+    return c + damp * c.diagonal().mean().clamp_min(1e-12) * torch.eye(len(c), dtype=c.dtype)
+
+
 def whitened_svd(
     residual: Tensor, cov: Tensor, rank: int, damp: float | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -128,10 +135,7 @@ def whitened_svd(
     ``CALIBRATION_DAMP`` when None).
     Computed in float64: L is the Cholesky factor of C', B = U_r S_r and A = V_r^T L^{-1}
     from the SVD U S V^T of R L."""
-    damp = CALIBRATION_DAMP if damp is None else damp
-    c = cov.double()
-    c = c + damp * c.diagonal().mean().clamp_min(1e-12) * torch.eye(len(c), dtype=c.dtype)
-    chol = torch.linalg.cholesky(c)  # C' = L L^T
+    chol = torch.linalg.cholesky(_damped(cov, damp))  # C' = L L^T
     u, s, vh = torch.linalg.svd(residual.double() @ chol, full_matrices=False)
     # A = V_r^T L^{-1}  <=>  L^T A^T = V_r
     a = torch.linalg.solve_triangular(chol.mT, vh[:rank].mT, upper=True).mT
@@ -146,8 +150,6 @@ def drift_corrected(
     converted model's input moment ``c_rr`` = E[x_r x_r^T] and the cross moment ``c_dr`` =
     E[x_d x_r^T] (source inputs x_d at the same positions): M = R + W_src (C_dr - C_rr) C_rr^-1.
     Only the drift term is damped (C_rr + damp * mean(diag) * I), so equal inputs give R."""
-    damp = CALIBRATION_DAMP if damp is None else damp
-    c = c_rr.double()
-    c = c + damp * c.diagonal().mean().clamp_min(1e-12) * torch.eye(len(c), dtype=c.dtype)
+    c = _damped(c_rr, damp)
     drift = torch.linalg.solve(c, (c_dr.double() - c_rr.double()).mT).mT  # (C_dr - C_rr) C^-1
     return residual.double() + w_src.double() @ drift

@@ -83,13 +83,14 @@ def convert_recursive(
 ) -> Decoder:
     """A recursive (optionally relaxed) model initialised from ``dense``.
 
-    ``calibration``: token ids (N, T) run through ``dense`` to measure each linear's input
-    moments; required by (and only used by) ``lora_init="asvd"``.
+    ``calibration``: token ids (N, T) run through ``dense`` (and, for ``sequential``, the
+    converted model) to measure each linear's input moments; required by (and only used
+    by) the calibrated inits, ``asvd`` and ``sequential``.
 
     Raises:
         ConfigError: ``dense`` already shares layers, the layer count does not split into
-            ``loops`` recursions for ``scheme``, an unknown init, or ``asvd`` without
-            calibration tokens.
+            ``loops`` recursions for ``scheme``, an unknown init, or a calibrated init
+            without (N, T) calibration tokens.
     """
     cfg = dense.config
     if cfg.sharing.scheme != "none":
@@ -103,11 +104,13 @@ def convert_recursive(
     if init not in INITS:
         raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if lora_init not in LORA_INITS:
-        raise ConfigError(f"unknown LoRA init {lora_init!r}; choose svd, asvd or zero")
-    if lora_init in CALIBRATED and calibration is None:
-        raise ConfigError(
-            f"the {lora_init} LoRA init needs calibration tokens (--calibration-data)"
-        )
+        raise ConfigError(f"unknown LoRA init {lora_init!r}; choose {', '.join(LORA_INITS)}")
+    if lora_init in CALIBRATED:
+        if calibration is None:
+            raise ConfigError(
+                f"the {lora_init} LoRA init needs calibration tokens (--calibration-data)"
+            )
+        _check_calibration(calibration)
     lora = lora or LoraConfig()
     new_cfg = dataclasses.replace(
         cfg, name=f"{cfg.name}-{scheme}x{loops}", sharing=SharingConfig(scheme, loops), lora=lora
@@ -186,10 +189,6 @@ def _fit_sequential(dense: Decoder, model: Decoder, tokens: torch.Tensor, batch_
     source layer i's, from the source's own hidden states), then set the LoRA of the
     targets reading that input to the rank-r truncation (``whitened_svd`` over x_r) of the
     ``drift_corrected`` delta. Costs ~5 uncached forwards of both models over ``tokens``."""
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ConfigError(
-            f"calibration tokens must be a non-empty (N, T) array, got {tuple(tokens.shape)}"
-        )
     dev = dense.tok_embeddings.weight.device
     chunks = [c.to(dev) for c in tokens.split(batch_size)]
     with torch.inference_mode():
@@ -250,16 +249,20 @@ def _paired_moments(dense, model, i, path, h_d, h_r, ctx_d, ctx_r):
     return (c_rr / n).cpu(), (c_dr / n).cpu()
 
 
+def _check_calibration(tokens: torch.Tensor) -> None:
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ConfigError(
+            f"calibration tokens must be a non-empty (N, T) array, got {tuple(tokens.shape)}"
+        )
+
+
 def input_moments(
     dense: Decoder, tokens: torch.Tensor, layers: list[int], batch_size: int = 4
 ) -> dict[tuple[int, str], torch.Tensor]:
     """E[x x^T] (float64, (d_in, d_in)) of the input of each LoRA-relaxable linear
     (``TARGET_INPUT``'s values) of dense ``layers``, over every position of ``tokens``
     (N, T) run through ``dense`` (no cache, causal), ``batch_size`` rows at a time."""
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ConfigError(
-            f"calibration tokens must be a non-empty (N, T) array, got {tuple(tokens.shape)}"
-        )
+    _check_calibration(tokens)
     sums: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
 
