@@ -94,7 +94,7 @@ def test_bench_early_exit_and_batched_exit_and_plots(exit_setup, tmp_path, monke
 
 
 def test_bench_depthwise_tiny(exit_setup, tmp_path):
-    from earlyexit.bench import depthwise
+    from earlyexit.bench import depthwise, plots
     from earlyexit.checkpoint import load_checkpoint, save_checkpoint
     from earlyexit.models.recursive import convert_recursive
 
@@ -111,12 +111,27 @@ def test_bench_depthwise_tiny(exit_setup, tmp_path):
         exit_model=str(exit_setup / "model"),
         threshold=0.05,
         n_requests=6,
-        max_batch=4,
+        max_batch=(2, 4),
         threads=1,
         out=str(tmp_path / "dw.json"),
         mean_len=8,
+        deep_kvs=("catch-up", "skip"),
+        repeats=2,
+        exit_vocab=64,
     )
     labels = [r["label"] for r in rows]
+    assert "recursive + loop exit (skip, v64), depth-wise batching" in labels
+    assert all(len(r["seconds_all"]) == 2 for r in rows)
+    # quality beside speed: full depth is the same tokens under every batching policy (the
+    # reference is the same model's continuous run); exits are scored against it
+    for r in rows:
+        assert "rouge_l" in r, r["label"]
+        if r["exit"] is None:
+            assert r["identical"] and r["rouge_l"] == 1.0, r["label"]
+    assert {r["exit_vocab"] for r in rows if r["exit"]} == {None, 64}
+    (tmp_path / "depthwise_smollm2.json").write_text((tmp_path / "dw.json").read_text())
+    made = plots.plot_all(tmp_path, tmp_path / "plots")
+    assert [p.name for p in made] == ["depthwise_smollm2.png"] and made[0].stat().st_size > 1000
     assert (
         "recursive + loop exit, depth-wise batching" in labels
         and "naive dense early exit, static batch" in labels
@@ -124,9 +139,11 @@ def test_bench_depthwise_tiny(exit_setup, tmp_path):
     assert [r["tokens"] for r in rows] == [sum(g for _, g in stream)] * len(rows), [
         r["tokens"] for r in rows
     ]
-    assert (
-        next(r for r in rows if r["label"] == "vanilla, static batching")["x_vanilla_static"] == 1.0
-    )
+    # one group per max batch, ratios within each
+    assert [r["max_batch"] for r in rows] == [2] * (len(rows) // 2) + [4] * (len(rows) // 2)
+    for r in rows:
+        if r["label"] == "vanilla, static batching":
+            assert r["x_vanilla_static"] == 1.0
 
 
 def make_plain(model):

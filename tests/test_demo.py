@@ -122,7 +122,8 @@ def test_demo_on_a_users_model(tiny_lm_dir, tmp_path):
     full-depth output stays the user's, and every exit strategy is measured on it."""
     import earlyexit
 
-    res, _ = _demo(tmp_path / "work", "--model", str(tiny_lm_dir))
+    res, log = _demo(tmp_path / "work", "--model", str(tiny_lm_dir))
+    assert "your model's exit fine-tune takes" in log  # its own step timed, not scaled
     assert {r["model"] for r in res["rows"]} == {"user"}
     assert res["reused"] == [] and "train user-exit" in res["timings"]
     labels = {r["label"] for r in res["rows"]}
@@ -144,6 +145,30 @@ def test_demo_on_a_users_model(tiny_lm_dir, tmp_path):
     assert served == len(res["engine"]) * plan.rounds * plan.requests * plan.mean_len
     again, _ = _demo(tmp_path / "work", "--model", str(tiny_lm_dir))
     assert again["reused"] == ["user-exit"]
+
+
+def test_user_exit_probe_times_the_step_the_run_trains(tiny_lm_dir, tmp_path, monkeypatch):
+    """The fine-tune's estimate comes from a step of the run itself: the user's model with
+    the run's exit, only the exit's parameters trainable, the run's batch shape; nothing
+    written."""
+    seen = {}
+
+    def timed(model, objective, batch_size, seq_len, precision):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        seen.update(
+            trainable=trainable, exits=model.config.exits.steps, shape=(batch_size, seq_len)
+        )
+        return 0.25
+
+    monkeypatch.setattr(pipeline, "_time_step", timed)
+    up = pipeline.USER_EXIT_QUICK
+    work = tmp_path / "work"
+    stage = pipeline.user_exit_stage(pipeline.QUICK, up, tiny_lm_dir, work, work / "data")
+    assert pipeline.probe_user_exit_step(stage) == 0.25
+    assert seen["trainable"] and all(n.startswith("exit_") for n in seen["trainable"])
+    assert tuple(seen["exits"]) == tuple(stage.cfg.exit_steps)
+    assert seen["shape"] == (up.batch_size, up.seq_len)
+    assert not work.exists()
 
 
 def test_a_rebuilt_stage_rebuilds_the_stages_built_from_it(tmp_path, monkeypatch):

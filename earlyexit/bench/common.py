@@ -172,7 +172,7 @@ def serve_offline(
     exit_vocab=None,
 ) -> dict:
     """Serve ``stream`` (every request arriving at once) with the engine; throughput, each
-    generated token's depth and the engine's occupancy. ``synthetic``: depth decisions
+    generated token's depth, every request's output ids and the engine's occupancy. ``synthetic``: depth decisions
     drawn from fixed distributions (:class:`earlyexit.engine.SyntheticDepth`);
     ``exit_vocab``: the engine's pruned exit head."""
     from earlyexit.decoding.sampling import SamplingParams
@@ -206,6 +206,7 @@ def serve_offline(
         "tokens_per_s": tokens / dt,
         "mean_depth": float(np.mean(depths)),
         "depths": depths,
+        "outputs": [list(r.output_ids) for r in reqs],
         "occupancy": engine.occupancy(),
     }
 

@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 
 from earlyexit.bench.common import (
+    agreement,
     bench_device,
     bench_dtype,
     environment,
@@ -48,15 +49,15 @@ def request_stream(data: str, n: int = 256, mean_len: float = 128.0, seed: int =
     return common_stream(token_file(data, "val"), n, mean_len, seed=seed)
 
 
-def _engine_run(model, stream, policy, max_batch, exit):
-    r = serve_offline(model, stream, policy, max_batch, exit, max_len=64 + 256 + 1)
-    return r["seconds"], r["tokens"], r["depths"], r["occupancy"]
+def _engine_run(model, stream, policy, max_batch, exit, exit_vocab=None):
+    max_len = max(len(p) + g for p, g in stream) + 1
+    return serve_offline(model, stream, policy, max_batch, exit, max_len, exit_vocab=exit_vocab)
 
 
-def _static_generate(model, stream, max_batch, strategy_factory):
+def _static_generate(model, stream, max_batch, strategy_factory) -> dict:
     """Static batching with the simple lock-step generator (requests in arrival order)."""
     t = time.perf_counter()
-    tokens, depths = 0, []
+    tokens, depths, outputs = 0, [], []
     for i in range(0, len(stream), max_batch):
         chunk = stream[i : i + max_batch]
         # one batch = one max_new_tokens; shorter requests stop early but hold their slot
@@ -69,7 +70,9 @@ def _static_generate(model, stream, max_batch, strategy_factory):
         for r, (_, g) in zip(res, chunk):
             tokens += g
             depths += r.depths[:g]
-    return time.perf_counter() - t, tokens, depths, {}
+            outputs.append(list(r.token_ids[:g]))
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "tokens": tokens, "depths": depths, "outputs": outputs, "occupancy": {}}
 
 
 def run(
@@ -79,16 +82,26 @@ def run(
     exit_model: str | None = None,
     threshold: float = 0.3,
     n_requests: int = 256,
-    max_batch: int = 32,
+    max_batch: int | tuple[int, ...] = 32,
     threads: int | None = None,
     out: str | None = "results/depthwise.json",
     mean_len: float = 128.0,
     mor: str | None = None,
     deep_kvs: tuple[str, ...] = ("catch-up",),
+    repeats: int = 1,
+    exit_vocab: int | None = None,
 ) -> list[dict]:
     """Trained models under every batching policy on one request stream (the table in
     BENCHMARKS.md ``depthwise``). ``deep_kvs``: the recursive model's loop exit runs once per
-    ``ExitMode.deep_kv`` choice (catch-up, propagate, skip)."""
+    ``ExitMode.deep_kv`` choice (catch-up, propagate, skip). ``exit_vocab`` N: the loop exit
+    also runs with its decisions over the N most frequent tokens of ``data``'s training
+    split (the engine's pruned exit head). With ``repeats`` > 1 every configuration runs
+    once per round, rounds alternate the order, and each row reports the median time.
+    ``max_batch``: one max batch, or several (one group of rows each, ratios within it).
+
+    Quality sits beside speed: each row's outputs (greedy) are compared, request by request,
+    with the same model's full-depth outputs under continuous batching (``rouge_l``,
+    ``token_match``), and each model's validation NLL is given."""
 
     threads = set_threads(threads)
     env = environment(threads)
@@ -103,101 +116,114 @@ def run(
         for m in {dense, recursive, exit_model, mor}
         if m
     }
+    vocab = None
+    if exit_vocab is not None and exit_step is not None:
+        from earlyexit.decoding.speculative import frequent_tokens
+
+        vocab = frequent_tokens(token_file(data, "train"), exit_vocab, rec_cfg.vocab_size)
+    # (label, checkpoint, lm, policy, exit mode, pruned exit head)
     configs = [
-        ("vanilla, static batching", dense, dense_lm, "static", None),
-        ("vanilla, continuous batching", dense, dense_lm, "continuous", None),
-        ("vanilla, depth-wise batching", dense, dense_lm, "depthwise", None),
-        ("recursive, continuous batching, no exit", recursive, rec_lm, "continuous", None),
-        ("recursive, depth-wise batching, no exit", recursive, rec_lm, "depthwise", None),
+        ("vanilla, static batching", dense, dense_lm, "static", None, None),
+        ("vanilla, continuous batching", dense, dense_lm, "continuous", None, None),
+        ("vanilla, depth-wise batching", dense, dense_lm, "depthwise", None, None),
+        ("recursive, continuous batching, no exit", recursive, rec_lm, "continuous", None, None),
+        ("recursive, depth-wise batching, no exit", recursive, rec_lm, "depthwise", None, None),
     ]
     if exit_step is not None:
-        for kv in deep_kvs:
-            mode = ExitMode(exit_step, threshold, kv)
-            tag = "" if kv == "catch-up" else f" ({kv})"
-            configs += [
-                (
-                    f"recursive + loop exit{tag}, continuous batching",
-                    recursive,
-                    rec_lm,
-                    "continuous",
-                    mode,
-                ),
-                (
-                    f"recursive + loop exit{tag}, depth-wise batching",
-                    recursive,
-                    rec_lm,
-                    "depthwise",
-                    mode,
-                ),
-            ]
+        for head in [None] if vocab is None else [None, vocab]:
+            for kv in deep_kvs:
+                mode = ExitMode(exit_step, threshold, kv)
+                tags = [
+                    t
+                    for t in (
+                        None if kv == "catch-up" else kv,
+                        None if head is None else f"v{len(head)}",
+                    )
+                    if t
+                ]
+                tag = f" ({', '.join(tags)})" if tags else ""
+                for policy, name in (("continuous", "continuous"), ("depthwise", "depth-wise")):
+                    label = f"recursive + loop exit{tag}, {name} batching"
+                    configs.append((label, recursive, rec_lm, policy, mode, head))
     if mor:
         mor_lm = load_model(mor)
         configs += [
-            ("MoR, continuous batching", mor, mor_lm, "continuous", None),
-            ("MoR, depth-wise batching", mor, mor_lm, "depthwise", None),
+            ("MoR, continuous batching", mor, mor_lm, "continuous", None, None),
+            ("MoR, depth-wise batching", mor, mor_lm, "depthwise", None, None),
         ]
-    rows = []
-    # warm up both models
-    _engine_run(dense_lm.model, stream[:4], "continuous", max_batch, None)
-    _engine_run(rec_lm.model, stream[:4], "depthwise", max_batch, None)
-    for label, path, lm, policy, mode in configs:
-        dt, tokens, depths, occ = _engine_run(lm.model, stream, policy, max_batch, mode)
-        rows.append(
-            _row(
-                label,
-                path,
-                policy,
-                mode,
-                dt,
-                tokens,
-                depths,
-                occ,
-                lm.model.n_steps,
-                nll[path],
-                env,
-                max_batch,
-                n_requests,
-            )
-        )
-        print(f"  {label:45s} {tokens / dt:8.1f} tok/s  depth {np.mean(depths):.2f}", flush=True)
     if exit_model:
         ex_lm = load_model(exit_model)
         ls = ex_lm.config.exits.steps[0]
-
-        def factory():
-            return make_strategy(
-                ex_lm.model, "calm", threshold=threshold, min_exit=ls, sync_batch=True
-            )
-
-        dt, tokens, depths, occ = _static_generate(ex_lm.model, stream, max_batch, factory)
         label = "naive dense early exit, static batch"
-        rows.append(
-            _row(
-                label,
-                exit_model,
-                "static",
-                ExitMode(ls, threshold),
-                dt,
-                tokens,
-                depths,
-                occ,
-                ex_lm.model.n_steps,
-                nll[exit_model],
-                env,
-                max_batch,
-                n_requests,
+        configs.append((label, exit_model, ex_lm, "static", ExitMode(ls, threshold), None))
+
+    def once(path, lm, policy, mode, head, max_batch) -> dict:
+        if path == exit_model and mode is not None:
+
+            def factory():
+                return make_strategy(
+                    lm.model, "calm", threshold=threshold, min_exit=mode.step, sync_batch=True
+                )
+
+            return _static_generate(lm.model, stream, max_batch, factory)
+        return _engine_run(lm.model, stream, policy, max_batch, mode, head)
+
+    rows: list[dict] = []
+    for mb in (max_batch,) if isinstance(max_batch, int) else tuple(max_batch):
+        rows += _serve_group(configs, once, mb, repeats, dense, recursive, exit_model)
+        for r in rows[-len(configs) :]:
+            r.update(val_nll=nll[r["model"]], env=env, requests=n_requests, mean_len=mean_len)
+        write_rows(rows, out)
+    return rows
+
+
+def _serve_group(configs, once, max_batch, repeats, dense, recursive, exit_model) -> list[dict]:
+    """Every configuration at one max batch, in interleaved rounds; rows with the median
+    time, agreement with the model's own full depth, and ratios within the group."""
+    # warm up every model (first calls allocate and pick kernels)
+    for lm in {id(c[2]): c[2] for c in configs}.values():
+        _engine_run(lm.model, [([1, 2, 3, 4], 4)] * 4, "continuous", max_batch, None)
+    times: list[list[float]] = [[] for _ in configs]
+    results: list[dict] = [{} for _ in configs]
+    for r in range(max(1, repeats)):
+        order = list(enumerate(configs))
+        for i, (label, path, lm, policy, mode, head) in order if r % 2 == 0 else order[::-1]:
+            res = once(path, lm, policy, mode, head, max_batch)
+            times[i].append(res["seconds"])
+            results[i] = res
+            print(
+                f"  mb {max_batch} [{r + 1}/{repeats}] {label:58s} "
+                f"{res['tokens'] / res['seconds']:8.1f} tok/s  depth {np.mean(res['depths']):.2f}",
+                flush=True,
             )
-        )
-        print(f"  {label:45s} {tokens / dt:8.1f} tok/s  depth {np.mean(depths):.2f}", flush=True)
+    full = {
+        path: results[i]["outputs"]
+        for i, (_, path, _, policy, mode, _) in enumerate(configs)
+        if policy == "continuous" and mode is None
+    }
+    rows = []
+    for i, (label, path, lm, policy, mode, head) in enumerate(configs):
+        res, seconds = results[i], statistics.median(times[i])
+        row = _row(label, path, policy, mode, seconds, res, lm.model.n_steps, max_batch)
+        row["seconds_all"] = times[i]
+        row["exit_vocab"] = None if head is None else len(head)
+        ref = full.get(path, full.get(dense) if path == exit_model else None)
+        if ref is not None:
+            row.update(agreement(res["outputs"], ref))
+        rows.append(row)
     base = {r["label"]: r["tokens_per_s"] for r in rows}
     for r in rows:
         r["x_vanilla_static"] = r["tokens_per_s"] / base["vanilla, static batching"]
         r["x_vanilla_continuous"] = r["tokens_per_s"] / base["vanilla, continuous batching"]
-    write_rows(rows, out)
+        if r["model"] == recursive:
+            r["x_recursive_continuous"] = (
+                r["tokens_per_s"] / base["recursive, continuous batching, no exit"]
+            )
     return rows
 
 
-def _row(label, path, policy, mode, dt, tokens, depths, occ, n_steps, nll, env, max_batch, n):
+def _row(label, path, policy, mode, seconds, res, n_steps, max_batch) -> dict:
+    depths, occ = res["depths"], res["occupancy"]
     return {
         "bench": "depthwise",
         "label": label,
@@ -206,17 +232,15 @@ def _row(label, path, policy, mode, dt, tokens, depths, occ, n_steps, nll, env, 
         "exit": None
         if mode is None
         else {"step": mode.step, "threshold": mode.threshold, "deep_kv": mode.deep_kv},
-        "requests": n,
         "max_batch": max_batch,
-        "seconds": dt,
-        "tokens": tokens,
-        "tokens_per_s": tokens / dt,
+        "seconds": seconds,
+        "tokens": res["tokens"],
+        "tokens_per_s": res["tokens"] / seconds,
         "mean_depth": float(np.mean(depths)),
         "n_steps": n_steps,
         "exit_rate": float(np.mean([d < n_steps for d in depths])),
-        "val_nll": nll,
         "occupancy": occ,
-        "env": env,
+        "rows_per_block_call": occ.get("mean_rows_per_block_call"),
     }
 
 

@@ -9,6 +9,8 @@
 - ``real_model_pareto.png`` / ``batched_exit_demo.png``: the same figures for SmolLM2 and
   for the demo model with the batch fallback; ``batched_exit_vocab.png`` adds the pruned
   exit head; ``batched_exit_sync.png`` rows that exit together against per-row exits.
+- ``depthwise_smollm2.png``: the converted SmolLM2 with its loop exit, served (speed and
+  ROUGE-L per policy and max batch).
 - ``depthwise_synthetic_nocatchup.png``: the synthetic map for exits that leave no catch-up
   (``ExitMode.deep_kv`` propagate / skip), with and without a pruned exit head.
 
@@ -139,6 +141,34 @@ def depthwise(rows: list[dict], out: Path) -> Path:
     return save(fig, out)
 
 
+def depthwise_quality(rows: list[dict], out: Path) -> Path:
+    """Trained models served under each policy, one panel per max batch: throughput /
+    vanilla continuous batching, each bar annotated with ROUGE-L against its own model's
+    full depth (quality beside speed)."""
+    plt = _plt()
+    batches = sorted({r["max_batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 5), sharey=True)
+    axes = [axes] if len(batches) == 1 else list(axes)
+    for ax, mb in zip(axes, batches):
+        g = [r for r in rows if r["max_batch"] == mb]
+        vals = [r["x_vanilla_continuous"] for r in g]
+        colors = [
+            "#888" if "vanilla" in r["label"] else "#2a7" if r["policy"] == "depthwise" else "#79c"
+            for r in g
+        ]
+        ax.barh(range(len(g)), vals, color=colors)
+        ax.set_yticks(range(len(g)), [r["label"] for r in g], fontsize=7)
+        for i, r in enumerate(g):
+            q = f", ROUGE-L {r['rouge_l']:.2f}" if r.get("exit") else ""
+            ax.text(vals[i], i, f" {vals[i]:.2f}x{q}", va="center", fontsize=6)
+        ax.axvline(1.0, color="k", lw=0.6)
+        ax.set_title(f"max batch {mb}", fontsize=9)
+        ax.set_xlabel("x vanilla continuous (same run)", fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Trained models served (green = depth-wise batching)", fontsize=10)
+    return save(fig, out)
+
+
 def synthetic(rows: list[dict], out: Path) -> Path:
     """The synthetic-exit map: throughput / vanilla continuous batching per configuration,
     one panel per (shape, max batch); the line at 1 is the crossover."""
@@ -202,6 +232,7 @@ def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plo
         ("batched_exit_vocab.json", batched, "batched_exit_vocab.png"),
         ("batched_exit_sync.json", batched, "batched_exit_sync.png"),
         ("depthwise_synthetic_nocatchup.json", synthetic, "depthwise_synthetic_nocatchup.png"),
+        ("depthwise_smollm2.json", depthwise_quality, "depthwise_smollm2.png"),
     ):
         path = results / name
         if path.is_file():

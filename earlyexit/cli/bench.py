@@ -80,7 +80,13 @@ def register(sub) -> None:
         default=0.3,
         help="batched-exit: exit threshold of naive and ours",
     )
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to run")
+    b.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes to run (depthwise: max batches, one group of rows each)",
+    )
     b.add_argument(
         "--draft-vocab",
         type=int,
@@ -242,9 +248,12 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             n_requests=args.prompts or 256,
             deep_kvs=tuple(args.deep_kv or ("catch-up",)),
-            max_batch=args.max_batch,
+            max_batch=tuple(args.batch_sizes) if args.batch_sizes else args.max_batch,
             threads=args.threads,
             out=out,
+            mean_len=args.new_tokens or 128,
+            repeats=args.repeats or 1,
+            exit_vocab=(args.exit_vocab or [None])[0],
         )
         if args.json:
             print(json.dumps(rows))

@@ -40,6 +40,7 @@ __all__ = [
     "exit_steps",
     "is_done",
     "probe_step_seconds",
+    "probe_user_exit_step",
     "stages",
     "user_exit_stage",
 ]
@@ -77,20 +78,15 @@ def user_exit_stage(
     device: str = "cpu",
     precision: str = "float32",
 ) -> Stage:
-    """The exit fine-tune of a user's model (see :class:`UserExitPlan`). Its cost per step,
-    relative to the demo's dense training step, is estimated from FLOPs: the frozen body
-    runs forward only (2 FLOPs per weight), the exit and the head forward and backward."""
+    """The exit fine-tune of a user's model (see :class:`UserExitPlan`). Its cost per step
+    is not known here: :func:`probe_user_exit_step` times one step of it (the caller sets
+    the stage's ``cost`` from that)."""
     from earlyexit.checkpoint import load_config
-    from earlyexit.config import ModelConfig
-    from earlyexit.training.loop import TrainConfig, flops_per_token
+    from earlyexit.training.loop import TrainConfig
 
     mc = load_config(model_dir)
     n_layers = mc.n_layers  # the plan's depth
     step = user_exit_step(n_layers, up)
-    head = mc.vocab_size * mc.d_model
-    user = (2 * mc.param_counts()["non_embedding"] + 6 * head) * up.seq_len * up.batch_size
-    dense = ModelConfig(vocab_size=plan.vocab_size, **plan.model)
-    ref = flops_per_token(dense, plan.seq_len) * plan.seq_len * plan.batch_size
     cfg = TrainConfig(
         data=str(data),
         out=str(work / "runs" / "user-exit"),
@@ -122,7 +118,6 @@ def user_exit_stage(
         eta_key="user_exit",
         steps=up.steps,
         inputs=(model_dir,),
-        cost=user / ref,
     )
 
 
@@ -333,8 +328,6 @@ def _mark(stage: Stage) -> None:
 def probe_step_seconds(plan: DemoPlan, device: str = "cpu", precision: str = "float32") -> float:
     """Seconds of one training step of the demo's dense model on this machine: one untimed
     warm-up step, then one timed step, on random tokens (nothing is saved)."""
-    import contextlib
-
     import torch
 
     from earlyexit.config import ModelConfig
@@ -346,14 +339,49 @@ def probe_step_seconds(plan: DemoPlan, device: str = "cpu", precision: str = "fl
         mc, exits=dataclasses.replace(mc.exits, steps=exit_steps(plan.model["n_layers"]))
     )
     dev = torch.device(device)
-    g = torch.Generator().manual_seed(0)
     model = Decoder(mc).to(dev)
     model.init_weights(torch.Generator(device=dev).manual_seed(0))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    objective = ExitTraining("shallow-deep")
-    x = torch.randint(0, plan.vocab_size, (plan.batch_size, plan.seq_len + 1), generator=g)
-    x = x.to(dev)
+    return _time_step(model, ExitTraining("shallow-deep"), plan.batch_size, plan.seq_len, precision)
+
+
+def probe_user_exit_step(stage: Stage) -> float:
+    """Seconds of one step of a user model's exit fine-tune (:func:`user_exit_stage`) on
+    this machine, timed as the run will train: the model loaded from ``init_from`` with the
+    run's exits, its objective, the body frozen (``train_only``), a warm-up step and one
+    timed step on random tokens (nothing is saved). Scaling the demo's own 6M-parameter step
+    by FLOPs instead misjudged SmolLM2's (14.8 min said, 9.6 taken)."""
+    import torch
+
+    from earlyexit.checkpoint import load_checkpoint
+    from earlyexit.registry import resolve_model
+    from earlyexit.training.losses import get_objective
+    from earlyexit.training.model_setup import freeze_all_but, with_exits
+
+    cfg = stage.cfg
+    dev = torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    model, _ = load_checkpoint(resolve_model(cfg.init_from), dev)
+    model = with_exits(model, cfg)
+    model.train()
+    objective = get_objective(cfg.objective, cfg)
+    objective.setup(model)
+    if cfg.train_only:
+        freeze_all_but(model, cfg.train_only)
+    return _time_step(model, objective, cfg.batch_size, cfg.seq_len, cfg.precision)
+
+
+def _time_step(model, objective, batch_size: int, seq_len: int, precision: str) -> float:
+    """One untimed warm-up step, then the seconds of one timed step (random tokens)."""
+    import contextlib
+
+    import torch
+
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(dev)
     autocast = (
         (lambda: torch.autocast(dev.type, dtype=torch.bfloat16))
         if precision == "bfloat16"

@@ -14,6 +14,7 @@ user's model instead of the trained ones.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -114,6 +115,14 @@ def main(
     todo = [s for s in st if not pipeline.is_done(s)]
     # the estimate comes from one training step timed here, now (a few seconds at most)
     step_s = pipeline.probe_step_seconds(plan, str(dev), train_precision)
+    user_step_s = None
+    if any(s.name == "user-exit" for s in todo):  # a user model's fine-tune: its step, timed
+        user_step_s = pipeline.probe_user_exit_step(next(s for s in todo if s.name == "user-exit"))
+        st = [
+            dataclasses.replace(s, cost=user_step_s / step_s) if s.name == "user-exit" else s
+            for s in st
+        ]
+        todo = [s for s in st if not pipeline.is_done(s)]
     measure_s = None
     if model:  # a model unlike the demo's own: its measurements timed from its decode speed
         exit_at = model_exit_step(model_dir, up)
@@ -122,8 +131,13 @@ def main(
     eta = (0 if data_ready else est.data()) + sum(est.stage(s) for s in todo) + est.measure()
     say(
         f"plan: {'reuse every cached model' if not todo else f'train {len(todo)} stage(s)'}, "
-        f"then measure. One training step of the dense model takes {est.step_s:.2f} s here: "
-        f"expected time ~{fmt_seconds(eta)} (revised as stages finish)"
+        f"then measure. One training step of "
+        + (
+            f"the dense model takes {est.step_s:.2f} s here"
+            if user_step_s is None
+            else f"your model's exit fine-tune takes {user_step_s:.2f} s here"
+        )
+        + f": expected time ~{fmt_seconds(eta)} (revised as stages finish)"
     )
     t = time.perf_counter()
     say("[data] preparing the corpus" + (" (cached)" if data_ready else ""))
