@@ -358,10 +358,12 @@ def test_gemma_2b_shaped_parameter_counts():
         assert round(cfg.param_counts()["non_embedding"] / 1e9, 2) == billions, rank
 
 
+@pytest.mark.parametrize("slot_list", [[2, 0, 1], [1, 0, 1, 2, 0, 0], [1, 1, 1]])
 @pytest.mark.parametrize("relax_norms_biases", [False, True])
-def test_per_row_lora_slots_equal_each_row_at_its_own_step(relax_norms_biases):
+def test_per_row_lora_slots_equal_each_row_at_its_own_step(relax_norms_biases, slot_list):
     """Rows at different steps of one shared block in one call (depth-wise batching), each
-    with its own LoRA slot (and, relaxed, its own norm and bias offsets)."""
+    with its own LoRA slot (and, relaxed, its own norm and bias offsets); several rows per
+    slot, in any order, or all rows at one slot."""
     opts = dict(norms=True, biases=True) if relax_norms_biases else {}
     bias = dict(qkv_bias=True, o_bias=True, mlp_bias=True) if relax_norms_biases else {}
     rec = convert_recursive(
@@ -373,11 +375,16 @@ def test_per_row_lora_slots_equal_each_row_at_its_own_step(relax_norms_biases):
                 b.lora.B[t].normal_(0, 0.05)
             for p in [*(b.lora.norm or {}).values(), *(b.lora.bias or {}).values()]:
                 p.normal_(0, 0.05)
-    h = torch.randn(3, 5, 64)
-    ctx = rec.context(rec.default_positions((3, 5), None))
-    slots = torch.tensor([2, 0, 1])
+    h = torch.randn(len(slot_list), 5, 64)
+    ctx = rec.context(rec.default_positions((len(slot_list), 5), None))
+    slots = torch.tensor(slot_list)
+    with torch.enable_grad():  # training: rows grouped by slot (autograd through each group)
+        grouped = rec.run_block(1, h, ctx, kv_slot=0, lora_slots=slots)
+        grouped.sum().backward()
+    assert all(b.lora.A["q"].grad is not None for b in rec.blocks[1:2])
     with torch.inference_mode():
-        mixed = rec.run_block(1, h, ctx, kv_slot=0, lora_slots=slots)
+        mixed = rec.run_block(1, h, ctx, kv_slot=0, lora_slots=slots)  # stacked slots
+        torch.testing.assert_close(grouped.detach(), mixed, atol=ATOL, rtol=0)
         for row, s in enumerate(slots.tolist()):
             c1 = rec.context(rec.default_positions((1, 5), None))
             alone = rec.run_block(1, h[row : row + 1], c1, kv_slot=0, lora_slots=torch.tensor([s]))
