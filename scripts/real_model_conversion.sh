@@ -22,7 +22,7 @@ for init in stepwise average; do
     earlyexit convert recursive smollm2 "$WORK/$init-r0" --loops 2 --init "$init" --force --json > /dev/null
     row "$init, no LoRA" "$WORK/$init-r0"
 done
-for r in 64 256 576; do
+for r in 64 128 256 576; do
     earlyexit convert recursive smollm2 "$WORK/stepwise-r$r" --loops 2 --init stepwise \
         --lora-rank "$r" --lora-norms --force --json > /dev/null
     row "stepwise, LoRA $r (SVD) + norms" "$WORK/stepwise-r$r"
