@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/sharing_order.json")
     args = ap.parse_args(argv)
     threads = set_threads(args.threads)
+    env = environment(threads)
     ms = models(args.preset, tuple(args.ranks))
     vocab = next(iter(ms.values())).config.vocab_size
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                 "x_vanilla": base / dt,
                 "seconds_all": times[k],
                 "weight_mb": sum(p.numel() for p in m.parameters()) * 4 / 2**20,
-                "env": environment(threads),
+                "env": env,
             }
             rows.append(row)
             print(

@@ -378,12 +378,12 @@ def test_per_row_lora_slots_equal_each_row_at_its_own_step(relax_norms_biases, s
     h = torch.randn(len(slot_list), 5, 64)
     ctx = rec.context(rec.default_positions((len(slot_list), 5), None))
     slots = torch.tensor(slot_list)
-    with torch.enable_grad():  # training: rows grouped by slot (autograd through each group)
+    with torch.enable_grad():  # training: gradients flow through each slot's rows
         grouped = rec.run_block(1, h, ctx, kv_slot=0, lora_slots=slots)
         grouped.sum().backward()
-    assert all(b.lora.A["q"].grad is not None for b in rec.blocks[1:2])
+    assert rec.blocks[1].lora.A["q"].grad is not None
     with torch.inference_mode():
-        mixed = rec.run_block(1, h, ctx, kv_slot=0, lora_slots=slots)  # stacked slots
+        mixed = rec.run_block(1, h, ctx, kv_slot=0, lora_slots=slots)
         torch.testing.assert_close(grouped.detach(), mixed, atol=ATOL, rtol=0)
         for row, s in enumerate(slots.tolist()):
             c1 = rec.context(rec.default_positions((1, 5), None))

@@ -172,9 +172,10 @@ def serve_offline(
     exit_vocab=None,
 ) -> dict:
     """Serve ``stream`` (every request arriving at once) with the engine; throughput, each
-    generated token's depth, every request's output ids and the engine's occupancy. ``synthetic``: depth decisions
-    drawn from fixed distributions (:class:`earlyexit.engine.SyntheticDepth`);
-    ``exit_vocab``: the engine's pruned exit head."""
+    generated token's depth, every request's output ids and the engine's occupancy.
+    ``synthetic``: depth decisions drawn from fixed distributions
+    (:class:`earlyexit.engine.SyntheticDepth`); ``exit_vocab``: the engine's pruned exit
+    head."""
     from earlyexit.decoding.sampling import SamplingParams
     from earlyexit.engine import LLMEngine
 

@@ -133,14 +133,9 @@ def run(
         for head in [None] if vocab is None else [None, vocab]:
             for kv in deep_kvs:
                 mode = ExitMode(exit_step, threshold, kv)
-                tags = [
-                    t
-                    for t in (
-                        None if kv == "catch-up" else kv,
-                        None if head is None else f"v{len(head)}",
-                    )
-                    if t
-                ]
+                tags = ([] if kv == "catch-up" else [kv]) + (
+                    [] if head is None else [f"v{len(head)}"]
+                )
                 tag = f" ({', '.join(tags)})" if tags else ""
                 for policy, name in (("continuous", "continuous"), ("depthwise", "depth-wise")):
                     label = f"recursive + loop exit{tag}, {name} batching"

@@ -141,6 +141,20 @@ def depthwise(rows: list[dict], out: Path) -> Path:
     return save(fig, out)
 
 
+def _policy_color(vanilla: bool, policy: str) -> str:
+    """Grey for the vanilla baseline, green for depth-wise batching, blue otherwise."""
+    return "#888" if vanilla else "#2a7" if policy == "depthwise" else "#79c"
+
+
+def _ratio_bars(ax, labels: list[str], vals: list[float], colors: list[str], title: str) -> None:
+    """One panel of throughput ratios to vanilla continuous batching; the line at 1."""
+    ax.barh(range(len(vals)), vals, color=colors)
+    ax.set_yticks(range(len(vals)), labels, fontsize=7)
+    ax.axvline(1.0, color="k", lw=0.6)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("x vanilla continuous (same run)", fontsize=8)
+
+
 def depthwise_quality(rows: list[dict], out: Path) -> Path:
     """Trained models served under each policy, one panel per max batch: throughput /
     vanilla continuous batching, each bar annotated with ROUGE-L against its own model's
@@ -152,18 +166,11 @@ def depthwise_quality(rows: list[dict], out: Path) -> Path:
     for ax, mb in zip(axes, batches):
         g = [r for r in rows if r["max_batch"] == mb]
         vals = [r["x_vanilla_continuous"] for r in g]
-        colors = [
-            "#888" if "vanilla" in r["label"] else "#2a7" if r["policy"] == "depthwise" else "#79c"
-            for r in g
-        ]
-        ax.barh(range(len(g)), vals, color=colors)
-        ax.set_yticks(range(len(g)), [r["label"] for r in g], fontsize=7)
+        colors = [_policy_color("vanilla" in r["label"], r["policy"]) for r in g]
+        _ratio_bars(ax, [r["label"] for r in g], vals, colors, f"max batch {mb}")
         for i, r in enumerate(g):
             q = f", ROUGE-L {r['rouge_l']:.2f}" if r.get("exit") else ""
             ax.text(vals[i], i, f" {vals[i]:.2f}x{q}", va="center", fontsize=6)
-        ax.axvline(1.0, color="k", lw=0.6)
-        ax.set_title(f"max batch {mb}", fontsize=9)
-        ax.set_xlabel("x vanilla continuous (same run)", fontsize=8)
     axes[0].invert_yaxis()
     fig.suptitle("Trained models served (green = depth-wise batching)", fontsize=10)
     return save(fig, out)
@@ -184,15 +191,8 @@ def synthetic(rows: list[dict], out: Path) -> Path:
             for r in g
         ]
         vals = [r["x_vanilla_continuous"] for r in g]
-        colors = [
-            "#888" if r["model"] == "vanilla" else "#2a7" if r["policy"] == "depthwise" else "#79c"
-            for r in g
-        ]
-        ax.barh(range(len(g)), vals, color=colors)
-        ax.set_yticks(range(len(g)), labels, fontsize=7)
-        ax.axvline(1.0, color="k", lw=0.6)
-        ax.set_title(f"{preset}, max batch {mb}", fontsize=9)
-        ax.set_xlabel("x vanilla continuous", fontsize=8)
+        colors = [_policy_color(r["model"] == "vanilla", r["policy"]) for r in g]
+        _ratio_bars(ax, labels, vals, colors, f"{preset}, max batch {mb}")
     axes[0].invert_yaxis()
     fig.suptitle("Synthetic exits (systems only): green = depth-wise batching", fontsize=10)
     return save(fig, out)

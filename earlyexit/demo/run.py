@@ -116,8 +116,9 @@ def main(
     # the estimate comes from one training step timed here, now (a few seconds at most)
     step_s = pipeline.probe_step_seconds(plan, str(dev), train_precision)
     user_step_s = None
-    if any(s.name == "user-exit" for s in todo):  # a user model's fine-tune: its step, timed
-        user_step_s = pipeline.probe_user_exit_step(next(s for s in todo if s.name == "user-exit"))
+    user_stage = next((s for s in todo if s.name == "user-exit"), None)
+    if user_stage is not None:  # a user model's fine-tune: its own step, timed
+        user_step_s = pipeline.probe_user_exit_step(user_stage)
         st = [
             dataclasses.replace(s, cost=user_step_s / step_s) if s.name == "user-exit" else s
             for s in st

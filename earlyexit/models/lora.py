@@ -12,8 +12,8 @@
   once per row: at SmolLM2's shape with rank 64, ~20 MB per row per block call, which made
   depth-wise batching of the converted model 0.65x of continuous batching with no exits
   (0.86x grouped). Stacking the present slots' A and B so that every call runs two GEMMs
-  whatever the mix (the other slots' part zeroed per row) measured no faster than grouping
-  (the LoRA GEMMs are bound by their weight reads, not their launches), so it was not kept.
+  whatever the mix (the other slots' part zeroed per row) measured no faster than grouping,
+  so it was not kept (nor was fusing the targets' calls: BENCHMARKS.md, "real model").
   The serving engine's depth-wise batching relies on this.
 - ``svd_init``: B = U_r S_r, A = V_r^T from the truncated SVD (fp32) of the residual
   W_l - W' between the step's original and the shared weight; standard init (Gaussian A,
