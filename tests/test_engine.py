@@ -424,10 +424,11 @@ def test_depthwise_engine_with_row_by_row_attention_equals_single_requests(kind,
 
 
 def test_depthwise_attention_mode_follows_history_length_and_slots():
-    """auto: per-row once (distinct slots - 1) x the longest history reaches the floor."""
+    """auto: the decode kernel for one token per row where it is built; on PyTorch's paths,
+    per-row once (distinct slots - 1) x the longest history reaches the floor."""
     import numpy as np
 
-    from earlyexit.models import layers
+    from earlyexit.models import decode_kernel, layers
     from earlyexit.models.kv_cache import KVCache
 
     model, _ = MODELS["recursive"]
@@ -443,7 +444,10 @@ def test_depthwise_attention_mode_follows_history_length_and_slots():
         cache.lengths[:] = 0
         cache.lengths[np.array(slots), np.arange(4)] = lens
         ctx = model.context(pos, cache, rows=np.arange(4), kv_slots=slots)
-        assert layers.depthwise_attention_mode(ctx, 1) == want, (lens, slots)
+        with decode_kernel.use_kernel(False):
+            assert layers.depthwise_attention_mode(ctx, 1) == want, (lens, slots)
+        kernel = decode_kernel.load() is not None
+        assert layers.depthwise_attention_mode(ctx, 1) == ("kernel" if kernel else want)
 
 
 @pytest.mark.parametrize("policy", ["continuous", "depthwise"])

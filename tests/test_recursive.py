@@ -582,18 +582,20 @@ def test_depthwise_mixed_batch_equals_each_row_alone():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("chunk", ["ragged", "decode"])
 @pytest.mark.parametrize("relaxed", ["lora", "lora+norms+biases"])
-def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relaxed):
+def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relaxed, chunk):
     """Depth-wise batching's block call (rows at loop 1 and loop 2 of one shared block, each
     row with its own KV slot, cache length and LoRA slot) against the obviously correct
-    reference: every row run alone through its own step. Contiguous and scattered rows,
-    a ragged catch-up chunk, every attention path (per-slot views, per-row views, the
-    gather, and the automatic choice), and a
-    source with q/k/v/o biases whose per-loop norm and bias offsets are relaxed too."""
+    reference: every row run alone through its own step (on PyTorch's attention).
+    Contiguous and scattered rows, a ragged catch-up chunk or one token per row, every
+    attention path (per-slot views, per-row views, the gather, the decode kernel for one
+    token per row, and the automatic choice), and a source with q/k/v/o biases whose
+    per-loop norm and bias offsets are relaxed too."""
     import numpy as np
 
     from earlyexit.config import LoraConfig
-    from earlyexit.models import layers
+    from earlyexit.models import decode_kernel, layers
     from earlyexit.models.kv_cache import KVCache
 
     if relaxed == "lora":
@@ -612,6 +614,8 @@ def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relax
     for rows in (np.array([0, 1, 2, 3, 4]), np.array([4, 0, 3, 1, 2])):
         steps = np.array([0, K, K, 0, K])  # step 0 = block 0 loop 1, step K = loop 2
         n_new = np.array([1, 3, 1, 2, 1])  # row 1 and 3: a multi-token chunk, padded
+        if chunk == "decode":
+            n_new[:] = 1
         T = int(n_new.max())
         h = torch.randn(5, T, model.config.d_model, generator=g)
         base = KVCache.for_model(model, 5, 16)
@@ -625,8 +629,12 @@ def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relax
         for b, r in enumerate(rows):  # each row alone: the plain path of its own step
             c = _copy_cache(base)
             ctx = model.context(pos[b : b + 1], c, rows=[r], n_new=[n_new[b]])
-            ref.append(model.run_step(int(steps[b]), h[b : b + 1], ctx)[0, : n_new[b]])
-        for mode in ("per-slot", "per-row", "gather", "auto"):
+            with decode_kernel.use_kernel(False):
+                ref.append(model.run_step(int(steps[b]), h[b : b + 1], ctx)[0, : n_new[b]])
+        modes = ["per-slot", "per-row", "gather", "auto"]
+        if T == 1 and decode_kernel.load() is not None:
+            modes.append("kernel")
+        for mode in modes:
             layers.DEPTHWISE_ATTENTION = mode
             try:
                 c = _copy_cache(base)

@@ -8,17 +8,20 @@ For a recursive model of a preset's shape (random weights, cycle sharing, 2 loop
 each R in ``rows`` and context length in ``lengths``: R rows hold ``length`` cached
 entries in both loops' slots of block 0; one decode token per row runs through block 0
 
-- *plain*: every row at loop 1 (slot 0), rows 0..R-1;
+- *plain*: every row at loop 1 (slot 0), rows 0..R-1, as the engine runs it (through the
+  compiled decode kernel where it applies: ``models/decode_kernel.py``);
 - *mixed*: the same rows, alternately at loop 1 and loop 2 (slots 0 and K): the depth-wise
   case, through ``Decoder.run_block`` with per-row KV slots, on the attention path the
-  engine picks (``layers.DEPTHWISE_ATTENTION = "auto"``);
-- *per-slot* / *per-row*: the same call forced onto either path (attention once per KV
-  slot over views of it for all rows / once per row over a view of its own history);
+  engine picks (``layers.DEPTHWISE_ATTENTION = "auto"``: the kernel where it applies);
+- *plain without the kernel*: the plain call on PyTorch's SDPA (the plain call before the
+  kernel existed);
+- *per-slot* / *per-row*: the mixed call forced onto either PyTorch path (attention once
+  per KV slot over views of it for all rows / once per row over a view of its history);
 - *mixed, gathered*: the same call with each row's keys and values gathered out of its own
   slot into one batch first (the first design, kept as the ablation).
 
 Each call appends one entry per row and the lengths are set back, so every call sees the
-same cache. Calls alternate between the two, ``repeats`` of each; the median is reported.
+same cache. Calls alternate between the variants, ``repeats`` of each; the median is reported.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 from earlyexit.bench.common import environment, set_threads, sync, write_rows
 from earlyexit.config import ModelConfig
-from earlyexit.models import layers
+from earlyexit.models import decode_kernel, layers
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.kv_cache import KVCache
 
@@ -61,16 +64,18 @@ def time_calls(
     mixed_slots = np.where(r % 2 == 0, 0, K)
     lora = None
 
-    def plain() -> None:
-        ctx = model.context(pos, cache, rows=r)
-        model.run_step(0, h, ctx)
+    def plain(kernel: bool = True) -> None:
+        with decode_kernel.use_kernel(kernel):
+            ctx = model.context(pos, cache, rows=r)
+            model.run_step(0, h, ctx)
         cache.lengths[0, r] -= 1
 
     def mixed(mode: str = "auto") -> None:
         layers.DEPTHWISE_ATTENTION = mode
         try:
-            ctx = model.context(pos, cache, rows=r, kv_slots=mixed_slots)
-            model.run_block(0, h, ctx, -1, lora)
+            with decode_kernel.use_kernel(mode in ("auto", "kernel")):
+                ctx = model.context(pos, cache, rows=r, kv_slots=mixed_slots)
+                model.run_block(0, h, ctx, -1, lora)
         finally:
             layers.DEPTHWISE_ATTENTION = "auto"
         cache.lengths[mixed_slots, r] -= 1
@@ -78,6 +83,7 @@ def time_calls(
     variants = {
         "plain": plain,
         "mixed": mixed,
+        "plain_sdpa": lambda: plain(False),
         "per_slot": lambda: mixed("per-slot"),
         "per_row": lambda: mixed("per-row"),
         "gathered": lambda: mixed("gather"),
@@ -134,7 +140,8 @@ def run(
             print(
                 f"  rows {R:3d}  length {length:5d}  plain {res['plain_s'] * 1e3:7.2f} ms  "
                 f"mixed {res['mixed_s'] * 1e3:7.2f} ms ({res['mixed_over_plain']:.2f}x, "
-                f"{res['mode']})  per-slot {res['per_slot_over_plain']:.2f}x  "
+                f"{res['mode']})  plain without the kernel {res['plain_sdpa_over_plain']:.2f}x  "
+                f"per-slot {res['per_slot_over_plain']:.2f}x  "
                 f"per-row {res['per_row_over_plain']:.2f}x  "
                 f"gathered {res['gathered_over_plain']:.2f}x",
                 flush=True,

@@ -155,6 +155,16 @@ class KVCache:
         n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
         return self._update(slot, k, v, ctx, n_new)
 
+    def append(self, slot: int, k: Tensor, v: Tensor, ctx: ForwardContext) -> None:
+        """Append ``k``, ``v`` (B, Hkv, T, D) as ``update`` does, reading nothing back (CALM's
+        state propagation writes K/V only: no view or gather of the history is built)."""
+        if ctx.kv_slots is not None:
+            self._append_slots(k, v, ctx)
+            return
+        B, _, T, _ = k.shape
+        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
+        self._update(slot, k, v, ctx, n_new, read=False)
+
     def update_slots(
         self, k: Tensor, v: Tensor, ctx: ForwardContext
     ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -211,6 +221,24 @@ class KVCache:
                 (b, n, self.k[slot][row : row + 1, :, :W], self.v[slot][row : row + 1, :, :W], mask)
             )
         return out
+
+    def append_blocks(
+        self, slot: int, B: int, ctx: ForwardContext
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Reserve one new entry per row, for the decode kernel (``decode_kernel.py``),
+        which writes it and attends in one pass: each of the B rows at its own slot
+        (``ctx.kv_slots``) or at ``slot``. Returns each row's block offset into ``k_all`` /
+        ``v_all`` in elements (B,) and its entries after the append (B,), host int64."""
+        rows = np.arange(B) if ctx.rows is None else ctx.rows
+        slots = np.full(B, slot) if ctx.kv_slots is None else ctx.kv_slots
+        after = self.lengths[slots, rows] + 1
+        if after.max() > self.max_len:
+            raise InputError(
+                f"KV cache full: {int(after.max())} entries exceed its length {self.max_len}"
+            )
+        self.lengths[slots, rows] = after
+        block = self.k_all.shape[2] * self.max_len * self.k_all.shape[4]  # Hkv x S x D
+        return (slots * self.batch_size + rows) * block, after
 
     def _append_slots(self, k: Tensor, v: Tensor, ctx: ForwardContext):
         """Append each row's new entries to its own slot (``ctx.kv_slots``); return the
@@ -295,7 +323,9 @@ class KVCache:
         ]
         return writes, row_sl, groups
 
-    def _update(self, slot: int, k: Tensor, v: Tensor, ctx: ForwardContext, n_new: np.ndarray):
+    def _update(
+        self, slot: int, k: Tensor, v: Tensor, ctx: ForwardContext, n_new: np.ndarray, read=True
+    ):
         B, _, T, _ = k.shape
         if ctx.rows is None:
             rows, lens = np.arange(B), self.lengths[slot, :B]  # (B,) host
@@ -324,6 +354,8 @@ class KVCache:
             if keep_pos:
                 pb[w_rows, w_cols] = ctx.positions[b_sel, t_sel]
         self.lengths[slot, rows] = lens + n_new
+        if not read:
+            return None
         if isinstance(row_sl, slice):
             k_all, v_all = kb[row_sl, :, :W], vb[row_sl, :, :W]
         else:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earlyexit.config import ModelConfig, RopeScaling
+from earlyexit.models import decode_kernel
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext
 from earlyexit.models.lora import LoraBank
@@ -106,10 +107,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # How a depth-wise call (rows at different KV slots of one shared block) attends:
-# "auto" picks per call between "per-row" (one attention call per row over a view of its own
-# history: each history read once, one launch per row) and "per-slot" (one call per distinct
-# slot over all the call's rows: every history read once per slot, few launches); "gather"
-# copies each row's history into one batch (the first design, kept as the ablation).
+# "kernel" is the compiled decode kernel (``decode_kernel.py``: one pass, each row reading its
+# own (slot, row) block, no copy), which "auto" takes whenever it applies (CPU fp32 decode);
+# otherwise "auto" picks per call between "per-row" (one attention call per row over a view
+# of its own history: each history read once, one launch per row) and "per-slot" (one call
+# per distinct slot over all the call's rows: every history read once per slot, few
+# launches); "gather" copies each row's history into one batch (the first design, kept as
+# the ablation).
 DEPTHWISE_ATTENTION = "auto"
 # "auto" goes row by row when (distinct slots - 1) x the longest history reaches this many
 # entries: the extra reads of the per-slot path then cost more than the per-row launches
@@ -117,9 +121,13 @@ DEPTHWISE_ATTENTION = "auto"
 PER_ROW_MIN_ENTRIES = 256
 
 
-def depthwise_attention_mode(ctx: ForwardContext, T: int) -> str:
+def depthwise_attention_mode(ctx: ForwardContext, T: int, q: Tensor | None = None) -> str:
     """The attention path of a depth-wise call (see ``DEPTHWISE_ATTENTION``)."""
     mode = DEPTHWISE_ATTENTION
+    if mode == "kernel" or (mode == "auto" and decode_kernel.applies(ctx, T, q)):
+        if not decode_kernel.applies(ctx, T, q):
+            raise ValueError(f"the decode kernel does not apply here: {decode_kernel.status()}")
+        return "kernel"
     if mode != "auto":
         return mode
     if ctx.sliding_window is not None or ctx.stash_slots:
@@ -151,7 +159,7 @@ class Attention(nn.Module):
         _add_lora(kv, lora, "v", x, self.kv_dim, 2 * self.kv_dim)
         k = kv[..., : self.kv_dim].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = kv[..., self.kv_dim :].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        ctx.cache.update(kv_slot, apply_rope(k, ctx.cos, ctx.sin), v, ctx)
+        ctx.cache.append(kv_slot, apply_rope(k, ctx.cos, ctx.sin), v, ctx)
 
     def _read_only(self, x: Tensor, ctx: ForwardContext, kv_slot: int, lora: Lora) -> Tensor:
         """MoR KV sharing: queries only, attending to the keys and values the first recursion
@@ -213,10 +221,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, ctx.cos, ctx.sin, lora)
         gqa = self.n_kv_heads != self.n_heads
-        mode = None
+        mode = None  # the plain path
         if ctx.cache is not None and ctx.kv_slots is not None:
-            mode = depthwise_attention_mode(ctx, T)
-        if mode in ("per-row", "per-slot"):  # rows at different steps of this block
+            mode = depthwise_attention_mode(ctx, T, q)
+        elif ctx.cache is not None and decode_kernel.applies(ctx, T, q):
+            mode = "kernel"
+        if mode == "kernel":
+            # decode: each row writes and reads its own (slot, row) block in one pass, rows at
+            # one slot (a plain step) or at several (depth-wise) alike
+            cache = ctx.cache
+            offsets, lengths = cache.append_blocks(kv_slot, B, ctx)
+            y = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, offsets, lengths)
+        elif mode in ("per-row", "per-slot"):  # rows at different steps of this block
             y = _attend_depthwise(q, k, v, ctx, mode == "per-row", gqa)
         else:
             if ctx.cache is not None:  # (B, Hkv, W, D), mask (B|1, 1, T, W)

@@ -1,0 +1,220 @@
+"""A compiled CPU kernel for decode attention: every row attends over its own KV block.
+
+Why it exists. Depth-wise batching runs one shared block on rows at different loops of it,
+and each row reads its own KV slot. PyTorch's attention takes one key tensor for the whole
+batch, so rows at different slots either gather a copy of their histories into one batch,
+attend once per slot over every row, or attend row by row (one launch each): all measured
+10-30% over a plain call at the SmolLM shape (BENCHMARKS.md, ``depthwise --calls``). The
+remedy is paged attention's: one kernel that reads each row's keys and values through a
+per-row offset (a "page table" with one page per (slot, row)) and writes the row's new
+entry in the same pass. No CPU kernel of that kind ships with PyTorch (FlexAttention on
+CPU needs inductor, took 37 s to compile a shape and failed on dynamic ones), so this is a
+small C file (``csrc/decode_attention.c``), compiled once per machine with the system's C
+compiler and loaded through ctypes.
+
+Scope: CPU, fp32, one new token per row (decode), no sliding window; everything else
+(prefill, chunks, bf16, CUDA, autograd) keeps ``F.scaled_dot_product_attention``. It also
+serves the plain decode step (every row at one slot): grouped-query heads share one read
+of K and V, which makes it faster than SDPA's CPU kernel for decode (measured 1.5-1.9x on
+the attention alone), and it keeps the plain and the depth-wise call on the same kernel,
+so each row's output does not depend on which other rows share its call.
+
+The build lands in ``$EARLYEXIT_HOME/kernels`` (default ``~/.cache/earlyexit/kernels``),
+named by a hash of the source, flags and compiler, written atomically. If there is no
+compiler or the build fails, the reason is logged once and the PyTorch paths are used.
+``EARLYEXIT_DECODE_KERNEL=0`` turns the kernel off (the ablation; ``use_kernel`` does so
+for a block of code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+# -march=native: the build runs on the machine that uses it (and is cached per machine by
+# the compiler's identity); -ffast-math lets the dot products and exp vectorise (results
+# agree with SDPA to ~1e-6, tested), and is given to the compile step only: linking with it
+# adds crtfastmath, which turns on flush-to-zero for the whole process when the library
+# loads (caught by a test: subnormal floats vanished everywhere). OpenMP shares the libgomp
+# PyTorch has already loaded.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+LINK_FLAGS = ("-shared", "-fopenmp")
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_ARGTYPES = [
+    _P, _I, _I,  # q, q row stride, q head stride
+    _P, _P, _I, _I, _I,  # k_new, v_new, their row strides, their head stride
+    _P, _P, _I,  # k cache, v cache, head stride within a block
+    _P, _P,  # offsets, lengths
+    _I, _I, _I, _I, ctypes.c_float,  # R, Hkv, G, D, scale
+    _P, ctypes.c_int,  # out, threads
+]  # fmt: skip
+
+_fn = None  # the loaded function
+_state = "not loaded"  # or "compiled: PATH", "unavailable: WHY", "disabled"
+_enabled = os.environ.get("EARLYEXIT_DECODE_KERNEL", "1") not in ("0", "false", "off")
+
+
+def _home() -> Path:
+    return Path(os.environ.get("EARLYEXIT_HOME", "~/.cache/earlyexit")).expanduser()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str) -> Path:
+    """Compile the kernel (once per source, flags and compiler) and return the library."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + repr((COMPILE_FLAGS, LINK_FLAGS, version, platform.machine())).encode()
+    ).hexdigest()[:16]
+    out_dir = _home() / "kernels"
+    lib = out_dir / f"decode_attention-{key}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    obj = tmp[:-3] + ".o"
+    try:
+        for cmd in (
+            [cc, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", obj],
+            [cc, *LINK_FLAGS, obj, "-o", tmp, "-lm"],
+        ):
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)  # atomic: a concurrent build or a kill leaves no half library
+    finally:
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
+    return lib
+
+
+def load():
+    """The kernel function, building it on first use; None when unavailable or disabled."""
+    global _fn, _state
+    if _fn is not None or not _enabled:
+        if not _enabled:
+            _state = "disabled"
+        return _fn
+    if _state != "not loaded":
+        return None  # a failed build is not retried in this process
+    cc = _compiler()
+    try:
+        if cc is None:
+            raise RuntimeError("no C compiler found (set CC)")
+        path = _build(cc)
+        fn = ctypes.CDLL(str(path)).ee_decode_attention
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _state = f"unavailable: {e}"
+        log.warning("decode attention kernel unavailable, using PyTorch attention: %s", e)
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
+    _fn, _state = fn, f"compiled: {path}"
+    return _fn
+
+
+def status() -> str:
+    """What the kernel is in this process: compiled (and where), unavailable (why), disabled."""
+    load()
+    return _state
+
+
+@contextlib.contextmanager
+def use_kernel(enabled: bool):
+    """Turn the kernel on or off for a block of code (benchmarks' ablation, tests)."""
+    global _enabled
+    before = _enabled
+    _enabled = enabled
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def applies(ctx, T: int, q: Tensor | None = None) -> bool:
+    """Whether a cached attention call (``ctx.cache`` set) can go through the kernel: CPU
+    fp32 inference (``q`` needing no gradient), one new token in every row, no sliding
+    window (windows read positions) and no KV sharing slots (read by later steps through
+    ``KVCache.read``)."""
+    buf = ctx.cache.k_all
+    return (
+        _enabled
+        and T == 1
+        and buf.device.type == "cpu"
+        and buf.dtype == torch.float32
+        and ctx.sliding_window is None
+        and not ctx.stash_slots
+        and (ctx.n_new is None or bool((ctx.n_new == 1).all()))
+        and not (q is not None and torch.is_grad_enabled() and q.requires_grad)
+        and load() is not None
+    )
+
+
+def append_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+) -> Tensor:
+    """Append each row's ``k``, ``v`` (B, Hkv, 1, D) to its block and attend over it.
+
+    Args:
+        q: queries (B, H, 1, D), H a multiple of Hkv; the last dim contiguous.
+        k_cache, v_cache: the cache's buffers (..., Hkv, S, D), contiguous; row b's block
+            starts ``offsets[b]`` floats in (its (slot, row) position).
+        offsets: (B,) int64 offsets; lengths: (B,) entries per row *after* the append.
+    Returns:
+        attention output (B, H, 1, D).
+    """
+    B, H, _, D = q.shape
+    Hkv, S = k_cache.shape[-3], k_cache.shape[-2]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode kernel: {name}'s last dimension must be contiguous")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("decode kernel: the cache buffers must be contiguous")
+    if k.stride(1) != v.stride(1):
+        raise ValueError("decode kernel: k and v must share their head stride")
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    rc = _fn(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k.stride(1),
+        k_cache.data_ptr(), v_cache.data_ptr(), S * D,
+        offsets.ctypes.data, lengths.ctypes.data,
+        B, Hkv, H // Hkv, D, D**-0.5,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("decode kernel: could not allocate its score buffer")
+    return out

@@ -1,0 +1,153 @@
+"""The compiled decode-attention kernel (``models/decode_kernel.py``) against attention
+written from its definition, and the model paths that use it against those that do not."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from earlyexit.errors import InputError
+from earlyexit.models import decode_kernel, layers
+from earlyexit.models.kv_cache import KVCache
+from tests.conftest import make_model
+
+if decode_kernel.load() is None:  # no C compiler here: the PyTorch paths are all there is
+    pytest.skip(f"decode kernel: {decode_kernel.status()}", allow_module_level=True)
+
+
+def reference_attention(q, keys, values):
+    """softmax(q k^T / sqrt(D)) v for one row: q (H, D), keys/values (Hkv, W, D); query head
+    h reads kv head h // (H / Hkv). float64, one head at a time."""
+    H, D = q.shape
+    group = H // keys.shape[0]
+    out = []
+    for h in range(H):
+        k, v = keys[h // group].double(), values[h // group].double()
+        s = (k @ q[h].double()) / math.sqrt(D)  # (W,)
+        p = torch.exp(s - s.max())
+        out.append((p / p.sum()) @ v)
+    return torch.stack(out).float()  # (H, D)
+
+
+@pytest.mark.parametrize("H, Hkv", [(6, 2), (4, 4), (3, 1)])
+def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv):
+    """Rows at different slots, in any row order, with different history lengths: each
+    row's new entry lands at its own (slot, row, length) and nothing else in the cache
+    changes; its output is attention over exactly its block's first ``length + 1`` entries."""
+    D, S, B, L = 16, 3, 5, 40
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(S, B, L, Hkv, D)
+    cache.k_all.normal_(generator=g)
+    cache.v_all.normal_(generator=g)
+    before_k, before_v = cache.k_all.clone(), cache.v_all.clone()
+    rows, slots = np.array([3, 0, 4, 1]), np.array([2, 0, 0, 1])
+    lens = np.array([7, 0, 39, 20])  # row 0 of slot 0 starts empty; one row fills the cache
+    cache.lengths[slots, rows] = lens
+    # q, k, v as the model produces them: views with row strides of a fused projection
+    qkv = torch.randn(4, 1, (H + 2 * Hkv) * D, generator=g)
+    q = qkv[..., : H * D].view(4, 1, H, D).transpose(1, 2)
+    k = qkv[..., H * D : (H + Hkv) * D].view(4, 1, Hkv, D).transpose(1, 2)
+    v = qkv[..., (H + Hkv) * D :].view(4, 1, Hkv, D).transpose(1, 2)
+    ctx = type("Ctx", (), {"rows": rows, "kv_slots": slots})()
+    offsets, after = cache.append_blocks(-1, 4, ctx)
+    assert after.tolist() == (lens + 1).tolist()
+    assert cache.lengths[slots, rows].tolist() == (lens + 1).tolist()
+    out = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, offsets, after)
+    assert out.shape == (4, H, 1, D)
+    want_k, want_v = before_k.clone(), before_v.clone()
+    for b in range(4):
+        s, r, n = slots[b], rows[b], lens[b]
+        want_k[s, r, :, n], want_v[s, r, :, n] = k[b, :, 0], v[b, :, 0]
+        ref = reference_attention(q[b, :, 0], want_k[s, r, :, : n + 1], want_v[s, r, :, : n + 1])
+        torch.testing.assert_close(out[b, :, 0], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.k_all, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(cache.v_all, want_v, atol=0, rtol=0)
+    ctx.rows, ctx.kv_slots = np.array([4]), np.array([0])  # row 4 of slot 0 is now full
+    with pytest.raises(InputError, match="KV cache full: 41 entries exceed its length 40"):
+        cache.append_blocks(-1, 1, ctx)
+    assert cache.lengths[0, 4] == 40  # nothing reserved
+
+
+def test_loading_the_kernel_leaves_float_behaviour_alone():
+    """The library must not switch the process to flush-to-zero (a -ffast-math link does):
+    subnormal floats survive arithmetic in torch and numpy after it is loaded."""
+    assert decode_kernel.load() is not None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 2).item() > 0
+    assert float(np.float32(1e-40) * np.float32(2)) > 0
+
+
+def test_decoding_with_the_kernel_equals_pytorch_attention():
+    """Token-by-token decoding of ragged rows in an arbitrary row order: the kernel path
+    against SDPA's, to float rounding."""
+    model = make_model(n_layers=3)
+    x = torch.randint(0, model.config.vocab_size, (3, 12))
+    rows = np.array([2, 0, 1])
+    outs = {}
+    for kernel in (True, False):
+        cache = KVCache.for_model(model, 3, 16)
+        with decode_kernel.use_kernel(kernel), torch.inference_mode():
+            model(x[:, :4], cache=cache, rows=rows, n_new=[4, 2, 3])  # ragged prompts
+            steps = [model(x[:, t : t + 1], cache=cache, rows=rows) for t in range(4, 12)]
+        outs[kernel] = torch.cat(steps, 1)
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernel_serves_decode_only():
+    """Chunks, bf16, sliding windows and autograd keep PyTorch's attention."""
+    model = make_model(n_layers=2)
+    cache = KVCache.for_model(model, 2, 8)
+    ctx = model.context(torch.zeros(2, 1, dtype=torch.long), cache)
+    assert decode_kernel.applies(ctx, 1)
+    assert not decode_kernel.applies(ctx, 2)
+    q = torch.zeros(1, requires_grad=True)
+    assert not decode_kernel.applies(ctx, 1, q)
+    with torch.no_grad():
+        assert decode_kernel.applies(ctx, 1, q)
+    ctx.sliding_window = 4
+    assert not decode_kernel.applies(ctx, 1)
+    bf = KVCache(2, 2, 8, 1, 4, dtype=torch.bfloat16)
+    assert not decode_kernel.applies(model.context(torch.zeros(2, 1, dtype=torch.long), bf), 1)
+    with decode_kernel.use_kernel(False):
+        assert not decode_kernel.applies(ctx, 1)
+    ctx.sliding_window = None
+    ctx.n_new = np.array([1, 0])  # a row with nothing new
+    assert not decode_kernel.applies(ctx, 1)
+
+
+def test_depthwise_mode_is_the_kernel_for_decode_and_says_why_not_when_forced(monkeypatch):
+    model = make_model(n_layers=2)
+    cache = KVCache.for_model(model, 2, 8)
+    ctx = model.context(torch.zeros(2, 1, dtype=torch.long), cache, kv_slots=[0, 1])
+    assert layers.depthwise_attention_mode(ctx, 1) == "kernel"
+    monkeypatch.setattr(layers, "DEPTHWISE_ATTENTION", "kernel")
+    with pytest.raises(ValueError, match="does not apply"):
+        layers.depthwise_attention_mode(ctx, 2)
+
+
+def test_a_failed_build_falls_back_and_says_why(tmp_path):
+    """No working compiler: a warning with the reason, and decoding runs on SDPA."""
+    code = (
+        "import torch\n"
+        "from earlyexit.models import decode_kernel\n"
+        "from earlyexit.models.kv_cache import KVCache\n"
+        "from tests.conftest import make_model\n"
+        "m = make_model(n_layers=2)\n"
+        "c = KVCache.for_model(m, 1, 8)\n"
+        "with torch.inference_mode():\n"
+        "    m(torch.zeros(1, 3, dtype=torch.long), cache=c)\n"
+        "    m(torch.zeros(1, 1, dtype=torch.long), cache=c)\n"
+        "print('STATUS', decode_kernel.status())\n"
+    )
+    env = {**os.environ, "EARLYEXIT_HOME": str(tmp_path), "CC": "false"}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert "STATUS unavailable: false failed" in res.stdout
+    assert "decode attention kernel unavailable, using PyTorch attention" in res.stderr
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left behind
