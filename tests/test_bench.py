@@ -252,6 +252,7 @@ def test_bench_decode_with_the_compiled_step(tmp_path):
 
 def test_bench_depthwise_calls_tiny(tmp_path, capsys):
     from earlyexit.cli import main
+    from earlyexit.models import decode_kernel
 
     out = tmp_path / "calls.json"
     argv = ["bench", "depthwise", "--calls", "--preset", "tiny", "--batch-sizes", "2", "4"]
@@ -260,7 +261,13 @@ def test_bench_depthwise_calls_tiny(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [(r["rows"], r["length"]) for r in rows] == [(2, 8), (4, 8)]
     assert all(r["plain_s"] > 0 and r["mixed_s"] > 0 and r["gathered_s"] > 0 for r in rows)
+    assert all(r["plain_sdpa_s"] > 0 for r in rows)  # the plain call's ablation
+    kernel = decode_kernel.load() is not None
+    assert {r["mode"] for r in rows} == {"kernel" if kernel else "per-slot"}
     assert "mixed" in capsys.readouterr().out
+    from earlyexit.bench import plots
+
+    assert plots.calls(rows, tmp_path / "c.png").stat().st_size > 1000
 
 
 def test_bench_depthwise_synthetic_tiny(tmp_path):

@@ -33,11 +33,14 @@ def reference_attention(q, keys, values):
     return torch.stack(out).float()  # (H, D)
 
 
+@pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("H, Hkv", [(6, 2), (4, 4), (3, 1)])
-def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv):
-    """Rows at different slots, in any row order, with different history lengths: each
-    row's new entry lands at its own (slot, row, length) and nothing else in the cache
-    changes; its output is attention over exactly its block's first ``length + 1`` entries."""
+def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv, T):
+    """Rows at different slots, in any row order, with different history lengths and (for
+    a chunk) different numbers of new tokens: each row's new entries land at its own (slot,
+    row, length..) and nothing else in the cache changes (padding is never written); query
+    t of a row attends over exactly its block's first ``length + t + 1`` entries; padding
+    queries give zeros."""
     D, S, B, L = 16, 3, 5, 40
     g = torch.Generator().manual_seed(0)
     cache = KVCache(S, B, L, Hkv, D)
@@ -45,31 +48,42 @@ def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv):
     cache.v_all.normal_(generator=g)
     before_k, before_v = cache.k_all.clone(), cache.v_all.clone()
     rows, slots = np.array([3, 0, 4, 1]), np.array([2, 0, 0, 1])
-    lens = np.array([7, 0, 39, 20])  # row 0 of slot 0 starts empty; one row fills the cache
+    lens = np.array([7, 0, 40 - T, 20])  # row 0 of slot 0 starts empty; one row fills up
+    n_new = np.array([T, max(T - 1, 1), T, 0 if T > 1 else 1])  # ragged, one row padding only
     cache.lengths[slots, rows] = lens
     # q, k, v as the model produces them: views with row strides of a fused projection
-    qkv = torch.randn(4, 1, (H + 2 * Hkv) * D, generator=g)
-    q = qkv[..., : H * D].view(4, 1, H, D).transpose(1, 2)
-    k = qkv[..., H * D : (H + Hkv) * D].view(4, 1, Hkv, D).transpose(1, 2)
-    v = qkv[..., (H + Hkv) * D :].view(4, 1, Hkv, D).transpose(1, 2)
-    ctx = type("Ctx", (), {"rows": rows, "kv_slots": slots})()
-    offsets, after = cache.append_blocks(-1, 4, ctx)
-    assert after.tolist() == (lens + 1).tolist()
-    assert cache.lengths[slots, rows].tolist() == (lens + 1).tolist()
-    out = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, offsets, after)
-    assert out.shape == (4, H, 1, D)
+    qkv = torch.randn(4, T, (H + 2 * Hkv) * D, generator=g)
+    q = qkv[..., : H * D].view(4, T, H, D).transpose(1, 2)
+    k = qkv[..., H * D : (H + Hkv) * D].view(4, T, Hkv, D).transpose(1, 2)
+    v = qkv[..., (H + Hkv) * D :].view(4, T, Hkv, D).transpose(1, 2)
+    ctx = type("Ctx", (), {"rows": rows, "kv_slots": slots, "n_new": n_new})()
+    offsets, starts, n = cache.append_blocks(-1, 4, T, ctx)
+    assert starts.tolist() == lens.tolist() and n.tolist() == n_new.tolist()
+    assert cache.lengths[slots, rows].tolist() == (lens + n_new).tolist()
+    out = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, offsets, starts, n)
+    assert out.shape == (4, H, T, D)
     want_k, want_v = before_k.clone(), before_v.clone()
     for b in range(4):
-        s, r, n = slots[b], rows[b], lens[b]
-        want_k[s, r, :, n], want_v[s, r, :, n] = k[b, :, 0], v[b, :, 0]
-        ref = reference_attention(q[b, :, 0], want_k[s, r, :, : n + 1], want_v[s, r, :, : n + 1])
-        torch.testing.assert_close(out[b, :, 0], ref, atol=1e-5, rtol=1e-5)
+        s, r, m = slots[b], rows[b], lens[b]
+        for t in range(n_new[b]):
+            want_k[s, r, :, m + t], want_v[s, r, :, m + t] = k[b, :, t], v[b, :, t]
+        for t in range(T):
+            if t >= n_new[b]:
+                assert not out[b, :, t].any()
+                continue
+            W = m + t + 1
+            ref = reference_attention(q[b, :, t], want_k[s, r, :, :W], want_v[s, r, :, :W])
+            torch.testing.assert_close(out[b, :, t], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.k_all, want_k, atol=0, rtol=0)
     torch.testing.assert_close(cache.v_all, want_v, atol=0, rtol=0)
-    ctx.rows, ctx.kv_slots = np.array([4]), np.array([0])  # row 4 of slot 0 is now full
-    with pytest.raises(InputError, match="KV cache full: 41 entries exceed its length 40"):
-        cache.append_blocks(-1, 1, ctx)
+    ctx.rows, ctx.kv_slots, ctx.n_new = np.array([4]), np.array([0]), None  # row 4 is full
+    with pytest.raises(InputError, match=f"KV cache full: {40 + T} entries exceed its length 40"):
+        cache.append_blocks(-1, 1, T, ctx)
     assert cache.lengths[0, 4] == 40  # nothing reserved
+    for bad_rows, bad_slots in (([-1], [0]), ([5], [0]), ([1], [-1]), ([1], [3])):
+        ctx.rows, ctx.kv_slots = np.array(bad_rows), np.array(bad_slots)
+        with pytest.raises(IndexError):  # never a wrapped-around or stray offset
+            cache.append_blocks(-1, 1, T, ctx)
 
 
 def test_loading_the_kernel_leaves_float_behaviour_alone():
@@ -82,28 +96,39 @@ def test_loading_the_kernel_leaves_float_behaviour_alone():
 
 
 def test_decoding_with_the_kernel_equals_pytorch_attention():
-    """Token-by-token decoding of ragged rows in an arbitrary row order: the kernel path
-    against SDPA's, to float rounding."""
+    """A prefill longer than the kernel's chunks, ragged short chunks, then token-by-token
+    decoding, rows in an arbitrary order: the kernel path against SDPA's, to float rounding."""
     model = make_model(n_layers=3)
-    x = torch.randint(0, model.config.vocab_size, (3, 12))
+    x = torch.randint(0, model.config.vocab_size, (3, 16))
     rows = np.array([2, 0, 1])
     outs = {}
     for kernel in (True, False):
-        cache = KVCache.for_model(model, 3, 16)
+        cache = KVCache.for_model(model, 3, 20)
         with decode_kernel.use_kernel(kernel), torch.inference_mode():
-            model(x[:, :4], cache=cache, rows=rows, n_new=[4, 2, 3])  # ragged prompts
-            steps = [model(x[:, t : t + 1], cache=cache, rows=rows) for t in range(4, 12)]
-        outs[kernel] = torch.cat(steps, 1)
-    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+            model(x[:, :6], cache=cache, rows=rows, n_new=[6, 5, 6])  # prefill: SDPA
+            pos = torch.as_tensor(cache.lengths[0, rows])[:, None] + torch.arange(3)
+            chunk = model(x[:, 6:9], pos, cache=cache, rows=rows, n_new=[3, 1, 2])
+            steps = []
+            for _ in range(4):
+                pos = torch.as_tensor(cache.lengths[0, rows])[:, None]
+                steps.append(model(x[:, 12:13], pos, cache=cache, rows=rows))
+        outs[kernel] = (chunk, torch.cat(steps, 1))
+    n_new = [3, 1, 2]
+    for b in range(3):  # padding queries' outputs are not defined alike: compare the valid ones
+        torch.testing.assert_close(
+            outs[True][0][b, : n_new[b]], outs[False][0][b, : n_new[b]], atol=1e-5, rtol=1e-5
+        )
+    torch.testing.assert_close(outs[True][1], outs[False][1], atol=1e-5, rtol=1e-5)
 
 
-def test_the_kernel_serves_decode_only():
-    """Chunks, bf16, sliding windows and autograd keep PyTorch's attention."""
+def test_the_kernel_serves_decode_and_short_chunks_only():
+    """Longer chunks (prefill), bf16, sliding windows and autograd keep PyTorch's attention."""
     model = make_model(n_layers=2)
     cache = KVCache.for_model(model, 2, 8)
     ctx = model.context(torch.zeros(2, 1, dtype=torch.long), cache)
     assert decode_kernel.applies(ctx, 1)
-    assert not decode_kernel.applies(ctx, 2)
+    assert decode_kernel.applies(ctx, decode_kernel.MAX_CHUNK)
+    assert not decode_kernel.applies(ctx, decode_kernel.MAX_CHUNK + 1)
     q = torch.zeros(1, requires_grad=True)
     assert not decode_kernel.applies(ctx, 1, q)
     with torch.no_grad():
@@ -114,9 +139,6 @@ def test_the_kernel_serves_decode_only():
     assert not decode_kernel.applies(model.context(torch.zeros(2, 1, dtype=torch.long), bf), 1)
     with decode_kernel.use_kernel(False):
         assert not decode_kernel.applies(ctx, 1)
-    ctx.sliding_window = None
-    ctx.n_new = np.array([1, 0])  # a row with nothing new
-    assert not decode_kernel.applies(ctx, 1)
 
 
 def test_depthwise_mode_is_the_kernel_for_decode_and_says_why_not_when_forced(monkeypatch):
@@ -126,7 +148,7 @@ def test_depthwise_mode_is_the_kernel_for_decode_and_says_why_not_when_forced(mo
     assert layers.depthwise_attention_mode(ctx, 1) == "kernel"
     monkeypatch.setattr(layers, "DEPTHWISE_ATTENTION", "kernel")
     with pytest.raises(ValueError, match="does not apply"):
-        layers.depthwise_attention_mode(ctx, 2)
+        layers.depthwise_attention_mode(ctx, decode_kernel.MAX_CHUNK + 1)
 
 
 def test_a_failed_build_falls_back_and_says_why(tmp_path):

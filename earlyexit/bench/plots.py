@@ -13,6 +13,8 @@
   ROUGE-L per policy and max batch).
 - ``depthwise_synthetic_nocatchup.png``: the synthetic map for exits that leave no catch-up
   (``ExitMode.deep_kv`` propagate / skip), with and without a pruned exit head.
+- ``depthwise_synthetic_kernel.png`` / ``depthwise_smollm2_kernel.png``: the SmolLM-shape
+  map and the SmolLM2 serving run again, with decode attention on the compiled kernel.
 
 Needs matplotlib (``pip install 'earlyexit[plot]'``).
 """
@@ -202,14 +204,22 @@ def calls(rows: list[dict], out: Path) -> Path:
     """One depth-wise block call (rows at two loops) over a plain one, by rows and context."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("mixed_over_plain", "-o"), ("gathered_over_plain", "--x")):
+    series = (
+        ("mixed_over_plain", "-o", "mixed"),
+        ("plain_sdpa_over_plain", ":s", "plain on SDPA"),  # rows from before the kernel lack it
+        ("per_row_over_plain", "-.^", "per-row"),
+        ("gathered_over_plain", "--x", "gathered"),
+    )
+    for key, style, name in series:
         for n in sorted({r["rows"] for r in rows}):
-            pts = sorted((r["length"], r[key]) for r in rows if r["rows"] == n)
-            ax.plot(*zip(*pts), style, label=f"{key.split('_')[0]}, {n} rows")
+            pts = sorted((r["length"], r[key]) for r in rows if r["rows"] == n and key in r)
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{name}, {n} rows")
     ax.axhline(1.1, color="k", lw=0.5, ls=":")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # the gather reaches ~10x; the kernel's points sit near 1
     ax.set_xlabel("context length")
-    ax.set_ylabel("call time / plain call")
+    ax.set_ylabel("call time / plain call (on the engine's path)")
     ax.set_title("Depth-wise block call (goal <= 1.1x, dotted)")
     ax.legend(fontsize=7)
     return save(fig, out)
@@ -233,6 +243,8 @@ def plot_all(results: str | Path = "results", out_dir: str | Path = "results/plo
         ("batched_exit_sync.json", batched, "batched_exit_sync.png"),
         ("depthwise_synthetic_nocatchup.json", synthetic, "depthwise_synthetic_nocatchup.png"),
         ("depthwise_smollm2.json", depthwise_quality, "depthwise_smollm2.png"),
+        ("depthwise_synthetic_kernel.json", synthetic, "depthwise_synthetic_kernel.png"),
+        ("depthwise_smollm2_kernel.json", depthwise_quality, "depthwise_smollm2_kernel.png"),
     ):
         path = results / name
         if path.is_file():

@@ -12,8 +12,9 @@ CPU needs inductor, took 37 s to compile a shape and failed on dynamic ones), so
 small C file (``csrc/decode_attention.c``), compiled once per machine with the system's C
 compiler and loaded through ctypes.
 
-Scope: CPU, fp32, one new token per row (decode), no sliding window; everything else
-(prefill, chunks, bf16, CUDA, autograd) keeps ``F.scaled_dot_product_attention``. It also
+Scope: CPU, fp32, up to ``MAX_CHUNK`` new tokens per row (decode steps, catch-up and
+verification chunks), no sliding window; everything else (prefill, bf16, CUDA, autograd)
+keeps ``F.scaled_dot_product_attention``. It also
 serves the plain decode step (every row at one slot): grouped-query heads share one read
 of K and V, which makes it faster than SDPA's CPU kernel for decode (measured 1.5-1.9x on
 the attention alone), and it keeps the plain and the depth-wise call on the same kernel,
@@ -57,11 +58,11 @@ LINK_FLAGS = ("-shared", "-fopenmp")
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [
-    _P, _I, _I,  # q, q row stride, q head stride
-    _P, _P, _I, _I, _I,  # k_new, v_new, their row strides, their head stride
+    _P, _I, _I, _I,  # q, its row, head and query strides
+    _P, _P, _I, _I, _I, _I, _I,  # k_new, v_new, their row strides, head stride, query strides
     _P, _P, _I,  # k cache, v cache, head stride within a block
-    _P, _P,  # offsets, lengths
-    _I, _I, _I, _I, ctypes.c_float,  # R, Hkv, G, D, scale
+    _P, _P, _P,  # offsets, entries before the call, new entries (per row)
+    _I, _I, _I, _I, _I, ctypes.c_float,  # R, T, Hkv, G, D, scale
     _P, ctypes.c_int,  # out, threads
 ]  # fmt: skip
 
@@ -157,20 +158,25 @@ def use_kernel(enabled: bool):
         _enabled = before
 
 
+# Chunks of up to this many new tokens per row go through the kernel (a decode step, FREE's
+# catch-ups, speculative verification); each of a chunk's queries reads the row's whole
+# history, so prefill stays on SDPA's blocked kernel.
+MAX_CHUNK = 4
+
+
 def applies(ctx, T: int, q: Tensor | None = None) -> bool:
     """Whether a cached attention call (``ctx.cache`` set) can go through the kernel: CPU
-    fp32 inference (``q`` needing no gradient), one new token in every row, no sliding
-    window (windows read positions) and no KV sharing slots (read by later steps through
-    ``KVCache.read``)."""
+    fp32 inference (``q`` needing no gradient), at most ``MAX_CHUNK`` new tokens per row, no
+    sliding window (windows read positions) and no KV sharing slots (read by later steps
+    through ``KVCache.read``)."""
     buf = ctx.cache.k_all
     return (
         _enabled
-        and T == 1
+        and T <= MAX_CHUNK
         and buf.device.type == "cpu"
         and buf.dtype == torch.float32
         and ctx.sliding_window is None
         and not ctx.stash_slots
-        and (ctx.n_new is None or bool((ctx.n_new == 1).all()))
         and not (q is not None and torch.is_grad_enabled() and q.requires_grad)
         and load() is not None
     )
@@ -183,19 +189,22 @@ def append_attend(
     k_cache: Tensor,
     v_cache: Tensor,
     offsets: np.ndarray,
-    lengths: np.ndarray,
+    starts: np.ndarray,
+    n_new: np.ndarray,
 ) -> Tensor:
-    """Append each row's ``k``, ``v`` (B, Hkv, 1, D) to its block and attend over it.
+    """Append each row's ``k``, ``v`` (B, Hkv, T, D) to its block and attend over it.
 
     Args:
-        q: queries (B, H, 1, D), H a multiple of Hkv; the last dim contiguous.
+        q: queries (B, H, T, D), H a multiple of Hkv; the last dim contiguous.
         k_cache, v_cache: the cache's buffers (..., Hkv, S, D), contiguous; row b's block
             starts ``offsets[b]`` floats in (its (slot, row) position).
-        offsets: (B,) int64 offsets; lengths: (B,) entries per row *after* the append.
+        offsets: (B,) int64 offsets; starts: (B,) entries before the append; n_new: (B,)
+            valid new tokens (the rest of T is right padding, never written).
     Returns:
-        attention output (B, H, 1, D).
+        attention output (B, H, T, D); query t of row b sees the block's first
+        ``starts[b] + t + 1`` entries; padding queries are zeros.
     """
-    B, H, _, D = q.shape
+    B, H, T, D = q.shape
     Hkv, S = k_cache.shape[-3], k_cache.shape[-2]
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
@@ -205,14 +214,15 @@ def append_attend(
     if k.stride(1) != v.stride(1):
         raise ValueError("decode kernel: k and v must share their head stride")
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    out = torch.empty(B, H, 1, D, dtype=q.dtype)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    n_new = np.ascontiguousarray(n_new, dtype=np.int64)
+    out = torch.empty(B, H, T, D, dtype=q.dtype)
     rc = _fn(
-        q.data_ptr(), q.stride(0), q.stride(1),
-        k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k.stride(1),
+        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+        k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k.stride(1), k.stride(2), v.stride(2),
         k_cache.data_ptr(), v_cache.data_ptr(), S * D,
-        offsets.ctypes.data, lengths.ctypes.data,
-        B, Hkv, H // Hkv, D, D**-0.5,
+        offsets.ctypes.data, starts.ctypes.data, n_new.ctypes.data,
+        B, T, Hkv, H // Hkv, D, D**-0.5,
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:

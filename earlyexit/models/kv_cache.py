@@ -223,22 +223,30 @@ class KVCache:
         return out
 
     def append_blocks(
-        self, slot: int, B: int, ctx: ForwardContext
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Reserve one new entry per row, for the decode kernel (``decode_kernel.py``),
-        which writes it and attends in one pass: each of the B rows at its own slot
-        (``ctx.kv_slots``) or at ``slot``. Returns each row's block offset into ``k_all`` /
-        ``v_all`` in elements (B,) and its entries after the append (B,), host int64."""
+        self, slot: int, B: int, T: int, ctx: ForwardContext
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Reserve each row's new entries for the decode kernel (``decode_kernel.py``), which
+        writes them and attends in one pass: each of the B rows at its own slot
+        (``ctx.kv_slots``) or at ``slot``, ``ctx.n_new`` (default T) entries each. Returns
+        each row's block offset into ``k_all`` / ``v_all`` in elements, its entries before
+        the append and its new entries, (B,) host int64 each."""
         rows = np.arange(B) if ctx.rows is None else ctx.rows
         slots = np.full(B, slot) if ctx.kv_slots is None else ctx.kv_slots
-        after = self.lengths[slots, rows] + 1
+        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
+        # the kernel writes raw memory at these offsets: no negative index may wrap around
+        if min(rows.min(), slots.min()) < 0 or rows.max() >= self.batch_size:
+            raise IndexError(f"cache rows {rows.tolist()} / slots {slots.tolist()} out of range")
+        if (n_new < 0).any() or (n_new > T).any():
+            raise ValueError(f"n_new must be within [0, {T}], got {n_new}")
+        starts = self.lengths[slots, rows]
+        after = starts + n_new
         if after.max() > self.max_len:
             raise InputError(
                 f"KV cache full: {int(after.max())} entries exceed its length {self.max_len}"
             )
         self.lengths[slots, rows] = after
         block = self.k_all.shape[2] * self.max_len * self.k_all.shape[4]  # Hkv x S x D
-        return (slots * self.batch_size + rows) * block, after
+        return (slots * self.batch_size + rows) * block, starts, n_new
 
     def _append_slots(self, k: Tensor, v: Tensor, ctx: ForwardContext):
         """Append each row's new entries to its own slot (``ctx.kv_slots``); return the

@@ -227,11 +227,11 @@ class Attention(nn.Module):
         elif ctx.cache is not None and decode_kernel.applies(ctx, T, q):
             mode = "kernel"
         if mode == "kernel":
-            # decode: each row writes and reads its own (slot, row) block in one pass, rows at
-            # one slot (a plain step) or at several (depth-wise) alike
+            # decode steps and short chunks: each row writes and reads its own (slot, row)
+            # block in one pass, rows at one slot (a plain step) or at several (depth-wise)
             cache = ctx.cache
-            offsets, lengths = cache.append_blocks(kv_slot, B, ctx)
-            y = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, offsets, lengths)
+            plan = cache.append_blocks(kv_slot, B, T, ctx)  # offsets, starts, new entries
+            y = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, *plan)
         elif mode in ("per-row", "per-slot"):  # rows at different steps of this block
             y = _attend_depthwise(q, k, v, ctx, mode == "per-row", gqa)
         else:
