@@ -55,6 +55,7 @@ def test_demo_quick_trains_measures_and_reports(first_run):
     md = (rep / "report.md").read_text()
     assert "speculative k=2" in md and "depthwise" in md
     assert "## What this run shows" in md and "interleaved rounds" in md
+    assert "CPU decode attention: " in md  # which attention the measurements ran on
     assert len(res["findings"]) >= 3 and all(f"- {f}" in md for f in res["findings"])
     html = (rep / "sample.html").read_text()
     assert html.count("title='depth ") > 10

@@ -74,6 +74,10 @@ def environment(threads: int, device: str | None = None) -> dict:
         "dtype": _DEVICE["dtype"] or "as stored",
         "date": time.strftime("%Y-%m-%d"),
     }
+    if device == "cpu":  # which attention decode ran on (compiled kernel or SDPA, and why)
+        from earlyexit.models import decode_kernel
+
+        env["decode_attention"] = decode_kernel.status().split(":")[0]
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

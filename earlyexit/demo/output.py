@@ -104,8 +104,13 @@ def write_report(
     rep, plan, quick, paths, rows, engine, parity, evals, timings, reused, figs, threads, found
 ) -> Path:
     from earlyexit import __version__
+    from earlyexit.models import decode_kernel
 
     env = f"earlyexit {__version__}, torch {torch.__version__}, Python {platform.python_version()}, {threads} CPU thread(s)"
+    kernel = decode_kernel.status()  # which attention CPU decoding ran on
+    env += ", CPU decode attention: " + (
+        "compiled kernel" if kernel.startswith("compiled") else f"PyTorch SDPA ({kernel})"
+    )
     lines = [
         "# earlyexit demo report",
         "",

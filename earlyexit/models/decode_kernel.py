@@ -21,7 +21,7 @@ the attention alone), and it keeps the plain and the depth-wise call on the same
 so each row's output does not depend on which other rows share its call.
 
 The build lands in ``$EARLYEXIT_HOME/kernels`` (default ``~/.cache/earlyexit/kernels``),
-named by a hash of the source, flags and compiler, written atomically. If there is no
+named by a hash of the source, flags, compiler and CPU flags, written atomically. If there is no
 compiler or the build fails, the reason is logged once and the PyTorch paths are used.
 ``EARLYEXIT_DECODE_KERNEL=0`` turns the kernel off (the ablation; ``use_kernel`` does so
 for a block of code).
@@ -85,12 +85,22 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's flags (a home directory shared by machines
+    with different CPUs must not load a library built for another's instructions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _build(cc: str) -> Path:
     """Compile the kernel (once per source, flags and compiler) and return the library."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
         SOURCE.read_bytes()
-        + repr((COMPILE_FLAGS, LINK_FLAGS, version, platform.machine())).encode()
+        + repr((COMPILE_FLAGS, LINK_FLAGS, version, platform.machine(), _cpu_identity())).encode()
     ).hexdigest()[:16]
     out_dir = _home() / "kernels"
     lib = out_dir / f"decode_attention-{key}.so"
