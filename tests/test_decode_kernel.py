@@ -141,6 +141,16 @@ def test_the_kernel_serves_decode_and_short_chunks_only():
         assert not decode_kernel.applies(ctx, 1)
 
 
+def test_turning_the_kernel_off_and_on_again():
+    """``use_kernel(False)`` reports "disabled" and nothing else; afterwards the kernel is
+    back (a status asked while it was off must not stick)."""
+    with decode_kernel.use_kernel(False):
+        assert decode_kernel.status() == "disabled"
+        assert decode_kernel.load() is None
+    assert decode_kernel.status().startswith("compiled: ")
+    assert decode_kernel.load() is not None
+
+
 def test_depthwise_mode_is_the_kernel_for_decode_and_says_why_not_when_forced(monkeypatch):
     model = make_model(n_layers=2)
     cache = KVCache.for_model(model, 2, 8)

@@ -67,7 +67,7 @@ _ARGTYPES = [
 ]  # fmt: skip
 
 _fn = None  # the loaded function
-_state = "not loaded"  # or "compiled: PATH", "unavailable: WHY", "disabled"
+_state = "not loaded"  # or "compiled: PATH", "unavailable: WHY" (``status`` adds "disabled")
 _enabled = os.environ.get("EARLYEXIT_DECODE_KERNEL", "1") not in ("0", "false", "off")
 
 
@@ -96,7 +96,7 @@ def _cpu_identity() -> str:
 
 
 def _build(cc: str) -> Path:
-    """Compile the kernel (once per source, flags and compiler) and return the library."""
+    """Compile the kernel (once per source, flags, compiler and CPU) and return the library."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
         SOURCE.read_bytes()
@@ -129,9 +129,9 @@ def _build(cc: str) -> Path:
 def load():
     """The kernel function, building it on first use; None when unavailable or disabled."""
     global _fn, _state
-    if _fn is not None or not _enabled:
-        if not _enabled:
-            _state = "disabled"
+    if not _enabled:
+        return None
+    if _fn is not None:
         return _fn
     if _state != "not loaded":
         return None  # a failed build is not retried in this process
@@ -152,6 +152,8 @@ def load():
 
 def status() -> str:
     """What the kernel is in this process: compiled (and where), unavailable (why), disabled."""
+    if not _enabled:
+        return "disabled"
     load()
     return _state
 
