@@ -305,27 +305,3 @@ def test_kv_cache_per_row_slots_and_read_against_their_definitions():
             assert rmask[i, 0, 0].tolist() == want
             torch.testing.assert_close(rk[i, :, : n[i]], cache.k[0][r, :, : n[i]])
             torch.testing.assert_close(rv[i, :, : n[i]], cache.v[0][r, :, : n[i]])
-
-
-def test_rope_table_lookup_equals_computing_cos_and_sin(tiny):
-    """The CPU RoPE table gives exactly what computing cos/sin for the positions gives, in
-    range, past ``max_context`` (computed), and after a dtype change (rebuilt)."""
-    from earlyexit.models.layers import rope_cos_sin
-
-    m = copy.deepcopy(tiny)
-    n = m.config.max_context
-    pos = torch.tensor([[0, 1, n - 1], [5, n + 7, 2 * n]])  # in range, and past the table
-    for dtype in (torch.float32, torch.bfloat16):
-        m = m.to(dtype)
-        cos, sin = m._rope(pos, dtype)
-        # reference from the definition: angle = position * theta^(-2i/D), halves repeated
-        D = m.config.head_dim
-        inv = 1.0 / m.config.rope_theta ** (torch.arange(0, D, 2).double() / D)
-        ang = pos.double()[:, None, :, None] * inv
-        want = torch.cat([ang, ang], -1)
-        assert cos.dtype == dtype and cos.shape == (2, 1, 3, D)
-        if dtype == torch.float32:  # (bf16 angles are as coarse as the direct path's)
-            torch.testing.assert_close(cos.double(), want.cos(), atol=1e-4, rtol=0)
-            torch.testing.assert_close(sin.double(), want.sin(), atol=1e-4, rtol=0)
-        c2, s2 = rope_cos_sin(m.inv_freq, pos, dtype)  # the direct computation, bit for bit
-        assert torch.equal(cos, c2) and torch.equal(sin, s2)

@@ -91,7 +91,6 @@ class Decoder(nn.Module):
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._doc_segments: Tensor | None = None  # set by documents()
-        self._rope_table: tuple | None = None  # (dtype, inv_freq, cos, sin): see _rope
 
     # ------------------------------------------------------------------ init
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -124,24 +123,6 @@ class Decoder(nn.Module):
             yield
         finally:
             self._doc_segments = before
-
-    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """RoPE cos/sin (B, 1, T, head_dim) for ``positions`` (B, T). On the CPU, rows of a
-        table over every position up to ``max_context``, built once: a depth-wise engine
-        builds a context per block call, and computing cos and sin each time was ~14% of a
-        profiled run. The table holds the same fp32 products, so the values are identical
-        (tested). Positions past the table, and other devices, are computed."""
-        if positions.device.type != "cpu":
-            return rope_cos_sin(self.inv_freq, positions, dtype)
-        t = self._rope_table
-        if t is None or t[0] != dtype or t[1] is not self.inv_freq:
-            n = torch.arange(self.config.max_context)[None]
-            cos, sin = rope_cos_sin(self.inv_freq, n, dtype)  # (1, 1, max_context, D)
-            t = self._rope_table = (dtype, self.inv_freq, cos[0, 0], sin[0, 0])
-        try:  # positions are >= 0 by construction (cache lengths, aranges)
-            return t[2][positions][:, None], t[3][positions][:, None]
-        except IndexError:  # past max_context (e.g. a caller's own positions): computed
-            return rope_cos_sin(self.inv_freq, positions, dtype)
 
     def rebuild_buffers(self, device: torch.device | str) -> None:
         """Recompute non-persistent buffers (RoPE inverse frequencies) on ``device``."""
@@ -178,7 +159,7 @@ class Decoder(nn.Module):
                 documents only: attention stays within each document.
         """
         dtype = self.tok_embeddings.weight.dtype
-        cos, sin = self._rope(positions, dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
         return ForwardContext(
             positions=positions,
             cos=cos,
