@@ -12,7 +12,7 @@ import torch
 
 from earlyexit.errors import InputError
 from earlyexit.models import decode_kernel, layers
-from earlyexit.models.kv_cache import KVCache
+from earlyexit.models.kv_cache import ForwardContext, KVCache
 from tests.conftest import make_model
 
 if decode_kernel.load() is None:  # no C compiler here: the PyTorch paths are all there is
@@ -56,8 +56,7 @@ def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv, T):
     q = qkv[..., : H * D].view(4, T, H, D).transpose(1, 2)
     k = qkv[..., H * D : (H + Hkv) * D].view(4, T, Hkv, D).transpose(1, 2)
     v = qkv[..., (H + Hkv) * D :].view(4, T, Hkv, D).transpose(1, 2)
-    ctx = type("Ctx", (), {"rows": rows, "kv_slots": slots, "n_new": n_new})()
-    offsets, starts, n = cache.append_blocks(-1, 4, T, ctx)
+    offsets, starts, n = cache.append_blocks(-1, 4, T, _ctx(rows, slots, n_new))
     assert starts.tolist() == lens.tolist() and n.tolist() == n_new.tolist()
     assert cache.lengths[slots, rows].tolist() == (lens + n_new).tolist()
     out = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, offsets, starts, n)
@@ -76,14 +75,24 @@ def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv, T):
             torch.testing.assert_close(out[b, :, t], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.k_all, want_k, atol=0, rtol=0)
     torch.testing.assert_close(cache.v_all, want_v, atol=0, rtol=0)
-    ctx.rows, ctx.kv_slots, ctx.n_new = np.array([4]), np.array([0]), None  # row 4 is full
     with pytest.raises(InputError, match=f"KV cache full: {40 + T} entries exceed its length 40"):
-        cache.append_blocks(-1, 1, T, ctx)
+        cache.append_blocks(-1, 1, T, _ctx([4], [0]))  # row 4 of slot 0 is full
     assert cache.lengths[0, 4] == 40  # nothing reserved
     for bad_rows, bad_slots in (([-1], [0]), ([5], [0]), ([1], [-1]), ([1], [3])):
-        ctx.rows, ctx.kv_slots = np.array(bad_rows), np.array(bad_slots)
         with pytest.raises(IndexError):  # never a wrapped-around or stray offset
-            cache.append_blocks(-1, 1, T, ctx)
+            cache.append_blocks(-1, 1, T, _ctx(bad_rows, bad_slots))
+    for bad_slot in (-1, 3):  # every row at the step's slot
+        with pytest.raises(IndexError):
+            cache.append_blocks(bad_slot, 1, T, _ctx([1], None))
+
+
+def _ctx(rows, slots, n_new=None):
+    """A forward's context as ``append_blocks`` reads it: rows, their slots, new tokens."""
+    ctx = ForwardContext(positions=torch.zeros(len(rows), 1, dtype=torch.long), cos=None, sin=None)
+    ctx.rows, ctx.kv_slots, ctx.n_new = (
+        None if a is None else np.asarray(a, dtype=np.int64) for a in (rows, slots, n_new)
+    )
+    return ctx
 
 
 def test_loading_the_kernel_leaves_float_behaviour_alone():

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from earlyexit.registry import home
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
@@ -69,10 +71,6 @@ _ARGTYPES = [
 _fn = None  # the loaded function
 _state = "not loaded"  # or "compiled: PATH", "unavailable: WHY" (``status`` adds "disabled")
 _enabled = os.environ.get("EARLYEXIT_DECODE_KERNEL", "1") not in ("0", "false", "off")
-
-
-def _home() -> Path:
-    return Path(os.environ.get("EARLYEXIT_HOME", "~/.cache/earlyexit")).expanduser()
 
 
 def _compiler() -> str | None:
@@ -102,7 +100,7 @@ def _build(cc: str) -> Path:
         SOURCE.read_bytes()
         + repr((COMPILE_FLAGS, LINK_FLAGS, version, platform.machine(), _cpu_identity())).encode()
     ).hexdigest()[:16]
-    out_dir = _home() / "kernels"
+    out_dir = home() / "kernels"
     lib = out_dir / f"decode_attention-{key}.so"
     if lib.exists():
         return lib

@@ -118,6 +118,7 @@ class KVCache:
         self._plans: dict = {}  # host plans of writes and masks by (rows, lengths, ...) key
         self.lengths = np.zeros((n_slots, batch_size), dtype=np.int64)  # host-side
         self.batch_size, self.max_len, self.n_slots = batch_size, max_len, n_slots
+        self._block = n_kv_heads * max_len * head_dim  # elements of one (slot, row) block
         self.device = torch.device(device)
 
     @classmethod
@@ -229,15 +230,18 @@ class KVCache:
         writes them and attends in one pass: each of the B rows at its own slot
         (``ctx.kv_slots``) or at ``slot``, ``ctx.n_new`` (default T) entries each. Returns
         each row's block offset into ``k_all`` / ``v_all`` in elements, its entries before
-        the append and its new entries, (B,) host int64 each."""
-        rows = np.arange(B) if ctx.rows is None else ctx.rows
-        slots = np.full(B, slot) if ctx.kv_slots is None else ctx.kv_slots
-        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
-        # the kernel writes raw memory at these offsets: no negative index may wrap around
-        if min(rows.min(), slots.min()) < 0 or rows.max() >= self.batch_size:
-            raise IndexError(f"cache rows {rows.tolist()} / slots {slots.tolist()} out of range")
-        if (n_new < 0).any() or (n_new > T).any():
-            raise ValueError(f"n_new must be within [0, {T}], got {n_new}")
+        the append and its new entries, (B,) host int64 each.
+
+        Runs once per layer per decode step: what depends only on the forward's rows (their
+        checks and offsets) is worked out once and kept in ``ctx``."""
+        memo = ctx._memo.get("blocks")
+        if memo is None:
+            memo = ctx._memo["blocks"] = self._plan_blocks(B, T, ctx)
+        rows, n_new, offsets, slots = memo
+        if slots is None:  # every row at this step's slot: offsets are the rows' within it
+            if not 0 <= slot < self.n_slots:
+                raise IndexError(f"KV slot {slot} out of range")
+            slots, offsets = slot, offsets + slot * self.batch_size * self._block
         starts = self.lengths[slots, rows]
         after = starts + n_new
         if after.max() > self.max_len:
@@ -245,8 +249,22 @@ class KVCache:
                 f"KV cache full: {int(after.max())} entries exceed its length {self.max_len}"
             )
         self.lengths[slots, rows] = after
-        block = self.k_all.shape[2] * self.max_len * self.k_all.shape[4]  # Hkv x S x D
-        return (slots * self.batch_size + rows) * block, starts, n_new
+        return offsets, starts, n_new
+
+    def _plan_blocks(self, B: int, T: int, ctx: ForwardContext):
+        """The rows' part of ``append_blocks``, checked: the kernel writes raw memory at
+        these offsets, so no index may wrap around or run past the buffers."""
+        rows = np.arange(B) if ctx.rows is None else ctx.rows
+        n_new = np.full(B, T, dtype=np.int64) if ctx.n_new is None else ctx.n_new
+        slots = ctx.kv_slots
+        if rows.min() < 0 or rows.max() >= self.batch_size:
+            raise IndexError(f"cache rows {rows.tolist()} out of range")
+        if slots is not None and (slots.min() < 0 or slots.max() >= self.n_slots):
+            raise IndexError(f"KV slots {slots.tolist()} out of range")
+        if (n_new < 0).any() or (n_new > T).any():
+            raise ValueError(f"n_new must be within [0, {T}], got {n_new}")
+        flat = rows if slots is None else slots * self.batch_size + rows  # (slot x row) index
+        return rows, n_new, flat * self._block, slots
 
     def _append_slots(self, k: Tensor, v: Tensor, ctx: ForwardContext):
         """Append each row's new entries to its own slot (``ctx.kv_slots``); return the

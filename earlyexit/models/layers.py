@@ -124,10 +124,11 @@ PER_ROW_MIN_ENTRIES = 256
 def depthwise_attention_mode(ctx: ForwardContext, T: int, q: Tensor | None = None) -> str:
     """The attention path of a depth-wise call (see ``DEPTHWISE_ATTENTION``)."""
     mode = DEPTHWISE_ATTENTION
-    if mode == "kernel" or (mode == "auto" and decode_kernel.applies(ctx, T, q)):
-        if not decode_kernel.applies(ctx, T, q):
+    if mode in ("auto", "kernel"):
+        if decode_kernel.applies(ctx, T, q):
+            return "kernel"
+        if mode == "kernel":
             raise ValueError(f"the decode kernel does not apply here: {decode_kernel.status()}")
-        return "kernel"
     if mode != "auto":
         return mode
     if ctx.sliding_window is not None or ctx.stash_slots:
