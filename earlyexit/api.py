@@ -153,6 +153,7 @@ def load(
     path: str | Path,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
+    draft: str | Path | None = "auto",
 ) -> LM:
     """Load an earlyexit checkpoint, a Hugging Face Llama/Mistral/Qwen2 directory, a GGUF
     file, or a named model (``smollm2``: see :mod:`earlyexit.registry`).
@@ -162,7 +163,23 @@ def load(
             [+ ``tokenizer_config.json`` with a chat template]), ``MODEL.gguf``, or a name.
         device: ``cpu``, ``cuda[:N]`` or ``auto``.
         dtype: ``float32``, ``bfloat16``, ``float16`` or None (as stored).
+        draft: a draft directory (``earlyexit train-draft``) to attach for ``speculative``
+            decoding; ``"auto"``: the draft shipped for a named model, if any; None: none.
     """
+    lm = _load(path, device, dtype)
+    if draft == "auto":
+        from earlyexit.drafts import shipped_draft
+        from earlyexit.registry import NAMED
+
+        draft = shipped_draft(str(path)) if str(path) in NAMED and not Path(path).exists() else None
+    if draft is not None:
+        from earlyexit.drafts import attach
+
+        lm.model = attach(lm.model, draft)
+    return lm
+
+
+def _load(path: str | Path, device, dtype) -> LM:
     from earlyexit.chat import load_chat_config
     from earlyexit.models.gguf import is_gguf
     from earlyexit.registry import resolve_model

@@ -181,6 +181,12 @@ class ExitConfig:
         adapter_rank: give each intermediate exit a residual adapter h + U silu(D h) of this
             rank before its norm (0: none). With the body frozen, an exit trained this way
             leaves the full-depth model exactly as it was (see docs/decisions.md).
+        attention: give each intermediate exit an attention adapter (Kangaroo, arXiv
+            2404.18911): h + Attention(RMSNorm(h)) with its own q/k/v/o and its own KV-cache
+            slot, before the MLP adapter (if any) and the exit norm. It sees the exit's
+            states of every earlier position, so it drafts far better than a per-token
+            adapter; it needs the forward's context (positions, cache), so only strategies
+            that run it on every position (``speculative``) serve it.
     """
 
     steps: tuple[int, ...] = ()
@@ -188,6 +194,7 @@ class ExitConfig:
     classifier: bool = False
     trained: bool = False
     adapter_rank: int = 0
+    attention: bool = False
 
 
 @dataclass
@@ -352,8 +359,14 @@ class ModelConfig:
 
     @property
     def n_kv_slots(self) -> int:
-        """KV-cache slots the plan writes."""
-        return n_kv_slots(self.plan)
+        """KV-cache slots the plan writes, then one per exit attention adapter."""
+        return n_kv_slots(self.plan) + (len(self.exits.steps) if self.exits.attention else 0)
+
+    def exit_kv_slot(self, i: int) -> int:
+        """The KV slot of intermediate exit ``i``'s attention adapter (after the plan's)."""
+        if not self.exits.attention:
+            raise ValueError("this model's exits have no attention adapters")
+        return n_kv_slots(self.plan) + i
 
     def lora_shape(self, target: str) -> tuple[int, int, int]:
         """(rank, d_in, d_out) of a LoRA target, the rank capped at min(r, d_in, d_out)."""

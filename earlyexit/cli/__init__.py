@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from earlyexit.cli import bench, convert, demo, generate, prepare, serve, train
+from earlyexit.cli import bench, convert, demo, draft, generate, prepare, serve, train
 from earlyexit.cli import eval as eval_
 from earlyexit.cli.train import train_config_from_args
 from earlyexit.errors import EarlyExitError
@@ -24,7 +24,7 @@ from earlyexit.errors import EarlyExitError
 __all__ = ["COMMANDS", "build_parser", "main", "train_config_from_args"]
 
 # In the order ``earlyexit --help`` lists them.
-COMMANDS = (generate, convert, prepare, train, eval_, bench, serve, demo)
+COMMANDS = (generate, convert, prepare, train, draft, eval_, bench, serve, demo)
 
 
 def _version() -> str:

@@ -113,7 +113,25 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
         "(propagate, the default) or none (skip: later tokens attend over those that ran them)",
     )
     xg.add_argument(
-        "--draft-k", type=int, default=4, help="speculative: tokens drafted per deep pass"
+        "--draft-k",
+        type=int,
+        default=None,
+        help="speculative: most tokens drafted per deep pass (default: the attached draft's, else 4)",
+    )
+    xg.add_argument(
+        "--draft-stop",
+        type=float,
+        default=None,
+        metavar="P",
+        help="speculative: stop drafting at a draft whose probability is below P "
+        "(default: the attached draft's, else 0: always draft --draft-k)",
+    )
+    xg.add_argument(
+        "--draft",
+        default="auto",
+        metavar="DIR",
+        help="speculative: a draft directory (earlyexit train-draft) to draft from; 'auto' "
+        "(default): the draft shipped for a named model such as smollm2; 'none': no draft",
     )
     xg.add_argument(
         "--draft-vocab",
@@ -177,5 +195,12 @@ def strategy_options(args: argparse.Namespace) -> dict:
         min_exit=args.min_exit,
         decay_tau=args.decay_tau,
         draft_k=args.draft_k,
+        draft_stop=getattr(args, "draft_stop", None),
         compile=args.compile,
     )
+
+
+def draft_arg(args: argparse.Namespace):
+    """``--draft`` as ``earlyexit.load``'s ``draft`` argument."""
+    d = getattr(args, "draft", "auto")
+    return None if d in (None, "none") else d

@@ -8,6 +8,7 @@ import json
 from earlyexit.cli.common import (
     add_device_flags,
     add_strategy_flags,
+    draft_arg,
     strategy_options,
 )
 from earlyexit.errors import InputError
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             new_tokens=args.new_tokens,
             device=args.device,
             dtype=args.dtype,
+            draft=draft_arg(args),
         )
         if args.json:
             print(json.dumps(res))

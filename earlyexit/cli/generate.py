@@ -11,6 +11,7 @@ from earlyexit.cli.common import (
     add_device_flags,
     add_sampling_flags,
     add_strategy_flags,
+    draft_arg,
     strategy_options,
 )
 from earlyexit.errors import InputError
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     ).validate()
-    lm = earlyexit.load(args.model, device=args.device, dtype=args.dtype)
+    lm = earlyexit.load(args.model, device=args.device, dtype=args.dtype, draft=draft_arg(args))
     params.validate(lm.config.vocab_size)
     if args.chat:  # the prompt is the user's message, in the model's own chat template
         if args.ids:

@@ -32,6 +32,7 @@ from torch import Tensor
 from earlyexit.decoding.base import StepOutput, Strategy, run_rows
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.heads import PrunedHead
+from earlyexit.models.kernels import linear
 from earlyexit.models.kv_cache import KVCache
 
 
@@ -46,24 +47,68 @@ def frequent_tokens(tokens: np.ndarray, n: int, vocab_size: int | None = None) -
 
 
 class SelfSpeculative(Strategy):
-    """Draft ``k`` tokens with the exit after ``exit_step`` steps, verify with one deep pass."""
+    """Draft up to ``k`` tokens with the exit after ``exit_step`` steps, verify with one deep
+    pass.
+
+    ``stop``: a row stops drafting at the first draft whose top-1 probability under the
+    draft head is below ``stop`` (Kangaroo's early stop; 0 drafts ``k`` every time). The
+    round ends when every row has stopped or drafted ``k``; rows that stopped earlier keep
+    computing throwaway drafts until then (one batched call), which are never accepted.
+
+    An exit with an attention adapter (``ExitConfig.attention``) keeps its own KV slot: the
+    prefill runs the adapter over the prompt's exit states, every shallow pass appends to
+    it, and a rollback shrinks it with the others.
+    """
 
     name = "speculative"
     greedy_only = True
 
-    def __init__(self, exit_step: int, k: int = 4, draft_tokens: Tensor | None = None) -> None:
-        self.ls, self.k = exit_step, k
+    def __init__(
+        self, exit_step: int, k: int = 4, draft_tokens: Tensor | None = None, stop: float = 0.0
+    ) -> None:
+        self.ls, self.k, self.stop = exit_step, k, float(stop)
         self.cache_slack = k + 1
         self.counts = {"calls": 0, "drafted": 0, "accepted": 0, "emitted": 0}
+        self.draft_lengths = np.zeros(k + 1, dtype=np.int64)  # rounds by drafts proposed
         self.draft_tokens = draft_tokens  # (N,) token ids the draft head may propose
         self._draft_head = None if draft_tokens is None else PrunedHead(draft_tokens)
 
-    def _draft(self, model: Decoder, h: Tensor) -> Tensor:
-        """The shallow exit's greedy draft (B,) for states ``h`` (B, d)."""
+    def _attention_exit(self, model: Decoder) -> bool:
+        i = model.exit_index(self.ls)
+        return i is not None and model.exit_attention is not None
+
+    def _ctx(self, model: Decoder, cache: KVCache, rows: np.ndarray, n_new):
+        """The context of the next position of each row in the exit adapter's own KV slot
+        (the deep slots lag behind while drafting, so their lengths are not positions)."""
+        slot = model.config.exit_kv_slot(model.exit_index(self.ls))
+        dev = model.tok_embeddings.weight.device
+        positions = torch.as_tensor(cache.lengths[slot, rows], device=dev)[:, None]  # (B, 1)
+        all_rows = len(rows) == cache.batch_size
+        return model.context(positions, cache, rows=None if all_rows else rows, n_new=n_new)
+
+    def _draft(self, model: Decoder, hn: Tensor) -> tuple[Tensor, Tensor]:
+        """The draft (B,) and its probability (B,) for exit-normed states ``hn`` (B, d)."""
         if self._draft_head is None:
-            return model.exit_logits(h, self.ls).argmax(-1)
-        sub, ids = self._draft_head.logits(model, model.exit_norm(h, self.ls))  # (B, N)
-        return ids[sub.argmax(-1)]
+            logits, ids = linear(hn, model.head_weight()), None  # (B, V)
+        else:
+            logits, ids = self._draft_head.logits(model, hn)  # (B, N)
+        p, j = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return (j if ids is None else ids[j]), p
+
+    def prefill(
+        self, model: Decoder, cache: KVCache, tokens: Tensor, lens: np.ndarray
+    ) -> StepOutput:
+        if not self._attention_exit(model):
+            return super().prefill(model, cache, tokens, lens)
+        B, T = tokens.shape
+        positions = model.default_positions((B, T), cache)
+        ctx = model.context(positions, cache, n_new=lens)
+        h = model.run_steps(0, self.ls, model.embed(tokens), ctx)  # (B, T, d)
+        model.exit_norm(h, self.ls, ctx)  # fills the adapter's KV slot over the prompt
+        h = model.run_steps(self.ls, model.n_steps, h, ctx)
+        last = torch.as_tensor(lens - 1, device=h.device)
+        h_last = h[torch.arange(B, device=h.device), last]  # (B, d)
+        return StepOutput(model.logits(h_last), [model.n_steps] * B)
 
     def decode(
         self, model: Decoder, cache: KVCache, tokens: Tensor, n_new: np.ndarray | None = None
@@ -72,21 +117,41 @@ class SelfSpeculative(Strategy):
         rows = np.arange(B)
         live = np.ones(B, dtype=bool) if n_new is None else n_new.astype(bool)
         step_new = None if n_new is None else n_new.copy()
+        attn = self._attention_exit(model)
         x = tokens
         states, drafts = [], []
+        n_drafts = torch.zeros(B, dtype=torch.long)  # drafts each row proposes
+        going = torch.tensor(live)  # rows still drafting (a copy: &= must not touch live)
         for i in range(k + 1):
-            h = run_rows(model, cache, model.embed(x[:, None]), 0, ls, rows, step_new)  # (B, 1, d)
+            ctx = self._ctx(model, cache, rows, step_new) if attn else None
+            h = run_rows(model, cache, model.embed(x[:, None]), 0, ls, rows, step_new)  # (B,1,d)
             states.append(h)
-            if i < k:
-                x = self._draft(model, h[:, 0])  # (B,) draft d_{i+1}
-                drafts.append(x)
-        chunk = torch.cat(states, dim=1)  # (B, k+1, d)
-        deep_new = None if n_new is None else n_new * (k + 1)
+            if i == k:
+                if attn:  # the last state's adapter entry (the next round may start there)
+                    e = model.exit_index(ls)
+                    model.exit_attention[e].write_kv(h, ctx, model.config.exit_kv_slot(e))
+                break
+            hn = model.exit_norm(h[:, 0], ls, ctx)  # (B, d)
+            x, p = self._draft(model, hn)  # (B,) draft d_{i+1} and its probability
+            going &= p.cpu() >= self.stop
+            if not bool(going.any()):
+                break
+            drafts.append(x)
+            n_drafts += going.long()
+        j = len(drafts)  # drafts verified this round (the longest row's)
+        chunk = torch.cat(states, dim=1)  # (B, j+1, d)
+        deep_new = None if n_new is None else n_new * (j + 1)
         hd = run_rows(model, cache, chunk, ls, L, rows, deep_new)
-        verify = model.logits(hd).argmax(-1)  # (B, k+1): the full model's next tokens
-        draft = torch.stack(drafts, dim=1)  # (B, k)
-        accepted = (draft == verify[:, :k]).long().cumprod(dim=1).sum(dim=1)  # (B,)
-        d_host, v_host, a_host = draft.tolist(), verify.tolist(), accepted.tolist()  # one sync
+        verify = model.logits(hd).argmax(-1)  # (B, j+1): the full model's next tokens
+        if j:
+            draft = torch.stack(drafts, dim=1)  # (B, j)
+            agree = (draft == verify[:, :j]).long().cumprod(dim=1).sum(dim=1)  # (B,)
+            accepted = torch.minimum(agree, n_drafts)
+        else:
+            accepted = torch.zeros(B, dtype=torch.long)
+        v_host, a_host = verify.tolist(), accepted.tolist()  # one sync
+        d_host = draft.tolist() if j else [[] for _ in rows]
+        nd_host = n_drafts.tolist()
         out_tokens, out_depths = [], []
         for b in rows:
             a = a_host[b]
@@ -94,11 +159,12 @@ class SelfSpeculative(Strategy):
             out_tokens.append(toks)
             out_depths.append([L] * len(toks))
             if live[b]:  # drop the rejected drafts' entries from every KV slot
-                cache.lengths[:, b] -= k - a
+                cache.lengths[:, b] -= j - a
                 self.counts["accepted"] += a
                 self.counts["emitted"] += a + 1
+                self.counts["drafted"] += nd_host[b]
+                self.draft_lengths[nd_host[b]] += 1
         self.counts["calls"] += int(live.sum())
-        self.counts["drafted"] += k * int(live.sum())
         return StepOutput(None, [L] * B, out_tokens, out_depths)
 
     def stats(self) -> dict:
@@ -106,8 +172,10 @@ class SelfSpeculative(Strategy):
         return {
             "exit_step": self.ls,
             "k": self.k,
+            "stop": self.stop,
             "draft_vocab": None if self.draft_tokens is None else len(self.draft_tokens),
             "acceptance_rate": c["accepted"] / max(c["drafted"], 1),
             "tokens_per_deep_pass": c["emitted"] / max(c["calls"], 1),
+            "draft_lengths": self.draft_lengths.tolist(),
             **c,
         }

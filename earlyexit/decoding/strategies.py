@@ -45,8 +45,9 @@ def make_strategy(
     measure: str = "margin",
     min_exit: int | None = None,
     decay_tau: float | None = None,
-    draft_k: int = 4,
+    draft_k: int | None = None,
     draft_vocab=None,
+    draft_stop: float | None = None,
     exit_vocab=None,
     deep_kv: str | None = None,
     sync_batch: bool | None = None,
@@ -55,6 +56,10 @@ def make_strategy(
     min_sync_rate: float | None = FREE_MIN_SYNC_RATE,
 ) -> Strategy:
     """A ready strategy for ``model``; see each strategy's module for the options' meaning.
+
+    ``speculative`` on a model with an attached draft (``earlyexit/drafts.py``) drafts from it
+    by default: its exit step, draft vocabulary, ``draft_k`` and ``draft_stop`` (each
+    overridable; otherwise ``draft_k`` 4, ``draft_stop`` 0, the full vocabulary).
 
     ``sync_batch`` None takes each strategy's batched default: CALM's rows exit on their own
     (the rest go on as a smaller batch), FREE's lock-step rows exit together (a lone exit
@@ -119,10 +124,21 @@ def make_strategy(
         return CALM(
             threshold, min_exit, decay_tau, measure, bool(sync_batch), deep_kv or "propagate"
         )
+    draft = getattr(model, "draft", None)
+    if name == "speculative" and draft is not None and exit_step in (None, draft.exit_step):
+        exit_step = draft.exit_step
+        draft_k = draft.k if draft_k is None else draft_k
+        draft_stop = draft.stop if draft_stop is None else draft_stop
+        draft_vocab = draft.vocab if draft_vocab is None else draft_vocab
     if exit_step is None:
         if not cfg.exits.steps:
+            hint = (
+                "pass --exit-step N, or train a draft first (earlyexit train-draft)"
+                if name == "speculative"
+                else "pass --exit-step N"
+            )
             raise InputError(
-                f"the {name} strategy needs an exit step: this model has no exit points; pass --exit-step N"
+                f"the {name} strategy needs an exit step: this model has no exit points; {hint}"
             )
         exit_step = cfg.exits.steps[0]
     if not 1 <= exit_step < L:
@@ -138,6 +154,11 @@ def make_strategy(
         )
     else:
         _warn_untrained(cfg, name)
+    if model.exit_attention is not None and exit_step in cfg.exits.steps and name != "speculative":
+        raise InputError(
+            f"the exit after step {exit_step} has an attention adapter (a draft): it serves "
+            f"the speculative strategy (lossless), not {name}"
+        )
     if name == "static":
         return StaticExit(exit_step)
     if name == "free":
@@ -154,9 +175,18 @@ def make_strategy(
             # lock-step batches exit together (decoding/free.py): a lone exit saves nothing
             sync_batch=True if sync_batch is None else sync_batch,
         )
+    draft_k = 4 if draft_k is None else draft_k
+    draft_stop = 0.0 if draft_stop is None else draft_stop
     if not 1 <= draft_k <= 32:
         raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
-    return SelfSpeculative(exit_step, draft_k, _ids(draft_vocab, cfg.vocab_size, "draft_vocab"))
+    if not (isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1):
+        raise InputError(
+            f"draft_stop (stop drafting below this draft probability) must be within [0, 1), "
+            f"got {draft_stop}"
+        )
+    return SelfSpeculative(
+        exit_step, draft_k, _ids(draft_vocab, cfg.vocab_size, "draft_vocab"), draft_stop
+    )
 
 
 def _ids(ids, vocab_size: int, what: str):

@@ -26,13 +26,15 @@ def agreement_eval(
     new_tokens: int = 64,
     device: str = "auto",
     dtype: str | None = None,
+    draft="auto",
 ) -> dict:
-    """Token match, ROUGE-L, speedup and depth of ``strategy`` against full depth."""
+    """Token match, ROUGE-L, speedup and depth of ``strategy`` against full depth
+    (``draft``: as in :func:`earlyexit.load`)."""
     import earlyexit
 
     if n_prompts < 1 or prompt_len < 1 or new_tokens < 1:
         raise InputError("--prompts, --prompt-len and --new-tokens must be >= 1")
-    lm = earlyexit.load(model_dir, device=device, dtype=dtype)
+    lm = earlyexit.load(model_dir, device=device, dtype=dtype, draft=draft)
     model = lm.model
     try:
         prompts = validation_prompts(data, n_prompts, prompt_len)

@@ -25,6 +25,7 @@ from earlyexit.models.kv_cache import ForwardContext, KVCache
 from earlyexit.models.layers import (
     Block,
     ExitAdapter,
+    ExitAttention,
     ExitClassifier,
     RMSNorm,
     rope_cos_sin,
@@ -82,6 +83,9 @@ class Decoder(nn.Module):
             if ex.adapter_rank
             else None
         )
+        self.exit_attention = (
+            nn.ModuleList(ExitAttention(config) for _ in ex.steps) if ex.attention else None
+        )
         self.head = (
             None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         )
@@ -91,6 +95,7 @@ class Decoder(nn.Module):
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._doc_segments: Tensor | None = None  # set by documents()
+        self.draft = None  # a DraftSpec when a draft file is attached (earlyexit/drafts.py)
 
     # ------------------------------------------------------------------ init
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -103,7 +108,11 @@ class Decoder(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        for m in [*(self.exit_classifiers or ()), *(self.exit_adapters or ())]:
+        for m in [
+            *(self.exit_classifiers or ()),
+            *(self.exit_adapters or ()),
+            *(self.exit_attention or ()),
+        ]:
             m.reset_parameters(generator)
         for b in self.blocks:
             if b.lora is not None:
@@ -211,22 +220,43 @@ class Decoder(nn.Module):
         steps = self.config.exits.steps
         return steps.index(step) if step in steps else None
 
-    def exit_norm(self, h: Tensor, step: int) -> Tensor:
-        """What the exit after ``step`` steps reads: its adapter (if any), then its own norm
-        or the final norm."""
+    def exit_norm(self, h: Tensor, step: int, ctx: ForwardContext | None = None) -> Tensor:
+        """What the exit after ``step`` steps reads: its adapters (if any), then its own norm
+        or the final norm.
+
+        An exit with an attention adapter needs ``ctx``, the forward context ``h`` (B, T, d)
+        was computed in: the adapter attends over (and, with a cache, appends to) its own KV
+        slot at those positions."""
         i = self.exit_index(step)
+        if i is not None and self.exit_attention is not None:
+            if ctx is None:
+                raise ValueError(
+                    f"the exit after step {step} has an attention adapter: it needs the "
+                    "forward context (positions and cache) of the states it reads"
+                )
+            if h.dim() == 2:  # (B, d): one position per row
+                h = self.exit_attention[i](h[:, None], ctx, self.config.exit_kv_slot(i))[:, 0]
+            else:
+                h = self.exit_attention[i](h, ctx, self.config.exit_kv_slot(i))
         if i is not None and self.exit_adapters is not None:
             h = self.exit_adapters[i](h)
         if i is not None and self.exit_norms is not None:
             return self.exit_norms[i](h)
         return self.norm(h)
 
-    def exit_logits(self, h: Tensor, step: int, pruned: PrunedHead | None = None) -> Tensor:
+    def exit_logits(
+        self,
+        h: Tensor,
+        step: int,
+        pruned: PrunedHead | None = None,
+        ctx: ForwardContext | None = None,
+    ) -> Tensor:
         """Logits (..., V) of the exit after ``step`` steps: its norm + the shared LM head, or
-        with ``pruned`` the head over that token subset only (-inf elsewhere; ``heads.py``)."""
+        with ``pruned`` the head over that token subset only (-inf elsewhere; ``heads.py``).
+        ``ctx``: see :meth:`exit_norm` (exits with an attention adapter)."""
         if pruned is not None:
-            return pruned.full_logits(self, self.exit_norm(h, step))
-        return linear(self.exit_norm(h, step), self.head_weight())
+            return pruned.full_logits(self, self.exit_norm(h, step, ctx))
+        return linear(self.exit_norm(h, step, ctx), self.head_weight())
 
     def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
         """Uncached forward returning every step's output: n_steps tensors (B, T, d)."""
@@ -289,11 +319,12 @@ class Decoder(nn.Module):
             h = self.run_step(i, h, ctx)
             hidden.append(h)
         points = self.config.exit_points
-        exit_logits = [self.exit_logits(hidden[s - 1], s) for s in points]
+        exit_logits = [self.exit_logits(hidden[s - 1], s, ctx=ctx) for s in points]
         cls = None
         if self.exit_classifiers is not None:
             cls = [
-                c(self.exit_norm(hidden[s - 1], s)) for c, s in zip(self.exit_classifiers, points)
+                c(self.exit_norm(hidden[s - 1], s, ctx))
+                for c, s in zip(self.exit_classifiers, points)
             ]
         return ExitOutput(hidden, [self.norm(x) for x in hidden], exit_logits, cls)
 

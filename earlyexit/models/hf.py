@@ -255,7 +255,7 @@ def state_to_hf(model: Decoder) -> dict[str, torch.Tensor]:
             out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = gb, ub
             out[p + "mlp.down_proj.bias"] = sd[q + "mlp.w2.bias"]
     for k, v in sd.items():  # per-exit norms and classifiers ride along under our prefix
-        if k.startswith(("exit_norms.", "exit_classifiers.", "exit_adapters.")):
+        if k.startswith(("exit_norms.", "exit_classifiers.", "exit_adapters.", "exit_attention.")):
             out[f"{EXTRA_KEY}.{k}"] = v
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 

@@ -351,6 +351,40 @@ class ExitAdapter(nn.Module):
         return h + self.up(F.silu(self.down(h)))
 
 
+class ExitAttention(nn.Module):
+    """An exit's attention adapter (Kangaroo, arXiv 2404.18911): h + Attention(RMSNorm(h)),
+    one pre-norm grouped-query attention layer with no MLP, its own q/k/v/o and its own KV
+    slot. Where a per-token adapter sees one state, this one attends over the exit's states
+    at every earlier position, which is what a shallow draft lacks most.
+
+    ``reset_parameters`` zero-initialises the output projection (the exit starts as it was);
+    draft training (``training/draft.py``) starts instead from the attention of the block
+    that follows the exit, which is what the full model runs next on the same states."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        w = self.attn.wqkv.weight
+        nn.init.normal_(w, 0.0, w.shape[1] ** -0.5, generator=generator)
+        nn.init.zeros_(self.attn.wo.weight)
+        for b in (self.attn.wqkv.bias, self.attn.wo.bias):
+            if b is not None:
+                nn.init.zeros_(b)
+        nn.init.ones_(self.norm.weight)
+
+    def forward(self, h: Tensor, ctx: ForwardContext, kv_slot: int) -> Tensor:
+        """``h`` (B, T, d) at the exit -> (B, T, d); appends its K/V to ``kv_slot`` when
+        ``ctx`` has a cache (so every position it will attend to must pass through it)."""
+        return h + self.attn(self.norm(h), ctx, kv_slot)
+
+    def write_kv(self, h: Tensor, ctx: ForwardContext, kv_slot: int) -> None:
+        """Append the keys and values ``forward`` would for ``h``, computing nothing else."""
+        self.attn.write_kv(self.norm(h), ctx, kv_slot)
+
+
 class ExitClassifier(nn.Module):
     """Learned exit confidence: MLP d -> d -> 2 on the exit's normed state; class 1 means
     "this exit's argmax equals the final argmax" (CALM's classifier, FREE's ``meta``)."""

@@ -55,7 +55,7 @@ def with_exits(model: Decoder, cfg: TrainConfig) -> Decoder:
     # new exit parts start from the run's seed: two runs of one recipe start identically
     new.init_weights(torch.Generator(device=dev).manual_seed(cfg.seed))
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    exit_parts = ("exit_norms.", "exit_classifiers.", "exit_adapters.")
+    exit_parts = ("exit_norms.", "exit_classifiers.", "exit_adapters.", "exit_attention.")
     stale = [k for k in unexpected if not k.startswith(exit_parts)]
     if stale or any(not k.startswith(exit_parts) for k in missing):
         raise ConfigError(f"cannot change the exits of {cfg.init_from}: {stale or missing}")
