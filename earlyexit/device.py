@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +28,12 @@ def native_bf16(device: torch.device) -> bool:
 
     CUDA: compute capability with bf16 (Ampere and newer). CPU: the AVX512-BF16 or AMX
     instructions oneDNN uses for bf16 GEMMs; without them a bf16 matmul is emulated.
+    ``EARLYEXIT_NATIVE_BF16=0`` or ``1`` overrides the answer for CPUs (so that the suite can
+    exercise both precision paths on one machine).
     """
+    forced = os.environ.get("EARLYEXIT_NATIVE_BF16")
+    if device.type == "cpu" and forced in ("0", "1"):
+        return forced == "1"
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":

@@ -192,10 +192,12 @@ def _cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif(not _cpu_flags(), reason="needs /proc/cpuinfo")
-def test_native_bf16_on_cpu_follows_the_cpu_flags():
+def test_native_bf16_on_cpu_follows_the_cpu_flags(monkeypatch):
     """The independent reference is what the kernel reports: bf16 matmuls are native only
     with the AVX512-BF16 or AMX instructions (oneDNN emulates them otherwise)."""
     from earlyexit.device import native_bf16, resolve_precision
+
+    monkeypatch.delenv("EARLYEXIT_NATIVE_BF16", raising=False)
 
     flags = _cpu_flags()
     native = "avx512_bf16" in flags or "amx_bf16" in flags
@@ -203,6 +205,16 @@ def test_native_bf16_on_cpu_follows_the_cpu_flags():
     assert resolve_precision("auto", torch.device("cpu"))[0] == (
         "bfloat16" if native else "float32"
     )
+
+
+def test_the_environment_forces_either_precision_path_on_a_cpu(monkeypatch):
+    from earlyexit.device import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    for forced, want in (("1", "bfloat16"), ("0", "float32")):
+        monkeypatch.setenv("EARLYEXIT_NATIVE_BF16", forced)
+        assert native_bf16(cpu) == (forced == "1")
+        assert resolve_precision("auto", cpu)[0] == want
 
 
 def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch):
