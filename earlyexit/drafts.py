@@ -6,7 +6,7 @@ MB) and ``draft.json``: the exit step, the pruned draft vocabulary (token ids), 
 defaults it was tuned with (``k``, ``stop``), a fingerprint of the model it was trained on
 (shape + a hash of sampled weights) and a record of its training (data, budget, held-out
 acceptance). :func:`attach` refuses a draft whose fingerprint does not match, naming what
-differs. The SmolLM2 draft ships inside the package (``earlyexit/drafts/smollm2``) and is
+differs. The SmolLM2 draft ships inside the package (``earlyexit/draft_files/smollm2``) and is
 attached by ``earlyexit.load("smollm2")``.
 """
 
@@ -25,7 +25,7 @@ from earlyexit.errors import CheckpointError, InputError
 DRAFT_JSON = "draft.json"
 DRAFT_WEIGHTS = "draft.safetensors"
 DRAFT_FORMAT = 1
-SHIPPED = Path(__file__).parent / "drafts"
+SHIPPED = Path(__file__).parent / "draft_files"  # drafts shipped with the package
 
 
 @dataclass
@@ -35,7 +35,7 @@ class DraftSpec:
     exit_step: int
     vocab: torch.Tensor  # (N,) token ids the draft head scores
     k: int = 4
-    stop: float = 0.0
+    stop: float | str = 0.0  # a draft probability, or "adaptive"
     source: str = ""
     record: dict = dataclasses.field(default_factory=dict)
 
@@ -161,7 +161,9 @@ def attach(model, path: str | Path):
         exit_step=int(meta["exit_step"]),
         vocab=torch.as_tensor(meta["vocab"], dtype=torch.long),
         k=int(meta.get("k", 4)),
-        stop=float(meta.get("stop", 0.0)),
+        stop=meta.get("stop", 0.0)
+        if meta.get("stop") == "adaptive"
+        else float(meta.get("stop", 0.0)),
         source=str(path),
         record=meta.get("record", {}),
     )

@@ -31,8 +31,17 @@ def main() -> None:
     from earlyexit.bench.drafts import main_drafts
 
     main_drafts(
-        a.model, a.draft, a.data, tuple(a.k), tuple(a.stop), a.chat_prompts, a.code_prompts,
-        a.new_tokens, a.repeats, a.threads, a.out,
+        a.model,
+        a.draft,
+        a.data,
+        tuple(a.k),
+        tuple(a.stop),
+        a.chat_prompts,
+        a.code_prompts,
+        a.new_tokens,
+        a.repeats,
+        a.threads,
+        a.out,
     )
 
 

@@ -299,3 +299,28 @@ def test_speculation_keeps_the_adapters_kv_exactly_that_of_the_emitted_sequence(
         k = rope(k.view(n, Hkv, D), torch.arange(n), cfg.rope_theta)  # (n, Hkv, D)
     got = cache.k[slot][0, :, :n].transpose(0, 1).double()  # (n, Hkv, D)
     torch.testing.assert_close(got, k, rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_stop_calibrates_from_verifications_and_stays_lossless():
+    from earlyexit.decoding.speculative import AdaptiveStop
+
+    r = AdaptiveStop(cost=0.3, bins=4)
+    r.observe([0.9, 0.9, 0.9, 0.1, 0.1, 0.6], [True, True, False, False, False, True])
+    # Beta(1,1) posterior means per bin: [1/4, 1/2 (empty), 2/3 (0.6: 1 of 1), 3/5]
+    # made non-decreasing: [0.25, 0.5, 0.667, 0.667]
+    np.testing.assert_allclose(r.table(), [0.25, 0.5, 2 / 3, 2 / 3])
+    np.testing.assert_allclose(r.acceptance([0.05, 0.3, 0.99]), [0.25, 0.5, 2 / 3])
+    with pytest.raises(ValueError):
+        AdaptiveStop(cost=1.5)
+    m = attention_model()
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (4, 8)]
+    s = make_strategy(m, "speculative", draft_k=4, draft_stop="adaptive")
+    assert [r.token_ids for r in generate(m, ps, GREEDY, strategy=s)] == [
+        r.token_ids for r in generate(m, ps, GREEDY)
+    ]
+    st = s.stats()
+    assert st["stop"] == "adaptive" and st["stop_rule"]["samples"] > 0
+    # observations stop at each row's first rejection: no more than drafted, at least calls
+    # that drafted anything
+    assert st["stop_rule"]["samples"] <= st["drafted"]

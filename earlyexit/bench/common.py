@@ -50,10 +50,11 @@ def bench_dtype() -> str | None:
 
 
 def load_model(path):
-    """``earlyexit.load`` on the benchmark device and dtype."""
+    """``earlyexit.load`` on the benchmark device and dtype (no draft attached: benchmarks
+    measure the model they name; ``bench/drafts.py`` attaches drafts itself)."""
     import earlyexit
 
-    return earlyexit.load(path, device=_DEVICE["device"], dtype=_DEVICE["dtype"])
+    return earlyexit.load(path, device=_DEVICE["device"], dtype=_DEVICE["dtype"], draft=None)
 
 
 def sync() -> None:

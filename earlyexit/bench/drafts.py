@@ -16,7 +16,13 @@ from __future__ import annotations
 import statistics
 import warnings
 
-from earlyexit.bench.common import environment, set_threads, timed_decode, validation_prompts, write_rows
+from earlyexit.bench.common import (
+    environment,
+    set_threads,
+    timed_decode,
+    validation_prompts,
+    write_rows,
+)
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
 
@@ -27,7 +33,10 @@ def eval_prompts(lm, data: str, n_chat: int, n_code: int, code_len: int = 64, sk
     from earlyexit.training.draft import chat_prompts
 
     _, held = chat_prompts()
-    chat = [lm.encode_chat([{"role": "user", "content": p.text}]) for p in held[skip_chat : skip_chat + n_chat]]
+    chat = [
+        lm.encode_chat([{"role": "user", "content": p.text}])
+        for p in held[skip_chat : skip_chat + n_chat]
+    ]
     return {"chat": chat, "code": validation_prompts(data, n_code, code_len)}
 
 
@@ -63,7 +72,9 @@ def main_drafts(
             for stop in stops:
                 ratios, tps_full, tps_spec, stats = [], [], [], None
                 for _ in range(repeats):
-                    t_full, res_full = timed_decode(base.model, prompts, params, make_strategy(base.model, "full"))
+                    t_full, res_full = timed_decode(
+                        base.model, prompts, params, make_strategy(base.model, "full")
+                    )
                     s = make_strategy(m, "speculative", draft_k=k, draft_stop=stop)
                     t_spec, res_spec = timed_decode(m, prompts, params, s)
                     full_ref = [r.token_ids for r in res_full]

@@ -63,6 +63,17 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _stop_value(text: str):
+    if text == "adaptive":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a probability or 'adaptive', got {text!r}"
+        ) from None
+
+
 def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     """The early-exit strategy flags (generate, eval agreement, eval lm-eval)."""
     xg = g.add_argument_group("early exit")
@@ -120,11 +131,12 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     )
     xg.add_argument(
         "--draft-stop",
-        type=float,
+        type=_stop_value,
         default=None,
-        metavar="P",
-        help="speculative: stop drafting at a draft whose probability is below P "
-        "(default: the attached draft's, else 0: always draft --draft-k)",
+        metavar="P|adaptive",
+        help="speculative: stop drafting at a draft whose probability is below P, or "
+        "'adaptive' (when one more draft stops paying for itself, learnt from verifications; "
+        "default: the attached draft's, else 0: always draft --draft-k)",
     )
     xg.add_argument(
         "--draft",

@@ -101,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stop != "adaptive":
+        try:
+            args.stop = float(args.stop)
+        except ValueError:
+            raise InputError(
+                f"--stop must be a probability or 'adaptive', got {args.stop!r}"
+            ) from None
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,14 +46,79 @@ def frequent_tokens(tokens: np.ndarray, n: int, vocab_size: int | None = None) -
     return torch.as_tensor(order[: min(n, vocab_size)], dtype=torch.long)
 
 
+class AdaptiveStop:
+    """When to stop drafting, fitted online from what every verification says for free.
+
+    Each verified draft gives a pair (its draft probability c, accepted or not), counted
+    only up to a row's first rejection (later drafts were conditioned on a wrong prefix).
+    The acceptance chance a(c) is the posterior mean of a Beta(1, 1) prior per bin of c
+    (``bins`` equal bins on [0, 1]), made non-decreasing in c. A row keeps drafting while
+    the chance that its whole draft so far is accepted, the product of a(c_i), is at least
+    ``cost``: the price of one more draft token in full decode steps (its shallow pass,
+    adapter and draft head, plus what it adds to the verification). Drafting token i then
+    pays off in expectation: it saves a full step with that probability. Until ``warmup``
+    pairs are in, every round proposes at least its first draft, so that a rule whose prior
+    says "never draft" still learns.
+    """
+
+    def __init__(self, cost: float, bins: int = 10, warmup: int = 64) -> None:
+        if not 0 < cost < 1:
+            raise ValueError(f"the draft cost must be within (0, 1) full steps, got {cost}")
+        self.cost, self.bins, self.warmup = float(cost), bins, warmup
+        self.accepted = np.zeros(bins)
+        self.total = np.zeros(bins)
+
+    def _bin(self, c: np.ndarray) -> np.ndarray:
+        return np.minimum((np.asarray(c) * self.bins).astype(np.int64), self.bins - 1)
+
+    def table(self) -> np.ndarray:
+        """a(c) per bin (bins,): Beta(1, 1) posterior means, made monotone (running max)."""
+        return np.maximum.accumulate((self.accepted + 1) / (self.total + 2))
+
+    def acceptance(self, c) -> np.ndarray:
+        return self.table()[self._bin(c)]
+
+    def observe(self, confs: list[float], accepted: list[bool]) -> None:
+        b = self._bin(np.asarray(confs, dtype=np.float64))
+        np.add.at(self.total, b, 1)
+        np.add.at(self.accepted, b, np.asarray(accepted, dtype=np.float64))
+
+    def state(self) -> dict:
+        return {
+            "cost": self.cost,
+            "samples": int(self.total.sum()),
+            "acceptance_by_bin": [round(float(x), 3) for x in self.table()],
+        }
+
+
+def draft_cost(
+    model, exit_step: int, n_draft_tokens: int | None, verify_share: float = 0.05
+) -> float:
+    """One draft token's price in full decode steps, from the weights each reads (decoding
+    at batch 1 streams the weights): the first ``exit_step`` steps, the exit's adapter and
+    norm and its draft head rows, over the whole model's, plus ``verify_share`` for the
+    extra position the verification runs (measured on the CPUs here: a 5-token deep pass
+    costs 1.1-1.5x a 1-token one)."""
+    L = model.n_steps
+    body = sum(p.numel() for p in model.blocks.parameters())  # every block's weights once
+    per_step = body / max(1, L)  # unrolled steps share blocks; an estimate per step
+    exit_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("exit_"))
+    V, d = model.config.vocab_size, model.config.d_model
+    head = (n_draft_tokens or V) * d
+    full = per_step * L + V * d
+    return min(0.95, (per_step * exit_step + exit_params + head) / full + verify_share)
+
+
 class SelfSpeculative(Strategy):
     """Draft up to ``k`` tokens with the exit after ``exit_step`` steps, verify with one deep
     pass.
 
     ``stop``: a row stops drafting at the first draft whose top-1 probability under the
-    draft head is below ``stop`` (Kangaroo's early stop; 0 drafts ``k`` every time). The
-    round ends when every row has stopped or drafted ``k``; rows that stopped earlier keep
-    computing throwaway drafts until then (one batched call), which are never accepted.
+    draft head is below ``stop`` (Kangaroo's early stop; 0 drafts ``k`` every time), or,
+    with ``stop="adaptive"``, when :class:`AdaptiveStop` says one more draft no longer pays
+    for itself. The round ends when every row has stopped or drafted ``k``; rows that
+    stopped earlier keep computing throwaway drafts until then (one batched call), which are
+    never accepted.
 
     An exit with an attention adapter (``ExitConfig.attention``) keeps its own KV slot: the
     prefill runs the adapter over the prompt's exit states, every shallow pass appends to
@@ -64,14 +129,28 @@ class SelfSpeculative(Strategy):
     greedy_only = True
 
     def __init__(
-        self, exit_step: int, k: int = 4, draft_tokens: Tensor | None = None, stop: float = 0.0
+        self,
+        exit_step: int,
+        k: int = 4,
+        draft_tokens: Tensor | None = None,
+        stop: float | str = 0.0,
+        cost: float | None = None,
     ) -> None:
-        self.ls, self.k, self.stop = exit_step, k, float(stop)
+        self.ls, self.k = exit_step, k
+        self.adaptive = stop == "adaptive"
+        self.stop = 0.0 if self.adaptive else float(stop)
+        self.cost = cost  # AdaptiveStop's price of a draft token (None: estimated at begin)
+        self.rule: AdaptiveStop | None = None
         self.cache_slack = k + 1
         self.counts = {"calls": 0, "drafted": 0, "accepted": 0, "emitted": 0}
         self.draft_lengths = np.zeros(k + 1, dtype=np.int64)  # rounds by drafts proposed
         self.draft_tokens = draft_tokens  # (N,) token ids the draft head may propose
         self._draft_head = None if draft_tokens is None else PrunedHead(draft_tokens)
+
+    def begin(self, model: Decoder, cache: KVCache, batch_size: int, max_new_tokens: int) -> None:
+        if self.adaptive and self.rule is None:  # kept across generations: it keeps learning
+            n = None if self.draft_tokens is None else len(self.draft_tokens)
+            self.rule = AdaptiveStop(self.cost or draft_cost(model, self.ls, n))
 
     def _attention_exit(self, model: Decoder) -> bool:
         i = model.exit_index(self.ls)
@@ -122,6 +201,8 @@ class SelfSpeculative(Strategy):
         states, drafts = [], []
         n_drafts = torch.zeros(B, dtype=torch.long)  # drafts each row proposes
         going = torch.tensor(live)  # rows still drafting (a copy: &= must not touch live)
+        reach = np.ones(B)  # adaptive: the chance that each row's drafts so far all pass
+        confs = []  # (B,) draft probabilities, per draft
         for i in range(k + 1):
             ctx = self._ctx(model, cache, rows, step_new) if attn else None
             h = run_rows(model, cache, model.embed(x[:, None]), 0, ls, rows, step_new)  # (B,1,d)
@@ -133,7 +214,14 @@ class SelfSpeculative(Strategy):
                 break
             hn = model.exit_norm(h[:, 0], ls, ctx)  # (B, d)
             x, p = self._draft(model, hn)  # (B,) draft d_{i+1} and its probability
-            going &= p.cpu() >= self.stop
+            p = p.cpu()
+            if self.rule is not None:
+                reach = reach * self.rule.acceptance(p.numpy())
+                warm = i == 0 and self.rule.total.sum() < self.rule.warmup
+                going &= torch.as_tensor((reach >= self.rule.cost) | warm)
+            else:
+                going &= p >= self.stop
+            confs.append(p)
             if not bool(going.any()):
                 break
             drafts.append(x)
@@ -152,6 +240,11 @@ class SelfSpeculative(Strategy):
         v_host, a_host = verify.tolist(), accepted.tolist()  # one sync
         d_host = draft.tolist() if j else [[] for _ in rows]
         nd_host = n_drafts.tolist()
+        if self.rule is not None and j:  # (confidence, accepted) up to each first rejection
+            c_host = torch.stack(confs[:j], dim=1).tolist()  # (B, j)
+            for b in np.flatnonzero(live):
+                seen = min(a_host[b] + 1, nd_host[b])
+                self.rule.observe(c_host[b][:seen], [i < a_host[b] for i in range(seen)])
         out_tokens, out_depths = [], []
         for b in rows:
             a = a_host[b]
@@ -172,7 +265,8 @@ class SelfSpeculative(Strategy):
         return {
             "exit_step": self.ls,
             "k": self.k,
-            "stop": self.stop,
+            "stop": "adaptive" if self.adaptive else self.stop,
+            **({"stop_rule": self.rule.state()} if self.rule is not None else {}),
             "draft_vocab": None if self.draft_tokens is None else len(self.draft_tokens),
             "acceptance_rate": c["accepted"] / max(c["drafted"], 1),
             "tokens_per_deep_pass": c["emitted"] / max(c["calls"], 1),

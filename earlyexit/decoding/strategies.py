@@ -47,7 +47,7 @@ def make_strategy(
     decay_tau: float | None = None,
     draft_k: int | None = None,
     draft_vocab=None,
-    draft_stop: float | None = None,
+    draft_stop: float | str | None = None,
     exit_vocab=None,
     deep_kv: str | None = None,
     sync_batch: bool | None = None,
@@ -157,7 +157,8 @@ def make_strategy(
     if model.exit_attention is not None and exit_step in cfg.exits.steps and name != "speculative":
         raise InputError(
             f"the exit after step {exit_step} has an attention adapter (a draft): it serves "
-            f"the speculative strategy (lossless), not {name}"
+            f"the speculative strategy (lossless), not {name} (to run {name} on another "
+            f"step, load without the draft: --draft none --exit-step N)"
         )
     if name == "static":
         return StaticExit(exit_step)
@@ -179,10 +180,12 @@ def make_strategy(
     draft_stop = 0.0 if draft_stop is None else draft_stop
     if not 1 <= draft_k <= 32:
         raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
-    if not (isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1):
+    if draft_stop != "adaptive" and not (
+        isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1
+    ):
         raise InputError(
-            f"draft_stop (stop drafting below this draft probability) must be within [0, 1), "
-            f"got {draft_stop}"
+            f"draft_stop (stop drafting below this draft probability) must be within [0, 1) "
+            f"or 'adaptive', got {draft_stop!r}"
         )
     return SelfSpeculative(
         exit_step, draft_k, _ids(draft_vocab, cfg.vocab_size, "draft_vocab"), draft_stop

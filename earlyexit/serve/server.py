@@ -220,7 +220,9 @@ def serve(
             raise InputError(f"{flag} must be a positive number of seconds, got {v}")
     if limit_concurrency is not None and limit_concurrency < 1:
         raise InputError(f"--limit-concurrency must be >= 1, got {limit_concurrency}")
-    lm = earlyexit.load(model, device=device, dtype=dtype)
+    # no draft: the engine does not serve speculation yet (issue 29), and an attached draft's
+    # exit is not one FREE can take
+    lm = earlyexit.load(model, device=device, dtype=dtype, draft=None)
     default_exit = None
     if deep_kv != "catch-up" and threshold is None and exit_step is None:
         raise InputError("--deep-kv sets the default early exit's: pass --threshold too")
