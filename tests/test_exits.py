@@ -729,7 +729,9 @@ def test_free_exits_use_the_exit_norm_and_classifier_rows_alone(monkeypatch):
     monkeypatch.setattr(free_mod, "confidence", _Scripted([[1], [0], [1]]))
     calls = []
     orig = m.exit_logits
-    m.exit_logits = lambda h, step, pruned=None: calls.append(h.shape[0]) or orig(h, step, pruned)
+    m.exit_logits = lambda h, step, pruned=None, ctx=None: (
+        calls.append(h.shape[0]) or orig(h, step, pruned, ctx)
+    )
     res = generate(m, ps, params, strategy=FREE(2, 0.5, measure="classifier"))
     assert set(calls) == {2}  # only the exiting rows' heads, never all three
     assert check(res, ps) == 10

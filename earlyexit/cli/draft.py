@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         DraftTrainConfig,
         cache_activations,
         chat_prompts,
+        load_windows,
         pack,
+        save_windows,
         self_distill,
         stdlib_windows,
         train_draft,
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.model}: no chat template; train-draft self-distils chat answers")
     S = args.seq_len
 
-    seq_file = out / "windows.npz"
+    seq_file = out / "windows.json"
     if not seq_file.is_file():
         train_p, held_p = chat_prompts(seed=args.seed)
         if len(train_p) < args.chat_prompts or len(held_p) < args.held_out_prompts:
@@ -141,11 +143,10 @@ def run(args: argparse.Namespace) -> int:
         code_held = stdlib_windows(
             token_file(args.data, "val"), args.held_out_code_windows, S, args.seed
         )
-        tmp = out / "windows.tmp.npz"
-        np.savez(tmp, chat=chat, chat_held=chat_held, code=code, code_held=code_held)
-        tmp.replace(seq_file)
-    w = np.load(seq_file)
-    parts = {k: w[k] for k in ("chat", "chat_held", "code", "code_held")}
+        save_windows(
+            seq_file, {"chat": chat, "chat_held": chat_held, "code": code, "code_held": code_held}
+        )
+    parts = load_windows(seq_file)
     say("windows: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + f" (x {S} tokens)")
     windows = np.concatenate(list(parts.values()))
     offsets = np.cumsum([0] + [len(v) for v in parts.values()])

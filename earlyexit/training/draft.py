@@ -141,6 +141,31 @@ def stdlib_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0) -> n
     return np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts])
 
 
+def save_windows(path: str | Path, parts: dict[str, np.ndarray]) -> None:
+    """Named token windows (n, S) as one raw int64 file beside ``path`` (JSON: names and
+    shapes), written atomically. Read back with :func:`load_windows`."""
+    path = Path(path)
+    raw = path.with_suffix(".i64")
+    tmp_raw, tmp = raw.with_name(raw.name + ".tmp"), path.with_name(path.name + ".tmp")
+    np.concatenate([v.reshape(-1, v.shape[-1]) for v in parts.values()]).astype(np.int64).tofile(
+        tmp_raw
+    )
+    tmp.write_text(json.dumps({k: list(v.shape) for k, v in parts.items()}) + "\n")
+    os.replace(tmp_raw, raw)
+    os.replace(tmp, path)
+
+
+def load_windows(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    shapes = json.loads(path.read_text())
+    flat = np.fromfile(path.with_suffix(".i64"), dtype=np.int64)
+    out, at = {}, 0
+    for k, (n, S) in shapes.items():
+        out[k] = flat[at : at + n * S].reshape(n, S)
+        at += n * S
+    return out
+
+
 # ---------------------------------------------------------------------- activation cache
 def model_fingerprint(model) -> dict:
     """What a draft (and a cache) must match: the model's shape and a hash of a sample of
@@ -373,7 +398,7 @@ def train_draft(
 ):
     """Train the attention-adapter draft of frozen ``model`` at ``cfg.exit_step`` on the
     cached activations, distilling the final top-K distribution into the draft's softmax
-    over ``draft_ids`` (the pruned head). Resumes from ``run/state.pt`` (written
+    over ``draft_ids`` (the pruned head). Resumes from ``run/state.safetensors`` (written
     atomically every ``save_every`` steps) exactly: same batches, same optimizer state.
     Returns the trained draft model and the metrics rows."""
     run = Path(run)
@@ -385,7 +410,7 @@ def train_draft(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     head_rows = model.head_weight().detach()[draft_ids].contiguous()  # (N, d)
     index = vocab_index(draft_ids, model.config.vocab_size)
-    metrics_path, state_path = run / "metrics.jsonl", run / "state.pt"
+    metrics_path, state_path = run / "metrics.jsonl", run / "state.safetensors"
     fp = {
         "config": dataclasses.asdict(cfg),
         "cache": cache.meta["model"],
@@ -394,12 +419,7 @@ def train_draft(
     fp["config"].pop("threads")
     step = 0
     if state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
-        if st["fingerprint"] != fp:
-            raise InputError(f"{state_path}: written by a different draft run; use another --out")
-        dm.load_state_dict({**dm.state_dict(), **st["draft"]})
-        opt.load_state_dict(st["optimizer"])
-        step = st["step"]
+        step = _load_state(state_path, dm, opt, fp)
         _truncate(metrics_path, step)
     rng = np.random.default_rng(cfg.seed)
     epoch_len = len(train_rows) // cfg.batch_size
@@ -469,19 +489,40 @@ def train_draft(
 
 
 def _save_state(path: Path, dm, opt, step: int, fp: dict) -> None:
+    """The draft's tensors and AdamW's moments in safetensors, the rest in JSON (no pickle:
+    a checkpoint must not be able to run code), written to a temporary file and renamed."""
+    from safetensors.torch import save_file
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    tensors = {f"draft.{k}": v.contiguous() for k, v in draft_parameters(dm).items()}
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{k}"] = v.detach().reshape(v.shape).contiguous()
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "draft": draft_parameters(dm),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "fingerprint": fp,
-        },
-        tmp,
-    )
+    save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": json.dumps(fp)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _load_state(path: Path, dm, opt, fp: dict) -> int:
+    """Restore what :func:`_save_state` wrote; returns its step."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if json.loads(meta.get("fingerprint", "null")) != fp:
+            raise InputError(f"{path}: written by a different draft run; use another --out")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items)
+    dm.load_state_dict(
+        {**dm.state_dict(), **{k[6:]: v for k, v in tensors.items() if k.startswith("draft.")}}
+    )
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if st:
+            opt.state[p] = st
+    return int(meta["step"])
 
 
 def _truncate(path: Path, step: int) -> None:
