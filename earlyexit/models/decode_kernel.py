@@ -93,15 +93,16 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _build(cc: str) -> Path:
-    """Compile the kernel (once per source, flags, compiler and CPU) and return the library."""
+def _build(cc: str, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (once per source, flags, compiler and CPU) and return the library
+    (``skinny.py`` builds its kernel through this too)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        SOURCE.read_bytes()
+        source.read_bytes()
         + repr((COMPILE_FLAGS, LINK_FLAGS, version, platform.machine(), _cpu_identity())).encode()
     ).hexdigest()[:16]
     out_dir = home() / "kernels"
-    lib = out_dir / f"decode_attention-{key}.so"
+    lib = out_dir / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def _build(cc: str) -> Path:
     obj = tmp[:-3] + ".o"
     try:
         for cmd in (
-            [cc, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", obj],
+            [cc, *COMPILE_FLAGS, "-c", str(source), "-o", obj],
             [cc, *LINK_FLAGS, obj, "-o", tmp, "-lm"],
         ):
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

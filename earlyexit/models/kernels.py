@@ -6,6 +6,9 @@
   GEMV streams the weights at ~35 GB/s where ``F.linear`` (MKL) reaches ~17 GB/s, and at
   batch 8 ~22 vs ~11 GB/s. Decoding is weight-streaming bound, so this is most of our speed.
   Results agree with ``F.linear`` to float rounding (different summation order).
+- A few rows (1-4: decode steps of small batches, speculative verification chunks) go
+  through ``skinny.py``'s compiled kernel where it measured no slower on this machine: it
+  reads each weight once for all rows, and a row's result does not depend on the others.
 - Anything needing gradients, other devices and other dtypes use ``F.linear``.
 """
 
@@ -16,6 +19,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from earlyexit.models import skinny
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -43,9 +48,28 @@ def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
     )
 
 
+def _skinny_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if not (
+        x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.is_contiguous()
+        and (bias is None or bias.is_contiguous())
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+    ):
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    return rows <= skinny.MAX_ROWS and rows in skinny.chosen_rows()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias``, through oneDNN on CPU inference, else ``F.linear``."""
+    """``x @ weight.T + bias``: a few fp32 rows on CPU inference through the compiled skinny
+    kernel where it measured faster (``skinny.py``), other CPU inference through oneDNN,
+    everything else through ``F.linear``."""
     global _ONEDNN
+    if x.numel() and _skinny_ok(x, weight, bias):
+        return skinny.skinny_linear(x, weight, bias)
     if _onednn_ok(x, weight):
         try:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
