@@ -13,13 +13,19 @@ from __future__ import annotations
 import argparse
 
 
+def _stop(text: str):
+    return text if text == "adaptive" else float(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--draft", nargs="+", required=True, help="draft directories")
     ap.add_argument("--data", default="data/smollm2-stdlib")
     ap.add_argument("--k", type=int, nargs="+", default=[4])
-    ap.add_argument("--stop", type=float, nargs="+", default=[0.0])
+    ap.add_argument(
+        "--stop", type=_stop, nargs="+", default=[0.0], help="draft probabilities or 'adaptive'"
+    )
     ap.add_argument("--chat-prompts", type=int, default=8)
     ap.add_argument("--code-prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)

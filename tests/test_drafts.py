@@ -324,3 +324,55 @@ def test_adaptive_stop_calibrates_from_verifications_and_stays_lossless():
     # observations stop at each row's first rejection: no more than drafted, at least calls
     # that drafted anything
     assert st["stop_rule"]["samples"] <= st["drafted"]
+
+
+def test_train_draft_end_to_end_then_generate_with_it(tmp_path, capsys):
+    """The command a user runs: self-distil chat answers, cache, train, save; then
+    ``generate --draft`` decodes exactly the full model's greedy tokens, and a draft for
+    another model is refused with one error line."""
+    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.cli import main
+    from earlyexit.tokenizer import EOT, byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    m = make_model(
+        vocab_size=tok.vocab_size,
+        n_layers=4,
+        eos_token_ids=[tok.token_to_id(EOT)],
+        init_std=0.3,
+        max_context=1024,
+    )
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    cfg = json.dumps({"chat_template": template, "eos_token": EOT})
+    save_checkpoint(m, tmp_path / "ckpt", tok, extra_files={"tokenizer_config.json": cfg})
+    (tmp_path / "tok.json").write_text((tmp_path / "ckpt" / "tokenizer.json").read_text())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 20)
+    assert main(["prepare", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--out", str(tmp_path / "data"), "--val-fraction", "0.3"]) == 0  # fmt: skip
+    args = ["train-draft", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
+            "--out", str(tmp_path / "run"), "--exit-steps", "2", "--chat-prompts", "6",
+            "--held-out-prompts", "2", "--answer-tokens", "6", "--code-windows", "4",
+            "--held-out-code-windows", "2", "--seq-len", "16", "--steps", "4", "--batch-size", "2",
+            "--eval-every", "2", "--draft-vocab", "64", "--k", "3", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= summary["2"]["chat_agreement"] <= 1
+    meta, _ = read_draft(tmp_path / "run" / "draft2")
+    assert meta["k"] == 3 and meta["stop"] == "adaptive" and len(meta["vocab"]) == 64
+    gen = ["generate", "--model", str(tmp_path / "ckpt"), "--ids", "5 6 7 8", "--max-new-tokens",
+           "12", "--ignore-eos", "--json"]  # fmt: skip
+    assert main(gen) == 0
+    full = json.loads(capsys.readouterr().out)["token_ids"]
+    assert (
+        main([*gen, "--strategy", "speculative", "--draft", str(tmp_path / "run" / "draft2")]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["token_ids"] == full
+    other = make_model(vocab_size=tok.vocab_size, n_layers=4, seed=9)
+    save_checkpoint(other, tmp_path / "other", tok)
+    code = main(["generate", "--model", str(tmp_path / "other"), "--ids", "5 6", "--strategy",
+                 "speculative", "--draft", str(tmp_path / "run" / "draft2")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "trained for another model" in err and err.count("\n") == 1

@@ -62,6 +62,12 @@ def register(sub) -> None:
         default=8192,
         help="tokens the draft head scores (most frequent in the training windows)",
     )
+    p.add_argument(
+        "--adapter-rank",
+        type=int,
+        default=0,
+        help="add a residual MLP adapter of this rank after the attention",
+    )
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -69,9 +75,8 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, default=4, help="draft length the saved draft defaults to")
     p.add_argument(
         "--stop",
-        type=float,
-        default=0.0,
-        help="stop drafting below this draft probability (saved default)",
+        default="adaptive",
+        help="the saved draft's default stop rule: a draft probability, or 'adaptive' (default)",
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -168,24 +173,28 @@ def run(args: argparse.Namespace) -> int:
     for s in steps:
         cfg = DraftTrainConfig(
             exit_step=s,
+            adapter_rank=args.adapter_rank,
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
             eval_every=args.eval_every,
             seed=args.seed,
         )
+        tag = f"{s}" + (f"-mlp{args.adapter_rank}" if args.adapter_rank else "")
         dm, rows = train_draft(
-            model, cache, cfg, vocab, train_rows, evals, out / f"run{s}", show=not args.quiet
+            model, cache, cfg, vocab, train_rows, evals, out / f"run{tag}", show=not args.quiet
         )
         record = {
             "model": str(args.model),
             "data": {k: len(v) for k, v in parts.items()}
             | {"seq_len": S, "answer_tokens": args.answer_tokens, "corpus": str(args.data)},
-            "train": {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "seed")},
+            "train": {
+                k: getattr(cfg, k) for k in ("adapter_rank", "steps", "batch_size", "lr", "seed")
+            },
             "held_out": rows[-1] if rows else {},
             "draft_vocab": args.draft_vocab,
         }
-        dst = save_draft(dm, out / f"draft{s}", vocab, args.k, args.stop, record)
+        dst = save_draft(dm, out / f"draft{tag}", vocab, args.k, args.stop, record)
         summary[s] = rows[-1] if rows else {}
         say(f"draft at exit {s}: {dst}")
     print(json.dumps(summary))

@@ -104,18 +104,19 @@ def self_distill(
     lm, prompts: list[ChatPrompt], max_new_tokens: int, batch_size: int = 16, show: bool = True
 ) -> list[list[int]]:
     """Each prompt under the model's chat template followed by the model's own greedy answer,
-    as token ids (prompt + answer + end token when it ended)."""
+    as token ids (prompt + answer + end token when it ended); prompts that leave no room for
+    ``max_new_tokens`` in the model's context are skipped."""
     from earlyexit.decoding.generate import generate
     from earlyexit.decoding.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     out: list[list[int]] = []
-    bar = progress(show, total=len(prompts), desc="self-distillation", unit="prompt")
-    for i in range(0, len(prompts), batch_size):
-        ids = [
-            lm.encode_chat([{"role": "user", "content": p.text}])
-            for p in prompts[i : i + batch_size]
-        ]
+    room = lm.config.max_context - max_new_tokens
+    encoded = [lm.encode_chat([{"role": "user", "content": p.text}]) for p in prompts]
+    fits = [ids for ids in encoded if len(ids) <= room]  # prompts too long for the context
+    bar = progress(show, total=len(fits), desc="self-distillation", unit="prompt")
+    for i in range(0, len(fits), batch_size):
+        ids = fits[i : i + batch_size]
         with torch.inference_mode():
             res = generate(lm.model, ids, params, lm.tokenizer)
         for p, r in zip(ids, res):
@@ -291,17 +292,19 @@ def cache_activations(
 
 
 # ---------------------------------------------------------------------- the draft model
-def draft_model(model, exit_step: int):
+def draft_model(model, exit_step: int, adapter_rank: int = 0, seed: int = 0):
     """``model`` with one exit after ``exit_step`` steps carrying an attention adapter and
     its own norm, initialised from what the full model runs next there: block
-    ``exit_step``'s attention and input norm, and the final norm. Shares the body's tensors
-    (no copy); only the exit's parameters require gradients."""
+    ``exit_step``'s attention and input norm, and the final norm; with ``adapter_rank`` also
+    a residual low-rank MLP after the attention (zero-initialised output: it starts as a
+    no-op). Shares the body's tensors (no copy); only the exit's parameters require
+    gradients."""
     from earlyexit.config import ExitConfig
     from earlyexit.models.decoder import Decoder
 
     cfg = dataclasses.replace(
         model.config,
-        exits=ExitConfig(steps=(exit_step,), norms=True, attention=True, trained=False),
+        exits=ExitConfig(steps=(exit_step,), norms=True, attention=True, adapter_rank=adapter_rank),
     )
     with torch.device("meta"):
         new = Decoder(cfg)
@@ -311,10 +314,17 @@ def draft_model(model, exit_step: int):
     for k, v in nxt.attn.state_dict().items():
         state[f"exit_attention.0.attn.{k}"] = v.detach().clone()
     state["exit_norms.0.weight"] = model.norm.weight.detach().clone()
+    if adapter_rank:
+        from earlyexit.models.layers import ExitAdapter
+
+        ad = ExitAdapter(model.config.d_model, adapter_rank).to(model.tok_embeddings.weight.dtype)
+        ad.reset_parameters(torch.Generator().manual_seed(seed))
+        for k, v in ad.state_dict().items():
+            state[f"exit_adapters.0.{k}"] = v
     new.load_state_dict(state, assign=True, strict=True)
     new.rebuild_buffers(model.tok_embeddings.weight.device)
     for n, p in new.named_parameters():
-        p.requires_grad_(n.startswith(("exit_attention.", "exit_norms.")))
+        p.requires_grad_(n.startswith(("exit_attention.", "exit_norms.", "exit_adapters.")))
     return new
 
 
@@ -353,6 +363,7 @@ def soft_targets(top_p: Tensor, top_ids: Tensor, index: Tensor) -> tuple[Tensor,
 @dataclass
 class DraftTrainConfig:
     exit_step: int
+    adapter_rank: int = 0  # a residual MLP adapter after the attention (0: none)
     steps: int = 600
     batch_size: int = 8
     lr: float = 1e-3
@@ -405,7 +416,7 @@ def train_draft(
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dm = draft_model(model, cfg.exit_step)
+    dm = draft_model(model, cfg.exit_step, cfg.adapter_rank, cfg.seed)
     params = [p for p in dm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     head_rows = model.head_weight().detach()[draft_ids].contiguous()  # (N, d)
