@@ -36,12 +36,19 @@ class DraftSpec:
     vocab: torch.Tensor  # (N,) token ids the draft head scores
     k: int = 4
     stop: float | str = 0.0  # a draft probability, or "adaptive"
+    stop_prior: dict | None = None  # AdaptiveStop's starting counts, from the draft's calibration
     source: str = ""
     record: dict = dataclasses.field(default_factory=dict)
 
 
 def save_draft(
-    model, out: str | Path, vocab: torch.Tensor, k: int, stop: float, record: dict
+    model,
+    out: str | Path,
+    vocab: torch.Tensor,
+    k: int,
+    stop: float | str,
+    record: dict,
+    stop_prior: dict | None = None,
 ) -> Path:
     """Write the draft exit of ``model`` (one exit with an attention adapter) to ``out``,
     atomically (a temporary directory renamed into place)."""
@@ -65,6 +72,7 @@ def save_draft(
         "stop": stop,
         "model": model_fingerprint(model),
         "vocab": [int(t) for t in vocab.tolist()],
+        "stop_prior": stop_prior,
         "record": record,
     }
     (tmp / DRAFT_JSON).write_text(json.dumps(meta) + "\n")
@@ -174,3 +182,20 @@ def shipped_draft(name: str) -> Path | None:
     """The draft shipped with the package for named model ``name``, if any."""
     p = SHIPPED / name
     return p if (p / DRAFT_JSON).is_file() else None
+
+
+def calibrate_stop(model, prompts: list[list[int]], new_tokens: int = 64, k: int = 4) -> dict:
+    """Run speculation with the adaptive stop rule from ``model``'s attached draft over
+    ``prompts`` (token ids; the draft's training prompts, never evaluation ones) and return
+    the rule's counts as a prior (:meth:`AdaptiveStop.prior`), so that a fresh process starts
+    calibrated instead of spending its first rounds learning."""
+    from earlyexit.decoding.generate import generate
+    from earlyexit.decoding.sampling import SamplingParams
+    from earlyexit.decoding.strategies import make_strategy
+
+    s = make_strategy(model, "speculative", draft_k=k, draft_stop="adaptive")
+    with torch.inference_mode():
+        generate(
+            model, prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), strategy=s
+        )
+    return s.rule.prior()

@@ -312,6 +312,14 @@ def test_adaptive_stop_calibrates_from_verifications_and_stays_lossless():
     np.testing.assert_allclose(r.acceptance([0.05, 0.3, 0.99]), [0.25, 0.5, 2 / 3])
     with pytest.raises(ValueError):
         AdaptiveStop(cost=1.5)
+    # a calibration carried over as a prior: each bin capped at `cap` samples, same rates
+    p = r.prior(cap=2)
+    np.testing.assert_allclose(p["total"], [2, 0, 1, 2])
+    np.testing.assert_allclose(p["accepted"], [0, 0, 1, 4 / 3], atol=1e-3)
+    r2 = AdaptiveStop(cost=0.3, bins=4, prior=p)
+    np.testing.assert_allclose(r2.table(), [0.25, 0.5, 2 / 3, 2 / 3], atol=1e-3)  # 7/12 < 2/3
+    with pytest.raises(ValueError, match="prior"):
+        AdaptiveStop(cost=0.3, bins=4, prior={"accepted": [2, 0, 0, 0], "total": [1, 0, 0, 0]})
     m = attention_model()
     g = torch.Generator().manual_seed(4)
     ps = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (4, 8)]
@@ -362,6 +370,7 @@ def test_train_draft_end_to_end_then_generate_with_it(tmp_path, capsys):
     assert 0 <= summary["2"]["chat_agreement"] <= 1
     meta, _ = read_draft(tmp_path / "run" / "draft2")
     assert meta["k"] == 3 and meta["stop"] == "adaptive" and len(meta["vocab"]) == 64
+    assert sum(meta["stop_prior"]["total"]) > 0  # calibrated on training prompts
     gen = ["generate", "--model", str(tmp_path / "ckpt"), "--ids", "5 6 7 8", "--max-new-tokens",
            "12", "--ignore-eos", "--json"]  # fmt: skip
     assert main(gen) == 0

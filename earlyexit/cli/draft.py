@@ -78,6 +78,12 @@ def register(sub) -> None:
         default="adaptive",
         help="the saved draft's default stop rule: a draft probability, or 'adaptive' (default)",
     )
+    p.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=8,
+        help="training chat prompts decoded to calibrate the saved draft's adaptive stop rule (0: none)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     import earlyexit
     from earlyexit.decoding.speculative import frequent_tokens
-    from earlyexit.drafts import save_draft
+    from earlyexit.drafts import attach, calibrate_stop, save_draft
     from earlyexit.errors import InputError
     from earlyexit.training.data import token_file
     from earlyexit.training.draft import (
@@ -195,6 +201,14 @@ def run(args: argparse.Namespace) -> int:
             "draft_vocab": args.draft_vocab,
         }
         dst = save_draft(dm, out / f"draft{tag}", vocab, args.k, args.stop, record)
+        if args.calibration_prompts:  # the adaptive stop rule's starting counts
+            say(f"calibrating the stop rule on {args.calibration_prompts} training prompts")
+            train_p, _ = chat_prompts(seed=args.seed)
+            room = model.config.max_context - 64
+            ids = [lm.encode_chat([{"role": "user", "content": p.text}]) for p in train_p]
+            ids = [x for x in ids if len(x) <= room][: args.calibration_prompts]
+            prior = calibrate_stop(attach(model, dst), ids, 64, args.k)
+            dst = save_draft(dm, dst, vocab, args.k, args.stop, record, stop_prior=prior)
         summary[s] = rows[-1] if rows else {}
         say(f"draft at exit {s}: {dst}")
     print(json.dumps(summary))

@@ -61,12 +61,22 @@ class AdaptiveStop:
     says "never draft" still learns.
     """
 
-    def __init__(self, cost: float, bins: int = 10, warmup: int = 64) -> None:
+    def __init__(
+        self, cost: float, bins: int = 10, warmup: int = 64, prior: dict | None = None
+    ) -> None:
+        """``prior``: {"accepted": [...], "total": [...]} per bin, counts to start from (a
+        draft's own calibration, ``drafts.py``); its ``bins`` must match."""
         if not 0 < cost < 1:
             raise ValueError(f"the draft cost must be within (0, 1) full steps, got {cost}")
         self.cost, self.bins, self.warmup = float(cost), bins, warmup
         self.accepted = np.zeros(bins)
         self.total = np.zeros(bins)
+        if prior is not None:
+            acc = np.asarray(prior["accepted"], dtype=np.float64)
+            tot = np.asarray(prior["total"], dtype=np.float64)
+            if acc.shape != (bins,) or tot.shape != (bins,) or (acc < 0).any() or (acc > tot).any():
+                raise ValueError(f"a stop-rule prior needs {bins} bins of 0 <= accepted <= total")
+            self.accepted, self.total = acc.copy(), tot.copy()
 
     def _bin(self, c: np.ndarray) -> np.ndarray:
         return np.minimum((np.asarray(c) * self.bins).astype(np.int64), self.bins - 1)
@@ -88,6 +98,17 @@ class AdaptiveStop:
             "cost": self.cost,
             "samples": int(self.total.sum()),
             "acceptance_by_bin": [round(float(x), 3) for x in self.table()],
+            "accepted": self.accepted.tolist(),
+            "total": self.total.tolist(),
+        }
+
+    def prior(self, cap: float = 32.0) -> dict:
+        """The counts as a prior for later runs, each bin scaled down to at most ``cap``
+        samples (so that a new distribution can still move it)."""
+        scale = np.minimum(1.0, cap / np.maximum(self.total, 1.0))
+        return {
+            "accepted": (self.accepted * scale).round(3).tolist(),
+            "total": (self.total * scale).round(3).tolist(),
         }
 
 
@@ -135,11 +156,13 @@ class SelfSpeculative(Strategy):
         draft_tokens: Tensor | None = None,
         stop: float | str = 0.0,
         cost: float | None = None,
+        stop_prior: dict | None = None,
     ) -> None:
         self.ls, self.k = exit_step, k
         self.adaptive = stop == "adaptive"
         self.stop = 0.0 if self.adaptive else float(stop)
         self.cost = cost  # AdaptiveStop's price of a draft token (None: estimated at begin)
+        self.stop_prior = stop_prior  # AdaptiveStop's starting counts (a draft's calibration)
         self.rule: AdaptiveStop | None = None
         self.cache_slack = k + 1
         self.counts = {"calls": 0, "drafted": 0, "accepted": 0, "emitted": 0}
@@ -150,7 +173,9 @@ class SelfSpeculative(Strategy):
     def begin(self, model: Decoder, cache: KVCache, batch_size: int, max_new_tokens: int) -> None:
         if self.adaptive and self.rule is None:  # kept across generations: it keeps learning
             n = None if self.draft_tokens is None else len(self.draft_tokens)
-            self.rule = AdaptiveStop(self.cost or draft_cost(model, self.ls, n))
+            self.rule = AdaptiveStop(
+                self.cost or draft_cost(model, self.ls, n), prior=self.stop_prior
+            )
 
     def _attention_exit(self, model: Decoder) -> bool:
         i = model.exit_index(self.ls)

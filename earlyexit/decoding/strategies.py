@@ -125,8 +125,10 @@ def make_strategy(
             threshold, min_exit, decay_tau, measure, bool(sync_batch), deep_kv or "propagate"
         )
     draft = getattr(model, "draft", None)
+    stop_prior = None
     if name == "speculative" and draft is not None and exit_step in (None, draft.exit_step):
         exit_step = draft.exit_step
+        stop_prior = draft.stop_prior
         draft_k = draft.k if draft_k is None else draft_k
         draft_stop = draft.stop if draft_stop is None else draft_stop
         draft_vocab = draft.vocab if draft_vocab is None else draft_vocab
@@ -188,7 +190,11 @@ def make_strategy(
             f"or 'adaptive', got {draft_stop!r}"
         )
     return SelfSpeculative(
-        exit_step, draft_k, _ids(draft_vocab, cfg.vocab_size, "draft_vocab"), draft_stop
+        exit_step,
+        draft_k,
+        _ids(draft_vocab, cfg.vocab_size, "draft_vocab"),
+        draft_stop,
+        stop_prior=stop_prior,
     )
 
 
