@@ -172,6 +172,7 @@ def attach(model, path: str | Path):
         stop=meta.get("stop", 0.0)
         if meta.get("stop") == "adaptive"
         else float(meta.get("stop", 0.0)),
+        stop_prior=meta.get("stop_prior"),
         source=str(path),
         record=meta.get("record", {}),
     )

@@ -301,6 +301,10 @@ def test_speculation_keeps_the_adapters_kv_exactly_that_of_the_emitted_sequence(
     torch.testing.assert_close(got, k, rtol=1e-4, atol=1e-4)
 
 
+def p_full(n):
+    return {"accepted": [0.7 * n / 10] * 10, "total": [n / 10] * 10}
+
+
 def test_adaptive_stop_calibrates_from_verifications_and_stays_lossless():
     from earlyexit.decoding.speculative import AdaptiveStop
 
@@ -332,6 +336,10 @@ def test_adaptive_stop_calibrates_from_verifications_and_stays_lossless():
     # observations stop at each row's first rejection: no more than drafted, at least calls
     # that drafted anything
     assert st["stop_rule"]["samples"] <= st["drafted"]
+    # a draft's calibration is where the rule starts
+    s2 = SelfSpeculative(2, 4, stop="adaptive", stop_prior=p_full(10))
+    s2.begin(m, None, 1, 8)
+    assert s2.rule.total.sum() == 10 and s2.rule.accepted.sum() == 7
 
 
 def test_train_draft_end_to_end_then_generate_with_it(tmp_path, capsys):
@@ -371,6 +379,18 @@ def test_train_draft_end_to_end_then_generate_with_it(tmp_path, capsys):
     meta, _ = read_draft(tmp_path / "run" / "draft2")
     assert meta["k"] == 3 and meta["stop"] == "adaptive" and len(meta["vocab"]) == 64
     assert sum(meta["stop_prior"]["total"]) > 0  # calibrated on training prompts
+    attached = attach(
+        make_model(
+            vocab_size=tok.vocab_size,
+            n_layers=4,
+            eos_token_ids=[tok.token_to_id(EOT)],
+            init_std=0.3,
+            max_context=1024,
+        ),
+        tmp_path / "run" / "draft2",
+    )
+    s = make_strategy(attached, "speculative")
+    assert s.stop == 0.0 and s.adaptive and s.stop_prior == meta["stop_prior"]  # starts from it
     gen = ["generate", "--model", str(tmp_path / "ckpt"), "--ids", "5 6 7 8", "--max-new-tokens",
            "12", "--ignore-eos", "--json"]  # fmt: skip
     assert main(gen) == 0
