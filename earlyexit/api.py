@@ -167,15 +167,26 @@ def load(
             decoding; ``"auto"``: the draft shipped for a named model, if any; None: none.
     """
     lm = _load(path, device, dtype)
-    if draft == "auto":
+    auto = draft == "auto"
+    if auto:
         from earlyexit.drafts import shipped_draft
         from earlyexit.registry import NAMED
 
         draft = shipped_draft(str(path)) if str(path) in NAMED and not Path(path).exists() else None
     if draft is not None:
         from earlyexit.drafts import attach
+        from earlyexit.errors import CheckpointError
 
-        lm.model = attach(lm.model, draft)
+        try:
+            lm.model = attach(lm.model, draft)
+        except CheckpointError as e:
+            if not auto:
+                raise
+            import warnings
+
+            # the shipped draft does not fit this copy of the model: everything but
+            # speculation from it still works, so say why and go on without it
+            warnings.warn(f"the shipped draft was not attached: {e}", stacklevel=2)
     return lm
 
 

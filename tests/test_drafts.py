@@ -405,3 +405,22 @@ def test_train_draft_end_to_end_then_generate_with_it(tmp_path, capsys):
                  "speculative", "--draft", str(tmp_path / "run" / "draft2")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and "trained for another model" in err and err.count("\n") == 1
+
+
+def test_a_shipped_draft_that_does_not_fit_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    """``load("smollm2")`` attaches the shipped draft; if this copy of the model is not the
+    one it was trained for, loading still works (without the draft) and says why."""
+    import earlyexit
+    import earlyexit.api as api
+    import earlyexit.drafts as drafts
+
+    base = make_model(n_layers=6, init_std=0.3)
+    save_draft(dr.draft_model(base, 2), tmp_path / "d", torch.tensor([1, 2]), 3, 0.0, {})
+    other = make_model(n_layers=6, init_std=0.3, seed=7)
+    monkeypatch.setattr(api, "_load", lambda path, device, dtype: earlyexit.LM(other))
+    monkeypatch.setattr(drafts, "shipped_draft", lambda name: tmp_path / "d")
+    with pytest.warns(UserWarning, match="shipped draft was not attached"):
+        lm = earlyexit.load("smollm2")
+    assert lm.model is other and lm.model.draft is None
+    with pytest.raises(CheckpointError, match="another model"):  # asked for by path: an error
+        earlyexit.load("smollm2", draft=tmp_path / "d")
