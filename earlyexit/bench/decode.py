@@ -188,9 +188,9 @@ def run(
         hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
         hf = hf.eval().to(dev, dt)
         save_checkpoint(from_transformers(hf), Path(tmp.name) / "ours")
-        loaded = earlyexit.load(Path(tmp.name) / "ours", device=dev, dtype=dt).model
+        loaded = earlyexit.load(Path(tmp.name) / "ours", device=dev, dtype=dt, draft=None).model
     else:  # a real model: ours as users load it, transformers from its own export on disk
-        loaded = earlyexit.load(model, device=dev, dtype=dt).model
+        loaded = earlyexit.load(model, device=dev, dtype=dt, draft=None).model
         cfg = loaded.config
         preset = str(model)
         hf_export(loaded, Path(tmp.name) / "hf")

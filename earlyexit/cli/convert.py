@@ -108,14 +108,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.kind == "hf-import":
         out = hf.hf_import(src, args.dst)
     elif args.kind == "hf-export":
-        lm = earlyexit.load(src, device="cpu")
+        lm = earlyexit.load(src, device="cpu", draft=None)
         out = hf.hf_export(lm.model, args.dst, lm.tokenizer)
     elif args.kind == "recursive":
         from earlyexit.models.recursive import convert_recursive
 
         lora = _lora_config(args)
         calibration = _calibration(args)
-        lm = earlyexit.load(src, device="cpu")  # ours, a HF directory, GGUF, or a name
+        lm = earlyexit.load(src, device="cpu", draft=None)  # ours, a HF directory, GGUF, or a name
         top = None if calibration is None else int(calibration.max())
         if top is not None and top >= lm.config.vocab_size:
             raise InputError(
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # merge
         from earlyexit.models.recursive import unroll
 
-        lm = earlyexit.load(src, device="cpu")
+        lm = earlyexit.load(src, device="cpu", draft=None)
         if lm.config.sharing.scheme == "none":
             raise InputError(f"{args.src} is already dense; nothing to merge")
         out = save_checkpoint(unroll(lm.model), args.dst, lm.tokenizer, chat_files(lm.chat_config))

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = earlyexit.load(args.model)
+    lm = earlyexit.load(args.model, draft=None)  # the body a draft is trained for
     model = lm.model
     if model.config.exits.steps:
         raise InputError("train-draft starts from a model without exits (its body stays frozen)")

@@ -45,7 +45,7 @@ def perplexity(
     from earlyexit.registry import resolve_model
 
     model_dir = resolve_model(model_dir)
-    lm = earlyexit.load(model_dir, device=device, dtype=dtype)
+    lm = earlyexit.load(model_dir, device=device, dtype=dtype, draft=None)
     manifest = load_manifest(data)
     tok_file = Path(model_dir) / "tokenizer.json"
     if tok_file.is_file():
