@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,19 +50,15 @@ def save_draft(
     stop_prior: dict | None = None,
 ) -> Path:
     """Write the draft exit of ``model`` (one exit with an attention adapter) to ``out``,
-    atomically (a temporary directory renamed into place)."""
+    atomically (``checkpoint.atomic_dir``)."""
     from safetensors.torch import save_file
 
+    from earlyexit.checkpoint import _fsync, _write, atomic_dir
     from earlyexit.training.draft import draft_parameters, model_fingerprint
 
     steps = model.config.exits.steps
     if len(steps) != 1 or not model.config.exits.attention:
         raise InputError("a draft is one exit with an attention adapter")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {k_: v.detach().contiguous().cpu() for k_, v in draft_parameters(model).items()}
-    save_file(tensors, str(tmp / DRAFT_WEIGHTS))
     meta = {
         "format": DRAFT_FORMAT,
         "exit_step": steps[0],
@@ -75,16 +70,12 @@ def save_draft(
         "stop_prior": stop_prior,
         "record": record,
     }
-    (tmp / DRAFT_JSON).write_text(json.dumps(meta) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    tensors = {k_: v.detach().contiguous().cpu() for k_, v in draft_parameters(model).items()}
+    with atomic_dir(out, marker=DRAFT_JSON) as tmp:
+        save_file(tensors, str(tmp / DRAFT_WEIGHTS))
+        _fsync(tmp / DRAFT_WEIGHTS)
+        _write(tmp / DRAFT_JSON, json.dumps(meta) + "\n")
+    return Path(out)
 
 
 def read_draft(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -79,6 +79,9 @@ def environment(threads: int, device: str | None = None) -> dict:
         from earlyexit.models import decode_kernel
 
         env["decode_attention"] = decode_kernel.status().split(":")[0]
+        from earlyexit.models import skinny
+
+        env["few_row_linear"] = skinny.status().split(":")[0]  # which rows the kernel takes
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

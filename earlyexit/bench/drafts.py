@@ -64,7 +64,6 @@ def main_drafts(
     prompts = [p for v in sets.values() for p in v]
     kinds = [k for k, v in sets.items() for _ in v]
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    full_ref = None
     rows = []
     for d in drafts:
         m = attach(base.model, d)

@@ -49,18 +49,18 @@ def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
 
 
 def _skinny_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if not (
-        x.dtype == torch.float32
+    rows = x.numel() // max(1, x.shape[-1])  # checked first: prefill and big batches leave here
+    return (
+        0 < rows <= skinny.MAX_ROWS
+        and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.is_contiguous()
         and (bias is None or bias.is_contiguous())
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
-    ):
-        return False
-    rows = x.numel() // max(1, x.shape[-1])
-    return rows <= skinny.MAX_ROWS and rows in skinny.chosen_rows()
+        and rows in skinny.chosen_rows()
+    )
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -68,7 +68,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     kernel where it measured faster (``skinny.py``), other CPU inference through oneDNN,
     everything else through ``F.linear``."""
     global _ONEDNN
-    if x.numel() and _skinny_ok(x, weight, bias):
+    if _skinny_ok(x, weight, bias):
         return skinny.skinny_linear(x, weight, bias)
     if _onednn_ok(x, weight):
         try:

@@ -20,8 +20,9 @@ distribution never change during training, so they are computed once and stored:
    against the final top-K probabilities), held-out top-1 agreement (the greedy acceptance
    rate) and sum-min(p, q) reported as it trains, resumable from atomic checkpoints.
 
-Measured choices (BENCHMARKS.md, "drafts"): fp32 hidden states (exact: a test recomputes
-them) and top-32 targets in fp16 cost ~2.4 kB per token and position.
+Stored per token: fp32 states (exact: a test recomputes them), 2.3 kB per cached exit at
+SmolLM2's width, and top-32 targets in fp16 with int32 ids, 192 bytes (SmolLM2, 4 exits,
+156k tokens: 1.4 GB; BENCHMARKS.md, "drafts").
 """
 
 from __future__ import annotations
@@ -30,12 +31,10 @@ import ast
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from earlyexit.checkpoint import atomic_dir
 from earlyexit.errors import InputError
 from earlyexit.progress import progress
+from earlyexit.training.schedule import lr_at
 
 CACHE_FORMAT = 1
 
@@ -232,62 +233,56 @@ def cache_activations(
     out: str | Path,
     topk: int = 32,
     batch_size: int = 4,
-    extra_meta: dict | None = None,
     show: bool = True,
 ) -> ActivationCache:
     """Run the frozen ``model`` once over ``windows`` (n, S) and store, memory-mapped under
     ``out``: the states entering each exit in ``exit_steps`` (the output of that many plan
-    steps) and the final distribution's top-``topk`` probabilities and ids. Atomic: written
-    into ``out.tmp`` and renamed, so a killed run leaves no half cache behind."""
+    steps) and the final distribution's top-``topk`` probabilities and ids. Atomic
+    (``checkpoint.atomic_dir``): a killed run leaves no half cache behind."""
     out = Path(out)
     n, S = windows.shape
     d, L = model.config.d_model, model.n_steps
     if any(not 1 <= s < L for s in exit_steps):
         raise InputError(f"exit steps {list(exit_steps)} must be within [1, {L - 1}]")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(out, marker="cache.json") as tmp:
 
-    def mm(name, dtype, shape):
-        return np.memmap(tmp / name, dtype=dtype, mode="w+", shape=shape)
+        def mm(name, dtype, shape):
+            return np.memmap(tmp / name, dtype=dtype, mode="w+", shape=shape)
 
-    toks = mm("tokens.i64", np.int64, (n, S))
-    toks[:] = windows
-    hid = {s: mm(f"hidden{s}.f32", np.float32, (n, S, d)) for s in exit_steps}
-    tp = mm("top_p.f16", np.float16, (n, S, topk))
-    ti = mm("top_ids.i32", np.int32, (n, S, topk))
-    bar = progress(show, total=n * S, desc="caching activations", unit="tok")
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, n, batch_size):
-            x = torch.as_tensor(windows[i : i + batch_size])
-            ctx = model.context(model.default_positions(x.shape, None))
-            h = model.embed(x)
-            for step in range(L):
-                h = model.run_step(step, h, ctx)
-                if step + 1 in hid:
-                    hid[step + 1][i : i + len(x)] = h.float().numpy()
-            p, ids = torch.softmax(model.logits(h).float(), dim=-1).topk(topk, dim=-1)
-            tp[i : i + len(x)] = p.half().numpy()
-            ti[i : i + len(x)] = ids.int().numpy()
-            bar.update(x.numel())
-    bar.close()
-    for a in (toks, *hid.values(), tp, ti):
-        a.flush()
-    meta = {
-        "format": CACHE_FORMAT,
-        "n": n,
-        "seq_len": S,
-        "topk": topk,
-        "d_model": d,
-        "exit_steps": list(exit_steps),
-        "model": model_fingerprint(model),
-        "seconds": round(time.perf_counter() - t0, 1),
-        **(extra_meta or {}),
-    }
-    (tmp / "cache.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+        toks = mm("tokens.i64", np.int64, (n, S))
+        toks[:] = windows
+        hid = {s: mm(f"hidden{s}.f32", np.float32, (n, S, d)) for s in exit_steps}
+        tp = mm("top_p.f16", np.float16, (n, S, topk))
+        ti = mm("top_ids.i32", np.int32, (n, S, topk))
+        bar = progress(show, total=n * S, desc="caching activations", unit="tok")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, n, batch_size):
+                x = torch.as_tensor(windows[i : i + batch_size])
+                ctx = model.context(model.default_positions(x.shape, None))
+                h = model.embed(x)
+                for step in range(L):
+                    h = model.run_step(step, h, ctx)
+                    if step + 1 in hid:
+                        hid[step + 1][i : i + len(x)] = h.float().numpy()
+                p, ids = torch.softmax(model.logits(h).float(), dim=-1).topk(topk, dim=-1)
+                tp[i : i + len(x)] = p.half().numpy()
+                ti[i : i + len(x)] = ids.int().numpy()
+                bar.update(x.numel())
+        bar.close()
+        for a in (toks, *hid.values(), tp, ti):
+            a.flush()
+        meta = {
+            "format": CACHE_FORMAT,
+            "n": n,
+            "seq_len": S,
+            "topk": topk,
+            "d_model": d,
+            "exit_steps": list(exit_steps),
+            "model": model_fingerprint(model),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / "cache.json").write_text(json.dumps(meta, indent=2) + "\n")
     return ActivationCache.open(out)
 
 
@@ -373,7 +368,18 @@ class DraftTrainConfig:
     save_every: int = 100
     seed: int = 0
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
+
+
+def _batch(cache: ActivationCache, exit_step: int, rows: np.ndarray, index: Tensor):
+    """Cache windows ``rows`` (sorted: memmap reads in order) as tensors: the exit states
+    (B, S, d) and the soft targets (columns of the pruned head, probabilities), and the
+    final argmax ids (B, S)."""
+    r = np.sort(rows)
+    h = torch.from_numpy(np.ascontiguousarray(cache.hidden[exit_step][r]))
+    top_ids = torch.from_numpy(np.ascontiguousarray(cache.top_ids[r])).long()
+    top_p = torch.from_numpy(np.ascontiguousarray(cache.top_p[r]))
+    cols, p = soft_targets(top_p, top_ids, index)
+    return h, cols, p, top_ids[..., 0]
 
 
 @torch.no_grad()
@@ -385,13 +391,9 @@ def evaluate_draft(
     the final top-K (the expected acceptance of a sampled draft)."""
     agree = summin = count = 0.0
     for i in range(0, len(rows), cfg.batch_size):
-        r = np.sort(rows[i : i + cfg.batch_size])
-        h = torch.from_numpy(np.ascontiguousarray(cache.hidden[cfg.exit_step][r]))
-        top_ids = torch.from_numpy(np.ascontiguousarray(cache.top_ids[r])).long()
-        top_p = torch.from_numpy(np.ascontiguousarray(cache.top_p[r])).float()
+        h, cols, p, final = _batch(cache, cfg.exit_step, rows[i : i + cfg.batch_size], index)
         q = torch.softmax(draft_logits(model, cfg.exit_step, h, head_rows).float(), -1)
-        agree += (ids[q.argmax(-1)] == top_ids[..., 0]).sum().item()
-        cols, p = soft_targets(top_p, top_ids, index)
+        agree += (ids[q.argmax(-1)] == final).sum().item()
         summin += torch.minimum(p, q.gather(-1, cols) * (p > 0)).sum().item()
         count += h.shape[0] * h.shape[1]
     return {"agreement": agree / count, "sum_min": summin / count}
@@ -432,7 +434,6 @@ def train_draft(
     if state_path.is_file():
         step = _load_state(state_path, dm, opt, fp)
         _truncate(metrics_path, step)
-    rng = np.random.default_rng(cfg.seed)
     epoch_len = len(train_rows) // cfg.batch_size
     if epoch_len == 0:
         raise InputError(
@@ -442,13 +443,6 @@ def train_draft(
     def order(epoch: int) -> np.ndarray:  # the same permutation on a resumed run
         return np.random.default_rng([cfg.seed, epoch]).permutation(train_rows)
 
-    def lr_at(s: int) -> float:
-        if s < cfg.warmup:
-            return cfg.lr * (s + 1) / cfg.warmup
-        t = (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-    del rng
     rows_out = []
     bar = progress(show, total=cfg.steps, desc=f"draft @{cfg.exit_step}", unit="step")
     bar.update(step)
@@ -457,15 +451,11 @@ def train_draft(
     while step < cfg.steps:
         perm = order(step // epoch_len)
         b = step % epoch_len
-        r = np.sort(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-        h = torch.from_numpy(np.ascontiguousarray(cache.hidden[cfg.exit_step][r]))
-        cols, p = soft_targets(
-            torch.from_numpy(np.ascontiguousarray(cache.top_p[r])),
-            torch.from_numpy(np.ascontiguousarray(cache.top_ids[r])),
-            index,
+        h, cols, p, _ = _batch(
+            cache, cfg.exit_step, perm[b * cfg.batch_size : (b + 1) * cfg.batch_size], index
         )
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup)
         logq = torch.log_softmax(draft_logits(dm, cfg.exit_step, h, head_rows).float(), -1)
         loss = -(p * logq.gather(-1, cols)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
