@@ -12,13 +12,21 @@ from earlyexit.decoding.free import FREE
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning
-from earlyexit.engine import ExitMode, LLMEngine, QueueFull, Scheduler
+from earlyexit.engine import ExitMode, QueueFull, Scheduler
+from earlyexit.engine import LLMEngine as _LLMEngine
 from earlyexit.errors import InputError
 from earlyexit.models.plan import build_plan
 from earlyexit.models.recursive import convert_recursive
 from tests.conftest import make_model
 
 warnings.filterwarnings("ignore", category=ExitWarning)
+
+
+def LLMEngine(*args, **kwargs):  # noqa: N802 (stands in for the class)
+    """The engine on these random-weight models, whose exits were never trained: exits are
+    allowed (the tests compare decisions, not quality)."""
+    kwargs.setdefault("allow_untrained_exits", True)
+    return _LLMEngine(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------- scheduler only

@@ -23,9 +23,18 @@ import torch
 from torch import Tensor
 
 from earlyexit.decoding.base import StepOutput, Strategy, slot_positions
-from earlyexit.decoding.confidence import confidence
+from earlyexit.decoding.confidence import DEFAULT_THRESHOLD, confidence
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.kv_cache import KVCache
+
+
+def calm_threshold(threshold: float, tau: float | None, t: int, n_max: int) -> float:
+    """CALM's lambda_t for the ``t``-th generated token of at most ``n_max``: constant
+    without ``tau``, else 0.9 lambda + 0.1 lambda exp(-tau t / N) (CALM's code). The engine
+    and :class:`CALM` both read it."""
+    if tau is None:
+        return threshold
+    return 0.9 * threshold + 0.1 * threshold * math.exp(-tau * t / max(n_max, 1))
 
 
 class CALM(Strategy):
@@ -35,7 +44,7 @@ class CALM(Strategy):
 
     def __init__(
         self,
-        threshold: float = 0.9,
+        threshold: float = DEFAULT_THRESHOLD,
         min_exit: int = 1,
         decay_tau: float | None = None,
         measure: str = "margin",
@@ -59,10 +68,7 @@ class CALM(Strategy):
         self.n_max = max_new_tokens
 
     def threshold_at(self, t: int) -> float:
-        if self.tau is None:
-            return self.threshold
-        lam = self.threshold
-        return 0.9 * lam + 0.1 * lam * math.exp(-self.tau * t / max(self.n_max, 1))
+        return calm_threshold(self.threshold, self.tau, t, self.n_max)
 
     def decode(
         self, model: Decoder, cache: KVCache, tokens: Tensor, n_new: np.ndarray | None = None

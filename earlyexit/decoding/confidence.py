@@ -17,6 +17,10 @@ from torch import Tensor
 
 MEASURES = ("margin", "max-prob", "saturation", "classifier")
 
+# The exit threshold a strategy uses when none is given (FREE's and CALM's papers start at
+# 0.9: few exits, near-full quality). Every default in the package reads this one.
+DEFAULT_THRESHOLD = 0.9
+
 
 def confidence(
     kind: str,

@@ -55,11 +55,24 @@ import torch
 from torch import Tensor
 
 from earlyexit.decoding.base import StepOutput, Strategy, run_rows
-from earlyexit.decoding.confidence import confidence
+from earlyexit.decoding.confidence import DEFAULT_THRESHOLD, confidence
 from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.heads import PrunedHead
 from earlyexit.models.kv_cache import KVCache
+
+
+def calibration_pairs(
+    confs: list[float], shallow: list[int], deep: list[int]
+) -> tuple[list[float], list[int]]:
+    """FREE's calibration samples from one synchronized deep pass (``threshold.py``): for
+    each position of the chunk (the stacked exited tokens, then the trigger), its shallow
+    confidence and whether the shallow argmax equals the deep argmax there. A pass over an
+    empty stack (the trigger alone) logs nothing. Lock-step FREE and the engine both log
+    through this."""
+    if len(confs) < 2:
+        return [], []
+    return list(confs), [int(s == t) for s, t in zip(shallow, deep)]
 
 
 class FREE(Strategy):
@@ -86,7 +99,7 @@ class FREE(Strategy):
     def __init__(
         self,
         exit_step: int,
-        threshold: float = 0.9,
+        threshold: float = DEFAULT_THRESHOLD,
         adaptive: bool = False,
         measure: str = "margin",
         calibrator: BetaMixtureThreshold | None = None,
@@ -265,9 +278,13 @@ class FREE(Strategy):
         confs, labels = [], []
         for j, b in enumerate(d_rows[has_stack]):
             k = int(n[np.nonzero(has_stack)[0][j]])
-            shallow = [*self.stack_arg[b], int(host[2][b])]
-            confs += [*self.stack_conf[b], host[1][b]]
-            labels += [int(s == t) for s, t in zip(shallow, deep_arg[j][:k])]
+            c, y = calibration_pairs(
+                [*self.stack_conf[b], host[1][b]],
+                [*self.stack_arg[b], int(host[2][b])],
+                deep_arg[j][:k],
+            )
+            confs += c
+            labels += y
         self.calibrator.observe(confs, labels)
 
     def stats(self) -> dict:

@@ -112,6 +112,56 @@ class AdaptiveStop:
         }
 
 
+class DraftStop:
+    """Whether a row drafts one more token: the one stop rule that lock-step speculation
+    (:class:`SelfSpeculative`) and the serving engine share.
+
+    ``stop``: a fixed draft-probability floor (Kangaroo's early stop; 0 never stops before
+    ``k``), or ``rule``: an :class:`AdaptiveStop` (then ``stop`` is unused)."""
+
+    def __init__(self, stop: float = 0.0, rule: AdaptiveStop | None = None) -> None:
+        self.stop, self.rule = float(stop), rule
+
+    def keeps(self, i: int, p: np.ndarray, reach: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For draft ``i`` (0-based) with draft probabilities ``p`` (rows,), given each row's
+        ``reach`` (the chance that its drafts so far all pass): whether each row proposes it,
+        and the new reach."""
+        p = np.asarray(p, dtype=np.float64)
+        if self.rule is None:
+            return p >= self.stop, reach
+        reach = reach * self.rule.acceptance(p)
+        warm = i == 0 and self.rule.total.sum() < self.rule.warmup
+        return (reach >= self.rule.cost) | warm, reach
+
+    def observe(self, confs: list[float], accepted: int, proposed: int) -> None:
+        """One row's verified round: the (probability, accepted) pairs up to its first
+        rejection (later drafts were conditioned on a wrong prefix)."""
+        if self.rule is None or not proposed:
+            return
+        seen = min(accepted + 1, proposed)
+        self.rule.observe(confs[:seen], [i < accepted for i in range(seen)])
+
+
+def propose(model: Decoder, hn: Tensor, head: PrunedHead | None) -> tuple[Tensor, Tensor]:
+    """The draft (B,) and its probability (B,) for exit-normed states ``hn`` (B, d): the
+    argmax of the draft head (``head``, a pruned head, or the full head when None)."""
+    if head is None:
+        logits, ids = linear(hn, model.head_weight()), None  # (B, V)
+    else:
+        logits, ids = head.logits(model, hn)  # (B, N)
+    p, j = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    return (j if ids is None else ids[j]), p
+
+
+def accepted_length(drafts: list[int], verified: list[int]) -> int:
+    """How many leading drafts the verifier accepts: d_{i+1} passes iff it equals the full
+    model's argmax after the prefix before it (``verified[i]``)."""
+    a = 0
+    while a < len(drafts) and drafts[a] == verified[a]:
+        a += 1
+    return a
+
+
 def draft_cost(
     model, exit_step: int, n_draft_tokens: int | None, verify_share: float = 0.05
 ) -> float:
@@ -190,15 +240,6 @@ class SelfSpeculative(Strategy):
         all_rows = len(rows) == cache.batch_size
         return model.context(positions, cache, rows=None if all_rows else rows, n_new=n_new)
 
-    def _draft(self, model: Decoder, hn: Tensor) -> tuple[Tensor, Tensor]:
-        """The draft (B,) and its probability (B,) for exit-normed states ``hn`` (B, d)."""
-        if self._draft_head is None:
-            logits, ids = linear(hn, model.head_weight()), None  # (B, V)
-        else:
-            logits, ids = self._draft_head.logits(model, hn)  # (B, N)
-        p, j = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-        return (j if ids is None else ids[j]), p
-
     def prefill(
         self, model: Decoder, cache: KVCache, tokens: Tensor, lens: np.ndarray
     ) -> StepOutput:
@@ -228,6 +269,7 @@ class SelfSpeculative(Strategy):
         going = torch.tensor(live)  # rows still drafting (a copy: &= must not touch live)
         reach = np.ones(B)  # adaptive: the chance that each row's drafts so far all pass
         confs = []  # (B,) draft probabilities, per draft
+        stop = DraftStop(self.stop, self.rule)
         for i in range(k + 1):
             ctx = self._ctx(model, cache, rows, step_new) if attn else None
             h = run_rows(model, cache, model.embed(x[:, None]), 0, ls, rows, step_new)  # (B,1,d)
@@ -238,14 +280,10 @@ class SelfSpeculative(Strategy):
                     model.exit_attention[e].write_kv(h, ctx, model.config.exit_kv_slot(e))
                 break
             hn = model.exit_norm(h[:, 0], ls, ctx)  # (B, d)
-            x, p = self._draft(model, hn)  # (B,) draft d_{i+1} and its probability
+            x, p = propose(model, hn, self._draft_head)  # (B,) draft d_{i+1} and its probability
             p = p.cpu()
-            if self.rule is not None:
-                reach = reach * self.rule.acceptance(p.numpy())
-                warm = i == 0 and self.rule.total.sum() < self.rule.warmup
-                going &= torch.as_tensor((reach >= self.rule.cost) | warm)
-            else:
-                going &= p >= self.stop
+            keep, reach = stop.keeps(i, p.numpy(), reach)
+            going &= torch.as_tensor(keep)
             confs.append(p)
             if not bool(going.any()):
                 break
@@ -268,8 +306,7 @@ class SelfSpeculative(Strategy):
         if self.rule is not None and j:  # (confidence, accepted) up to each first rejection
             c_host = torch.stack(confs[:j], dim=1).tolist()  # (B, j)
             for b in np.flatnonzero(live):
-                seen = min(a_host[b] + 1, nd_host[b])
-                self.rule.observe(c_host[b][:seen], [i < a_host[b] for i in range(seen)])
+                stop.observe(c_host[b], a_host[b], nd_host[b])
         out_tokens, out_depths = [], []
         for b in rows:
             a = a_host[b]

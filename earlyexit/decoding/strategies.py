@@ -12,7 +12,7 @@ import warnings
 
 from earlyexit.decoding.base import Strategy
 from earlyexit.decoding.calm import CALM
-from earlyexit.decoding.confidence import MEASURES
+from earlyexit.decoding.confidence import DEFAULT_THRESHOLD, MEASURES
 from earlyexit.decoding.free import FREE
 from earlyexit.decoding.full import FullDepth, StaticExit
 from earlyexit.decoding.mor import RouterDepth
@@ -35,12 +35,156 @@ class ExitWarning(UserWarning):
     """An exit strategy runs where its quality cannot be trusted (untrained exits)."""
 
 
+class OptionError(InputError):
+    """A bad strategy option; ``param`` names it as a request field would (the server's
+    400 names it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_exit(
+    model,
+    name: str,
+    exit_step: int | None,
+    *,
+    threshold: float | str = DEFAULT_THRESHOLD,
+    measure: str = "margin",
+    allow_untrained: bool = False,
+) -> int:
+    """Validate an exiting strategy's options against ``model``; return its exit step (the
+    model's default when ``exit_step`` is None: the draft's for ``speculative``, else the
+    first exit point). ``calm``'s step is its first exit checked.
+
+    ``make_strategy`` (``generate``) and the serving engine both check through here, so a
+    request the server refuses is refused by ``generate`` with the same words.
+
+    Exits that were never trained (and steps that are no exit point at all) are refused for
+    the lossy strategies (``static``, ``calm``, ``free``) unless ``allow_untrained``: their
+    tokens would be of poor quality (then an :class:`ExitWarning` says so). ``speculative``
+    stays exact on any exit, so there it is a warning that it will be slower.
+
+    Raises:
+        InputError (an :class:`OptionError`, naming the option): every bad value.
+    """
+    if model.routers is not None:
+        raise OptionError(
+            f"the {name} strategy is for models with exits; this Mixture-of-Recursions model's "
+            "routers decide each token's depth (use full)",
+            "strategy",
+        )
+    cfg = model.config
+    L = model.n_steps
+    if measure not in MEASURES:
+        raise OptionError(
+            f"unknown confidence measure {measure!r}; available: {', '.join(MEASURES)}",
+            "confidence",
+        )
+    adaptive_ok = name == "free"
+    if not (threshold == "adaptive" and adaptive_ok) and not (
+        isinstance(threshold, (int, float))
+        and not isinstance(threshold, bool)
+        and math.isfinite(threshold)
+        and -1 <= threshold <= 1
+    ):
+        extra = " or 'adaptive'" if adaptive_ok else ""
+        raise OptionError(
+            f"threshold must be a number in [-1, 1] (1 never exits, -1 always does){extra}, "
+            f"got {threshold!r}",
+            "threshold",
+        )
+    if measure == "classifier" and model.exit_classifiers is None:
+        raise OptionError(
+            "the classifier confidence needs a model with exit classifiers (train "
+            "--objective exit-classifier --exit-classifier)",
+            "confidence",
+        )
+    if L < 2:
+        raise OptionError(f"the {name} strategy needs at least 2 steps; this model has {L}")
+    draft = getattr(model, "draft", None)
+    if exit_step is None:
+        if name == "speculative" and draft is not None:
+            exit_step = draft.exit_step
+        elif cfg.exits.steps:
+            exit_step = cfg.exits.steps[0]
+        else:
+            hint = (
+                "pass an exit step, or train a draft first (earlyexit train-draft)"
+                if name == "speculative"
+                else "pass an exit step"
+            )
+            raise OptionError(
+                f"the {name} strategy needs an exit step: this model has no exit points; {hint}",
+                "exit_step",
+            )
+    if isinstance(exit_step, bool) or not isinstance(exit_step, int) or not 1 <= exit_step < L:
+        raise OptionError(
+            f"exit step {exit_step} is outside the model's depth: it must be within [1, {L - 1}]",
+            "exit_step",
+        )
+    if name == "calm":
+        if not cfg.exits.steps:
+            raise OptionError(
+                "the calm strategy checks the model's exit points, and this model has none "
+                "(train with --exit-steps)",
+                "strategy",
+            )
+        checked = [e for e in cfg.exits.steps if e >= exit_step]
+        trained = cfg.exits.trained or not checked  # nothing checked: it never exits
+    else:
+        checked = [exit_step]
+        trained = cfg.exits.trained and exit_step in cfg.exits.steps
+    if (
+        model.exit_attention is not None
+        and name != "speculative"
+        and set(checked) & set(cfg.exits.steps)
+    ):
+        raise OptionError(
+            f"the exit after step {cfg.exits.steps[0]} has an attention adapter (a draft): "
+            f"it serves the speculative strategy (lossless), not {name} (to run {name} "
+            "on another step, load without the draft: --draft none, and pass an exit step)",
+            "exit_step",
+        )
+    if not trained:
+        what = (
+            f"step {exit_step} is not an exit point of this model ({list(cfg.exits.steps)}): "
+            "its logits use the final norm and head without exit training"
+            if exit_step not in cfg.exits.steps and name != "calm"
+            else "this model's exits were never trained"
+        )
+        if name == "speculative":
+            warnings.warn(
+                f"{what}: drafts will rarely be accepted and decoding will be slower than "
+                "full depth (the output is still exact); use a trained draft (the shipped "
+                "one for named models, or earlyexit train-draft)",
+                ExitWarning,
+                stacklevel=3,
+            )
+        elif not allow_untrained:
+            raise OptionError(
+                f"{what}, so {name} would emit poor tokens. Train an exit first (earlyexit "
+                "train --preset smollm2-exit for SmolLM2, or --objective exits), use the "
+                "lossless speculative strategy, or allow it explicitly "
+                "(--allow-untrained-exits; the server's --allow-untrained-exits)",
+                "exit_step",
+            )
+        else:
+            warnings.warn(
+                f"{what}: {name} will emit poor tokens wherever it exits (quality far below "
+                "full depth; allowed by --allow-untrained-exits)",
+                ExitWarning,
+                stacklevel=3,
+            )
+    return exit_step
+
+
 def make_strategy(
     model,
     name: str = "full",
     *,
     exit_step: int | None = None,
-    threshold: float = 0.9,
+    threshold: float = DEFAULT_THRESHOLD,
     adaptive: bool = False,
     measure: str = "margin",
     min_exit: int | None = None,
@@ -54,6 +198,7 @@ def make_strategy(
     calibrator: BetaMixtureThreshold | None = None,
     compile: bool = False,
     min_sync_rate: float | None = FREE_MIN_SYNC_RATE,
+    allow_untrained: bool = False,
 ) -> Strategy:
     """A ready strategy for ``model``; see each strategy's module for the options' meaning.
 
@@ -64,13 +209,18 @@ def make_strategy(
     ``sync_batch`` None takes each strategy's batched default: CALM's rows exit on their own
     (the rest go on as a smaller batch), FREE's lock-step rows exit together (a lone exit
     would save no deep pass); ``min_sync_rate`` is FREE's batch fallback floor.
+    ``allow_untrained``: run a lossy strategy on exits that were never trained (see
+    :func:`check_exit`).
 
     Raises:
         InputError: unknown strategy or measure, an exit step outside the model's depth, a
-            threshold outside [-1, 1], a classifier measure on a model without classifiers.
+            threshold outside [-1, 1], a classifier measure on a model without classifiers,
+            a lossy strategy on untrained exits.
     """
     if name not in STRATEGIES:
-        raise InputError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}")
+        raise OptionError(
+            f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}", "strategy"
+        )
     if exit_vocab is not None and name != "free":
         raise InputError(
             f"exit_vocab (a pruned exit head) applies to the free strategy, not {name!r}"
@@ -87,40 +237,23 @@ def make_strategy(
         )
     if compile:
         raise InputError("--compile applies to the full strategy only (a static-shape decode step)")
-    if model.routers is not None:
-        raise InputError(
-            f"the {name} strategy is for models with exits; this Mixture-of-Recursions model's routers decide each token's depth (use full)"
-        )
     cfg = model.config
     L = model.n_steps
-    if measure not in MEASURES:
-        raise InputError(
-            f"unknown confidence measure {measure!r}; available: {', '.join(MEASURES)}"
-        )
-    if not (
-        isinstance(threshold, (int, float)) and math.isfinite(threshold) and -1 <= threshold <= 1
-    ):
-        raise InputError(
-            f"threshold must be in [-1, 1] (1 never exits, -1 always does), got {threshold}"
-        )
-    if measure == "classifier" and model.exit_classifiers is None:
-        raise InputError(
-            "--confidence classifier needs a model with exit classifiers (train --objective exit-classifier --exit-classifier)"
-        )
-    if L < 2:
-        raise InputError(f"the {name} strategy needs at least 2 steps; this model has {L}")
     if name == "calm":
-        if min_exit is None:
+        if min_exit is None and model.routers is None:
             min_exit = cfg.exits.steps[0] if cfg.exits.steps else 1
-        if not 1 <= min_exit <= L:
+        if min_exit is not None and not 1 <= min_exit <= L:
             raise InputError(f"min_exit must be within [1, {L}], got {min_exit}")
         if decay_tau is not None and not decay_tau > 0:
             raise InputError(f"decay_tau must be > 0, got {decay_tau}")
-        if not cfg.exits.steps:
-            raise InputError(
-                "the calm strategy checks the model's exit points, and this model has none (train with --exit-steps)"
-            )
-        _warn_untrained(cfg, name)
+        check_exit(
+            model,
+            name,
+            min(min_exit, L - 1),
+            threshold=threshold,
+            measure=measure,
+            allow_untrained=allow_untrained,
+        )
         return CALM(
             threshold, min_exit, decay_tau, measure, bool(sync_batch), deep_kv or "propagate"
         )
@@ -132,36 +265,14 @@ def make_strategy(
         draft_k = draft.k if draft_k is None else draft_k
         draft_stop = draft.stop if draft_stop is None else draft_stop
         draft_vocab = draft.vocab if draft_vocab is None else draft_vocab
-    if exit_step is None:
-        if not cfg.exits.steps:
-            hint = (
-                "pass --exit-step N, or train a draft first (earlyexit train-draft)"
-                if name == "speculative"
-                else "pass --exit-step N"
-            )
-            raise InputError(
-                f"the {name} strategy needs an exit step: this model has no exit points; {hint}"
-            )
-        exit_step = cfg.exits.steps[0]
-    if not 1 <= exit_step < L:
-        raise InputError(
-            f"exit step {exit_step} is outside the model's depth: it must be within [1, {L - 1}]"
-        )
-    if exit_step not in cfg.exits.steps:
-        warnings.warn(
-            f"step {exit_step} is not an exit point of this model ({list(cfg.exits.steps)}): its "
-            f"logits use the final norm and head without exit training, so quality will suffer",
-            ExitWarning,
-            stacklevel=2,
-        )
-    else:
-        _warn_untrained(cfg, name)
-    if model.exit_attention is not None and exit_step in cfg.exits.steps and name != "speculative":
-        raise InputError(
-            f"the exit after step {exit_step} has an attention adapter (a draft): it serves "
-            f"the speculative strategy (lossless), not {name} (to run {name} on another "
-            f"step, load without the draft: --draft none --exit-step N)"
-        )
+    exit_step = check_exit(
+        model,
+        name,
+        exit_step,
+        threshold=threshold,
+        measure=measure,
+        allow_untrained=allow_untrained,
+    )
     if name == "static":
         return StaticExit(exit_step)
     if name == "free":
@@ -178,17 +289,7 @@ def make_strategy(
             # lock-step batches exit together (decoding/free.py): a lone exit saves nothing
             sync_batch=True if sync_batch is None else sync_batch,
         )
-    draft_k = 4 if draft_k is None else draft_k
-    draft_stop = 0.0 if draft_stop is None else draft_stop
-    if not 1 <= draft_k <= 32:
-        raise InputError(f"draft_k must be within [1, 32], got {draft_k}")
-    if draft_stop != "adaptive" and not (
-        isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1
-    ):
-        raise InputError(
-            f"draft_stop (stop drafting below this draft probability) must be within [0, 1) "
-            f"or 'adaptive', got {draft_stop!r}"
-        )
+    draft_k, draft_stop = check_draft(draft_k, draft_stop)
     return SelfSpeculative(
         exit_step,
         draft_k,
@@ -198,20 +299,25 @@ def make_strategy(
     )
 
 
+def check_draft(draft_k: int | None, draft_stop: float | str | None) -> tuple[int, float | str]:
+    """Speculation's draft length and stop rule, validated (None: 4 and 0, never stop early)."""
+    draft_k = 4 if draft_k is None else draft_k
+    draft_stop = 0.0 if draft_stop is None else draft_stop
+    if isinstance(draft_k, bool) or not isinstance(draft_k, int) or not 1 <= draft_k <= 32:
+        raise OptionError(
+            f"draft_k must be an integer within [1, 32], got {draft_k!r}", "draft_tokens"
+        )
+    if draft_stop != "adaptive" and not (
+        isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1
+    ):
+        raise OptionError(
+            f"draft_stop (stop drafting below this draft probability) must be within [0, 1) "
+            f"or 'adaptive', got {draft_stop!r}",
+            "draft_stop",
+        )
+    return draft_k, draft_stop
+
+
 def _ids(ids, vocab_size: int, what: str):
     """Token ids a pruned head covers, validated (None stays None: the full vocabulary)."""
     return None if ids is None else vocabulary_ids(ids, vocab_size, what)
-
-
-def _warn_untrained(cfg, name: str) -> None:
-    if not cfg.exits.trained:
-        consequence = (
-            "drafts will rarely be accepted and decoding will be slower than full depth"
-            if name == "speculative"
-            else "early tokens will be of poor quality"
-        )
-        warnings.warn(
-            f"this model's exits were never trained (earlyexit train --objective exits): {consequence}",
-            ExitWarning,
-            stacklevel=3,
-        )

@@ -18,16 +18,26 @@ run in lock-step. Greedy outputs equal single-request decoding with the same str
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from earlyexit.decoding.calm import calm_threshold
+from earlyexit.decoding.confidence import DEFAULT_THRESHOLD
+from earlyexit.decoding.free import calibration_pairs
 from earlyexit.decoding.generate import OutputTracker
 from earlyexit.decoding.sampling import SamplingParams, apply_penalties, make_generator
+from earlyexit.decoding.speculative import AdaptiveStop, DraftStop, accepted_length, draft_cost
+from earlyexit.decoding.strategies import OptionError, check_draft, check_exit
+from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.engine.request import (
     DEEP_KV,
+    SERVED,
     ExitMode,
     Request,
     RequestOutput,
@@ -40,6 +50,16 @@ from earlyexit.errors import EarlyExitError, InputError
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.heads import PrunedHead, vocabulary_ids
 from earlyexit.tokenizer import Tokenizer
+
+
+@dataclass
+class _Round:
+    """A speculative request's round in progress: its drafts, their draft probabilities,
+    and the chance that all of them pass (the adaptive stop rule's running product)."""
+
+    drafts: list[int] = field(default_factory=list)
+    confs: list[float] = field(default_factory=list)
+    reach: float = 1.0
 
 
 class QueueFull(InputError):
@@ -92,8 +112,12 @@ class LLMEngine:
         max_queue: int = 4096,
         synthetic: SyntheticDepth | None = None,
         exit_vocab=None,
+        allow_untrained_exits: bool = False,
+        measure_draft_cost: bool = True,
     ) -> None:
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.allow_untrained_exits = allow_untrained_exits
+        self.measure_draft_cost = measure_draft_cost
         self.L = model.n_steps
         self.max_len = min(max_len or model.config.max_context, model.config.max_context)
         self.max_queue = max_queue
@@ -107,6 +131,21 @@ class LLMEngine:
                 vocabulary_ids(exit_vocab, model.config.vocab_size, "exit_vocab")
             )
         self.runner = ModelRunner(model, max_batch, self.max_len, exit_head)
+        # adaptive decisions learn per served model (not per request: a request is too short
+        # to fit them, and every request's evidence is about the same exits)
+        self._calibrators: dict[tuple[int, str], BetaMixtureThreshold] = {}
+        self._stop_rules: dict[int, AdaptiveStop] = {}
+        self._forward_times: dict[int, float] | None = None
+        draft = getattr(model, "draft", None)
+        self.draft_head = None
+        if draft is not None and draft.vocab is not None:
+            self.draft_head = PrunedHead(
+                vocabulary_ids(draft.vocab, model.config.vocab_size, "vocab")
+            )
+        self._pending: dict[str, list[tuple[float, int]]] = {}  # FREE adaptive: (conf, argmax)
+        self._spec: dict[str, _Round] = {}  # speculative: the round in progress
+        self._starts: list[tuple[int, int]] = []  # (row, token) to embed as next inputs
+        self._draft_base: dict[int, float] = {}
         self.requests: dict[str, Request] = {}
         self._trackers: dict[str, OutputTracker] = {}
         self._generators: dict[str, torch.Generator | None] = {}
@@ -179,11 +218,77 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer")
-        if exit is not None and not (1 <= exit.step < self.L and -1 <= exit.threshold <= 1):
-            raise InputError(f"exit step must be in [1, {self.L - 1}] and threshold in [-1, 1]")
-        if exit is not None and exit.deep_kv not in DEEP_KV:
-            raise InputError(f"deep_kv must be one of {', '.join(DEEP_KV)}, got {exit.deep_kv!r}")
         return ids, params
+
+    def resolve_mode(self, exit: ExitMode | None, params: SamplingParams) -> ExitMode | None:
+        """Validate a request's :class:`ExitMode` against the model and fill its defaults
+        (the same checks and words as ``make_strategy``: ``decoding/strategies.py``).
+        Raises :class:`~earlyexit.decoding.strategies.OptionError` naming the option."""
+        if exit is None:
+            return None
+        name = exit.strategy
+        if name not in SERVED:
+            raise OptionError(
+                f"unknown strategy {name!r}; the engine serves full, {', '.join(SERVED)}",
+                "strategy",
+            )
+        allow = self.allow_untrained_exits or self.synthetic is not None
+        draft = getattr(self.model, "draft", None)
+        from_draft = name == "speculative" and draft is not None
+        from_draft = from_draft and exit.step in (None, draft.exit_step)
+        if exit.measure == "saturation":
+            raise OptionError(
+                "the saturation confidence compares an exit's state with the previous exit's; "
+                "the engine serves margin, max-prob and classifier",
+                "confidence",
+            )
+        threshold = exit.threshold if name != "speculative" else DEFAULT_THRESHOLD
+        step = check_exit(
+            self.model,
+            name,
+            exit.step,
+            threshold=threshold,
+            measure=exit.measure,
+            allow_untrained=allow,
+        )
+        deep_kv = exit.deep_kv or ("propagate" if name == "calm" else "catch-up")
+        kv_ok = {"free": DEEP_KV, "calm": ("propagate", "skip"), "speculative": ("catch-up",)}
+        if deep_kv not in kv_ok[name]:
+            raise OptionError(
+                f"deep_kv for {name} must be one of {', '.join(kv_ok[name])}, got {deep_kv!r}",
+                "deep_kv",
+            )
+        if threshold == "adaptive" and deep_kv != "catch-up":
+            raise OptionError(
+                "an adaptive threshold is fitted from FREE's catch-ups; it needs deep_kv "
+                "'catch-up'",
+                "threshold",
+            )
+        if exit.decay_tau is not None and not (name == "calm" and exit.decay_tau > 0):
+            raise OptionError("decay_tau applies to calm and must be > 0", "decay_tau")
+        if name == "calm":  # its first check: the first exit point from `step` on (none: never)
+            step = next((e for e in self.model.config.exits.steps if e >= step), self.L)
+        k, stop = exit.draft_k, exit.draft_stop
+        if name == "speculative":
+            if params.temperature > 0:
+                raise OptionError(
+                    "the speculative strategy is greedy-only (it is lossless against greedy "
+                    "full-depth decoding); use temperature 0",
+                    "temperature",
+                )
+            if params.presence_penalty or params.frequency_penalty:
+                raise OptionError(
+                    "the speculative strategy decides tokens itself; presence and frequency "
+                    "penalties need another strategy",
+                    "presence_penalty" if params.presence_penalty else "frequency_penalty",
+                )
+            if from_draft:
+                k = draft.k if k is None else k
+                stop = draft.stop if stop is None else stop
+            k, stop = check_draft(k, stop)
+        return dataclasses.replace(
+            exit, step=step, threshold=threshold, deep_kv=deep_kv, draft_k=k, draft_stop=stop
+        )
 
     def add_request(
         self,
@@ -195,6 +300,7 @@ class LLMEngine:
         """Queue a request; returns its id. Raises :class:`InputError` on bad input and
         :class:`QueueFull` when ``max_queue`` requests wait already."""
         ids, params = self.check_request(prompt, params, exit)
+        exit = self.resolve_mode(exit, params)
         if self.scheduler.num_waiting >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
         rid = request_id or f"req-{next(self._ids)}"
@@ -235,6 +341,7 @@ class LLMEngine:
         try:
             self._step(out, events, touched)
         except Exception as e:
+            self._starts.clear()
             failed = [self.requests[r] for r in touched]
             for req in failed:
                 if not req.finished:
@@ -252,7 +359,10 @@ class LLMEngine:
             touched += rids
             rows = [row for _, row in out.admit]
             for rid in rids:
-                self.requests[rid].status = RequestStatus.RUNNING
+                req = self.requests[rid]
+                req.status = RequestStatus.RUNNING
+                if req.exit is not None and req.exit.threshold == "adaptive":
+                    self._calibrator(req.exit).start_sequences(1)  # refit as a request starts
             logits, depths = self.runner.prefill(rows, [self.requests[r].prompt_ids for r in rids])
             for rid, depth in zip(rids, depths):
                 self.requests[rid].steps_run += depth
@@ -271,37 +381,38 @@ class LLMEngine:
                     ended.append(rid)
             if ended:
                 self._decide(ended, events)
+        if self._starts:  # every continuing request's next input, embedded in one call
+            rows, tokens = zip(*self._starts)
+            self._starts.clear()
+            self.runner.start_tokens(list(rows), list(tokens))
 
     def _decide(self, rids: list[str], events: list[RequestOutput]) -> None:
-        """Segments ended: exit checks at the shallow exit, tokens at the end."""
+        """Segments ended: each request's strategy decides what its result means (an exit
+        check, a draft, a verification, or the token at full depth)."""
         if self.mor is not None:
             self._decide_mor(rids, events)
             return
+        ends = {r: self.scheduler.cursors[r].end for r in rids}
+        spec = [r for r in rids if r in self._spec]
+        rest = [r for r in rids if r not in self._spec]
+        if spec:
+            self._decide_speculative(spec, ends, events)
+        if not rest:
+            return
         rows = self.scheduler.rows
-        steps = [self.scheduler.cursors[r].end for r in rids]
-        logits = self.runner.logits([rows[r] for r in rids], steps)
-        shallow = [i for i, (r, s) in enumerate(zip(rids, steps)) if s < self.L]
-        go_deep = set()
+        steps = [ends[r] for r in rest]
+        logits = self.runner.logits([rows[r] for r in rest], steps)
+        shallow = [i for i, s in enumerate(steps) if s < self.L]
+        go_deep: dict[int, int] = {}  # rest index -> the end of its next segment
         if shallow:
-            idx = torch.as_tensor(shallow, device=logits.device)
-            conf = self.runner.margins(logits[idx]).tolist()  # one host sync for all checks
-            syn = (
-                self.synthetic if self.synthetic and self.synthetic.exit_rate is not None else None
-            )
-            for i, c in zip(shallow, conf):
-                req = self.requests[rids[i]]
-                exits = (
-                    syn.exits(req.request_id, len(req.output_ids))
-                    if syn
-                    else c > req.exit.threshold
-                )
-                if not exits:
-                    go_deep.add(i)
-        for i in sorted(go_deep):
-            r = rids[i]
-            self.runner.start_catch_up(rows[r])
-            self.scheduler.set_segment(r, steps[i], self.L)
-        emit = [i for i in range(len(rids)) if i not in go_deep]
+            go_deep = self._decide_exits([rest[i] for i in shallow], shallow, steps, logits)
+        self._calibrate([r for r, s in zip(rest, steps) if s == self.L])
+        for i, end in go_deep.items():
+            r = rest[i]
+            if end == self.L:
+                self.runner.start_catch_up(rows[r])
+            self.scheduler.set_segment(r, steps[i], end)
+        emit = [i for i in range(len(rest)) if i not in go_deep]
         if emit:
             # exited tokens: catch-up keeps their states for the deep pass; propagate writes
             # their K/V at the skipped steps now (grouped by exit step); skip leaves nothing.
@@ -310,18 +421,210 @@ class LLMEngine:
             catch_up, propagate = [], {}
             for i in emit:
                 if steps[i] < self.L:
-                    kv = self.requests[rids[i]].exit.deep_kv
+                    kv = self.requests[rest[i]].exit.deep_kv
                     if kv == "catch-up":
-                        catch_up.append(rows[rids[i]])
+                        catch_up.append(rows[rest[i]])
                     elif kv == "propagate":
-                        propagate.setdefault(steps[i], []).append(rows[rids[i]])
+                        propagate.setdefault(steps[i], []).append(rows[rest[i]])
             if catch_up:
                 self.runner.push_stack(catch_up)
             for step, prop_rows in propagate.items():
                 self.runner.propagate(prop_rows, step)
-            self.runner.clear_stack([rows[rids[i]] for i in emit if steps[i] == self.L])
+            self.runner.clear_stack([rows[rest[i]] for i in emit if steps[i] == self.L])
             idx = torch.as_tensor(emit, device=logits.device)
-            self._emit([rids[i] for i in emit], logits[idx], [steps[i] for i in emit], events)
+            self._emit([rest[i] for i in emit], logits[idx], [steps[i] for i in emit], events)
+
+    def _decide_exits(
+        self, rids: list[str], at: list[int], steps: list[int], logits: torch.Tensor
+    ) -> dict[int, int]:
+        """Exit checks of ``free`` and ``calm`` requests at their shallow segment ends
+        (``logits[at[j]]`` is request ``rids[j]``'s). Returns, for those that go on, the end
+        of their next segment: the last step (FREE: over the stack, exact KV) or CALM's next
+        exit point."""
+        rows = self.scheduler.rows
+        conf = torch.empty(len(rids), device=logits.device)
+        by_measure: dict[tuple[str, int], list[int]] = {}
+        for j, r in enumerate(rids):
+            by_measure.setdefault((self.requests[r].exit.measure, steps[at[j]]), []).append(j)
+        for (measure, step), js in by_measure.items():
+            sel = torch.as_tensor([at[j] for j in js], device=logits.device)
+            conf[torch.as_tensor(js, device=logits.device)] = self.runner.confidences(
+                measure, [rows[rids[j]] for j in js], step, logits[sel]
+            ).to(conf.dtype)
+        idx = torch.as_tensor(at, device=logits.device)
+        # one host sync for every check: confidences and shallow argmaxes
+        host_conf, host_arg = torch.stack([conf, logits[idx].argmax(-1).to(conf.dtype)]).tolist()
+        syn = self.synthetic if self.synthetic and self.synthetic.exit_rate is not None else None
+        go_deep: dict[int, int] = {}
+        for j, r in enumerate(rids):
+            req, c = self.requests[r], host_conf[j]
+            mode, step = req.exit, steps[at[j]]
+            n = len(req.output_ids)
+            if syn is not None:
+                exits = syn.exits(req.request_id, n)
+            elif mode.strategy == "calm":
+                exits = c >= calm_threshold(
+                    mode.threshold, mode.decay_tau, n, req.params.max_new_tokens
+                )
+            else:
+                exits = c > self._threshold(mode)
+            if mode.threshold == "adaptive":  # FREE: every shallow decision, for calibration
+                self._pending.setdefault(r, []).append((c, int(host_arg[j])))
+            if exits:
+                continue
+            if mode.strategy == "calm":  # on to the next exit point checked, or the end
+                go_deep[at[j]] = next(
+                    (e for e in self.model.config.exits.steps if e > step), self.L
+                )
+            else:
+                go_deep[at[j]] = self.L
+        return go_deep
+
+    def _threshold(self, mode: ExitMode) -> float:
+        return self._calibrator(mode).value if mode.threshold == "adaptive" else mode.threshold
+
+    def _calibrator(self, mode: ExitMode) -> BetaMixtureThreshold:
+        key = (mode.step, mode.measure)
+        if key not in self._calibrators:
+            self._calibrators[key] = BetaMixtureThreshold(initial=DEFAULT_THRESHOLD)
+        return self._calibrators[key]
+
+    def _calibrate(self, done: list[str]) -> None:
+        """FREE adaptive: requests whose deep pass just ended log (confidence, shallow ==
+        deep) for every stacked token and the trigger (``free.calibration_pairs``)."""
+        logs = [r for r in done if len(self._pending.get(r, ())) > 1]
+        for r in done:
+            if r not in logs:
+                self._pending.pop(r, None)
+        logs = [r for r in logs if not self._calibrator(self.requests[r].exit).frozen]
+        if not logs:
+            return
+        rows = self.scheduler.rows
+        deep = self.runner.chunk_argmax([rows[r] for r in logs])
+        for r, deep_args in zip(logs, deep):
+            pending = self._pending.pop(r)
+            confs, labels = calibration_pairs(
+                [c for c, _ in pending], [a for _, a in pending], deep_args
+            )
+            self._calibrator(self.requests[r].exit).observe(confs, labels)
+
+    # ------------------------------------------------------------------ speculation
+    def _decide_speculative(
+        self, rids: list[str], ends: dict[str, int], events: list[RequestOutput]
+    ) -> None:
+        """Lossless self-speculation, per request: after the shallow steps, draft one more
+        token or stop and verify; after the deep pass over [states, current], accept the
+        longest agreeing prefix, emit it and the full model's next token, and roll every KV
+        slot back to it. Draft lengths differ per request; verifications of many requests
+        share the deep block calls like any other segment."""
+        rows = self.scheduler.rows
+        verify = [r for r in rids if ends[r] == self.L]
+        shallow = [r for r in rids if ends[r] < self.L]
+        if verify:
+            results = self.runner.chunk_argmax([rows[r] for r in verify])
+            for r, verified in zip(verify, results):
+                rnd = self._spec.pop(r)
+                req = self.requests[r]
+                a = accepted_length(rnd.drafts, verified)
+                self._draft_stop(req.exit).observe(rnd.confs, a, len(rnd.drafts))
+                self.runner.rollback(rows[r], len(rnd.drafts) - a)
+                req.drafted += len(rnd.drafts)
+                req.accepted += a
+                self.stats["drafted"] += len(rnd.drafts)
+                self.stats["accepted"] += a
+                tokens = [*rnd.drafts[:a], verified[a]]
+                self._push(req, tokens, [self.L] * len(tokens), events)
+        by_step: dict[int, list[str]] = {}
+        for r in shallow:
+            by_step.setdefault(ends[r], []).append(r)
+        for step, group in by_step.items():
+            full = [r for r in group if len(self._spec[r].drafts) >= self.requests[r].exit.draft_k]
+            ask = [r for r in group if r not in full]
+            stop = list(full)
+            if full:  # k drafts: this last state only needs its adapter entry
+                self.runner.write_adapter_kv([rows[r] for r in full], step)
+            keep, keep_tokens = [], []
+            if ask:
+                toks, probs = self.runner.draft([rows[r] for r in ask], step, self._head(step))
+                for r, tok, p in zip(ask, toks.tolist(), probs.tolist()):
+                    rnd = self._spec[r]
+                    rule = self._draft_stop(self.requests[r].exit)
+                    go, reach = rule.keeps(len(rnd.drafts), [p], np.array([rnd.reach]))
+                    if bool(go[0]):
+                        rnd.drafts.append(tok)
+                        rnd.confs.append(p)
+                        rnd.reach = float(reach[0])
+                        keep.append(r)
+                        keep_tokens.append(tok)
+                    else:
+                        stop.append(r)
+            if keep:  # the draft becomes the next input; its state waits for the verify
+                krows = [rows[r] for r in keep]
+                self.runner.push_stack(krows)
+                self.runner.start_tokens(krows, keep_tokens)
+                for r in keep:
+                    self.scheduler.set_segment(r, 0, step)
+            for r in stop:  # verify: the deep steps over [drafted states, current]
+                self.runner.start_catch_up(rows[r])
+                self.scheduler.set_segment(r, step, self.L)
+
+    def _head(self, step: int) -> PrunedHead | None:
+        draft = getattr(self.model, "draft", None)
+        return self.draft_head if draft is not None and draft.exit_step == step else None
+
+    def _draft_stop(self, mode: ExitMode) -> DraftStop:
+        """The request's stop rule; an adaptive one is shared per served model and exit step,
+        and its price of a draft follows the batch (see :meth:`_draft_price`)."""
+        if mode.draft_stop != "adaptive":
+            return DraftStop(mode.draft_stop)
+        rule = self._stop_rules.get(mode.step)
+        if rule is None:
+            draft = getattr(self.model, "draft", None)
+            prior = draft.stop_prior if draft is not None and draft.exit_step == mode.step else None
+            rule = self._stop_rules[mode.step] = AdaptiveStop(0.5, prior=prior)
+        rule.cost = self._draft_price(mode.step)
+        return DraftStop(rule=rule)
+
+    def _draft_price(self, step: int) -> float:
+        """One draft token's price in full decode steps of its request at the current batch:
+        its shallow pass and draft head (by weight bytes, ``speculative.draft_cost``) plus
+        what one more position adds to the verification. That share is measured: full-depth
+        forwards of n and 2n single-token rows (once per engine), n = the requests running:
+        at batch 1 a position is nearly free (bandwidth-bound), at a large batch it costs
+        almost a full step (compute-bound), so drafts shrink as the batch grows."""
+        if step not in self._draft_base:
+            head = self._head(step)
+            n_vocab = None if head is None else len(head)
+            self._draft_base[step] = draft_cost(self.model, step, n_vocab, 0.0)
+        base = self._draft_base[step]
+        n = max(1, self.scheduler.num_running)
+        if not self.measure_draft_cost:
+            return min(0.95, base + 0.05)
+        times = self._forward_times or self._measure_forwards()
+        n1 = min(times, key=lambda k: abs(k - n))
+        n2 = min(times, key=lambda k: abs(k - 2 * n1))
+        growth = max(0.0, times[n2] / times[n1] - 1) * n1 / max(n2 - n1, 1)
+        return min(0.95, base + growth * (self.L - step) / self.L)
+
+    @torch.inference_mode()
+    def _measure_forwards(self) -> dict[int, float]:
+        """Seconds of one uncached full-depth forward of n single-token rows, for n = 1, 2,
+        4, ... up to twice the batch (median of 3, after a warm-up)."""
+        m, d = self.model, self.model.config.d_model
+        times, n = {}, 1
+        while n <= 2 * self.scheduler.max_batch:
+            h = torch.zeros(n, 1, d, device=self.runner.device, dtype=self.runner.hbuf.dtype)
+            pos = torch.zeros(n, 1, dtype=torch.long, device=self.runner.device)
+            ctx = m.context(pos)
+            runs = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                m.logits(m.run_steps(0, self.L, h, ctx)[:, 0])
+                runs.append(time.perf_counter() - t0)
+            times[n] = sorted(runs[1:])[1]
+            n *= 2
+        self._forward_times = times
+        return times
 
     def _decide_mor(self, rids: list[str], events: list[RequestOutput]) -> None:
         """MoR segment ends: route after the prefix and after each recursion, emit at the end."""
@@ -390,7 +693,7 @@ class LLMEngine:
     def _emit(
         self, rids: list[str], logits: torch.Tensor, depths: list[int], events: list[RequestOutput]
     ) -> None:
-        """Sample one token per request, record it, start its next segment or finish it."""
+        """Sample one token per request from ``logits`` and push it (:meth:`_push`)."""
         reqs = [self.requests[r] for r in rids]
         logits = apply_penalties(
             logits,
@@ -401,50 +704,62 @@ class LLMEngine:
         tokens = self.runner.sample(
             logits, [q.params for q in reqs], [self._generators[r] for r in rids]
         ).tolist()
-        now = time.monotonic()
-        cont_rows, cont_tokens = [], []
         for req, tok, depth in zip(reqs, tokens, depths):
-            tracker = self._trackers[req.request_id]
-            text, stopped = tracker.push(tok, depth)
+            self._push(req, [tok], [depth], events)
+
+    def _push(
+        self, req: Request, tokens: list[int], depths: list[int], events: list[RequestOutput]
+    ) -> None:
+        """Record decided tokens (one, or a verified speculative run) until the request
+        stops; then finish it, or start its next token's first segment."""
+        tracker = self._trackers[req.request_id]
+        p = req.params
+        stop_ids = set(p.stop_token_ids or ()) | (
+            set() if p.ignore_eos else set(self.model.config.eos_token_ids)
+        )
+        now = time.monotonic()
+        text, reason, pushed = None if tracker.decoder is None else "", None, 0
+        for tok, depth in zip(tokens, depths):
+            delta, stopped = tracker.push(tok, depth)
+            text = None if delta is None else text + delta
             req.output_ids.append(tok)
             req.depths.append(depth)
+            req.exited += depth < self.L
             req.first_token_time = req.first_token_time or now
             self.stats["tokens"] += 1
             self.depth_histogram[depth] += 1
-            p = req.params
-            stop_ids = set(p.stop_token_ids or ()) | (
-                set() if p.ignore_eos else set(self.model.config.eos_token_ids)
-            )
-            reason = None
+            pushed += 1
             if stopped or tok in stop_ids:
                 reason = RequestStatus.FINISHED_STOPPED
             elif len(req.output_ids) >= p.max_new_tokens:
                 reason = RequestStatus.FINISHED_LENGTH
             if reason is not None:
-                tail = self._finish(req, reason)
-                text = None if text is None else text + (tail or "")
+                break
+        if reason is not None:
+            tail = self._finish(req, reason)
+            text = None if text is None else text + (tail or "")
+        else:
+            rid = req.request_id
+            if self.mor is not None:  # MoR: the prefix, then the router decides
+                end = self.mor[0].stop
+                self._mor_runs[rid] = 0
             else:
-                cont_rows.append(self.scheduler.rows[req.request_id])
-                cont_tokens.append(tok)
-                if self.mor is not None:  # MoR: the prefix, then the router decides
-                    end = self.mor[0].stop
-                    self._mor_runs[req.request_id] = 0
-                else:
-                    end = req.exit.step if req.exit is not None else self.L
-                self.scheduler.set_segment(req.request_id, 0, end)
-            events.append(
-                RequestOutput(
-                    req.request_id,
-                    [tok],
-                    [depth],
-                    text,
-                    req.finished,
-                    req.status.value if req.finished else None,
-                    req,
-                )
+                end = req.exit.step if req.exit is not None else self.L
+            if req.exit is not None and req.exit.strategy == "speculative":
+                self._spec[rid] = _Round()
+            self.scheduler.set_segment(rid, 0, end)
+            self._starts.append((self.scheduler.rows[rid], tokens[pushed - 1]))
+        events.append(
+            RequestOutput(
+                req.request_id,
+                tokens[:pushed],
+                depths[:pushed],
+                text,
+                req.finished,
+                req.status.value if req.finished else None,
+                req,
             )
-        if cont_rows:
-            self.runner.start_tokens(cont_rows, cont_tokens)
+        )
 
     def _finish(self, req: Request, status: RequestStatus) -> str | None:
         req.status = status
@@ -463,6 +778,8 @@ class LLMEngine:
         self.requests.pop(request_id, None)
         self._trackers.pop(request_id, None)
         self._generators.pop(request_id, None)
+        self._pending.pop(request_id, None)
+        self._spec.pop(request_id, None)
         if self.mor is not None:
             self._mor_runs.pop(request_id, None)
             self._mor_choice.pop(request_id, None)

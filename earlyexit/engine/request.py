@@ -12,6 +12,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
+from earlyexit.decoding.confidence import DEFAULT_THRESHOLD
 from earlyexit.decoding.sampling import SamplingParams
 
 
@@ -29,17 +30,27 @@ class RequestStatus(enum.Enum):
 
 
 DEEP_KV = ("catch-up", "propagate", "skip")
+# the exiting strategies the engine serves per request (None / "full": full depth, or a
+# Mixture-of-Recursions model's own routing)
+SERVED = ("free", "calm", "speculative")
 
 
 @dataclass
 class ExitMode:
-    """Per-request early exit, batched by the engine.
+    """Per-request adaptive depth, batched by the engine: which strategy decides each
+    token's depth, and its options. The engine validates and resolves it when the request
+    arrives (``LLMEngine.check_request``: the model's defaults fill what is None), with the
+    same checks and words as ``make_strategy``.
 
     Attributes:
-        step: the shallow exit (steps run before the confidence check).
-        threshold: exit iff the shallow margin confidence > threshold (1 never exits).
+        step: ``free``: the shallow exit (steps run before the confidence check);
+            ``calm``: the first exit point checked; ``speculative``: the exit that drafts.
+            None: the model's (the attached draft's for speculative, else its first exit).
+        threshold: ``free`` / ``calm``: exit iff the confidence passes it (1 never exits);
+            ``free`` also takes ``"adaptive"``: FREE's Beta-mixture estimate, fitted online
+            per served model and exit step from every request's catch-ups.
         deep_kv: what an exited token leaves in the steps it skipped, which later tokens
-            attend to:
+            attend to (None: ``catch-up`` for free, ``propagate`` for calm):
 
             - ``catch-up`` (FREE's synchronized parallel decoding): its layer-``step``
               state is kept and the skipped steps run on it, together with the next token
@@ -50,11 +61,24 @@ class ExitMode:
               over the entries that exist. Each token runs exactly its own depth, the
               work-conserving setting of the recursive-transformer paper's throughput
               simulation.
+        strategy: ``free``, ``calm`` or ``speculative`` (lossless self-speculation: drafts
+            from ``step``, one deep pass verifies them; greedy only).
+        measure: the confidence (``margin``, ``max-prob``, ``classifier`` where the model
+            has exit classifiers).
+        draft_k: speculative: the most drafts per round (None: the draft's, else 4).
+        draft_stop: speculative: stop drafting below this draft probability, or
+            ``"adaptive"`` (None: the draft's, else 0).
+        decay_tau: calm: the threshold's decay over the output (None: constant).
     """
 
-    step: int
-    threshold: float = 0.9
-    deep_kv: str = "catch-up"
+    step: int | None = None
+    threshold: float | str = DEFAULT_THRESHOLD
+    deep_kv: str | None = None
+    strategy: str = "free"
+    measure: str = "margin"
+    draft_k: int | None = None
+    draft_stop: float | str | None = None
+    decay_tau: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +148,9 @@ class Request:
     # block passes actually computed for generated tokens, FREE's catch-up of exited
     # tokens included (the first token counts its L steps of the prefill's last position)
     steps_run: int = 0
+    exited: int = 0  # tokens emitted from an exit (depth below the full model's)
+    drafted: int = 0  # speculative: drafts proposed
+    accepted: int = 0  # speculative: drafts the full model accepted
 
     @property
     def finished(self) -> bool:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from earlyexit.decoding.confidence import confidence
 from earlyexit.decoding.sampling import sample
+from earlyexit.decoding.speculative import propose
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.heads import PrunedHead
 from earlyexit.models.kernels import linear
@@ -94,7 +95,12 @@ class ModelRunner:
         m = self.model
         positions = torch.arange(tokens.shape[1], device=self.device)[None].expand(len(rows), -1)
         ctx = m.context(positions, self.cache, rows=np.asarray(rows), n_new=lens)
-        h = m.run_steps(0, self.L, m.embed(tokens), ctx)  # (G, T, d)
+        h, done = m.embed(tokens), 0  # (G, T, d)
+        if m.exit_attention is not None:  # drafts attend over the prompt's exit states
+            for step in m.config.exits.steps:
+                h, done = m.run_steps(done, step, h, ctx), step
+                m.exit_norm(h, step, ctx)  # appends the prompt to the adapter's KV slot
+        h = m.run_steps(done, self.L, h, ctx)
         self.block_calls += self.L
         self.block_rows += len(rows) * self.L
         last = h[
@@ -181,8 +187,7 @@ class ModelRunner:
         blocks and is read once per call whatever the rows, so rows at different exit
         points must not each pay it. Exit rows use ``exit_head`` (a pruned head) if set."""
         m = self.model
-        last = torch.as_tensor(self.hlen[rows] - 1, device=self.device)
-        h = self.hbuf[torch.as_tensor(rows, device=self.device), last]  # (G, d)
+        h = self._last(rows)  # (G, d)
         out = torch.empty(len(rows), m.config.vocab_size, device=self.device, dtype=h.dtype)
         full_idx, full_h = [], []
         for s in sorted(set(steps)):
@@ -199,6 +204,68 @@ class ModelRunner:
     @staticmethod
     def margins(logits: Tensor) -> Tensor:
         return confidence("margin", logits)
+
+    @torch.inference_mode()
+    def confidences(self, measure: str, rows: list[int], step: int, logits: Tensor) -> Tensor:
+        """Exit confidence (G,) of each row's last in-flight position at ``step`` from its
+        exit ``logits`` (G, V) (the classifier reads the state itself)."""
+        if measure != "classifier":
+            return confidence(measure, logits)
+        return confidence(measure, logits, self.model, step, self._last(rows))
+
+    def _last(self, rows: list[int]) -> Tensor:
+        """Each row's last in-flight hidden state (G, d)."""
+        last = torch.as_tensor(self.hlen[rows] - 1, device=self.device)
+        return self.hbuf[torch.as_tensor(rows, device=self.device), last]
+
+    def _adapter_ctx(self, rows: list[int], step: int):
+        """The context of each row's next position in the attention adapter's own KV slot
+        of the exit after ``step`` (None if that exit has no attention adapter)."""
+        m = self.model
+        i = m.exit_index(step)
+        if i is None or m.exit_attention is None:
+            return None, None
+        slot = m.config.exit_kv_slot(i)
+        r = np.asarray(rows)
+        pos = torch.as_tensor(self.cache.lengths[slot, r], device=self.device)[:, None]
+        return m.context(pos, self.cache, rows=r), slot
+
+    @torch.inference_mode()
+    def draft(self, rows: list[int], step: int, head: PrunedHead | None) -> tuple[Tensor, Tensor]:
+        """Self-speculation: each row's draft token (G,) and its probability (G,) from its
+        last in-flight state through the exit after ``step`` (its attention adapter appends
+        this position to its KV) and the draft ``head`` (pruned, or the full head)."""
+        ctx, _ = self._adapter_ctx(rows, step)
+        hn = self.model.exit_norm(self._last(rows), step, ctx)  # (G, d)
+        return propose(self.model, hn, head)
+
+    @torch.inference_mode()
+    def write_adapter_kv(self, rows: list[int], step: int) -> None:
+        """The attention adapter's K/V for each row's last in-flight state without a draft
+        (the last state of a round of ``k`` drafts, where the next round may start)."""
+        ctx, slot = self._adapter_ctx(rows, step)
+        if ctx is not None:
+            e = self.model.exit_index(step)
+            self.model.exit_attention[e].write_kv(self._last(rows)[:, None], ctx, slot)
+
+    @torch.inference_mode()
+    def chunk_argmax(self, rows: list[int]) -> list[list[int]]:
+        """The full model's argmax at every in-flight position of each row (a deep pass over
+        a chunk just ended): one head matmul for all rows' positions; one host sync."""
+        n = self.hlen[rows]
+        r = torch.as_tensor(np.repeat(rows, n), device=self.device)
+        t = torch.as_tensor(np.concatenate([np.arange(k) for k in n]), device=self.device)
+        flat = self.model.logits(self.hbuf[r, t]).argmax(-1).tolist()  # (sum n,)
+        out, i = [], 0
+        for k in n:
+            out.append(flat[i : i + int(k)])
+            i += int(k)
+        return out
+
+    def rollback(self, row: int, n: int) -> None:
+        """Drop the last ``n`` entries of every KV slot of ``row`` (rejected drafts)."""
+        if n:
+            self.cache.lengths[:, row] -= n
 
     @torch.inference_mode()
     def sample(self, logits: Tensor, params: list, generators: list) -> Tensor:

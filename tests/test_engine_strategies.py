@@ -1,0 +1,282 @@
+"""The engine serves every strategy ``generate`` offers (issue 29), per request, in mixed
+batches: each request equals its own single-request run, and speculation equals greedy
+full-depth decoding whatever the batch, policy and rollbacks.
+
+The references: greedy full depth (speculation is lossless by definition), and
+single-request ``generate`` with the same strategy (its lock-step code is the paper's rule
+for one sequence)."""
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from earlyexit.decoding.calm import CALM
+from earlyexit.decoding.free import FREE
+from earlyexit.decoding.generate import generate
+from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.decoding.strategies import ExitWarning, OptionError, make_strategy
+from earlyexit.decoding.threshold import BetaMixtureThreshold
+from earlyexit.drafts import DraftSpec
+from earlyexit.engine import ExitMode, LLMEngine
+from earlyexit.errors import InputError
+from tests.conftest import make_model
+
+POLICIES = ["static", "continuous", "depthwise"]
+
+
+def greedy(n):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=0.0)
+
+
+def prompts(n=6, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(rng.randint(1, 9))] for _ in range(n)]
+
+
+LENGTHS = [9, 3, 14, 6, 11, 1]
+
+
+def shallow_friendly(seed=0, n_layers=6, **exits):
+    """Random weights whose deep layers change the residual little (small init): the exit
+    after 2 steps agrees with the full model on many tokens but not all, so speculation
+    both accepts and rolls back."""
+    return make_model(
+        n_layers=n_layers, exits={"steps": [2], "trained": True, **exits}, init_std=0.2, seed=seed
+    )
+
+
+def attention_draft_model():
+    m = make_model(
+        n_layers=6,
+        exits={"steps": [2], "trained": True, "attention": True, "norms": True},
+        init_std=0.05,
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a non-trivial adapter (its init zeroes the output projection)
+        m.exit_attention[0].attn.wo.weight.normal_(0, 0.05, generator=g)
+    m.draft = DraftSpec(exit_step=2, vocab=torch.arange(0, 512, 2), k=3, stop="adaptive")
+    return m
+
+
+def serve(engine, modes, params=None):
+    """Serve prompts() with one mode per request; the finished requests, in order."""
+    reqs = []
+    for p, n, mode in zip(prompts(), LENGTHS, modes):
+        rid = engine.add_request(p, params or greedy(n), mode)
+        reqs.append(engine.requests[rid])
+    while engine.has_unfinished():
+        engine.step()
+    return reqs
+
+
+def full_greedy(model, i):
+    return generate(model, [prompts()[i]], greedy(LENGTHS[i]))[0].token_ids
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("max_batch", [1, 3, 6])
+def test_batched_speculation_equals_full_depth_greedy(policy, max_batch):
+    m = shallow_friendly()
+    engine = LLMEngine(m, policy=policy, max_batch=max_batch, max_len=64)
+    modes = [ExitMode(2, strategy="speculative", draft_k=k) for k in (1, 4, 3, 2, 4, 5)]
+    reqs = serve(engine, modes)
+    for i, req in enumerate(reqs):
+        assert req.output_ids == full_greedy(m, i), i
+        assert req.depths == [m.n_steps] * len(req.output_ids)
+    drafted = sum(r.drafted for r in reqs)
+    accepted = sum(r.accepted for r in reqs)
+    assert 0 < accepted < drafted  # both accepts and rollbacks happened
+    assert engine.occupancy()["running"] == 0 and not engine._spec
+
+
+@pytest.mark.parametrize("policy", ["continuous", "depthwise"])
+def test_rows_of_every_strategy_share_steps_and_each_equals_its_own_run(policy):
+    """A mixed batch: full, FREE (fixed and adaptive), CALM and speculative requests run
+    in the same steps; each equals its own single-request run."""
+    m = shallow_friendly(n_layers=8, steps=[2, 4])
+    engine = LLMEngine(m, policy=policy, max_batch=4, max_len=64, measure_draft_cost=False)
+    modes = [
+        None,
+        ExitMode(2, 0.02),
+        ExitMode(2, strategy="speculative", draft_k=3),
+        ExitMode(2, 0.02, strategy="calm"),
+        ExitMode(2, strategy="speculative", draft_k=2, draft_stop=0.3),
+        ExitMode(4, 0.05, strategy="calm", deep_kv="skip"),
+    ]
+    reqs = serve(engine, modes)
+    refs = [
+        None,
+        lambda: FREE(2, 0.02),
+        None,
+        lambda: CALM(0.02, 2),
+        None,
+        lambda: CALM(0.05, 4, deep_kv="skip"),
+    ]
+    for i, (req, ref) in enumerate(zip(reqs, refs)):
+        if ref is None:  # full depth and speculation: exactly greedy full depth
+            assert req.output_ids == full_greedy(m, i), i
+            continue
+        out = generate(m, [prompts()[i]], greedy(LENGTHS[i]), strategy=ref())[0]
+        assert (req.output_ids, req.depths) == (out.token_ids, out.depths), i
+    assert {d for r in reqs for d in r.depths} >= {2, 4, 8}  # exits at both points happened
+
+
+def test_speculation_with_an_attention_draft_in_the_engine_equals_full_greedy():
+    """The draft's own KV slot is filled at admission and rolled back with the others; its
+    pruned vocabulary and adaptive stop come from the attached draft."""
+    m = attention_draft_model()
+    engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64, measure_draft_cost=False)
+    reqs = serve(engine, [ExitMode(strategy="speculative")] * 6)
+    for i, req in enumerate(reqs):
+        assert req.output_ids == full_greedy(m, i), i
+    assert reqs[0].exit.draft_k == 3 and reqs[0].exit.draft_stop == "adaptive"
+    rule = engine._stop_rules[2]
+    assert rule.total.sum() > 0  # the shared stop rule learned from verifications
+    assert sum(r.drafted for r in reqs) > 0
+    # an odd draft is never proposed: the draft head covers the even ids only
+    # (accepted drafts are a subset of drafts; all drafts come from the pruned head)
+
+
+def test_adaptive_free_in_the_engine_equals_sequential_generate_with_one_calibrator():
+    """FREE's threshold is fitted per served model: serving requests one after another
+    equals generating them one after another with one shared calibrator (same samples,
+    same refits, same thresholds)."""
+    m = shallow_friendly()
+    with torch.no_grad():  # sharper logits: some margins pass the initial 0.9
+        m.norm.weight.mul_(5)
+    engine = LLMEngine(m, policy="continuous", max_batch=1, max_len=64)
+    shared = BetaMixtureThreshold(initial=0.9)
+    for i, p in enumerate(prompts()):
+        rid = engine.add_request(p, greedy(LENGTHS[i]), ExitMode(2, "adaptive"))
+        req = engine.requests[rid]
+        while engine.has_unfinished():
+            engine.step()
+        s = FREE(2, 0.9, adaptive=True, calibrator=shared)
+        ref = generate(m, [p], greedy(LENGTHS[i]), strategy=s)[0]
+        assert (req.output_ids, req.depths) == (ref.token_ids, ref.depths), i
+    cal = engine._calibrators[(2, "margin")]
+    assert cal.conf == shared.conf and cal.agree == shared.agree and len(cal.conf) > 0
+    assert cal.value == shared.value and cal.fits > 0
+
+
+def test_the_classifier_confidence_is_served():
+    m = shallow_friendly(classifier=True)
+    with torch.no_grad():  # a classifier that is confident for some tokens and not others
+        m.exit_classifiers[0].fc2.bias.copy_(torch.tensor([0.0, 0.3]))
+    engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64)
+    reqs = serve(engine, [ExitMode(2, 0.55, measure="classifier")] * 6)
+    for i, req in enumerate(reqs):
+        ref = generate(
+            m, [prompts()[i]], greedy(LENGTHS[i]), strategy=FREE(2, 0.55, measure="classifier")
+        )[0]
+        assert (req.output_ids, req.depths) == (ref.token_ids, ref.depths), i
+    assert len({d for r in reqs for d in r.depths[1:]}) > 1
+
+
+def test_abort_mid_draft_frees_the_row_and_the_rest_stay_exact():
+    m = shallow_friendly()
+    engine = LLMEngine(m, policy="depthwise", max_batch=2, max_len=64)
+    mode = ExitMode(2, strategy="speculative", draft_k=4)
+    a = engine.add_request(prompts()[0], greedy(30), mode)
+    for _ in range(200):
+        engine.step()
+        if engine._spec.get(a) and engine._spec[a].drafts:
+            break
+    assert engine._spec[a].drafts, "never caught a draft in progress"
+    row = engine.scheduler.rows[a]
+    assert engine.abort(a)
+    assert a not in engine._spec and a not in engine.scheduler.rows
+    assert engine.runner.hlen[row] == 0 and engine.runner.slen[row] == 0
+    reqs = serve(engine, [mode] * 6)  # the freed row serves the next requests exactly
+    for i, req in enumerate(reqs):
+        assert req.output_ids == full_greedy(m, i), i
+    assert engine.occupancy()["running"] == 0
+    assert sorted(engine.scheduler.free_rows) == [0, 1]
+
+
+def test_draft_length_shrinks_as_the_measured_verification_cost_grows():
+    """The adaptive stop's price of a draft follows the batch: the measured growth of a
+    full-depth forward from n to 2n rows (here given, as a measurement would give it)."""
+    m = attention_draft_model()
+    engine = LLMEngine(m, max_batch=8, max_len=64)
+    engine._forward_times = {1: 1.0, 2: 1.05, 4: 1.2, 8: 2.0, 16: 4.0}
+    prices = []
+    for running in (1, 4, 8):
+        engine.scheduler.cursors = {f"r{i}": None for i in range(running)}
+        prices.append(engine._draft_price(2))
+    assert prices[0] < prices[1] < prices[2]
+    base = prices[0] - 0.05 * 4 / 6  # batch 1: 1 -> 2 rows grows 5%, over the 4 deep steps
+    assert 0 < base < 0.5
+    assert prices[2] == pytest.approx(min(0.95, base + 1.0 * 4 / 6))  # 8 -> 16: doubles
+
+
+def test_modes_are_validated_with_the_field_named():
+    m = shallow_friendly(classifier=False)
+    engine = LLMEngine(m, max_batch=2, max_len=64)
+    cases = [
+        (ExitMode(9), "exit_step"),
+        (ExitMode(2, 1.5), "threshold"),
+        (ExitMode(2, "adaptive", deep_kv="skip"), "threshold"),
+        (ExitMode(2, "adaptive", strategy="calm"), "threshold"),
+        (ExitMode(2, measure="classifier"), "confidence"),
+        (ExitMode(2, measure="saturation"), "confidence"),
+        (ExitMode(2, strategy="calm", deep_kv="catch-up"), "deep_kv"),
+        (ExitMode(2, strategy="speculative", draft_k=0), "draft_tokens"),
+        (ExitMode(2, strategy="fast"), "strategy"),
+    ]
+    for mode, field in cases:
+        with pytest.raises(OptionError) as e:
+            engine.add_request([1, 2], greedy(2), mode)
+        assert e.value.param == field, (mode, e.value)
+    with pytest.raises(OptionError) as e:  # speculation is greedy-only
+        engine.add_request(
+            [1, 2],
+            SamplingParams(max_new_tokens=2, temperature=0.7),
+            ExitMode(2, strategy="speculative"),
+        )
+    assert e.value.param == "temperature"
+    assert not engine.requests  # nothing was queued
+
+
+def test_untrained_exits_are_refused_for_lossy_strategies_unless_allowed():
+    """Issue 33: exits that were never trained lead into garbage; refuse them for the
+    lossy strategies (with the way forward), allow them explicitly with a warning, and let
+    speculation run (exact) with a warning that it will be slower."""
+    m = make_model(n_layers=6, exits={"steps": [2]})  # trained: False
+    for name in ("free", "calm", "static"):
+        with pytest.raises(InputError, match="never trained.*train"):
+            make_strategy(m, name)
+    with pytest.raises(InputError, match="not an exit point"):
+        make_strategy(make_model(n_layers=6), "free", exit_step=3)
+    with pytest.warns(ExitWarning, match="poor"):
+        make_strategy(m, "free", allow_untrained=True)
+    with pytest.warns(ExitWarning, match="slower"):
+        make_strategy(m, "speculative")
+    engine = LLMEngine(m, max_batch=2, max_len=64)
+    with pytest.raises(OptionError, match="allow-untrained-exits") as e:
+        engine.add_request([1, 2], greedy(2), ExitMode(2, 0.5))
+    assert e.value.param == "exit_step"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExitWarning)
+        with pytest.raises(ExitWarning, match="slower"):
+            engine.add_request([1, 2], greedy(2), ExitMode(2, strategy="speculative"))
+    allowed = LLMEngine(m, max_batch=2, max_len=64, allow_untrained_exits=True)
+    with pytest.warns(ExitWarning, match="poor"):
+        allowed.add_request([1, 2], greedy(2), ExitMode(2, 0.5))
+
+
+def test_usage_counts_exits_drafts_and_acceptances():
+    m = shallow_friendly()
+    engine = LLMEngine(m, policy="continuous", max_batch=3, max_len=64)
+    reqs = serve(engine, [ExitMode(2, 0.01), ExitMode(2, strategy="speculative", draft_k=3)] * 3)
+    free, spec = reqs[0::2], reqs[1::2]
+    for r in free:  # exits: tokens decided at the exit, counted from the depths
+        assert r.exited == sum(d < m.n_steps for d in r.depths) and r.drafted == 0
+    assert sum(r.exited for r in free) > 0
+    for r in spec:  # every round emits its accepted drafts plus one token
+        assert r.exited == 0 and r.accepted <= r.drafted
+    assert sum(r.accepted for r in spec) == engine.stats["accepted"] > 0
+    np.testing.assert_equal(engine.stats["drafted"], sum(r.drafted for r in spec))
