@@ -59,7 +59,15 @@ def test_demo_quick_trains_measures_and_reports(first_run):
     assert len(res["findings"]) >= 3 and all(f"- {f}" in md for f in res["findings"])
     html = (rep / "sample.html").read_text()
     assert html.count("title='depth ") > 10
+    assert "expected to be gibberish" in html
     assert "model" in err and "tokens/s" in err  # the printed tables
+    # the serving section states its exit threshold; the NLL says which tokens it is on
+    assert "threshold λ = 0.3" in md and "tokens of the validation split" in md
+    assert "paired standard error" in md and "router's gate" in md  # the MoR finding
+    # the training log says auto chose the precision, not "as asked"
+    assert "(as asked)" not in err and "precision: float32 (auto:" in err.replace(
+        "bfloat16", "float32"
+    )
 
 
 def test_demo_second_run_reuses_every_stage(first_run):
@@ -88,13 +96,18 @@ def test_demo_stage_restarts_when_its_recipe_changes(tmp_path):
 
 
 def test_demo_rejects_a_missing_model(tmp_path):
+    """It fails before writing anything: no work folder in the earlyexit home."""
+    import os
+
     p = subprocess.run(
         [sys.executable, "-m", "earlyexit", "demo", "--quick", "--model", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         timeout=600,  # a backstop: start-up alone takes many seconds on a loaded machine
+        env={**os.environ, "EARLYEXIT_HOME": str(tmp_path / "home")},
     )
     assert p.returncode == 1 and "not a model directory" in p.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_bench_all_dry_run_lists_every_benchmark(capsys, tmp_path, monkeypatch):
@@ -304,17 +317,19 @@ def test_findings_refuse_what_the_measurement_does_not_support():
     assert "slower in every round" in findings(slow, [])[0]
 
 
-def test_mor_finding_is_computed_with_its_error_bar():
+def test_mor_finding_without_paired_tokens_gives_no_verdict():
+    """The separate standard errors of two models scored on the same tokens are not the
+    error of their difference: without the per-token comparison there is no verdict (the
+    paired case is in test_report_stats)."""
     from earlyexit.demo.report import findings
 
     dense = {"nll": 3.20, "nll_se": 0.01}
-    out = findings([], [], {"dense": dense, "mor": {"nll": 3.10, "nll_se": 0.01}})
-    assert out == [
+    (line,) = findings([], [], {"dense": dense, "mor": {"nll": 3.10, "nll_se": 0.01}})
+    assert line.startswith(
         "MoR: validation NLL 3.100 against the dense model's 3.200, trained here at equal "
-        "training FLOPs: lower by 0.100, more than twice its standard error (0.028)."
-    ]
-    out = findings([], [], {"dense": dense, "mor": {"nll": 3.21, "nll_se": 0.02}})
-    assert "within twice its standard error" in out[0]
+        "training FLOPs (too few evaluation windows for an error bar: no verdict)."
+    )
+    assert "router's gate" in line
 
 
 def test_serving_gain_from_exits_names_the_quality_it_cost():

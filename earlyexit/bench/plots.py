@@ -26,6 +26,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from earlyexit.errors import EarlyExitError
 
 
@@ -48,7 +50,21 @@ def save(fig, out: Path) -> Path:
     return out
 
 
+def axis_limit(values: list[float], k: float = 1.5, min_points: int = 5) -> float | None:
+    """The upper axis limit that keeps one far point from squeezing the others: the Tukey
+    fence (upper quartile + ``k`` x interquartile range) of ``values``, or None (no limit)
+    when nothing lies beyond it or there are fewer than ``min_points`` values to judge by.
+    Points beyond it are drawn at the edge and annotated with their value."""
+    if len(values) < min_points:
+        return None
+    q1, q3 = np.percentile(values, [25, 75])
+    fence = float(q3 + k * (q3 - q1))
+    return fence if max(values) > fence else None
+
+
 def pareto(rows: list[dict], out: Path) -> Path:
+    """Quality vs speedup, one curve per (model, strategy); a far outlier in speedup is
+    drawn at the axis edge with its value (:func:`axis_limit`)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 5))
     curves = defaultdict(list)
@@ -59,15 +75,30 @@ def pareto(rows: list[dict], out: Path) -> Path:
         elif r["options"].get("measure") == "classifier":
             kind = "free (classifier)"
         curves[(r["model"], kind)].append((r["speedup"], r["rouge_l"]))
+    xmax = axis_limit([x for pts in curves.values() for x, _ in pts])
     for (model, kind), pts in sorted(curves.items()):
         xs, ys = zip(*pts)  # in sweep order (threshold or draft length), not re-sorted
-        ax.plot(
-            xs,
+        shown = [x if xmax is None else min(x, xmax) for x in xs]
+        (line,) = ax.plot(
+            shown,
             ys,
             marker="o",
             linestyle="-" if len(pts) > 1 else "",
             label=f"{kind} ({model}-trained exits)",
         )
+        for x, y in pts:
+            if xmax is not None and x > xmax:
+                ax.plot([xmax], [y], marker=">", markersize=9, color=line.get_color())
+                ax.annotate(
+                    f"{x:.2f}x",
+                    (xmax, y),
+                    xytext=(-6, 6),
+                    textcoords="offset points",
+                    ha="right",
+                    fontsize=7,
+                )
+    if xmax is not None:
+        ax.set_xlim(right=xmax * 1.03)
     ax.axvline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("speedup over full depth (same run, batch 1)")
     ax.set_ylabel("ROUGE-L vs full-depth greedy output")

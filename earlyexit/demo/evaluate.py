@@ -10,6 +10,10 @@ report can tell a measured difference from timing noise.
 - :func:`engine_rows`: a request stream served by the engine
   (:func:`earlyexit.bench.common.serve_offline`, the ``depthwise`` benchmark's harness)
   under each model x policy; throughput as a ratio to the first model's static batching.
+
+Every ratio is the median of the per-round ratios with its spread
+(:func:`earlyexit.demo.stats.ratio_summary`), stored in the row once; the report's tables,
+figures and findings all read it from there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from earlyexit.bench.common import agreement, serve_offline, timed_decode
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
+from earlyexit.demo.stats import ratio_summary
 
 
 @dataclass
@@ -197,7 +202,7 @@ def _row(
 ):
     depths = [d for r in res for d in r.depths]
     q = agreement([r.token_ids for r in res], references)
-    speedups = sorted(b / t for b, t in zip(bases, times))
+    sp = ratio_summary(bases, times)  # full-depth time / this time, per round
     dt = float(np.median(times))
     return {
         "model": tag,
@@ -206,10 +211,10 @@ def _row(
         "options": {k: (len(v) if k == "draft_vocab" else v) for k, v in options.items()},
         "seconds": dt,
         "tokens_per_s": n_tok / dt,
-        "speedup": float(np.median(speedups)),
-        "speedup_lo": speedups[0],
-        "speedup_hi": speedups[-1],
-        "rounds": len(times),
+        "speedup": sp["median"],
+        "speedup_lo": sp["lo"],
+        "speedup_hi": sp["hi"],
+        "rounds": sp["rounds"],
         "speedup_vs": "dense full depth" if vs_dense else "full depth",
         "rouge_l": None if vs_dense else q["rouge_l"],
         "token_match": None if vs_dense else q["token_match"],
@@ -258,27 +263,30 @@ def engine_rows(lms: dict, stream, max_batch: int, rounds: int = 3, on_job=None)
             runs[i].append(serve_offline(lms[key].model, stream, policy, max_batch, mode))
             if on_job:  # one call per run: jobs x rounds
                 on_job()
-    base = [x["tokens_per_s"] for x in runs[0]]
-    out = []
-    for (label, key, policy, mode), res in zip(jobs, runs):
-        ratios = sorted(x["tokens_per_s"] / b for x, b in zip(res, base))
-        first = res[0]
-        out.append(
-            {
-                "model_label": label,
-                "model": key,
-                "policy": policy,
-                "exit": None if mode is None else {"step": mode.step, "threshold": mode.threshold},
-                "seconds": float(np.median([x["seconds"] for x in res])),
-                "tokens": first["tokens"],
-                "tokens_per_s": float(np.median([x["tokens_per_s"] for x in res])),
-                "mean_depth": first["mean_depth"],
-                "depths": first["depths"],
-                "occupancy": first["occupancy"]["mean_rows_per_block_call"],
-                "x_static": float(np.median(ratios)),
-                "x_static_lo": ratios[0],
-                "x_static_hi": ratios[-1],
-                "rounds": len(res),
-            }
-        )
-    return out
+    return [engine_row(job, res, runs[0]) for job, res in zip(jobs, runs)]
+
+
+def engine_row(job: tuple, res: list[dict], base: list[dict]) -> dict:
+    """One engine job's row from its runs (one per round) and the baseline's runs in the
+    same rounds: tokens/s is the median run's, ``x_static`` the median of the per-round
+    ratios to the baseline (:func:`~earlyexit.demo.stats.ratio_summary`), the value every
+    table, figure and finding of the report shows."""
+    label, key, policy, mode = job
+    x = ratio_summary([r["tokens_per_s"] for r in res], [b["tokens_per_s"] for b in base])
+    first = res[0]
+    return {
+        "model_label": label,
+        "model": key,
+        "policy": policy,
+        "exit": None if mode is None else {"step": mode.step, "threshold": mode.threshold},
+        "seconds": float(np.median([r["seconds"] for r in res])),
+        "tokens": first["tokens"],
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in res])),
+        "mean_depth": first["mean_depth"],
+        "depths": first["depths"],
+        "occupancy": first["occupancy"]["mean_rows_per_block_call"],
+        "x_static": x["median"],
+        "x_static_lo": x["lo"],
+        "x_static_hi": x["hi"],
+        "rounds": x["rounds"],
+    }

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from earlyexit.demo import report
+from earlyexit.demo.stats import fmt_ratio
 from earlyexit.progress import fmt_seconds
 
 ENGINE_HEADER = [
@@ -23,13 +24,16 @@ ENGINE_HEADER = [
 
 
 def engine_lines(engine: list[dict]) -> list[list[str]]:
+    """The serving table's cells, one line per engine row (ratios by ``fmt_ratio``, as on
+    ``throughput.png``)."""
     return [
         [
             e["model_label"],
             e["policy"],
             f"{e['tokens_per_s']:.0f}",
-            f"{e['x_static']:.2f}x"
-            + (f" ({e['x_static_lo']:.2f}-{e['x_static_hi']:.2f})" if e["rounds"] > 1 else ""),
+            fmt_ratio(
+                e["x_static"], *((e["x_static_lo"], e["x_static_hi"]) if e["rounds"] > 1 else ())
+            ),
             f"{e['mean_depth']:.2f}",
             f"{e['occupancy']:.1f}",
         ]
@@ -75,6 +79,21 @@ def sample_generations(lms: dict, data: Path) -> dict | None:
     return {"prompt": prompt, "items": items}
 
 
+def sample_note(lms: dict, trained_here: bool) -> str:
+    """What a reader of ``sample.html`` should expect of the text: the demo's own models are
+    a few million parameters trained for minutes, and write gibberish that looks like code."""
+    sampled = "Each text is sampled (temperature 0.7, top-p 0.95, seed 0), 64 tokens. "
+    if not trained_here:
+        return sampled + "Its quality is your model's; the colours show the depth each token ran."
+    sizes = sorted(sum(p.numel() for p in lm.model.parameters()) / 1e6 for lm in lms.values())
+    size = f"{sizes[0]:.1f}M" if sizes[0] == sizes[-1] else f"{sizes[0]:.1f}-{sizes[-1]:.1f}M"
+    return (
+        sampled + f"These models ({size} parameters) were trained here for minutes on a CPU: "
+        "their text is expected to be gibberish that only looks like Python. The page shows "
+        "where each token's depth went, not what the models can write."
+    )
+
+
 def figures(rows, depths, engine, rep: Path, say) -> list[str]:
     try:
         report._plt()
@@ -100,13 +119,93 @@ def figures(rows, depths, engine, rep: Path, say) -> list[str]:
     return [p.name for p in made]
 
 
+def cpu_description() -> str:
+    """The CPU the numbers were measured on: its model name and whether it has native bf16
+    (every timing in the report depends on both)."""
+    name = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in info.splitlines()
+                if ln.startswith("model name")
+            ),
+            name,
+        )
+        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "").split()
+        feats = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+        name += f" ({', '.join(feats) if feats else 'no AVX2'})"
+    except OSError:
+        pass
+    return name
+
+
+def nll_lines(paths: dict, evals: dict, plan, user: bool) -> list[str]:
+    """The report's model table and a sentence on which tokens its NLL was computed on."""
+    first = next(iter(evals.values()))
+    lines = [
+        "| model | checkpoint | validation NLL ± standard error |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {report.MODEL_TITLES.get(k, k)} | `{p}` | {evals[k]['nll']:.3f}"
+        + (f" ± {evals[k]['nll_se']:.3f}" if evals[k].get("nll_se") is not None else "")
+        + " |"
+        for k, p in paths.items()
+    ]
+    tokens = first.get("tokens")
+    where = (
+        f"the first {tokens:,} tokens of the validation split ({first.get('windows', '?')} "
+        f"windows of {first.get('seq_len', plan.seq_len)} tokens), the same tokens for every model"
+        if tokens
+        else "the validation split"
+    )
+    lines += [
+        "",
+        f"Validation NLL (nats per token, fp32) on {where}; ± is the standard error across "
+        "evaluation batches. "
+        + (
+            "The exit fine-tune's training log scores fewer windows, so its `val nll` differs."
+            if user
+            else "These are the windows the training log's final `val nll` of each stage scores "
+            "(`eval_batches` x `batch_size` windows), so the two agree; an earlier log line is "
+            "an earlier checkpoint."
+        ),
+    ]
+    return lines
+
+
+def serving_exits(engine: list[dict]) -> str:
+    """The exit settings the engine rows used, in words (the report states its threshold)."""
+    seen = {}
+    for e in engine:
+        if e["exit"] is not None:
+            seen.setdefault(
+                e["model_label"],
+                f"{e['model_label']}: exit after step {e['exit']['step']}, "
+                f"threshold λ = {e['exit']['threshold']}",
+            )
+    if not seen:
+        return "No configuration exits early; MoR's depth is its routers'."
+    return (
+        "Exits in serving are FREE-style per-row exits at one fixed threshold ("
+        + "; ".join(seen.values())
+        + "); MoR's depth is its routers'. The batch-1 table above sweeps λ; serving uses "
+        "only this one."
+    )
+
+
 def write_report(
     rep, plan, quick, paths, rows, engine, parity, evals, timings, reused, figs, threads, found
 ) -> Path:
     from earlyexit import __version__
     from earlyexit.models import decode_kernel
 
-    env = f"earlyexit {__version__}, torch {torch.__version__}, Python {platform.python_version()}, {threads} CPU thread(s)"
+    env = (
+        f"earlyexit {__version__}, torch {torch.__version__}, Python "
+        f"{platform.python_version()}, CPU {cpu_description()}, {threads} thread(s)"
+    )
     kernel = decode_kernel.status()  # which attention CPU decoding ran on
     env += ", CPU decode attention: " + (
         "compiled kernel" if kernel.startswith("compiled") else f"PyTorch SDPA ({kernel})"
@@ -122,15 +221,8 @@ def write_report(
         "",
         "## Models",
         "",
-        "| model | checkpoint | validation NLL (± standard error) |",
-        "|---|---|---|",
     ]
-    lines += [
-        f"| {report.MODEL_TITLES.get(k, k)} | `{p}` | {evals[k]['nll']:.3f}"
-        + (f" ± {evals[k]['nll_se']:.3f}" if evals[k].get("nll_se") is not None else "")
-        + " |"
-        for k, p in paths.items()
-    ]
+    lines += nll_lines(paths, evals, plan, user="user" in paths)
     if reused:
         lines += [
             "",
@@ -147,8 +239,11 @@ def write_report(
         "",
         "## What this run shows",
         "",
-        f"Each timing was repeated in {plan.rounds} interleaved rounds; a finding is stated only "
-        "where every round agrees (and a speedup is no larger than the depth saved allows).",
+        f"Each timing was repeated in {plan.rounds} interleaved rounds; every ratio below is "
+        "the median of the per-round ratios, with the lowest and highest round as its spread "
+        "(the figures show the same values). A finding is stated only where every round "
+        f"agrees and lies outside ±{report.NOISE:.0%} (timing noise), and a speedup is no "
+        "larger than the depth saved allows.",
         "",
     ]
     lines += [f"- {f}" for f in found]
@@ -176,7 +271,8 @@ def write_report(
         "",
         f"{plan.requests} requests arrive at once (prompts 8-{plan.prompt_len} tokens, ~{plan.mean_len} generated), "
         f"max batch {plan.max_batch}. Ratios are against the dense model with static batching "
-        "in the same round (median, spread over the rounds).",
+        "in the same round (median of the per-round ratios, spread over the rounds). "
+        + serving_exits(engine),
         "",
         report.markdown_table(ENGINE_HEADER, engine_lines(engine)),
         "",
@@ -184,13 +280,17 @@ def write_report(
         "",
     ]
     captions = {
-        "pareto.png": "Quality vs speedup, one curve per strategy: up and to the right is better.",
+        "pareto.png": "Quality vs speedup, one curve per strategy: up and to the right is "
+        "better. Points are the table's medians, bars their spread; the grey band is "
+        "timing noise; a point far to the right is drawn at the edge with its value.",
         "depth_histogram.png": "How deep generated tokens went: mass on the left is compute saved.",
-        "throughput.png": "Engine throughput by model and batching policy.",
+        "throughput.png": "Engine throughput by model and batching policy: the serving "
+        "table's ratios, with their spread.",
     }
     lines += [f"![{f}]({f})\n\n{captions[f]}\n" for f in figs]
     lines += [
-        "`sample.html`: one generation per model, each token coloured by its depth.",
+        "`sample.html`: one generation per model, each token coloured by its depth"
+        + (" (the demo's tiny models write gibberish: expected)." if "user" not in paths else "."),
         "",
         "## Time",
         "",

@@ -1,4 +1,9 @@
-"""The demo's report folder: ``report.md``, figures and ``sample.html`` (reads rows, never measures)."""
+"""The demo's report folder: ``report.md``, figures and ``sample.html`` (reads rows, never measures).
+
+Every ratio shown (table cell, bar label, plotted point, finding) is the row's stored median
+of per-round ratios with its stored spread (:mod:`earlyexit.demo.stats`), written by
+:func:`~earlyexit.demo.stats.fmt_ratio`: the report cannot disagree with itself.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import html
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from earlyexit.bench.plots import _plt, save
+import numpy as np
+
+from earlyexit.bench.plots import _plt, axis_limit, save
+from earlyexit.demo.stats import NOISE, fmt_ratio, ratio_verdict
 
 MODEL_TITLES = {
     "dense": "dense + exits",
@@ -22,9 +30,12 @@ def table(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         q = "—" if r["rouge_l"] is None else f"{r['rouge_l']:.3f}"
         tm = "—" if r["token_match"] is None else f"{r['token_match']:.3f}"
-        sp = f"{r['speedup']:.2f}x"
-        if r.get("rounds", 1) > 1 and r["curve"] != "full":
-            sp += f" ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f})"
+        spread = r.get("rounds", 1) > 1 and r["curve"] != "full"
+        sp = fmt_ratio(
+            r["speedup"],
+            r["speedup_lo"] if spread else None,
+            r["speedup_hi"] if spread else None,
+        )
         sp += " †" if r["speedup_vs"] != "full depth" else ""
         out.append(
             [
@@ -58,27 +69,68 @@ def text_table(header: list[str], lines: list[list[str]]) -> str:
 
 
 def pareto(rows: list[dict], out: Path) -> Path:
-    """Quality (ROUGE-L vs full depth) against speedup, one curve per strategy and model."""
+    """Quality (ROUGE-L vs full depth) against speedup, one curve per strategy and model.
+
+    Each point is the row's median speedup with its spread over the rounds as a horizontal
+    bar. Full depth is (1, 1) by definition: drawn as dotted lines, not a marker that would
+    hide the points around it. A point far beyond the others (above the Tukey fence of the
+    speedups, :func:`earlyexit.bench.plots.axis_limit`) is drawn at the axis edge as a
+    triangle and annotated with its value, so it does not squeeze the rest."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    pts = [r for r in rows if r["rouge_l"] is not None and r["curve"] != "full"]
+    xmax = axis_limit([r["speedup"] for r in pts])
+    ax.axvline(1.0, color="k", lw=0.8, ls=":", zorder=0, label="full depth: (1, 1)")
+    ax.axhline(1.0, color="k", lw=0.8, ls=":", zorder=0)
+    ax.axvspan(
+        1 - NOISE,
+        1 + NOISE,
+        color="grey",
+        alpha=0.15,
+        lw=0,
+        zorder=0,
+        label=f"timing noise (±{NOISE:.0%})",
+    )
     curves = defaultdict(list)
-    for r in rows:
-        if r["rouge_l"] is None or r["curve"] == "full":
-            continue
-        curves[(r["model"], r["curve"])].append((r["speedup"], r["rouge_l"]))
-    for (model, curve), pts in sorted(curves.items()):
-        pts.sort()
-        xs, ys = zip(*pts)
-        ax.plot(
+    for r in pts:
+        curves[(r["model"], r["curve"])].append(r)
+    clipped = []
+    for (model, curve), rs in sorted(curves.items()):
+        rs.sort(key=lambda r: r["speedup"])
+        cap = (lambda v: min(v, xmax)) if xmax is not None else (lambda v: v)
+        xs = [cap(r["speedup"]) for r in rs]
+        ys = [r["rouge_l"] for r in rs]
+        lo = [x - cap(r.get("speedup_lo", r["speedup"])) for x, r in zip(xs, rs)]
+        hi = [cap(r.get("speedup_hi", r["speedup"])) - x for x, r in zip(xs, rs)]
+        line = ax.errorbar(
             xs,
             ys,
+            xerr=[np.maximum(lo, 0), np.maximum(hi, 0)],
             marker="o",
-            linestyle="-" if len(pts) > 1 else "",
+            markersize=4,
+            capsize=2,
+            elinewidth=0.8,
+            linestyle="-" if len(rs) > 1 else "",
             label=f"{MODEL_TITLES.get(model, model)}: {curve}",
         )
-    ax.plot([1.0], [1.0], marker="*", markersize=14, color="k", linestyle="", label="full depth")
-    ax.axvline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("speedup over the same model's full depth (batch 1, measured)")
+        colour = line.lines[0].get_color()
+        clipped += [(r, colour) for r in rs if xmax is not None and r["speedup"] > xmax]
+    for i, (r, colour) in enumerate(sorted(clipped, key=lambda rc: -rc[0]["rouge_l"])):
+        ax.plot([xmax], [r["rouge_l"]], marker=">", markersize=9, color=colour, linestyle="")
+        ax.annotate(  # stacked: several clipped points may share a ROUGE-L
+            f"{r['label']}: {fmt_ratio(r['speedup'], r.get('speedup_lo'), r.get('speedup_hi'))}",
+            (xmax, r["rouge_l"]),
+            xytext=(-6, 8 + 11 * i),
+            textcoords="offset points",
+            ha="right",
+            fontsize=7,
+        )
+    if xmax is not None:
+        left = min([r.get("speedup_lo", r["speedup"]) for r in pts] + [1 - NOISE])
+        ax.set_xlim(left - 0.03, xmax * 1.02)
+    ax.set_xlabel(
+        "speedup over the same model's full depth (batch 1, median of rounds; bars: spread)"
+    )
     ax.set_ylabel("ROUGE-L vs full-depth greedy output")
     ax.set_title("Quality vs speed: every strategy on the demo's models")
     ax.legend(fontsize=7, loc="lower left")
@@ -105,29 +157,39 @@ def depth_histogram(depths: dict[str, tuple[list[int], int]], out: Path) -> Path
 
 
 def throughput(rows: list[dict], out: Path) -> Path:
-    """Engine tokens/s by model and batching policy, with the ratio to dense static."""
+    """Engine throughput by model and batching policy as the ratio to dense static batching
+    in the same round: each bar is the row's ``x_static`` (the median of the per-round
+    ratios), its error bar the spread over the rounds, its label the same text as the
+    report table's (:func:`~earlyexit.demo.stats.fmt_ratio`)."""
     plt = _plt()
     models = list(dict.fromkeys(r["model_label"] for r in rows))
     policies = ["static", "continuous", "depthwise"]
-    base = next((r["tokens_per_s"] for r in rows if r["policy"] == "static"), None)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     width = 0.8 / len(policies)
     for i, pol in enumerate(policies):
         for j, m in enumerate(models):
             hit = [r for r in rows if r["model_label"] == m and r["policy"] == pol]
             if not hit:
                 continue
-            v = hit[0]["tokens_per_s"]
+            r = hit[0]
+            v, lo, hi = (
+                r["x_static"],
+                r.get("x_static_lo", r["x_static"]),
+                r.get("x_static_hi", r["x_static"]),
+            )
             x = j + i * width
             ax.bar(x, v, width, color=["#888", "#48c", "#2a7"][i], label=pol)
-            if base:
-                ax.text(x, v, f"{v / base:.2f}x", ha="center", va="bottom", fontsize=7)
+            ax.errorbar(
+                x, v, yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], color="k", capsize=3, lw=0.8
+            )
+            ax.text(x, hi, fmt_ratio(v), ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
     handles, labels = ax.get_legend_handles_labels()
     seen = dict(zip(labels, handles))
-    ax.legend(seen.values(), seen.keys(), title="batching policy")
+    ax.legend(seen.values(), seen.keys(), title="batching policy", fontsize=8)
     ax.set_xticks([j + width for j in range(len(models))], models, fontsize=8)
-    ax.set_ylabel("generated tokens/s")
-    ax.set_title("Serving a request stream (ratios: / dense with static batching)")
+    ax.set_ylabel("throughput / dense static batching (same round)")
+    ax.set_title("Serving a request stream: median of per-round ratios, bars = spread")
     return save(fig, out)
 
 
@@ -138,8 +200,9 @@ def _colour(depth: int, n_steps: int) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def sample_html(prompt: str, samples: list[dict], out: Path) -> Path:
-    """``samples``: [{title, pieces: [(text, depth)], n_steps}]; tokens coloured by depth."""
+def sample_html(prompt: str, samples: list[dict], out: Path, note: str | None = None) -> Path:
+    """``samples``: [{title, pieces: [(text, depth)], n_steps}]; tokens coloured by depth.
+    ``note``: a paragraph shown first (what to expect of the text)."""
     parts = [
         "<!doctype html><meta charset='utf-8'><title>earlyexit demo: depth per token</title>",
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
@@ -154,6 +217,8 @@ def sample_html(prompt: str, samples: list[dict], out: Path) -> Path:
         + ";border:1px solid #ccc'>&nbsp;full depth&nbsp;</span>. Hover a token for its depth. "
         "The prompt is grey.</p>",
     ]
+    if note:
+        parts.insert(3, f"<p style='background:#fff6d5;padding:.6em'>{html.escape(note)}</p>")
     for s in samples:
         n = s["n_steps"]
         mean = sum(d for _, d in s["pieces"]) / max(len(s["pieces"]), 1)
@@ -186,17 +251,20 @@ def depth_bound(r: dict) -> float | None:
 def speedup_verdict(r: dict, tolerance: float = 1.1, max_spread: float = 0.5) -> str:
     """``faster``, ``slower`` or ``unclear`` for a row measured in several rounds.
 
-    Faster: above 1 in every round, and not faster than the depth it saved can explain
-    (``tolerance`` allows for noise; a larger "speedup" is timing noise, e.g. a strategy
-    that never exited). Slower: below 1 in every round. Unclear: anything else, or rounds
-    that disagree by more than ``max_spread`` of the median (a busy machine)."""
+    Faster: above ``1 + NOISE`` in every round (a ratio whose rounds touch the ±3% noise
+    band is not a speedup, :func:`~earlyexit.demo.stats.ratio_verdict`), and not faster
+    than the depth it saved can explain (``tolerance`` allows for noise; a larger "speedup"
+    is timing noise, e.g. a strategy that never exited). Slower: below ``1 - NOISE`` in every
+    round. Unclear: anything else, or rounds that disagree by more than ``max_spread`` of
+    the median (a busy machine)."""
     lo, hi = r.get("speedup_lo", r["speedup"]), r.get("speedup_hi", r["speedup"])
     if r.get("rounds", 1) < 2 or (hi - lo) > max_spread * r["speedup"]:
         return "unclear"
     bound = depth_bound(r)
-    if lo > 1.0 and (bound is None or r["speedup"] <= bound * tolerance):
+    verdict = ratio_verdict(lo, hi)
+    if verdict == "above" and (bound is None or r["speedup"] <= bound * tolerance):
         return "faster"
-    if hi < 1.0:
+    if verdict == "below":
         return "slower"
     return "unclear"
 
@@ -210,9 +278,12 @@ def findings(
     """Plain-language findings of one run, computed from its rows (nothing hard-coded).
 
     A finding is stated only where the measurement supports it: a speedup must hold in every
-    timing round and be consistent with the depth saved; a serving ranking must be outside
-    the run-to-run spread; an NLL difference must exceed twice its standard error.
-    Otherwise the finding says the run cannot tell."""
+    timing round, beyond the ±3% noise band, and be consistent with the depth saved; a
+    serving ranking must be outside the run-to-run spread; an NLL difference must exceed
+    twice its paired standard error. Otherwise the finding says the run cannot tell.
+    ``nll``: the models' :func:`~earlyexit.evaluation.perplexity.perplexity` results; MoR's
+    may carry ``vs_dense`` (its per-token difference to the dense model, see
+    :func:`nll_comparison`)."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         title = MODEL_TITLES.get(model, model)
@@ -247,8 +318,8 @@ def findings(
         else:
             msg = (
                 f"{title}: no strategy that keeps ROUGE-L >= {min_quality} was faster than full "
-                f"depth in every round: the differences are within this run's timing noise "
-                f"(too short a run to tell)"
+                f"depth by more than the ±{NOISE:.0%} timing noise in every round: the "
+                f"differences are within this run's noise (too short a run to tell)"
             )
             if noisy:
                 r = max(noisy, key=lambda r: r["speedup"])
@@ -287,19 +358,28 @@ def _serving_findings(
             f"static), but its spread overlaps {names}: this run cannot rank them."
         )
     adaptive = [e for e in engine if e["exit"] is not None or e["model"] == "mor"]
-    if adaptive and all(hi[id(e)] < 1 for e in adaptive):
+    if adaptive and all(ratio_verdict(lo[id(e)], hi[id(e)]) == "below" for e in adaptive):
         out.append(
             "Every configuration that gives tokens less depth served slower than dense static "
             "batching in every round: on this machine, per-token depth did not pay in batched "
             "serving."
         )
-    paid = [e for e in adaptive if lo[id(e)] > 1 and e.get("rounds", 1) >= 2]
+    paid = [
+        e
+        for e in adaptive
+        if ratio_verdict(lo[id(e)], hi[id(e)]) == "above" and e.get("rounds", 1) >= 2
+    ]
     if paid:
         e = max(paid, key=lambda e: e["x_static"])
+        how = (
+            f" (exit after step {e['exit']['step']} at threshold λ = {e['exit']['threshold']})"
+            if e["exit"]
+            else ""
+        )
         text = (
-            f"Per-token depth paid in serving: {e['model_label']} with {e['policy']} batching "
-            f"served {e['x_static']:.2f}x dense static ({_spread(lo[id(e)], hi[id(e)])}) at "
-            f"average depth {e['mean_depth']:.2f}."
+            f"Per-token depth paid in serving: {e['model_label']}{how} with {e['policy']} "
+            f"batching served {e['x_static']:.2f}x dense static "
+            f"({_spread(lo[id(e)], hi[id(e)])}) at average depth {e['mean_depth']:.2f}."
         )
         out.append(text + _serving_quality(e, rows or [], min_quality))
     return out
@@ -332,17 +412,62 @@ def _serving_quality(e: dict, rows: list[dict], min_quality: float) -> str:
     )
 
 
+MOR_CAVEAT = (
+    " Caveats: the ablation in BENCHMARKS.md (`mor-isoflop`) finds that at this scale the gain "
+    "comes from the router's gate on each recursion's update, not from routing tokens to "
+    "different depths; and the dense model here was trained with FREE's exit loss (its "
+    "shallow exit shares the training signal), so it is not the plain LM-only model the "
+    "README's MoR comparison uses."
+)
+
+
+def nll_comparison(a, b, seq_len: int) -> dict:
+    """MoR against the dense model on the same tokens: per-token NLL arrays ``a`` (MoR) and
+    ``b`` (dense), in the same order. ``diff`` = mean(a) - mean(b); ``paired_se`` its
+    standard error with each window of ``seq_len`` tokens as one independent unit
+    (:func:`~earlyexit.demo.stats.paired_se`)."""
+    from earlyexit.demo.stats import paired_se
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return {
+        "diff": float(a.mean() - b.mean()),
+        "paired_se": paired_se(a, b, cluster=seq_len),
+        "tokens": int(a.size),
+        "windows": int(a.size // seq_len),
+        "seq_len": seq_len,
+    }
+
+
 def _mor_finding(mor: dict, dense: dict) -> str:
-    """MoR's validation NLL against the dense model's, both trained here at equal FLOPs."""
+    """MoR's validation NLL against the dense model's, both trained here at equal FLOPs and
+    scored on the same tokens: the verdict uses the paired standard error of the per-token
+    differences (``mor["vs_dense"]``, :func:`nll_comparison`), and the finding carries the
+    ablation's caveat."""
     a, b = mor["nll"], dense["nll"]
-    se = [x.get("nll_se") for x in (mor, dense)]
-    text = f"MoR: validation NLL {a:.3f} against the dense model's {b:.3f}, trained here at equal training FLOPs"
-    if None in se:
-        return text + " (one evaluation batch: no error bar, no verdict)."
-    margin = 2 * (se[0] ** 2 + se[1] ** 2) ** 0.5
-    if abs(a - b) <= margin:
-        return text + f": the difference is within twice its standard error ({margin:.3f})."
-    better = "lower" if a < b else "higher"
+    vs = mor.get("vs_dense") or {}
+    on = f" on the same {vs['tokens']:,} validation tokens" if vs.get("tokens") else ""
+    text = (
+        f"MoR: validation NLL {a:.3f} against the dense model's {b:.3f}{on}, trained here at "
+        f"equal training FLOPs"
+    )
+    se = vs.get("paired_se")
+    if se is None:
+        return text + " (too few evaluation windows for an error bar: no verdict)." + MOR_CAVEAT
+    what = (
+        f"paired standard error {se:.3f}: the standard error of the mean per-token NLL "
+        f"difference, both models scored on the same tokens, each {vs['seq_len']}-token "
+        f"window one unit"
+    )
+    d = vs["diff"]
+    if abs(d) <= 2 * se:
+        return (
+            text
+            + f": the difference ({d:+.3f}) is within twice its standard error ({what})."
+            + MOR_CAVEAT
+        )
+    better = "lower" if d < 0 else "higher"
     return (
-        text + f": {better} by {abs(a - b):.3f}, more than twice its standard error ({margin:.3f})."
+        text
+        + f": {better} by {abs(d):.3f}, {abs(d) / se:.1f} times its standard error ({what})."
+        + MOR_CAVEAT
     )
