@@ -63,10 +63,31 @@ def source_file(name: str) -> Path:
     return path
 
 
+def suggest_named(model: str | Path) -> str | None:
+    """The named model ``model`` probably meant (``smollm`` -> ``smollm2``), or None: the
+    closest registry name by :func:`difflib.get_close_matches`, for a bare name only (a
+    path with a separator is a path)."""
+    import difflib
+
+    text = str(model)
+    if "/" in text or text in NAMED:
+        return None
+    hit = difflib.get_close_matches(text.lower(), list(NAMED), n=1, cutoff=0.6)
+    return hit[0] if hit else None
+
+
 def resolve_model(model: str | Path) -> Path:
     """``model`` as a path: a named model's cached checkpoint (converted on first use), or
-    the path itself."""
+    the path itself. A bare name that is neither a path nor a named model but close to one
+    (``smollm``) is refused with the suggestion, rather than reported as a missing
+    directory later."""
     if str(model) not in NAMED or Path(model).exists():
+        hint = None if Path(model).exists() else suggest_named(model)
+        if hint:
+            raise CheckpointError(
+                f"{model}: no such directory, and no named model {str(model)!r}; did you mean "
+                f"{hint}? (named models: {', '.join(NAMED)})"
+            )
         return Path(model)
     src = source_file(str(model))
     dst = home() / "models" / str(model)

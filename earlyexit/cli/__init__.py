@@ -7,8 +7,11 @@ groups several commands share (device, precision, sampling, early-exit strategy)
 ``common.py``. To add a command: a module with ``register(sub)`` and ``run(args) -> int``,
 listed in ``COMMANDS``.
 
-User errors print one line (``earlyexit: error: ...``) and exit with status 1; usage errors
-exit with 2 (argparse); never a traceback for bad input.
+Every error is one line, ``earlyexit: error: ...``, never a traceback for bad input. Its
+exit status says which kind: 1 for input the command could not use (a missing model, an
+invalid sampling value), 2 for a command line that does not parse (an unknown flag, an
+invalid choice such as ``--strategy fast``, a missing argument), the Unix convention for
+usage errors that argparse follows; the line names the ``--help`` to read.
 """
 
 from __future__ import annotations
@@ -33,8 +36,21 @@ def _version() -> str:
     return f"earlyexit {__version__}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``earlyexit: error: generate: argument
+    --strategy: invalid choice ... (see earlyexit generate --help)``, exit status 2, instead
+    of the whole usage block. Subcommand parsers are of this class too (argparse makes
+    them of their parent's class)."""
+
+    def error(self, message: str):
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        where = f"{sub}: " if sub else ""
+        self.exit(2, f"earlyexit: error: {where}{message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The ``earlyexit`` parser with every command of :data:`COMMANDS`."""
+    p = _Parser(
         prog="earlyexit",
         description="Adaptive-depth LLM inference: FREE early exit, Relaxed Recursive Transformers, Mixture-of-Recursions.",
     )

@@ -18,7 +18,11 @@ def register(sub) -> None:
     d.add_argument(
         "--model",
         default=None,
-        help="run the measurements on your model (directory or hub name) instead of training",
+        metavar="MODEL",
+        help="measure a pretrained model instead of the demo's own (a directory, a named model "
+        "such as smollm2, or a hub name when online): an exit is first fine-tuned on its "
+        "frozen body (unless it has trained exits), then every strategy and batching policy "
+        "is measured on it",
     )
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")

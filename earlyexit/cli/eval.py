@@ -23,7 +23,11 @@ def register(sub) -> None:
         help="perplexity: validation NLL of a prepared corpus; agreement: a strategy's output "
         "vs full depth (token match, ROUGE-L, speedup); lm-eval: lm-evaluation-harness tasks",
     )
-    e.add_argument("--model", required=True, help="checkpoint or Hugging Face directory")
+    e.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint, Hugging Face directory, GGUF file or named model (smollm2)",
+    )
     e.add_argument("--data", default=None, help="prepared data directory (perplexity, agreement)")
     e.add_argument("--split", default="val", choices=["val", "train"], help="which split")
     e.add_argument("--seq-len", type=int, default=256, help="tokens per window")

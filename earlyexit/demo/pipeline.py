@@ -16,7 +16,10 @@ Every stage is a :class:`~earlyexit.training.loop.TrainConfig` run through the s
 CLI uses, so a stage interrupted by Ctrl-C or a kill resumes where it stopped on the next
 run, and a finished stage (its ``final`` checkpoint exists and its recipe is unchanged) is
 reused. Training precision follows the hardware (``--precision auto``): bf16 autocast where
-bf16 is native, fp32 elsewhere; the resolved precision is part of each stage's recipe.
+bf16 is native, fp32 elsewhere. Each stage's TrainConfig keeps the precision as asked (so
+the training log says ``auto: bf16 is native ...`` when auto chose it), and the resolved
+precision is part of each stage's recipe (a cache from a machine that resolved it
+differently is retrained).
 
 Time estimates are measured, not assumed: :func:`probe_step_seconds` times one training
 step of the dense model on this machine, :class:`Estimate` scales each stage's steps by
@@ -87,6 +90,7 @@ def user_exit_stage(
     mc = load_config(model_dir)
     n_layers = mc.n_layers  # the plan's depth
     step = user_exit_step(n_layers, up)
+    resolved = _resolved(precision, device)
     cfg = TrainConfig(
         data=str(data),
         out=str(work / "runs" / "user-exit"),
@@ -118,6 +122,7 @@ def user_exit_stage(
         eta_key="user_exit",
         steps=up.steps,
         inputs=(model_dir,),
+        precision=resolved,
     )
 
 
@@ -146,6 +151,7 @@ class Stage:
     deps: tuple[str, ...] = ()  # stages whose output this one is built from
     inputs: tuple[Path, ...] = ()  # their final checkpoints
     cost: float | None = None  # seconds per step / the dense probe step's (else the table)
+    precision: str | None = None  # the training precision cfg.precision resolves to here
 
     @property
     def final(self) -> Path:
@@ -157,8 +163,19 @@ class Stage:
         body = dataclasses.asdict(self.cfg) if self.cfg is not None else self.convert
         # where and how fast it runs does not change the recipe
         body = {k: v for k, v in body.items() if k not in RUNTIME_FIELDS}
+        if self.precision is not None and self.cfg is not None:
+            body["precision"] = self.precision  # what ran, not how it was asked for
         body["inputs"] = [_weights_digest(p) for p in self.inputs]
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resolved(precision: str, device: str) -> str:
+    """``precision`` as training on ``device`` resolves it (``auto`` -> float32/bfloat16)."""
+    import torch
+
+    from earlyexit.device import resolve_precision
+
+    return resolve_precision(precision, torch.device(device))[0]
 
 
 def _weights_digest(ckpt: Path) -> str:
@@ -181,8 +198,11 @@ def stages(
     precision: str = "float32",
 ) -> list[Stage]:
     """The training stages of ``plan`` under ``work`` (in dependency order), trained in
-    ``precision`` (already resolved for the device: ``float32`` or ``bfloat16``)."""
+    ``precision`` as the user asked for it (``auto``, ``float32`` or ``bfloat16``; the
+    loop resolves it for ``device`` and says why)."""
     from earlyexit.training.loop import TrainConfig
+
+    resolved = _resolved(precision, device)
 
     runs = work / "runs"
     n_layers = plan.model["n_layers"]
@@ -270,7 +290,12 @@ def stages(
     )
     return [
         Stage(
-            "dense-exits", "dense model with exits", dense, eta_key="dense", steps=plan.dense_steps
+            "dense-exits",
+            "dense model with exits",
+            dense,
+            eta_key="dense",
+            steps=plan.dense_steps,
+            precision=resolved,
         ),
         Stage(
             "recursive-init",
@@ -278,6 +303,7 @@ def stages(
             convert=conversion,
             deps=("dense-exits",),
             inputs=(Path(dense_final),),
+            precision=resolved,
         ),
         Stage(
             "recursive-uptrain",
@@ -287,6 +313,7 @@ def stages(
             steps=plan.uptrain_steps,
             deps=("recursive-init", "dense-exits"),  # the dense model is its teacher
             inputs=(Path(rec_init), Path(dense_final)),
+            precision=resolved,
         ),
         Stage(
             "recursive",
@@ -296,6 +323,7 @@ def stages(
             steps=plan.loop_exit_steps,
             deps=("recursive-uptrain",),
             inputs=(runs / "recursive-uptrain" / "final",),
+            precision=resolved,
         ),
         # MoR steps follow from the budget; ~ dense steps x dense FLOPs / MoR FLOPs
         Stage(
@@ -304,6 +332,7 @@ def stages(
             mor,
             eta_key="mor",
             steps=int(plan.dense_steps * 1.35),
+            precision=resolved,
         ),
     ]
 
@@ -367,7 +396,8 @@ def probe_user_exit_step(stage: Stage) -> float:
     objective.setup(model)
     if cfg.train_only:
         freeze_all_but(model, cfg.train_only)
-    return _time_step(model, objective, cfg.batch_size, cfg.seq_len, cfg.precision)
+    precision = stage.precision or _resolved(cfg.precision, str(dev))
+    return _time_step(model, objective, cfg.batch_size, cfg.seq_len, precision)
 
 
 def _time_step(model, objective, batch_size: int, seq_len: int, precision: str) -> float:
@@ -468,7 +498,8 @@ def build(
             digests = json.dumps([_weights_digest(p) for p in st.inputs])
             marker = run / "demo_inputs.json"  # the inputs a (possibly interrupted) run used
             changed = marker.is_file() and marker.read_text() != digests
-            if run.exists() and (stale_input or changed or not _same_recipe(run, st.cfg)):
+            same = _same_recipe(run, st.cfg, st.precision)
+            if run.exists() and (stale_input or changed or not same):
                 shutil.rmtree(run)  # its recipe or its input changed: start that stage again
             run.mkdir(parents=True, exist_ok=True)
             marker.write_text(digests)
@@ -488,8 +519,11 @@ def build(
     return paths, seconds, reused
 
 
-def _same_recipe(run: Path, cfg) -> bool:
-    """Whether ``run`` was started with ``cfg`` (fields that change the result only)."""
+def _same_recipe(run: Path, cfg, precision: str | None = None) -> bool:
+    """Whether ``run`` was started with ``cfg`` (fields that change the result only).
+    ``precision``: the precision ``cfg.precision`` resolves to here; compared with the one
+    the run resolved (not with how it was asked for: ``auto`` and ``float32`` can be the
+    same run)."""
     f = run / "train_config.json"
     if not f.is_file():
         return True  # nothing recorded yet: let the loop decide
@@ -499,6 +533,10 @@ def _same_recipe(run: Path, cfg) -> bool:
         return False
     new = dataclasses.asdict(cfg)
     ignore = RUNTIME_FIELDS | ({"flops_budget", "steps"} if cfg.flops_budget else set())
+    if precision is not None:
+        ignore = ignore | {"precision"}
+        if old.get("precision_resolved", old.get("precision")) != precision:
+            return False
     return all(
         json.dumps(old.get(k), default=str) == json.dumps(v, default=str)
         for k, v in new.items()

@@ -8,8 +8,9 @@
    with a request stream under each batching policy (``evaluate.py``);
 4. prints one table and writes the report folder (``report.py``).
 
-``--model DIR`` (or a Hugging Face hub name, downloaded when online) runs steps 3-4 on a
-user's model instead of the trained ones.
+``--model DIR`` (a named model like ``smollm2``, or a Hugging Face hub name, downloaded when
+online) replaces step 2: an exit is fine-tuned on the model's frozen body (unless it has
+trained exits), then steps 3-4 measure it.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from earlyexit.demo.output import (
     engine_lines,
     figures,
     sample_generations,
+    sample_note,
     write_report,
 )
 from earlyexit.demo.user_model import (
+    check_model_arg,
     check_parity,
     draft_tokens,
     has_trained_exits,
@@ -78,6 +81,8 @@ def main(
         if out_dir
         else default_home() / ("demo-quick" if quick else "demo")
     )
+    if model:
+        check_model_arg(model)  # a model that is not there fails before anything is written
     work.mkdir(parents=True, exist_ok=True)
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -106,12 +111,12 @@ def main(
             if has_trained_exits(model_dir)
             else [
                 pipeline.user_exit_stage(
-                    plan, up, model_dir, work, data, threads, str(dev), train_precision
+                    plan, up, model_dir, work, data, threads, str(dev), precision
                 )
             ]
         )
     else:
-        st = pipeline.stages(plan, work, data, threads, device=str(dev), precision=train_precision)
+        st = pipeline.stages(plan, work, data, threads, device=str(dev), precision=precision)
     todo = [s for s in st if not pipeline.is_done(s)]
     # the estimate comes from one training step timed here, now (a few seconds at most)
     step_s = pipeline.probe_step_seconds(plan, str(dev), train_precision)
@@ -183,18 +188,26 @@ def main(
             f"[check] exported to Hugging Face format and reloaded with transformers: max |logit diff| "
             f"{parity['max_logit_diff']:.1e}, greedy tokens identical: {parity['greedy_tokens_identical']}"
         )
+    # the windows the training log's final `val nll` scores (eval_batches x batch_size), the
+    # same tokens for every model; per-token NLLs kept for the paired MoR-dense comparison
     evals = {
         k: perplexity(
             p,
             data,
             seq_len=plan.seq_len,
-            batch_size=8,
+            batch_size=plan.batch_size,
             max_batches=plan.eval_batches,
             device=str(dev),
             dtype=dtype,
+            token_nll=True,
         )
         for k, p in paths.items()
     }
+    per_token = {k: v.pop("token_nll") for k, v in evals.items()}
+    if "mor" in evals and "dense" in evals:
+        evals["mor"]["vs_dense"] = report.nll_comparison(
+            per_token["mor"], per_token["dense"], plan.seq_len
+        )
     nll = {k: v["nll"] for k, v in evals.items()}
     prompts = validation_prompts(data, plan.prompts, plan.prompt_len)
     jobs = []
@@ -276,7 +289,12 @@ def main(
         rep, plan, quick, paths, rows, engine, parity, evals, timings, reused, figs, threads, found
     )
     if samples:
-        report.sample_html(samples["prompt"], samples["items"], rep / "sample.html")
+        report.sample_html(
+            samples["prompt"],
+            samples["items"],
+            rep / "sample.html",
+            note=sample_note(lms, trained_here=not model),
+        )
     results = {
         "rows": rows,
         "engine": [{k: v for k, v in e.items() if k != "depths"} for e in engine],

@@ -13,6 +13,24 @@ import torch
 from earlyexit.errors import InputError
 
 
+def check_model_arg(model: str) -> None:
+    """Refuse ``demo --model`` values that cannot be a model, before anything is written:
+    not a named model, not an existing path, and not shaped like a hub name (``org/name``).
+    A near miss of a named model is suggested (``smollm`` -> ``smollm2``)."""
+    from earlyexit.registry import NAMED, suggest_named
+
+    p = Path(model).expanduser()
+    if (model in NAMED and not p.exists()) or p.is_dir():
+        return
+    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        hint = suggest_named(model)
+        raise InputError(
+            f"{model}: not a model directory (and not a named model like "
+            f"{', '.join(NAMED)} or a hub name like org/name)"
+            + (f"; did you mean {hint}?" if hint else "")
+        )
+
+
 def user_checkpoint(model: str, work: Path) -> Path:
     """A named model (``smollm2``), a local directory (ours or Hugging Face's, which is
     converted once into ``work``), or a hub name downloaded with huggingface_hub (online)."""
@@ -23,11 +41,7 @@ def user_checkpoint(model: str, work: Path) -> Path:
         return resolve_model(model)
     if p.is_dir():
         return as_checkpoint(p, work)
-    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise InputError(
-            f"{model}: not a model directory (and not a named model like smollm2 or a hub "
-            f"name like org/name)"
-        )
+    check_model_arg(model)
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
