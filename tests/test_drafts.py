@@ -110,13 +110,15 @@ def test_stop_rule_stops_at_the_first_unconfident_draft(monkeypatch):
     m = attention_model()
     probs = iter([0.9, 0.8, 0.1, 0.95])
     s = SelfSpeculative(2, 4, stop=0.5)
-    real = s._draft
+    from earlyexit.decoding import speculative
 
-    def fake(model, hn):
-        tok, _ = real(model, hn)
+    real = speculative.propose
+
+    def fake(model, hn, head):
+        tok, _ = real(model, hn, head)
         return tok, torch.full_like(tok, next(probs), dtype=torch.float)
 
-    monkeypatch.setattr(s, "_draft", fake)
+    monkeypatch.setattr(speculative, "propose", fake)
     cache = KVCache.for_model(m, 1, 64)
     with torch.inference_mode():
         s.prefill(m, cache, torch.tensor([[1, 2, 3]]), np.array([3]))

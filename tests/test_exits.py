@@ -246,6 +246,8 @@ def test_vocabulary_pruned_drafting_stays_lossless_and_drafts_only_in_the_set(mo
     """FR-Spec: the draft head scores only the given tokens; verification keeps the output
     identical to full depth. Reference for the draft itself: the full exit's logits with
     every other token masked out."""
+    from earlyexit.decoding.speculative import propose
+
     ps = prompts(4, seed=3)
     full = generate(model, ps, GREEDY)
     allowed = torch.tensor([7, 3, 100, 42, 5, 300, 11])
@@ -255,7 +257,8 @@ def test_vocabulary_pruned_drafting_stays_lossless_and_drafts_only_in_the_set(mo
     with torch.inference_mode():
         masked = torch.full((5, model.config.vocab_size), float("-inf"))
         masked[:, allowed] = model.exit_logits(h, 2)[:, allowed]
-        assert torch.equal(s._draft(model, model.exit_norm(h, 2))[0], masked.argmax(-1))
+        drafted = propose(model, model.exit_norm(h, 2), s._draft_head)[0]
+        assert torch.equal(drafted, masked.argmax(-1))
     # the whole vocabulary as the draft set drafts exactly what the full head drafts
     everything = SelfSpeculative(2, 3, draft_tokens=torch.arange(model.config.vocab_size))
     plain = SelfSpeculative(2, 3)
@@ -364,16 +367,21 @@ def test_strategy_validation(model):
         make_strategy(model, "medusa")
     with pytest.raises(InputError, match="outside the model's depth"):
         make_strategy(model, "free", exit_step=6)
-    with pytest.raises(InputError, match="threshold must be in"):
+    with pytest.raises(InputError, match="threshold must be a number in"):
         make_strategy(model, "free", threshold=1.5)
     with pytest.raises(InputError, match="exit classifiers"):
         make_strategy(model, "calm", measure="classifier")
     with pytest.raises(InputError, match="no exit points"):
         make_strategy(make_model(), "free")
-    with pytest.warns(ExitWarning, match="never trained"):
+    # untrained exits: refused for lossy strategies, allowed explicitly with a warning
+    with pytest.raises(InputError, match="never trained"):
         make_strategy(make_model(exits={"steps": [2]}), "free")
-    with pytest.warns(ExitWarning, match="not an exit point"):
+    with pytest.warns(ExitWarning, match="never trained"):
+        make_strategy(make_model(exits={"steps": [2]}), "free", allow_untrained=True)
+    with pytest.raises(InputError, match="not an exit point"):
         make_strategy(model, "static", exit_step=3)
+    with pytest.warns(ExitWarning, match="not an exit point"):
+        make_strategy(model, "static", exit_step=3, allow_untrained=True)
 
 
 def test_free_with_a_classifier_confidence():
@@ -449,7 +457,9 @@ def test_free_exits_only_strictly_above_the_threshold(model, monkeypatch, kind):
     elif kind == "generate":
         monkeypatch.setattr(free_mod, "confidence", half)
     else:
-        monkeypatch.setattr(ModelRunner, "margins", staticmethod(half))
+        monkeypatch.setattr(
+            ModelRunner, "confidences", lambda self, measure, rows, step, logits: half(logits)
+        )
     ps = prompts(2, seed=8)
     for lam, depth in [(0.5, 6), (0.4999, 2)]:
         params = SamplingParams(max_new_tokens=5, ignore_eos=True)

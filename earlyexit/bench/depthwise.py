@@ -157,7 +157,12 @@ def run(
 
             def factory():
                 return make_strategy(
-                    lm.model, "calm", threshold=threshold, min_exit=mode.step, sync_batch=True
+                    lm.model,
+                    "calm",
+                    threshold=threshold,
+                    min_exit=mode.step,
+                    sync_batch=True,
+                    allow_untrained=True,
                 )
 
             return _static_generate(lm.model, stream, max_batch, factory)

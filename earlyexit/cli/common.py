@@ -92,7 +92,7 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     xg.add_argument(
         "--threshold",
         type=float,
-        default=0.9,
+        default=0.9,  # decoding.confidence.DEFAULT_THRESHOLD (not imported: --help stays fast)
         help="calm/free: exit when confidence passes this, in [-1, 1] (1: never)",
     )
     xg.add_argument(
@@ -173,6 +173,12 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
         action="store_true",
         help="full: static-shape decode step under torch.compile (CUDA graphs on CUDA)",
     )
+    xg.add_argument(
+        "--allow-untrained-exits",
+        action="store_true",
+        help="static/calm/free: run on exits that were never trained (refused otherwise: "
+        "their tokens are of poor quality)",
+    )
 
 
 def frequent_vocab(args: argparse.Namespace, n: int | None, flag: str):
@@ -209,6 +215,7 @@ def strategy_options(args: argparse.Namespace) -> dict:
         draft_k=args.draft_k,
         draft_stop=getattr(args, "draft_stop", None),
         compile=args.compile,
+        allow_untrained=getattr(args, "allow_untrained_exits", False),
     )
 
 
