@@ -222,3 +222,12 @@ def test_sample_page_says_tiny_models_write_gibberish(tmp_path):
     )
     page = out.read_text()
     assert page.index("expected to be gibberish") < page.index("<h2>")
+
+
+def test_axis_limit_clips_only_a_far_outlier():
+    from earlyexit.bench.plots import axis_limit
+
+    # quartiles of 0.90 0.95 1.00 1.02 1.05 x: 0.9625 and 1.0425 -> fence 1.1625
+    assert axis_limit([0.9, 0.95, 1.0, 1.02, 1.05, 3.14]) == pytest.approx(1.1625)
+    assert axis_limit([0.9, 0.95, 1.0, 1.02, 1.05, 1.2]) is None  # within 15% of the fence
+    assert axis_limit([0.9, 1.0, 1.05, 9.0]) is None  # too few points to call one an outlier

@@ -53,13 +53,14 @@ def save(fig, out: Path) -> Path:
 def axis_limit(values: list[float], k: float = 1.5, min_points: int = 5) -> float | None:
     """The upper axis limit that keeps one far point from squeezing the others: the Tukey
     fence (upper quartile + ``k`` x interquartile range) of ``values``, or None (no limit)
-    when nothing lies beyond it or there are fewer than ``min_points`` values to judge by.
-    Points beyond it are drawn at the edge and annotated with their value."""
+    when nothing lies well beyond it (more than 15% past it: clipping a point just past the
+    fence gains nothing) or there are fewer than ``min_points`` values to judge by. Points
+    beyond it are drawn at the edge and annotated with their value."""
     if len(values) < min_points:
         return None
     q1, q3 = np.percentile(values, [25, 75])
     fence = float(q3 + k * (q3 - q1))
-    return fence if max(values) > fence else None
+    return fence if max(values) > 1.15 * fence else None
 
 
 def pareto(rows: list[dict], out: Path) -> Path:

@@ -34,8 +34,9 @@ class DemoPlan:
     eval_batches: int
     rounds: int  # interleaved timing repeats of every measurement (the spread of a finding)
     # Cost of one step of each stage relative to one dense step, and of the corpus and the
-    # measurements in dense steps (measured on a 2-core CPU; the probe scales them to this
-    # machine and the estimate is revised as stages run)
+    # measurements in dense steps (measured on a 2-core AMD EPYC, AVX2 only, fp32,
+    # 2026-11-30; the probe times a dense step on the user's machine, scales them to it, and
+    # the estimate is revised as stages run)
     relative_cost: dict = field(default_factory=dict)
 
 
