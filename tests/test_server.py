@@ -738,6 +738,8 @@ def _start(model_dir, *extra):
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+    line = p.stderr.readline()  # what it is doing while it loads (it says so)
+    assert line.startswith("earlyexit serve: loading "), line
     line = p.stderr.readline()  # blocks until the server listens (or dies: empty line)
     return p, line
 
@@ -750,7 +752,9 @@ def test_serve_command_binds_loopback_prints_its_address_and_answers(tmp_path, t
     p, line = _start(run)
     try:
         assert line.startswith("earlyexit serve: listening on http://127.0.0.1:"), line
-        assert line.rstrip().endswith(", model my-run, policy depthwise, max batch 32"), line
+        assert line.rstrip().endswith(
+            ", model my-run, policy depthwise, max batch 32, strategy full"
+        ), line
         url = line.split(" on ")[1].split(",")[0]
         out = httpx.post(
             url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=WAIT

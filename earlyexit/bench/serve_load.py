@@ -132,8 +132,18 @@ def run(
     th.join()
     offline_thread_s = on_thread[0][0]
     # the server on loopback
+    from earlyexit.serve.protocol import Defaults
+
+    defaults = Defaults() if exit is None else Defaults("free", exit.step, exit.threshold)
     app = build_app(
-        lm, "bench", policy, max_batch, max_len, max_queue=4 * n_requests, default_exit=exit
+        lm,
+        "bench",
+        policy,
+        max_batch,
+        max_len,
+        max_queue=4 * n_requests,
+        defaults=defaults,
+        allow_untrained_exits=True,
     )
     server = make_server(app, "127.0.0.1", 0, log_level="error")  # as `earlyexit serve`
     th = threading.Thread(target=server.run, daemon=True)

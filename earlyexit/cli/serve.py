@@ -49,18 +49,66 @@ def register(sub) -> None:
     )
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     sv.add_argument(
-        "--exit-step", type=int, default=None, help="default early exit for requests (FREE)"
+        "--strategy",
+        default=None,
+        choices=["full", "free", "calm", "speculative"],
+        help="default strategy of requests that name none (each request may choose its own; "
+        "default: full, or free when an exit option below is given)",
     )
     sv.add_argument(
-        "--threshold", type=float, default=None, help="default exit threshold (implies early exit)"
+        "--exit-step",
+        type=int,
+        default=None,
+        help="default exit step: free's shallow exit, calm's first exit checked, speculation's "
+        "draft exit (default: the model's first exit, or its draft's)",
+    )
+    sv.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=None,
+        metavar="T|adaptive",
+        help="default exit threshold of free / calm, in [-1, 1]; 'adaptive': FREE's Beta "
+        "mixture, fitted per served model from every request's catch-ups (default: 0.9)",
+    )
+    sv.add_argument(
+        "--confidence",
+        default=None,
+        choices=["margin", "max-prob", "classifier"],
+        help="default confidence of free / calm (default: margin)",
     )
     sv.add_argument(
         "--deep-kv",
-        default="catch-up",
+        default=None,
         choices=["catch-up", "propagate", "skip"],
         help="an exited token's K/V at the steps it skipped: computed later with the next "
-        "deep token (catch-up, FREE: exact), its exit state's (propagate, CALM), or none "
-        "(skip: each token costs exactly its depth)",
+        "deep token (catch-up, FREE's default: exact), its exit state's (propagate, calm's "
+        "default), or none (skip: each token costs exactly its depth)",
+    )
+    sv.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        help="default most drafts per round of speculative requests (default: the draft's, else 4)",
+    )
+    sv.add_argument(
+        "--draft",
+        default="auto",
+        metavar="DIR",
+        help="the draft speculative requests draft from: a directory (earlyexit "
+        "train-draft), 'auto' (the one shipped for a named model such as smollm2) or 'none'",
+    )
+    sv.add_argument(
+        "--allow-untrained-exits",
+        action="store_true",
+        help="serve free / calm on exits that were never trained (refused with a 400 "
+        "otherwise: their tokens are of poor quality)",
+    )
+    sv.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="temperature of requests that give none (1.0 is OpenAI's convention; the CLI's "
+        "generate is greedy, 0; speculative requests are always greedy)",
     )
     sv.add_argument(
         "--exit-vocab",
@@ -100,6 +148,15 @@ def register(sub) -> None:
     sv.set_defaults(func=run)
 
 
+def _threshold(text: str):
+    if text == "adaptive":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'adaptive', got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from earlyexit.serve.server import serve
 
@@ -128,5 +185,11 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         exit_vocab=frequent_vocab(args, args.exit_vocab, "--exit-vocab"),
         deep_kv=args.deep_kv,
+        strategy=args.strategy,
+        confidence=args.confidence,
+        draft_tokens=args.draft_tokens,
+        draft=None if args.draft == "none" else args.draft,
+        temperature=args.temperature,
+        allow_untrained_exits=args.allow_untrained_exits,
     )
     return 0

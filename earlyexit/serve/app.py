@@ -9,10 +9,12 @@ chat template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheu
   (and more when the client fell behind); chunks are preformatted bytes.
 - ``usage`` adds compute accounting: ``steps_run``, ``average_depth``,
   ``full_depth_fraction``.
-- Per-request early exit: ``"strategy": "free"`` with ``"exit_step"``, ``"threshold"`` and
-  ``"deep_kv"`` (``catch-up`` / ``propagate`` / ``skip``: ``ExitMode``); server defaults
-  from ``--exit-step`` / ``--threshold`` / ``--deep-kv``, and ``--exit-vocab`` for every
-  exit's head.
+- Per-request strategy: ``"strategy"``: ``full``, ``free`` (``exit_step``, ``threshold``
+  a number or ``"adaptive"``, ``confidence``, ``deep_kv``), ``calm`` (the same options) or
+  ``speculative`` (``exit_step``, ``draft_tokens``; greedy, lossless), all batched together
+  by the engine (``ExitMode``); server defaults from the ``serve`` flags
+  (``protocol.Defaults``), and ``--exit-vocab`` for every exit's head. ``usage`` adds what
+  each request ran: layer steps, exits, drafted and accepted tokens.
 - Errors are OpenAI-shaped JSON: 400 for bad input (:mod:`earlyexit.serve.protocol`), 401
   without the ``--api-key``, 404 for an unknown model, 413 for a body over the limit
   (refused before it is read in full), 503 with ``Retry-After`` when the queue is full or
@@ -37,7 +39,7 @@ try:  # FastAPI resolves handler annotations from module globals: import at modu
 except ImportError:  # the [serve] extra is not installed; serve() says so
     Request = Any  # type: ignore[misc,assignment]
 
-from earlyexit.engine import ExitMode, LLMEngine, QueueFull, StepFailed
+from earlyexit.engine import LLMEngine, QueueFull, StepFailed
 from earlyexit.errors import InputError
 from earlyexit.serve import protocol
 from earlyexit.serve.engine_thread import EngineDead, EngineThread, output_usage
@@ -65,8 +67,8 @@ def _engine_error(e: BaseException):
     """The HTTP answer to an exception that came out of the engine thread."""
     if isinstance(e, QueueFull):
         return _error(503, str(e), "server_overloaded", headers={"Retry-After": "1"})
-    if isinstance(e, InputError):
-        return _error(400, str(e))
+    if isinstance(e, InputError):  # an OptionError names the request field at fault
+        return _error(400, str(e), param=getattr(e, "param", None))
     if isinstance(e, EngineDead):
         return _error(503, str(e), "server_error", headers={"Retry-After": "1"})
     if isinstance(e, StepFailed):
@@ -155,14 +157,18 @@ def build_app(
     max_len: int | None = None,
     max_queue: int = 1024,
     api_key: str | None = None,
-    default_exit: ExitMode | None = None,
-    max_tokens_default: int = 16,
+    defaults: protocol.Defaults | None = None,
     chat_template: str | dict | None = None,
     max_body_bytes: int = 1 << 20,
     max_failed_steps: int = 3,
     exit_vocab=None,
+    allow_untrained_exits: bool = False,
 ):
     """The FastAPI application serving ``lm`` (an ``earlyexit.LM``).
+
+    ``defaults``: what requests get for the fields they leave out (strategy, its options,
+    temperature, max tokens; the ``serve`` flags). ``allow_untrained_exits``: serve lossy
+    strategies on exits that were never trained (refused with a 400 otherwise).
 
     ``exit_vocab``: token ids the exits' head covers for requests that exit (a pruned exit
     head, ``LLMEngine``); None: the full vocabulary.
@@ -179,15 +185,28 @@ def build_app(
     from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
     engine = LLMEngine(
-        lm.model, lm.tokenizer, policy, max_batch, max_len, max_queue, exit_vocab=exit_vocab
+        lm.model,
+        lm.tokenizer,
+        policy,
+        max_batch,
+        max_len,
+        max_queue,
+        exit_vocab=exit_vocab,
+        allow_untrained_exits=allow_untrained_exits,
     )
+    defaults = defaults or protocol.Defaults()
+    try:  # the default request must be one this model serves: refuse it now, not per request
+        probe = {} if defaults.strategy == "speculative" else {"temperature": 0}
+        params, mode = protocol.sampling(probe, defaults)
+        engine.resolve_mode(mode, params)
+    except (InputError, BadRequest) as e:
+        raise InputError(f"the default strategy ({defaults.strategy}): {e}") from None
     worker = EngineThread(engine, max_failed_steps)
     if isinstance(chat_template, str):
         chat_template = {"chat_template": chat_template}
     chat_config = chat_template if chat_template is not None else lm.chat_config
     template = ChatTemplate(chat_config) if chat_config else None
     L = lm.model.n_steps
-    exit_steps = tuple(lm.config.exits.steps)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -292,7 +311,7 @@ def build_app(
                 prompt = template.render(body)
             else:
                 prompt = protocol.completion_prompt(body)
-            params, exit = protocol.sampling(body, L, default_exit, exit_steps, max_tokens_default)
+            params, exit = protocol.sampling(body, defaults)
             stream = protocol.get(body, "stream", bool, False, None, "true or false")
             opts = protocol.get(body, "stream_options", dict, {}, None, "an object")
             include_usage = protocol.get(opts, "include_usage", bool, False, None, "true or false")

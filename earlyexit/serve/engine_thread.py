@@ -134,6 +134,7 @@ class EngineThread:
         ids, params = await loop.run_in_executor(
             None, self.engine.check_request, prompt, params, exit, special_tokens
         )
+        exit = self.engine.resolve_mode(exit, params)  # host-only checks: a 400 now
         rid = f"http-{next(self._ids)}"  # apart from the engine's own req-N ids
         stream = OutputStream(loop)
         self._send(("add", rid, ids, params, exit, stream))
@@ -287,19 +288,27 @@ class EngineThread:
 def output_usage(request, n_steps: int) -> dict:
     """OpenAI ``usage`` plus compute accounting.
 
+    ``strategy`` is what ran (``full`` for a request without an exit mode);
     ``average_depth`` is the mean number of steps after which each token was decided;
     ``steps_run`` counts the block passes actually computed for the generated tokens,
-    including FREE's deep catch-up of exited tokens; ``full_depth_fraction`` is steps_run
-    over what full depth would have computed (n_tokens x n_steps).
+    including FREE's deep catch-up of exited tokens and speculation's drafts and
+    verifications; ``full_depth_fraction`` is steps_run over what full depth would have
+    computed (n_tokens x n_steps); ``exited_tokens`` were decided at an exit;
+    ``drafted_tokens`` / ``accepted_tokens``: speculation's drafts and those the full model
+    accepted.
     """
     n = len(request.output_ids)
     return {
         "prompt_tokens": len(request.prompt_ids),
         "completion_tokens": n,
         "total_tokens": len(request.prompt_ids) + n,
+        "strategy": "full" if request.exit is None else request.exit.strategy,
         "steps_run": request.steps_run,
         "average_depth": sum(request.depths) / n if n else 0.0,
         "full_depth_fraction": request.steps_run / (n * n_steps) if n else 0.0,
+        "exited_tokens": request.exited,
+        "drafted_tokens": request.drafted,
+        "accepted_tokens": request.accepted,
     }
 
 

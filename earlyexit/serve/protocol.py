@@ -8,8 +8,10 @@ that names the field, and the server answers 400 with it.
 - Every field is read or refused: a field this server does not know is a 400 naming it,
   and so is a known OpenAI option it does not implement with a value that would change the
   answer (``logprobs: 5``). Nothing is silently ignored.
-- ``presence_penalty`` / ``frequency_penalty`` are applied (OpenAI's definition);
-  ``threshold`` / ``exit_step`` / ``deep_kv`` are refused with ``strategy: "full"``.
+- ``presence_penalty`` / ``frequency_penalty`` are applied (OpenAI's definition).
+- ``strategy`` (``full``, ``free``, ``calm``, ``speculative``) and its options
+  (``exit_step``, ``threshold`` (a number or ``"adaptive"``), ``confidence``, ``deep_kv``,
+  ``draft_tokens``): an option the chosen strategy does not read is a 400 naming it.
 - Chat templates render in Jinja's immutable sandbox with Hugging Face's
   ``raise_exception``, whose message becomes the 400's (Llama-2 and Mistral templates
   raise on a bad role order).
@@ -18,8 +20,10 @@ that names the field, and the server answers 400 with it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
+from earlyexit.decoding.confidence import DEFAULT_THRESHOLD
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.engine import ExitMode
 from earlyexit.engine.request import DEEP_KV
@@ -74,6 +78,8 @@ _COMMON = {
     "exit_step",
     "threshold",
     "deep_kv",
+    "confidence",
+    "draft_tokens",
     "stream_options",  # include_usage: a last event with the usage
     "user",  # an end-user id for the operator's logs; no effect on the answer (as OpenAI)
 }
@@ -121,14 +127,46 @@ def get(body: dict, key: str, types, default=None, check=None, what: str = ""):
     return v
 
 
+SERVED_STRATEGIES = ("full", "free", "calm", "speculative")
+SERVED_MEASURES = ("margin", "max-prob", "classifier")
+# which request fields each strategy reads (any other exit field is a 400 naming it)
+STRATEGY_FIELDS = {
+    "full": (),
+    "free": ("exit_step", "threshold", "confidence", "deep_kv"),
+    "calm": ("exit_step", "threshold", "confidence", "deep_kv"),
+    "speculative": ("exit_step", "draft_tokens"),
+}
+EXIT_FIELDS = ("exit_step", "threshold", "confidence", "deep_kv", "draft_tokens")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request gets for the fields it leaves out: the ``serve`` flags.
+
+    ``strategy`` is the default strategy; the other exit options apply to whichever
+    strategy a request runs, where that strategy reads them (None: the model's own default,
+    resolved by the engine). ``temperature`` is the sampling default (OpenAI's 1.0 unless
+    ``serve --temperature``); a ``speculative`` request without one is greedy, the only
+    temperature it serves."""
+
+    strategy: str = "full"
+    exit_step: int | None = None
+    threshold: float | str | None = None
+    confidence: str | None = None
+    deep_kv: str | None = None
+    draft_tokens: int | None = None
+    temperature: float = 1.0
+    max_tokens: int = 16
+
+
 def sampling(
-    body: dict,
-    n_steps: int,
-    default_exit: ExitMode | None,
-    model_exit_steps: tuple[int, ...] | list[int],
-    max_tokens_default: int = 16,
+    body: dict, defaults: Defaults | None = None
 ) -> tuple[SamplingParams, ExitMode | None]:
-    """The request's sampling parameters and early-exit mode (None: full depth)."""
+    """The request's sampling parameters and adaptive-depth mode (None: full depth, or a
+    Mixture-of-Recursions model's own routing). Types and value ranges are checked here;
+    what depends on the model (an exit step within its depth, a classifier it has, exits
+    that were trained) is checked by the engine, whose error names the field too."""
+    d = defaults or Defaults()
     if get(body, "n", int, 1, lambda v: v >= 1, "a positive integer") != 1:
         raise BadRequest("only n = 1 is supported", "n")
     stop = body.get("stop")
@@ -142,12 +180,37 @@ def sampling(
         raise BadRequest("'stop' must be a string or a list of at most 8 strings", "stop")
     if any(not s for s in stop):
         raise BadRequest("'stop' strings must not be empty", "stop")
+    strategy = get(
+        body,
+        "strategy",
+        str,
+        None,
+        lambda v: v in SERVED_STRATEGIES,
+        " or ".join(f"'{x}'" for x in SERVED_STRATEGIES),
+    )
+    given = [k for k in EXIT_FIELDS if body.get(k) is not None]
+    if strategy is None:  # exit fields alone choose the strategy that reads them
+        if "draft_tokens" in given:
+            strategy = "speculative"
+        elif given and d.strategy in ("full", "speculative"):
+            strategy = "free"
+        else:
+            strategy = d.strategy
+    for k in given:
+        if k not in STRATEGY_FIELDS[strategy]:
+            users = [s for s, f in STRATEGY_FIELDS.items() if k in f]
+            raise BadRequest(
+                f"'{k}' applies to strategy {' or '.join(repr(u) for u in users)}, not "
+                f"{strategy!r}",
+                k,
+            )
     positive = (lambda v: v >= 1, "a positive integer")
     max_tokens = get(body, "max_tokens", int, None, *positive)
     if max_tokens is None:
-        max_tokens = get(body, "max_completion_tokens", int, max_tokens_default, *positive)
+        max_tokens = get(body, "max_completion_tokens", int, d.max_tokens, *positive)
+    t_default = 0.0 if strategy == "speculative" else d.temperature
     temperature = get(
-        body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]"
+        body, "temperature", (int, float), t_default, lambda v: 0 <= v <= 2, "a number in [0, 2]"
     )
     top_p = get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = get(body, "top_k", int, -1, lambda v: v >= -1, "an integer >= -1")
@@ -166,44 +229,52 @@ def sampling(
         presence_penalty=float(presence),
         frequency_penalty=float(frequency),
     )
-    strategy = get(body, "strategy", str, None, lambda v: v in ("full", "free"), "'full' or 'free'")
-    exit_fields = [k for k in ("exit_step", "threshold", "deep_kv") if body.get(k) is not None]
     if strategy == "full":
-        if exit_fields:
-            raise BadRequest(
-                f"'{exit_fields[0]}' applies to strategy 'free' only, not 'full'", exit_fields[0]
-            )
         return params, None
-    if strategy != "free" and not exit_fields:
-        return params, default_exit
-    base = default_exit or (ExitMode(model_exit_steps[0]) if model_exit_steps else None)
-    step = get(
-        body,
-        "exit_step",
-        int,
-        base.step if base else None,
-        lambda v: 1 <= v < n_steps,
-        f"an integer in [1, {n_steps - 1}]",
-    )
-    if step is None:
-        raise BadRequest("this model has no exit points; pass 'exit_step'", "exit_step")
-    thr = get(
+    step = get(body, "exit_step", int, d.exit_step, lambda v: v >= 1, "a positive integer")
+    threshold = get(
         body,
         "threshold",
-        (int, float),
-        base.threshold if base else 0.9,
-        lambda v: -1 <= v <= 1,
-        "a number in [-1, 1]",
+        (int, float, str),
+        d.threshold,
+        lambda v: v == "adaptive" if isinstance(v, str) else -1 <= v <= 1,
+        "a number in [-1, 1] or 'adaptive'",
+    )
+    measure = get(
+        body,
+        "confidence",
+        str,
+        d.confidence or "margin",
+        lambda v: v in SERVED_MEASURES,
+        " or ".join(f"'{x}'" for x in SERVED_MEASURES),
     )
     deep_kv = get(
         body,
         "deep_kv",
         str,
-        base.deep_kv if base else "catch-up",
+        d.deep_kv,
         lambda v: v in DEEP_KV,
         " or ".join(f"'{k}'" for k in DEEP_KV),
     )
-    return params, ExitMode(step, float(thr), deep_kv)
+    draft_k = get(
+        body,
+        "draft_tokens",
+        int,
+        d.draft_tokens,
+        lambda v: 1 <= v <= 32,
+        "an integer in [1, 32]",
+    )
+    if strategy == "speculative":
+        return params, ExitMode(step, strategy="speculative", draft_k=draft_k)
+    if strategy == "calm" and threshold == "adaptive":
+        raise BadRequest("an adaptive threshold is FREE's; calm takes a number", "threshold")
+    return params, ExitMode(
+        step,
+        DEFAULT_THRESHOLD if threshold is None else threshold,
+        deep_kv,
+        strategy=strategy,
+        measure=measure,
+    )
 
 
 def completion_prompt(body: dict) -> str | list[int]:

@@ -23,7 +23,6 @@ import sys
 import threading
 from pathlib import Path
 
-from earlyexit.engine import ExitMode
 from earlyexit.errors import EarlyExitError, InputError
 
 _BUSY_BODY = json.dumps(
@@ -190,7 +189,7 @@ def serve(
     max_queue: int = 1024,
     api_key: str | None = None,
     exit_step: int | None = None,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     device: str = "auto",
     dtype: str | None = None,
     name: str | None = None,
@@ -198,11 +197,23 @@ def serve(
     limit_concurrency: int | None = None,
     request_timeout: float = 30.0,
     exit_vocab=None,
-    deep_kv: str = "catch-up",
+    deep_kv: str | None = None,
+    strategy: str | None = None,
+    confidence: str | None = None,
+    draft_tokens: int | None = None,
+    draft: str | None = "auto",
+    temperature: float = 1.0,
+    allow_untrained_exits: bool = False,
 ) -> None:
     """Load ``model`` and serve it until SIGTERM / SIGINT (see the module docstring).
-    ``exit_vocab``: token ids the exits' head covers (a pruned exit head for every request
-    that exits; ``LLMEngine``); ``deep_kv``: the default exit's ``ExitMode.deep_kv``."""
+
+    ``strategy`` and its options (``exit_step``, ``threshold``, ``confidence``, ``deep_kv``,
+    ``draft_tokens``) are what requests get for the fields they leave out
+    (``protocol.Defaults``); ``strategy`` None is ``full``, or ``free`` when an exit option
+    is given. ``draft``: the draft to attach (``earlyexit.load``; ``auto``: the one shipped
+    for a named model) for ``speculative`` requests. ``temperature``: the default for
+    requests without one. ``exit_vocab``: token ids the exits' head covers (a pruned exit
+    head for every request that exits; ``LLMEngine``)."""
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -211,6 +222,7 @@ def serve(
         ) from None
     import earlyexit
     from earlyexit.serve.app import build_app
+    from earlyexit.serve.protocol import Defaults
 
     for flag, v in (
         ("--shutdown-timeout", shutdown_timeout),
@@ -220,17 +232,17 @@ def serve(
             raise InputError(f"{flag} must be a positive number of seconds, got {v}")
     if limit_concurrency is not None and limit_concurrency < 1:
         raise InputError(f"--limit-concurrency must be >= 1, got {limit_concurrency}")
-    # no draft: the engine does not serve speculation yet (issue 29), and an attached draft's
-    # exit is not one FREE can take
-    lm = earlyexit.load(model, device=device, dtype=dtype, draft=None)
-    default_exit = None
-    if deep_kv != "catch-up" and threshold is None and exit_step is None:
-        raise InputError("--deep-kv sets the default early exit's: pass --threshold too")
-    if threshold is not None or exit_step is not None:
-        step = exit_step or (lm.config.exits.steps[0] if lm.config.exits.steps else None)
-        if step is None:
-            raise InputError("--threshold needs --exit-step: this model has no exit points")
-        default_exit = ExitMode(step, 0.9 if threshold is None else threshold, deep_kv)
+    if not 0 <= temperature <= 2:
+        raise InputError(f"--temperature must be within [0, 2], got {temperature}")
+    if strategy is None:
+        given = (exit_step, threshold, confidence, deep_kv)
+        strategy = "free" if any(v is not None for v in given) else "full"
+        strategy = "speculative" if draft_tokens is not None and strategy == "full" else strategy
+    defaults = Defaults(
+        strategy, exit_step, threshold, confidence, deep_kv, draft_tokens, temperature
+    )
+    print(f"earlyexit serve: loading {model} ...", file=sys.stderr, flush=True)
+    lm = earlyexit.load(model, device=device, dtype=dtype, draft=draft)
     name = name or model_name(model)
     app = build_app(
         lm,
@@ -240,8 +252,9 @@ def serve(
         max_len,
         max_queue,
         api_key,
-        default_exit,
+        defaults,
         exit_vocab=exit_vocab,
+        allow_untrained_exits=allow_untrained_exits,
     )
     server = make_server(
         app,
@@ -250,7 +263,7 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         limit_concurrency=limit_concurrency,
         request_timeout=request_timeout,
-        banner=f"model {name}, policy {policy}, max batch {max_batch}",
+        banner=f"model {name}, policy {policy}, max batch {max_batch}, strategy {strategy}",
     )
     # uvicorn handles SIGTERM gracefully, then raises it again once it has restored the
     # previous handler: this no-op one makes that a normal return (exit status 0)
