@@ -75,7 +75,16 @@ def test_lm_eval_adapter_on_a_local_task(exit_setup, tmp_path, capsys, monkeypat
     assert 0 <= full["results"]["ee_local_mc"]["acc,none"] <= 1
     assert full["mean_depth"] == 4.0
     # a strategy that always exits after step 1 changes depths (and is honoured in scoring)
-    assert main([*base, "--strategy", "free", "--exit-step", "1", "--threshold", "-1"]) == 0
+    free1 = [
+        "--strategy",
+        "free",
+        "--exit-step",
+        "1",
+        "--threshold",
+        "-1",
+        "--allow-untrained-exits",
+    ]
+    assert main([*base, *free1]) == 0
     shallow = json.loads(capsys.readouterr().out)
     assert shallow["mean_depth"] < 4.0
     # the never-exiting strategy scores exactly like full depth

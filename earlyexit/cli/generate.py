@@ -22,7 +22,9 @@ def register(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a checkpoint or Hugging Face directory")
     g.add_argument("prompt", nargs="*", help="the prompt (default or '-': read standard input)")
     g.add_argument(
-        "--model", required=True, help="earlyexit checkpoint or Hugging Face model directory"
+        "--model",
+        required=True,
+        help="earlyexit checkpoint, Hugging Face directory, GGUF file, or a named model (smollm2)",
     )
     g.add_argument(
         "--ids", action="store_true", help="the prompt is token ids (comma or space separated)"

@@ -19,7 +19,11 @@ def register(sub) -> None:
         help="OpenAI-compatible HTTP server (FastAPI + uvicorn)",
         formatter_class=DefaultsFormatter,
     )
-    sv.add_argument("--model", required=True, help="checkpoint or Hugging Face model directory")
+    sv.add_argument(
+        "--model",
+        required=True,
+        help="earlyexit checkpoint, Hugging Face directory, GGUF file, or a named model (smollm2)",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback only)")
     sv.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     sv.add_argument(

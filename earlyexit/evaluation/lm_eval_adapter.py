@@ -33,6 +33,7 @@ STRATEGY_KEYS = (
     "decay_tau",
     "draft_k",
     "compile",
+    "allow_untrained",  # lossy strategies on exits that were never trained
 )
 
 
