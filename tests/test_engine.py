@@ -22,7 +22,7 @@ from tests.conftest import make_model
 warnings.filterwarnings("ignore", category=ExitWarning)
 
 
-def LLMEngine(*args, **kwargs):  # noqa: N802 (stands in for the class)
+def LLMEngine(*args, **kwargs):
     """The engine on these random-weight models, whose exits were never trained: exits are
     allowed (the tests compare decisions, not quality)."""
     kwargs.setdefault("allow_untrained_exits", True)

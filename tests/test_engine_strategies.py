@@ -247,7 +247,7 @@ def test_untrained_exits_are_refused_for_lossy_strategies_unless_allowed():
     speculation run (exact) with a warning that it will be slower."""
     m = make_model(n_layers=6, exits={"steps": [2]})  # trained: False
     for name in ("free", "calm", "static"):
-        with pytest.raises(InputError, match="never trained.*train"):
+        with pytest.raises(InputError, match=r"never trained.*train"):
             make_strategy(m, name)
     with pytest.raises(InputError, match="not an exit point"):
         make_strategy(make_model(n_layers=6), "free", exit_step=3)
