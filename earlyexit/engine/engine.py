@@ -60,6 +60,8 @@ class _Round:
     drafts: list[int] = field(default_factory=list)
     confs: list[float] = field(default_factory=list)
     reach: float = 1.0
+    verify_from: int | None = None  # done drafting: the verification waits to start here
+    verifying: bool = False
 
 
 class QueueFull(InputError):
@@ -321,6 +323,7 @@ class LLMEngine:
             return False
         self._finish(req, RequestStatus.FINISHED_ABORTED)
         self._forget(request_id)
+        self._release_verifies()  # it may have been the last one drafting
         return True
 
     def has_unfinished(self) -> bool:
@@ -351,6 +354,7 @@ class LLMEngine:
         for ev in events:
             if ev.finished:  # its last output is delivered now: the engine lets go of it
                 self._forget(ev.request_id)
+        self._release_verifies()  # a drafting request may have finished or been aborted
         return events
 
     def _step(self, out, events: list[RequestOutput], touched: list[str]) -> None:
@@ -564,9 +568,29 @@ class LLMEngine:
                 self.runner.start_tokens(krows, keep_tokens)
                 for r in keep:
                     self.scheduler.set_segment(r, 0, step)
-            for r in stop:  # verify: the deep steps over [drafted states, current]
+            for r in stop:  # ready to verify: held until no speculative row drafts
+                self._spec[r].verify_from = step
+                self.scheduler.set_segment(r, step, step)  # nothing to run while it waits
+        self._release_verifies()
+
+    def _release_verifies(self) -> None:
+        """Start every held verification at once when no speculative request is drafting.
+
+        Verifications must run together: a deep pass reads all of the deep weights whether
+        it verifies one row's drafts or many rows', so rows that verify at different
+        iterations each pay a full pass for a few tokens, and batched speculation measured
+        0.71-0.76x full depth at max batch 4-16 on SmolLM2 that way. Held together, one deep
+        pass verifies every row's drafts, as in lock-step speculation. A row waits at most
+        the other rows' remaining drafts (each stops within ``draft_k``)."""
+        if any(rnd.verify_from is None for rnd in self._spec.values() if not rnd.verifying):
+            return
+        rows = self.scheduler.rows
+        for r, rnd in self._spec.items():
+            if rnd.verify_from is not None and not rnd.verifying:
+                # verify: the deep steps over [drafted states, current]
                 self.runner.start_catch_up(rows[r])
-                self.scheduler.set_segment(r, step, self.L)
+                self.scheduler.set_segment(r, rnd.verify_from, self.L)
+                rnd.verifying = True
 
     def _head(self, step: int) -> PrunedHead | None:
         draft = getattr(self.model, "draft", None)
