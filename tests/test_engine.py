@@ -484,3 +484,23 @@ def test_engine_exits_without_catch_up_equal_single_request_calm(policy, kind, d
     assert len({d for req in reqs for d in req.depths[1:]}) > 1
     with pytest.raises(InputError, match="deep_kv"):
         engine.add_request([1, 2], SamplingParams(max_new_tokens=2), ExitMode(exit_step, 0.1, "x"))
+
+
+def test_depthwise_runs_rows_at_one_step_to_their_nearest_segment_end_at_once():
+    """Nothing to interleave when every ready row is at the same step: one iteration runs
+    them to the nearest segment end (one block per iteration would only add overhead); rows
+    at different steps go back to one block per iteration."""
+    s = Scheduler("depthwise", 4, [0, 1, 2, 3, 4, 5])
+    for r in ("a", "b", "c"):
+        s.add(r)
+    s.schedule()  # admits all three
+    s.set_segment("a", 0, 6)
+    s.set_segment("b", 0, 2)
+    s.set_segment("c", 0, 6)
+    out = s.schedule()
+    assert sorted(out.run) == [("a", 0, 2), ("b", 0, 2), ("c", 0, 2)] and out.block is None
+    for rid, _, stop in out.run:
+        s.advance(rid, stop)
+    s.set_segment("b", 0, 6)  # b starts a new token: a and c are at step 2
+    out = s.schedule()
+    assert out.block is not None and all(b - a == 1 for _, a, b in out.run)

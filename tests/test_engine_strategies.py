@@ -197,20 +197,38 @@ def test_abort_mid_draft_frees_the_row_and_the_rest_stay_exact():
     assert sorted(engine.scheduler.free_rows) == [0, 1]
 
 
-def test_draft_length_shrinks_as_the_measured_verification_cost_grows():
-    """The adaptive stop's price of a draft follows the batch: the measured growth of a
-    full-depth forward from n to 2n rows (here given, as a measurement would give it)."""
+def test_draft_prices_follow_the_measured_verification_cost_of_the_batch():
+    """The adaptive stop's price of draft i at batch n: the base (shallow pass and head) plus
+    (L - l)/L (t((i+2)n) - t((i+1)n)) / t(n), t the measured forward time (given here, as a
+    measurement would give it; interpolated between the measured points)."""
     m = attention_draft_model()
     engine = LLMEngine(m, max_batch=8, max_len=64)
-    engine._forward_times = {1: 1.0, 2: 1.05, 4: 1.2, 8: 2.0, 16: 4.0}
-    prices = []
+    engine._forward_times = {1: 1.0, 2: 1.05, 4: 1.2, 8: 2.0, 16: 4.0, 32: 8.0}
+    prices = {}
     for running in (1, 4, 8):
         engine.scheduler.cursors = {f"r{i}": None for i in range(running)}
-        prices.append(engine._draft_price(2))
-    assert prices[0] < prices[1] < prices[2]
-    base = prices[0] - 0.05 * 4 / 6  # batch 1: 1 -> 2 rows grows 5%, over the 4 deep steps
+        prices[running] = engine._draft_prices(2, 2)
+    base = prices[1][0] - 4 / 6 * 0.05
     assert 0 < base < 0.5
-    assert prices[2] == pytest.approx(min(0.95, base + 1.0 * 4 / 6))  # 8 -> 16: doubles
+    assert prices[1][1] == pytest.approx(base + 4 / 6 * (1.125 - 1.05))  # t(3) interpolated
+    assert prices[4][0] == pytest.approx(base + 4 / 6 * 0.8 / 1.2)
+    assert prices[8][0] == pytest.approx(min(0.95, base + 4 / 6 * 2.0 / 2.0))
+    assert prices[1][0] < prices[4][0] < prices[8][0]
+
+
+def test_no_draft_head_runs_where_no_draft_could_pay():
+    """The floor: with a stop rule whose every bin accepts too rarely for the price, a
+    request runs full-depth steps (no draft head, no drafts), exactly greedy."""
+    m = attention_draft_model()
+    m.draft.stop_prior = {"accepted": [1.0] * 10, "total": [10.0] * 10}  # a = 1/6 everywhere
+    engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64, measure_draft_cost=False)
+    calls = []
+    draft = engine.runner.draft
+    engine.runner.draft = lambda *a: calls.append(a) or draft(*a)
+    reqs = serve(engine, [ExitMode(strategy="speculative")] * 6)
+    for i, req in enumerate(reqs):
+        assert req.output_ids == full_greedy(m, i), i
+    assert not calls and sum(r.drafted for r in reqs) == 0
 
 
 def test_modes_are_validated_with_the_field_named():

@@ -133,6 +133,14 @@ class DraftStop:
         warm = i == 0 and self.rule.total.sum() < self.rule.warmup
         return (reach >= self.rule.cost) | warm, reach
 
+    def could_pay(self, reach: float) -> bool:
+        """Whether any draft could be proposed now by a row whose drafts so far pass with
+        chance ``reach``: false when even the most confident bin's acceptance cannot reach
+        the price (then no draft head needs to run). A fixed floor always could."""
+        if self.rule is None or self.rule.total.sum() < self.rule.warmup:
+            return True
+        return bool(reach * self.rule.table()[-1] >= self.rule.cost)
+
     def observe(self, confs: list[float], accepted: int, proposed: int) -> None:
         """One row's verified round: the (probability, accepted) pairs up to its first
         rejection (later drafts were conditioned on a wrong prefix)."""

@@ -548,12 +548,21 @@ class LLMEngine:
             if full:  # k drafts: this last state only needs its adapter entry
                 self.runner.write_adapter_kv([rows[r] for r in full], step)
             keep, keep_tokens = [], []
+            rules = {
+                r: self._draft_stop(self.requests[r].exit, len(self._spec[r].drafts)) for r in ask
+            }
+            # the floor: where not even the most confident draft could pay for itself at
+            # this batch, no draft head runs (the position's adapter entry still does)
+            hopeless = [r for r in ask if not rules[r].could_pay(self._spec[r].reach)]
+            if hopeless:
+                self.runner.write_adapter_kv([rows[r] for r in hopeless], step)
+                stop += hopeless
+            ask = [r for r in ask if r not in hopeless]
             if ask:
                 toks, probs = self.runner.draft([rows[r] for r in ask], step, self._head(step))
                 for r, tok, p in zip(ask, toks.tolist(), probs.tolist()):
                     rnd = self._spec[r]
-                    rule = self._draft_stop(self.requests[r].exit)
-                    go, reach = rule.keeps(len(rnd.drafts), [p], np.array([rnd.reach]))
+                    go, reach = rules[r].keeps(len(rnd.drafts), [p], np.array([rnd.reach]))
                     if bool(go[0]):
                         rnd.drafts.append(tok)
                         rnd.confs.append(p)
@@ -596,9 +605,10 @@ class LLMEngine:
         draft = getattr(self.model, "draft", None)
         return self.draft_head if draft is not None and draft.exit_step == step else None
 
-    def _draft_stop(self, mode: ExitMode) -> DraftStop:
-        """The request's stop rule; an adaptive one is shared per served model and exit step,
-        and its price of a draft follows the batch (see :meth:`_draft_price`)."""
+    def _draft_stop(self, mode: ExitMode, i: int | None = None) -> DraftStop:
+        """The request's stop rule for its draft ``i`` (0-based); an adaptive one is shared
+        per served model and exit step, priced at the current batch (:meth:`_draft_prices`;
+        ``i`` None: not priced, to observe a verification)."""
         if mode.draft_stop != "adaptive":
             return DraftStop(mode.draft_stop)
         rule = self._stop_rules.get(mode.step)
@@ -606,16 +616,19 @@ class LLMEngine:
             draft = getattr(self.model, "draft", None)
             prior = draft.stop_prior if draft is not None and draft.exit_step == mode.step else None
             rule = self._stop_rules[mode.step] = AdaptiveStop(0.5, prior=prior)
-        rule.cost = self._draft_price(mode.step)
+        if i is not None:
+            rule.cost = self._draft_prices(mode.step, mode.draft_k)[i]
         return DraftStop(rule=rule)
 
-    def _draft_price(self, step: int) -> float:
-        """One draft token's price in full decode steps of its request at the current batch:
-        its shallow pass and draft head (by weight bytes, ``speculative.draft_cost``) plus
-        what one more position adds to the verification. That share is measured: full-depth
-        forwards of n and 2n single-token rows (once per engine), n = the requests running:
-        at batch 1 a position is nearly free (bandwidth-bound), at a large batch it costs
-        almost a full step (compute-bound), so drafts shrink as the batch grows."""
+    def _draft_prices(self, step: int, k: int) -> list[float]:
+        """The price of draft i = 0..k-1 in full decode steps of its request at the current
+        batch n: its shallow pass and draft head (by weight bytes,
+        ``speculative.draft_cost``), plus what one more position per row adds to the
+        verification, which all rows run together: (L - l)/L (t((i+2)n) - t((i+1)n)) / t(n),
+        t(m) the measured time of a full-depth forward of m single-token rows. At batch 1 a
+        position is nearly free (bandwidth-bound); where the token count crosses into the
+        compute-bound regime (measured on the Zen 3 VM: 4 -> 8 rows cost 1.7x) it costs
+        almost a full step, so drafts shrink as the batch grows. Capped at 0.95."""
         if step not in self._draft_base:
             head = self._head(step)
             n_vocab = None if head is None else len(head)
@@ -623,20 +636,37 @@ class LLMEngine:
         base = self._draft_base[step]
         n = max(1, self.scheduler.num_running)
         if not self.measure_draft_cost:
-            return min(0.95, base + 0.05)
-        times = self._forward_times or self._measure_forwards()
-        n1 = min(times, key=lambda k: abs(k - n))
-        n2 = min(times, key=lambda k: abs(k - 2 * n1))
-        growth = max(0.0, times[n2] / times[n1] - 1) * n1 / max(n2 - n1, 1)
-        return min(0.95, base + growth * (self.L - step) / self.L)
+            return [min(0.95, base + 0.05)] * k
+        t = self._forward_time
+        deep = (self.L - step) / self.L
+        return [
+            min(0.95, base + deep * max(0.0, t((i + 2) * n) - t((i + 1) * n)) / t(n))
+            for i in range(k)
+        ]
+
+    def _forward_time(self, m: int) -> float:
+        """Seconds of one full-depth forward of ``m`` single-token rows: measured once per
+        engine at powers of two (median of 3 after a warm-up), interpolated linearly
+        between them and extrapolated past the last."""
+        if self._forward_times is None:
+            self._forward_times = self._measure_forwards()
+        ts = self._forward_times
+        ns = sorted(ts)
+        if m in ts:
+            return ts[m]
+        lo = max([x for x in ns if x <= m], default=ns[0])
+        hi = min([x for x in ns if x > m], default=ns[-1])
+        if hi == lo:  # past the last point: the last slope
+            lo, hi = ns[-2], ns[-1]
+        return ts[lo] + (ts[hi] - ts[lo]) * (m - lo) / (hi - lo)
 
     @torch.inference_mode()
-    def _measure_forwards(self) -> dict[int, float]:
-        """Seconds of one uncached full-depth forward of n single-token rows, for n = 1, 2,
-        4, ... up to twice the batch (median of 3, after a warm-up)."""
+    def _measure_forwards(self, most: int = 128) -> dict[int, float]:
+        """Seconds of one uncached full-depth forward of n single-token rows, n = 1, 2, 4,
+        ... up to ``most`` (median of 3, after a warm-up)."""
         m, d = self.model, self.model.config.d_model
         times, n = {}, 1
-        while n <= 2 * self.scheduler.max_batch:
+        while n <= most:
             h = torch.zeros(n, 1, d, device=self.runner.device, dtype=self.runner.hbuf.dtype)
             pos = torch.zeros(n, 1, dtype=torch.long, device=self.runner.device)
             ctx = m.context(pos)
@@ -647,7 +677,6 @@ class LLMEngine:
                 runs.append(time.perf_counter() - t0)
             times[n] = sorted(runs[1:])[1]
             n *= 2
-        self._forward_times = times
         return times
 
     def _decide_mor(self, rids: list[str], events: list[RequestOutput]) -> None:

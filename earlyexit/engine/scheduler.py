@@ -15,7 +15,9 @@ Policies (``policy``):
   next step uses that block, whichever step (loop) and request it belongs to, so tokens at
   different depths share a block call; free slots are refilled at every iteration. The
   block with the most ready items runs, unless an item has waited ``max_wait`` iterations,
-  which bounds every request's wait (no starvation).
+  which bounds every request's wait (no starvation). When every ready item is at the same
+  step there is nothing to interleave: they run together up to the nearest segment end in
+  one iteration.
 
 Cache rows are allocated here too (host integers), one per running request.
 """
@@ -123,6 +125,16 @@ class Scheduler:
             return out
         if self.policy in ("static", "continuous"):
             out.run = [(rid, c.step, c.end) for rid, c in ready]
+            return out
+        # depthwise, every ready item at the same step: nothing to interleave, so they run
+        # together to the nearest segment end in one call (as continuous would); one block
+        # per iteration would only add per-iteration overhead (half of a batch-1 token on
+        # SmolLM2)
+        if len({c.step for _, c in ready}) == 1:
+            stop = min(c.end for _, c in ready)
+            out.run = [(rid, c.step, stop) for rid, c in ready]
+            for _, c in ready:
+                c.waited = 0
             return out
         # depthwise: one block, every ready item at that block
         by_block: dict[int, list[tuple[str, Cursor]]] = {}
