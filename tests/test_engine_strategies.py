@@ -327,3 +327,20 @@ def test_speculative_rows_verify_together(policy):
         assert req.output_ids == full_greedy(m, i), i
     assert seen and all(not drafting for _, drafting in seen)
     assert max(n for n, _ in seen) > 1  # several rows' verifications in one call
+
+
+def test_rows_verified_together_draft_together():
+    """``batch_keeps``: one more position costs every row of a padded verification, so the
+    rows draft it iff the mean chance that their drafts pass reaches the price (hand
+    computed: Beta(1, 1) posteriors 1/12 and 10/11 per bin)."""
+    from earlyexit.decoding.speculative import AdaptiveStop, batch_keeps
+
+    rule = AdaptiveStop(0.5, bins=2, warmup=1, prior={"accepted": [0, 9], "total": [10, 9]})
+    go, reach = batch_keeps(rule, False, np.array([0.9, 0.1]), np.array([1.0, 1.0]), 0.5)
+    np.testing.assert_allclose(reach, [10 / 11, 1 / 12])
+    assert not go  # mean 0.496 < 0.5: neither drafts, though one row alone would
+    go, _ = batch_keeps(rule, False, np.array([0.9, 0.1]), np.array([1.0, 1.0]), 0.49)
+    assert go  # both draft, the unlikely one too (its position is paid for anyway)
+    cold = AdaptiveStop(0.5, bins=2, warmup=100)
+    assert batch_keeps(cold, True, np.array([0.1]), np.array([1.0]), 0.9)[0]  # warm-up
+    assert not batch_keeps(cold, False, np.array([0.1]), np.array([1.0]), 0.9)[0]

@@ -133,14 +133,6 @@ class DraftStop:
         warm = i == 0 and self.rule.total.sum() < self.rule.warmup
         return (reach >= self.rule.cost) | warm, reach
 
-    def could_pay(self, reach: float) -> bool:
-        """Whether any draft could be proposed now by a row whose drafts so far pass with
-        chance ``reach``: false when even the most confident bin's acceptance cannot reach
-        the price (then no draft head needs to run). A fixed floor always could."""
-        if self.rule is None or self.rule.total.sum() < self.rule.warmup:
-            return True
-        return bool(reach * self.rule.table()[-1] >= self.rule.cost)
-
     def observe(self, confs: list[float], accepted: int, proposed: int) -> None:
         """One row's verified round: the (probability, accepted) pairs up to its first
         rejection (later drafts were conditioned on a wrong prefix)."""
@@ -159,6 +151,23 @@ def propose(model: Decoder, hn: Tensor, head: PrunedHead | None) -> tuple[Tensor
         logits, ids = head.logits(model, hn)  # (B, N)
     p, j = torch.softmax(logits.float(), dim=-1).max(dim=-1)
     return (j if ids is None else ids[j]), p
+
+
+def batch_keeps(
+    rule: AdaptiveStop, first: bool, p: np.ndarray, reach: np.ndarray, price: float
+) -> tuple[bool, np.ndarray]:
+    """Adaptive drafting for rows whose drafts are verified together (the serving engine).
+
+    One more position in a verification that pads every row's chunk to the longest costs
+    every row of the batch, whoever drafted it; so rows draft together: all of them propose
+    one more draft iff the expected number of them that pass, the mean of each row's
+    chance that all its drafts so far pass (``reach`` times the calibrated acceptance of
+    the new draft's probability ``p``), is at least ``price`` (the draft's cost in full
+    steps per row). ``first``: the round's first draft, always proposed until the rule
+    has ``warmup`` samples. Returns the decision and the rows' new reach."""
+    reach = np.asarray(reach, dtype=np.float64) * rule.acceptance(np.asarray(p))
+    warm = first and rule.total.sum() < rule.warmup
+    return bool(warm or reach.mean() >= price), reach
 
 
 def accepted_length(drafts: list[int], verified: list[int]) -> int:

@@ -32,7 +32,13 @@ from earlyexit.decoding.confidence import DEFAULT_THRESHOLD
 from earlyexit.decoding.free import calibration_pairs
 from earlyexit.decoding.generate import OutputTracker
 from earlyexit.decoding.sampling import SamplingParams, apply_penalties, make_generator
-from earlyexit.decoding.speculative import AdaptiveStop, DraftStop, accepted_length, draft_cost
+from earlyexit.decoding.speculative import (
+    AdaptiveStop,
+    DraftStop,
+    accepted_length,
+    batch_keeps,
+    draft_cost,
+)
 from earlyexit.decoding.strategies import OptionError, check_draft, check_exit
 from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.engine.request import (
@@ -548,25 +554,22 @@ class LLMEngine:
             if full:  # k drafts: this last state only needs its adapter entry
                 self.runner.write_adapter_kv([rows[r] for r in full], step)
             keep, keep_tokens = [], []
-            rules = {
-                r: self._draft_stop(self.requests[r].exit, len(self._spec[r].drafts)) for r in ask
-            }
-            # the floor: where not even the most confident draft could pay for itself at
-            # this batch, no draft head runs (the position's adapter entry still does)
-            hopeless = [r for r in ask if not rules[r].could_pay(self._spec[r].reach)]
-            if hopeless:
-                self.runner.write_adapter_kv([rows[r] for r in hopeless], step)
-                stop += hopeless
-            ask = [r for r in ask if r not in hopeless]
-            if ask:
-                toks, probs = self.runner.draft([rows[r] for r in ask], step, self._head(step))
-                for r, tok, p in zip(ask, toks.tolist(), probs.tolist()):
+            adaptive = [r for r in ask if self.requests[r].exit.draft_stop == "adaptive"]
+            if adaptive:  # drafting together (speculative.batch_keeps)
+                stop_now, go = self._draft_together(adaptive, step)
+                stop += stop_now
+                keep += [r for r, _ in go]
+                keep_tokens += [t for _, t in go]
+            fixed = [r for r in ask if r not in adaptive]
+            if fixed:  # a fixed floor: each request on its own draft probabilities
+                toks, probs = self.runner.draft([rows[r] for r in fixed], step, self._head(step))
+                for r, tok, p in zip(fixed, toks.tolist(), probs.tolist()):
                     rnd = self._spec[r]
-                    go, reach = rules[r].keeps(len(rnd.drafts), [p], np.array([rnd.reach]))
-                    if bool(go[0]):
+                    rule = self._draft_stop(self.requests[r].exit)
+                    go_r, _ = rule.keeps(len(rnd.drafts), [p], np.array([rnd.reach]))
+                    if bool(go_r[0]):
                         rnd.drafts.append(tok)
                         rnd.confs.append(p)
-                        rnd.reach = float(reach[0])
                         keep.append(r)
                         keep_tokens.append(tok)
                     else:
@@ -581,6 +584,39 @@ class LLMEngine:
                 self._spec[r].verify_from = step
                 self.scheduler.set_segment(r, step, step)  # nothing to run while it waits
         self._release_verifies()
+
+    def _draft_together(
+        self, rids: list[str], step: int
+    ) -> tuple[list[str], list[tuple[str, int]]]:
+        """Adaptive drafting of the requests deciding at ``step`` now: all of them draft one
+        more token or none (``speculative.batch_keeps``), priced at the current batch. Where
+        not even the most confident draft of every row could pay, no draft head runs (the
+        floor: then the round is a plain full-depth step; the position's adapter entry is
+        still written). Returns (requests that stop, (request, draft) that go on)."""
+        rows = self.scheduler.rows
+        rule = self._draft_stop(self.requests[rids[0]].exit).rule
+        rnds = [self._spec[r] for r in rids]
+        mode = self.requests[rids[0]].exit
+        prices = self._draft_prices(step, max(self.requests[r].exit.draft_k for r in rids))
+        price = float(np.mean([prices[len(x.drafts)] for x in rnds]))
+        reach = np.array([x.reach for x in rnds])
+        first = all(not x.drafts for x in rnds)
+        warm = rule.total.sum() < rule.warmup
+        if not warm and reach.mean() * rule.table()[-1] < price:
+            self.runner.write_adapter_kv([rows[r] for r in rids], step)
+            return list(rids), []
+        toks, probs = self.runner.draft([rows[r] for r in rids], step, self._head(mode.step))
+        p = probs.tolist()
+        go, new_reach = batch_keeps(rule, first, np.array(p), reach, price)
+        if not go:
+            return list(rids), []
+        out = []
+        for x, r, tok, pr, rc in zip(rnds, rids, toks.tolist(), p, new_reach):
+            x.drafts.append(tok)
+            x.confs.append(pr)
+            x.reach = float(rc)
+            out.append((r, tok))
+        return [], out
 
     def _release_verifies(self) -> None:
         """Start every held verification at once when no speculative request is drafting.
