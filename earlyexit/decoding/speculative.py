@@ -203,8 +203,9 @@ class SelfSpeculative(Strategy):
 
     ``stop``: a row stops drafting at the first draft whose top-1 probability under the
     draft head is below ``stop`` (Kangaroo's early stop; 0 drafts ``k`` every time), or,
-    with ``stop="adaptive"``, when :class:`AdaptiveStop` says one more draft no longer pays
-    for itself. The round ends when every row has stopped or drafted ``k``; rows that
+    with ``stop="adaptive"``, the rows still drafting propose one more draft together or
+    not at all (:func:`batch_keeps`, the rule the serving engine uses too: the verification
+    pads every row to the longest draft, so one row's draft costs them all). The round ends when every row has stopped or drafted ``k``; rows that
     stopped earlier keep computing throwaway drafts until then (one batched call), which are
     never accepted.
 
@@ -299,8 +300,15 @@ class SelfSpeculative(Strategy):
             hn = model.exit_norm(h[:, 0], ls, ctx)  # (B, d)
             x, p = propose(model, hn, self._draft_head)  # (B,) draft d_{i+1} and its probability
             p = p.cpu()
-            keep, reach = stop.keeps(i, p.numpy(), reach)
-            going &= torch.as_tensor(keep)
+            if self.rule is not None:  # rows verified together draft together
+                act = going.numpy().copy()
+                go, reach[act] = batch_keeps(
+                    self.rule, i == 0, p.numpy()[act], reach[act], self.rule.cost
+                )
+                going &= go
+            else:
+                keep, reach = stop.keeps(i, p.numpy(), reach)
+                going &= torch.as_tensor(keep)
             confs.append(p)
             if not bool(going.any()):
                 break
