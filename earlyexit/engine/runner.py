@@ -201,10 +201,6 @@ class ModelRunner:
             out[torch.cat(full_idx)] = linear(torch.cat(full_h), m.head_weight())
         return out
 
-    @staticmethod
-    def margins(logits: Tensor) -> Tensor:
-        return confidence("margin", logits)
-
     @torch.inference_mode()
     def confidences(self, measure: str, rows: list[int], step: int, logits: Tensor) -> Tensor:
         """Exit confidence (G,) of each row's last in-flight position at ``step`` from its
