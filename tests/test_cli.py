@@ -258,35 +258,13 @@ def test_exit_strategy_errors_and_warnings(capsys, exit_lm_dir, tiny_lm_dir):
         "x",
     )
     assert code == 1 and "greedy-only" in err
-    code, _, err = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        str(tiny_lm_dir),
-        "--strategy",
-        "static",
-        "--exit-step",
-        "2",
-        "--max-new-tokens",
-        "2",
-        "x",
-    )
+    static2 = ["generate", "--model", str(tiny_lm_dir), "--strategy", "static", "--exit-step", "2"]
+    code, _, err = run_cli(capsys, *static2, "--max-new-tokens", "2", "x")
     # refused, with the way forward: train an exit, speculate, or allow it explicitly
     assert code == 1 and "not an exit point" in err and "--allow-untrained-exits" in err
     assert "earlyexit train" in err and err.count("\n") == 1
     code, _, err = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        str(tiny_lm_dir),
-        "--strategy",
-        "static",
-        "--exit-step",
-        "2",
-        "--allow-untrained-exits",
-        "--max-new-tokens",
-        "2",
-        "x",
+        capsys, *static2, "--allow-untrained-exits", "--max-new-tokens", "2", "x"
     )
     assert code == 0 and "earlyexit: warning: step 2 is not an exit point" in err
     assert "poor tokens" in err

@@ -136,8 +136,6 @@ def test_speculation_with_an_attention_draft_in_the_engine_equals_full_greedy():
     rule = engine._stop_rules[2]
     assert rule.total.sum() > 0  # the shared stop rule learned from verifications
     assert sum(r.drafted for r in reqs) > 0
-    # an odd draft is never proposed: the draft head covers the even ids only
-    # (accepted drafts are a subset of drafts; all drafts come from the pruned head)
 
 
 def test_adaptive_free_in_the_engine_equals_sequential_generate_with_one_calibrator():

@@ -9,6 +9,7 @@ import pytest
 from earlyexit.demo import output, report
 from earlyexit.demo.evaluate import engine_row
 from earlyexit.demo.stats import fmt_ratio, paired_se, ratio_summary, ratio_verdict
+from tests.test_demo import _row as _demo_row
 
 # Two models' per-token NLLs on the same four tokens; the hard tokens are hard for both.
 A = [2.0, 3.0, 4.0, 6.0]  # mean 3.75
@@ -100,31 +101,24 @@ def test_throughput_table_and_figure_show_the_same_ratio(monkeypatch):
     bars = sorted(round(p.get_height(), 6) for p in ax.patches)
     assert bars == [1.0, 1.05]
     # the spread is drawn: an error bar from 0.90 to 1.20 at the continuous bar
-    spans = [
-        tuple(round(y, 6) for y in seg[:, 1])
+    assert (0.9, 1.2) in _spans(ax, 1)
+
+
+def _row(label, speedup, rouge, curve="free", lo=None, hi=None, depth=6.0):
+    """A demo row (``tests/test_demo.py``'s) with the fields the pareto figure and the
+    findings read too."""
+    row = _demo_row(label, speedup, rouge, curve, lo, hi, depth)
+    return {**row, "speedup_vs": "full depth", "token_match": rouge, "val_nll": 3.0}
+
+
+def _spans(ax, axis: int) -> list[tuple[float, float]]:
+    """The two-point segments (error bars) drawn on ``ax``, along x (0) or y (1)."""
+    return [
+        tuple(round(v, 6) for v in seg[:, axis])
         for c in ax.collections
         for seg in c.get_segments()
         if len(seg) == 2
     ]
-    assert (0.9, 1.2) in spans
-
-
-def _row(label, speedup, rouge, curve="free", lo=None, hi=None, depth=6.0):
-    return {
-        "model": "dense",
-        "label": label,
-        "curve": curve,
-        "speedup": speedup,
-        "speedup_lo": speedup if lo is None else lo,
-        "speedup_hi": speedup if hi is None else hi,
-        "rounds": 3,
-        "speedup_vs": "full depth",
-        "rouge_l": rouge,
-        "token_match": rouge,
-        "mean_depth": depth,
-        "n_steps": 8,
-        "val_nll": 3.0,
-    }
 
 
 def test_pareto_clips_an_outlier_and_draws_spreads_without_hiding_full_depth(monkeypatch):
@@ -150,13 +144,7 @@ def test_pareto_clips_an_outlier_and_draws_spreads_without_hiding_full_depth(mon
     assert full.get_marker() in (None, "None", "", " ") and full.get_zorder() == 0
     assert not [h for h in ax.lines if h.get_marker() == "*"]
     # spreads drawn: the λ=0.5 point's bar runs 0.85-0.95
-    spans = [
-        tuple(round(x, 6) for x in seg[:, 0])
-        for c in ax.collections
-        for seg in c.get_segments()
-        if len(seg) == 2
-    ]
-    assert (0.85, 0.95) in spans
+    assert (0.85, 0.95) in _spans(ax, 0)
 
 
 def test_a_speedup_inside_the_noise_band_is_not_a_finding():

@@ -63,15 +63,14 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _stop_value(text: str):
+def number_or_adaptive(text: str):
+    """An argparse type: a number, or the word ``adaptive`` (draft stops, thresholds)."""
     if text == "adaptive":
         return text
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a probability or 'adaptive', got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected a number or 'adaptive', got {text!r}") from None
 
 
 def add_strategy_flags(g: argparse.ArgumentParser) -> None:
@@ -131,7 +130,7 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     )
     xg.add_argument(
         "--draft-stop",
-        type=_stop_value,
+        type=number_or_adaptive,
         default=None,
         metavar="P|adaptive",
         help="speculative: stop drafting at a draft whose probability is below P, or "

@@ -9,6 +9,7 @@ from earlyexit.cli.common import (
     DefaultsFormatter,
     add_device_flags,
     frequent_vocab,
+    number_or_adaptive,
 )
 
 
@@ -68,7 +69,7 @@ def register(sub) -> None:
     )
     sv.add_argument(
         "--threshold",
-        type=_threshold,
+        type=number_or_adaptive,
         default=None,
         metavar="T|adaptive",
         help="default exit threshold of free / calm, in [-1, 1]; 'adaptive': FREE's Beta "
@@ -150,15 +151,6 @@ def register(sub) -> None:
     )
     add_device_flags(sv)
     sv.set_defaults(func=run)
-
-
-def _threshold(text: str):
-    if text == "adaptive":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'adaptive', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -249,15 +249,6 @@ class SelfSpeculative(Strategy):
         i = model.exit_index(self.ls)
         return i is not None and model.exit_attention is not None
 
-    def _ctx(self, model: Decoder, cache: KVCache, rows: np.ndarray, n_new):
-        """The context of the next position of each row in the exit adapter's own KV slot
-        (the deep slots lag behind while drafting, so their lengths are not positions)."""
-        slot = model.config.exit_kv_slot(model.exit_index(self.ls))
-        dev = model.tok_embeddings.weight.device
-        positions = torch.as_tensor(cache.lengths[slot, rows], device=dev)[:, None]  # (B, 1)
-        all_rows = len(rows) == cache.batch_size
-        return model.context(positions, cache, rows=None if all_rows else rows, n_new=n_new)
-
     def prefill(
         self, model: Decoder, cache: KVCache, tokens: Tensor, lens: np.ndarray
     ) -> StepOutput:
@@ -266,9 +257,7 @@ class SelfSpeculative(Strategy):
         B, T = tokens.shape
         positions = model.default_positions((B, T), cache)
         ctx = model.context(positions, cache, n_new=lens)
-        h = model.run_steps(0, self.ls, model.embed(tokens), ctx)  # (B, T, d)
-        model.exit_norm(h, self.ls, ctx)  # fills the adapter's KV slot over the prompt
-        h = model.run_steps(self.ls, model.n_steps, h, ctx)
+        h = model.run_filling_exits(model.embed(tokens), ctx)  # (B, T, d)
         last = torch.as_tensor(lens - 1, device=h.device)
         h_last = h[torch.arange(B, device=h.device), last]  # (B, d)
         return StepOutput(model.logits(h_last), [model.n_steps] * B)
@@ -289,13 +278,12 @@ class SelfSpeculative(Strategy):
         confs = []  # (B,) draft probabilities, per draft
         stop = DraftStop(self.stop, self.rule)
         for i in range(k + 1):
-            ctx = self._ctx(model, cache, rows, step_new) if attn else None
+            ctx, slot = model.exit_context(ls, cache, n_new=step_new) if attn else (None, None)
             h = run_rows(model, cache, model.embed(x[:, None]), 0, ls, rows, step_new)  # (B,1,d)
             states.append(h)
             if i == k:
                 if attn:  # the last state's adapter entry (the next round may start there)
-                    e = model.exit_index(ls)
-                    model.exit_attention[e].write_kv(h, ctx, model.config.exit_kv_slot(e))
+                    model.exit_attention[model.exit_index(ls)].write_kv(h, ctx, slot)
                 break
             hn = model.exit_norm(h[:, 0], ls, ctx)  # (B, d)
             x, p = propose(model, hn, self._draft_head)  # (B,) draft d_{i+1} and its probability

@@ -594,9 +594,9 @@ class LLMEngine:
         floor: then the round is a plain full-depth step; the position's adapter entry is
         still written). Returns (requests that stop, (request, draft) that go on)."""
         rows = self.scheduler.rows
-        rule = self._draft_stop(self.requests[rids[0]].exit).rule
-        rnds = [self._spec[r] for r in rids]
         mode = self.requests[rids[0]].exit
+        rule = self._draft_stop(mode).rule
+        rnds = [self._spec[r] for r in rids]
         prices = self._draft_prices(step, max(self.requests[r].exit.draft_k for r in rids))
         price = float(np.mean([prices[len(x.drafts)] for x in rnds]))
         reach = np.array([x.reach for x in rnds])
@@ -641,19 +641,18 @@ class LLMEngine:
         draft = getattr(self.model, "draft", None)
         return self.draft_head if draft is not None and draft.exit_step == step else None
 
-    def _draft_stop(self, mode: ExitMode, i: int | None = None) -> DraftStop:
-        """The request's stop rule for its draft ``i`` (0-based); an adaptive one is shared
-        per served model and exit step, priced at the current batch (:meth:`_draft_prices`;
-        ``i`` None: not priced, to observe a verification)."""
+    def _draft_stop(self, mode: ExitMode) -> DraftStop:
+        """The request's stop rule: a fixed floor, or the adaptive rule shared per served
+        model and exit step (starting from the draft's calibration; priced per decision by
+        :meth:`_draft_prices`)."""
         if mode.draft_stop != "adaptive":
             return DraftStop(mode.draft_stop)
         rule = self._stop_rules.get(mode.step)
         if rule is None:
             draft = getattr(self.model, "draft", None)
             prior = draft.stop_prior if draft is not None and draft.exit_step == mode.step else None
+            # its cost is unused here: _draft_together prices each decision at the batch
             rule = self._stop_rules[mode.step] = AdaptiveStop(0.5, prior=prior)
-        if i is not None:
-            rule.cost = self._draft_prices(mode.step, mode.draft_k)[i]
         return DraftStop(rule=rule)
 
     def _draft_prices(self, step: int, k: int) -> list[float]:

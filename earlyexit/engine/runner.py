@@ -95,12 +95,7 @@ class ModelRunner:
         m = self.model
         positions = torch.arange(tokens.shape[1], device=self.device)[None].expand(len(rows), -1)
         ctx = m.context(positions, self.cache, rows=np.asarray(rows), n_new=lens)
-        h, done = m.embed(tokens), 0  # (G, T, d)
-        if m.exit_attention is not None:  # drafts attend over the prompt's exit states
-            for step in m.config.exits.steps:
-                h, done = m.run_steps(done, step, h, ctx), step
-                m.exit_norm(h, step, ctx)  # appends the prompt to the adapter's KV slot
-        h = m.run_steps(done, self.L, h, ctx)
+        h = m.run_filling_exits(m.embed(tokens), ctx)  # (G, T, d): drafts attend over the prompt
         self.block_calls += self.L
         self.block_rows += len(rows) * self.L
         last = h[
@@ -214,35 +209,23 @@ class ModelRunner:
         last = torch.as_tensor(self.hlen[rows] - 1, device=self.device)
         return self.hbuf[torch.as_tensor(rows, device=self.device), last]
 
-    def _adapter_ctx(self, rows: list[int], step: int):
-        """The context of each row's next position in the attention adapter's own KV slot
-        of the exit after ``step`` (None if that exit has no attention adapter)."""
-        m = self.model
-        i = m.exit_index(step)
-        if i is None or m.exit_attention is None:
-            return None, None
-        slot = m.config.exit_kv_slot(i)
-        r = np.asarray(rows)
-        pos = torch.as_tensor(self.cache.lengths[slot, r], device=self.device)[:, None]
-        return m.context(pos, self.cache, rows=r), slot
-
     @torch.inference_mode()
     def draft(self, rows: list[int], step: int, head: PrunedHead | None) -> tuple[Tensor, Tensor]:
         """Self-speculation: each row's draft token (G,) and its probability (G,) from its
         last in-flight state through the exit after ``step`` (its attention adapter appends
         this position to its KV) and the draft ``head`` (pruned, or the full head)."""
-        ctx, _ = self._adapter_ctx(rows, step)
-        hn = self.model.exit_norm(self._last(rows), step, ctx)  # (G, d)
+        fill = self.model.exit_context(step, self.cache, rows)
+        hn = self.model.exit_norm(self._last(rows), step, None if fill is None else fill[0])
         return propose(self.model, hn, head)
 
     @torch.inference_mode()
     def write_adapter_kv(self, rows: list[int], step: int) -> None:
         """The attention adapter's K/V for each row's last in-flight state without a draft
         (the last state of a round of ``k`` drafts, where the next round may start)."""
-        ctx, slot = self._adapter_ctx(rows, step)
-        if ctx is not None:
+        fill = self.model.exit_context(step, self.cache, rows)
+        if fill is not None:
             e = self.model.exit_index(step)
-            self.model.exit_attention[e].write_kv(self._last(rows)[:, None], ctx, slot)
+            self.model.exit_attention[e].write_kv(self._last(rows)[:, None], *fill)
 
     @torch.inference_mode()
     def chunk_argmax(self, rows: list[int]) -> list[list[int]]:

@@ -244,6 +244,32 @@ class Decoder(nn.Module):
             return self.exit_norms[i](h)
         return self.norm(h)
 
+    def exit_context(
+        self, step: int, cache: KVCache, rows: np.ndarray | list[int] | None = None, n_new=None
+    ) -> tuple[ForwardContext, int] | None:
+        """The context of each row's next position in the KV slot of the attention adapter
+        of the exit after ``step``, and that slot; None if that exit has none. (While drafting
+        the deep slots lag behind, so only the adapter's own slot knows the position.)
+        ``rows``: cache rows (None: all of them)."""
+        i = self.exit_index(step)
+        if i is None or self.exit_attention is None:
+            return None
+        slot = self.config.exit_kv_slot(i)
+        r = np.arange(cache.batch_size) if rows is None else np.asarray(rows)
+        dev = self.tok_embeddings.weight.device
+        positions = torch.as_tensor(cache.lengths[slot, r], device=dev)[:, None]  # (B, 1)
+        return self.context(positions, cache, rows=rows, n_new=n_new), slot
+
+    def run_filling_exits(self, h: Tensor, ctx: ForwardContext) -> Tensor:
+        """Every step on ``h`` (B, T, d), appending each attention exit's keys and values on
+        the way (a prefill whose tokens later drafts attend over)."""
+        done = 0
+        if self.exit_attention is not None:
+            for step in self.config.exits.steps:
+                h, done = self.run_steps(done, step, h, ctx), step
+                self.exit_norm(h, step, ctx)  # appends these positions to the adapter's slot
+        return self.run_steps(done, self.n_steps, h, ctx)
+
     def exit_logits(
         self,
         h: Tensor,

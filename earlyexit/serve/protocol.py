@@ -139,6 +139,16 @@ STRATEGY_FIELDS = {
 EXIT_FIELDS = ("exit_step", "threshold", "confidence", "deep_kv", "draft_tokens")
 
 
+def infer_strategy(given, default: str) -> str:
+    """The strategy of a request (or of ``serve``'s defaults) that names none but gives the
+    exit fields ``given``: ``default`` if it reads them all, else the one they belong to
+    (``draft_tokens``: speculative; the others: free)."""
+    given = set(given)
+    if given <= set(STRATEGY_FIELDS[default]):
+        return default
+    return "speculative" if "draft_tokens" in given else "free"
+
+
 @dataclass(frozen=True)
 class Defaults:
     """What a request gets for the fields it leaves out: the ``serve`` flags.
@@ -189,13 +199,8 @@ def sampling(
         " or ".join(f"'{x}'" for x in SERVED_STRATEGIES),
     )
     given = [k for k in EXIT_FIELDS if body.get(k) is not None]
-    if strategy is None:  # exit fields alone choose the strategy that reads them
-        if "draft_tokens" in given:
-            strategy = "speculative"
-        elif given and d.strategy in ("full", "speculative"):
-            strategy = "free"
-        else:
-            strategy = d.strategy
+    if strategy is None:
+        strategy = infer_strategy(given, d.strategy)
     for k in given:
         if k not in STRATEGY_FIELDS[strategy]:
             users = [s for s, f in STRATEGY_FIELDS.items() if k in f]

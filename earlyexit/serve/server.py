@@ -209,8 +209,8 @@ def serve(
 
     ``strategy`` and its options (``exit_step``, ``threshold``, ``confidence``, ``deep_kv``,
     ``draft_tokens``) are what requests get for the fields they leave out
-    (``protocol.Defaults``); ``strategy`` None is ``full``, or ``free`` when an exit option
-    is given. ``draft``: the draft to attach (``earlyexit.load``; ``auto``: the one shipped
+    (``protocol.Defaults``); ``strategy`` None is ``full``, or the strategy the exit options
+    given belong to (``protocol.infer_strategy``). ``draft``: the draft to attach (``earlyexit.load``; ``auto``: the one shipped
     for a named model) for ``speculative`` requests. ``temperature``: the default for
     requests without one. ``exit_vocab``: token ids the exits' head covers (a pruned exit
     head for every request that exits; ``LLMEngine``)."""
@@ -222,7 +222,7 @@ def serve(
         ) from None
     import earlyexit
     from earlyexit.serve.app import build_app
-    from earlyexit.serve.protocol import Defaults
+    from earlyexit.serve.protocol import Defaults, infer_strategy
 
     for flag, v in (
         ("--shutdown-timeout", shutdown_timeout),
@@ -235,9 +235,14 @@ def serve(
     if not 0 <= temperature <= 2:
         raise InputError(f"--temperature must be within [0, 2], got {temperature}")
     if strategy is None:
-        given = (exit_step, threshold, confidence, deep_kv)
-        strategy = "free" if any(v is not None for v in given) else "full"
-        strategy = "speculative" if draft_tokens is not None and strategy == "full" else strategy
+        flags = {
+            "exit_step": exit_step,
+            "threshold": threshold,
+            "confidence": confidence,
+            "deep_kv": deep_kv,
+            "draft_tokens": draft_tokens,
+        }
+        strategy = infer_strategy([k for k, v in flags.items() if v is not None], "full")
     defaults = Defaults(
         strategy, exit_step, threshold, confidence, deep_kv, draft_tokens, temperature
     )
