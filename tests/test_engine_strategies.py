@@ -17,14 +17,24 @@ from earlyexit.decoding.calm import CALM
 from earlyexit.decoding.free import FREE
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.decoding.speculative import DraftGate
 from earlyexit.decoding.strategies import ExitWarning, OptionError, make_strategy
 from earlyexit.decoding.threshold import BetaMixtureThreshold
 from earlyexit.drafts import DraftSpec
-from earlyexit.engine import ExitMode, LLMEngine
+from earlyexit.engine import ExitMode
+from earlyexit.engine import LLMEngine as _LLMEngine
 from earlyexit.errors import InputError
 from tests.conftest import make_model
 
 POLICIES = ["static", "continuous", "depthwise"]
+
+
+def LLMEngine(*args, **kwargs):
+    """The engine with every adaptive speculative round drafting: the default gate decides
+    by measured time, and no test may depend on timing (the gate's rule and plain rounds
+    have their own tests at the end)."""
+    kwargs.setdefault("draft_gate", DraftGate(fixed=True))
+    return _LLMEngine(*args, **kwargs)
 
 
 def greedy(n):
@@ -342,3 +352,141 @@ def test_rows_verified_together_draft_together():
     cold = AdaptiveStop(0.5, bins=2, warmup=100)
     assert batch_keeps(cold, True, np.array([0.1]), np.array([1.0]), 0.9)[0]  # warm-up
     assert not batch_keeps(cold, False, np.array([0.1]), np.array([1.0]), 0.9)[0]
+
+
+# ---------------------------------------------------------------------- the draft gate
+
+
+def _adapter_kv_reference(m, tokens):
+    """The attention adapter's K/V over ``tokens``, written by an uncached-style prefill
+    through ``run_filling_exits`` into a fresh cache (the prompt path, independent of the
+    engine's rounds): (k, v), each (n_kv_heads, len(tokens), head_dim)."""
+    from earlyexit.models.kv_cache import KVCache
+
+    cache = KVCache.for_model(m, 1, 64)
+    t = torch.tensor([tokens])
+    with torch.inference_mode():
+        ctx = m.context(torch.arange(len(tokens))[None], cache, n_new=np.array([len(tokens)]))
+        m.run_filling_exits(m.embed(t), ctx)
+    slot = m.config.exit_kv_slot(0)
+    assert cache.lengths[slot, 0] == len(tokens)
+    return cache.k[slot][0, :, : len(tokens)], cache.v[slot][0, :, : len(tokens)]
+
+
+@pytest.mark.parametrize("policy", ["continuous", "depthwise"])
+def test_plain_rounds_run_the_whole_depth_at_once_and_fill_the_draft_adapter(policy):
+    """When the gate says no drafting, a speculative request runs as full depth does: one
+    segment per token (the same iterations), exactly greedy, and the draft adapter's K/V
+    gains every position on the way, equal to what a prefill over the same tokens writes
+    (so the next drafting round attends over the whole context)."""
+    m = attention_draft_model()
+    plain = LLMEngine(m, policy=policy, max_batch=1, max_len=64, draft_gate=DraftGate(fixed=False))
+    full = LLMEngine(m, policy=policy, max_batch=1, max_len=64)
+    slot = m.config.exit_kv_slot(0)
+    for i, p in enumerate(prompts()[:3]):
+        rid = plain.add_request(p, greedy(LENGTHS[i]), ExitMode(strategy="speculative"))
+        req = plain.requests[rid]
+        while plain.has_unfinished():
+            plain.step()
+        ref = full.generate([p], greedy(LENGTHS[i]))[0]
+        assert req.output_ids == ref.output_ids == full_greedy(m, i), i
+        assert req.drafted == 0
+        # the last token was never fed back: the adapter holds prompt + outputs[:-1]
+        tokens = p + req.output_ids[:-1]
+        k_ref, v_ref = _adapter_kv_reference(m, tokens)
+        n = plain.runner.cache.lengths[slot, 0]
+        assert n == len(tokens), i
+        torch.testing.assert_close(plain.runner.cache.k[slot][0, :, :n], k_ref)
+        torch.testing.assert_close(plain.runner.cache.v[slot][0, :, :n], v_ref)
+    assert plain.stats["iterations"] == full.stats["iterations"]  # no shallow/deep split
+    assert plain.stats["plain_rounds"] > 0 and plain.stats["drafted"] == 0
+
+
+class _Alternate(DraftGate):
+    """A gate that flips between drafting and plain rounds every ``every`` decisions."""
+
+    def __init__(self, every):
+        super().__init__()
+        self.every, self.calls = every, 0
+
+    def drafting(self, n):
+        self.calls += 1
+        return (self.calls // self.every) % 2 == 0
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_plain_and_drafting_rounds_mix_exactly(every):
+    """Rows switching between plain and drafting rounds, in one batch with full-depth rows:
+    speculation stays exactly greedy and drafts are still accepted after plain rounds."""
+    m = attention_draft_model()
+    engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64, draft_gate=_Alternate(every))
+    modes = [ExitMode(strategy="speculative"), None] * 3
+    reqs = serve(engine, modes)
+    for i, req in enumerate(reqs):
+        assert req.output_ids == full_greedy(m, i), i
+    assert engine.stats["plain_rounds"] > 0 and engine.stats["drafted"] > 0
+    assert engine.occupancy()["running"] == 0 and not engine._spec
+    assert (engine.runner.adapter_at == -1).all()
+
+
+def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
+    """Both modes measured once per batch bucket (drafting first), then the faster one,
+    the slower re-measured every ``explore``-th epoch; settling iterations, and epochs
+    cut by a change of bucket, are not counted."""
+    g = DraftGate(epoch=4, settle=1, explore=4, decay=1.0)
+
+    def epoch(n, seconds_per_token):
+        modes = []
+        for _ in range(4):
+            modes.append(g.drafting(n))
+            g.record(n, 2, 2 * seconds_per_token(modes[-1]))
+        return set(modes)
+
+    draft_fast = {True: 0.5, False: 1.0}.get
+    assert epoch(8, draft_fast) == {True}  # nothing measured: drafting first
+    assert epoch(8, draft_fast) == {False}  # then plain
+    assert g.seconds_per_token[8] == {True: 0.5, False: 1.0}
+    assert epoch(8, draft_fast) == {True}  # the faster
+    assert epoch(8, draft_fast) == {False}  # epoch 4: the slower is re-measured
+    assert epoch(8, draft_fast) == {True}
+    # another bucket learns on its own: here plain is faster
+    plain_fast = {True: 2.0, False: 1.0}.get
+    assert [epoch(16, plain_fast) for _ in range(3)] == [{True}, {False}, {False}]
+    assert g.state()[16] == {"draft": 2.0, "plain": 1.0, "epochs": 3}
+    # a bucket change mid-epoch drops the unfinished epoch
+    g.record(8, 2, 100.0)
+    g.record(4, 2, 100.0)
+    assert g.seconds_per_token[8] == {True: 0.5, False: 1.0} and 4 not in g.seconds_per_token
+    # settling iterations do not count: a slow first iteration changes nothing
+    h = DraftGate(epoch=3, settle=1, decay=1.0)
+    for sec in (50.0, 1.0, 1.0):
+        h.record(1, 1, sec)
+    assert h.seconds_per_token[1] == {True: 1.0}
+    assert DraftGate.bucket(1) == 1 and DraftGate.bucket(5) == 8 and DraftGate.bucket(16) == 16
+    with pytest.raises(ValueError):
+        DraftGate(epoch=2, settle=2)
+
+
+def test_the_engine_times_its_iterations_for_the_gate():
+    """The engine passes each iteration's running count, emitted tokens and wall time to
+    the gate while adaptive speculation is in flight (and nothing otherwise)."""
+
+    class Recorder(DraftGate):
+        def __init__(self):
+            super().__init__(fixed=True)
+            self.records = []
+
+        def record(self, n, tokens, seconds):
+            self.records.append((n, tokens, seconds))
+
+    m = attention_draft_model()
+    gate = Recorder()
+    engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64, draft_gate=gate)
+    reqs = serve(engine, [ExitMode(strategy="speculative")] * 6)
+    assert gate.records and all(s > 0 and 1 <= n <= 3 for n, _, s in gate.records)
+    emitted = sum(len(r.output_ids) for r in reqs)
+    assert sum(t for _, t, _ in gate.records) <= emitted  # the last iteration is not timed
+    assert sum(t for _, t, _ in gate.records) >= emitted - 3 * 6
+    gate.records.clear()
+    serve(engine, [None] * 6)  # full-depth requests only: nothing to decide
+    assert not gate.records

@@ -42,7 +42,8 @@ def lm_with_exits(trained=True):
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(lm_with_exits(), max_batch=4, max_len=200)
+    # every adaptive round drafts: the default gate decides by measured time (tests may not)
+    s = Server(lm_with_exits(), max_batch=4, max_len=200, draft_gate="always")
     yield s
     s.server.should_exit = True
     s.thread.join(30)

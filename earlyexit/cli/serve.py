@@ -103,6 +103,14 @@ def register(sub) -> None:
         "train-draft), 'auto' (the one shipped for a named model such as smollm2) or 'none'",
     )
     sv.add_argument(
+        "--draft-gate",
+        default="measured",
+        choices=["measured", "always", "never"],  # decoding.speculative.GATES (no torch here)
+        help="whether adaptive speculative rounds draft: 'measured' (the engine times both "
+        "ways per batch size and runs the faster, so speculation is not slower than full "
+        "depth), 'always', or 'never' (default: measured)",
+    )
+    sv.add_argument(
         "--allow-untrained-exits",
         action="store_true",
         help="serve free / calm on exits that were never trained (refused with a 400 "
@@ -187,5 +195,6 @@ def run(args: argparse.Namespace) -> int:
         draft=None if args.draft == "none" else args.draft,
         temperature=args.temperature,
         allow_untrained_exits=args.allow_untrained_exits,
+        draft_gate=args.draft_gate,
     )
     return 0

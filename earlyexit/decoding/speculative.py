@@ -170,6 +170,112 @@ def batch_keeps(
     return bool(warm or reach.mean() >= price), reach
 
 
+class DraftGate:
+    """Whether batched speculation drafts at all at the current batch: decided by measured
+    throughput, not by a cost model (the serving engine's floor).
+
+    A price model (:func:`batch_keeps` with measured forward times) misses costs that only
+    show in the whole system: splitting every token into a shallow and a deep segment
+    doubles the engine's iterations, each with a decision and, behind the server, an event-
+    loop hand-off; verification chunks are padded; the kernel a chunk lands on changes with
+    its size. So the engine measures: iterations run in *epochs* of ``epoch`` iterations,
+    in each of which new speculative rounds either draft (``True``) or run plain
+    (``False``: one full-depth segment, the draft adapter's entry written on the way). Per
+    batch-size bucket (powers of two) the gate keeps the wall seconds per emitted token of
+    each mode (an exponential average over epochs, weight ``decay`` on the newest), tries
+    each mode once, then runs the faster one and re-measures the slower every
+    ``explore``-th epoch. The first ``settle`` iterations of an epoch are not counted
+    (rounds of the previous mode are still finishing). An epoch whose batch bucket changes
+    is dropped.
+
+    Pure Python and clock-free: the engine passes each iteration's emitted tokens and wall
+    seconds, so the rule is tested with made-up timings. Greedy outputs do not depend on
+    it (both modes are lossless); only speed does. ``fixed``: always draft (True) or never
+    (False), measuring nothing (tests; ablations)."""
+
+    def __init__(
+        self,
+        epoch: int = 24,
+        settle: int = 4,
+        explore: int = 8,
+        decay: float = 0.5,
+        fixed: bool | None = None,
+    ) -> None:
+        if not (epoch > settle >= 0 and explore >= 2 and 0.0 < decay <= 1.0):
+            raise ValueError("DraftGate needs epoch > settle >= 0, explore >= 2, 0 < decay <= 1")
+        self.epoch, self.settle, self.explore, self.decay = epoch, settle, explore, decay
+        self.fixed = fixed
+        self.seconds_per_token: dict[int, dict[bool, float]] = {}  # bucket -> mode -> s/token
+        self.epochs: dict[int, int] = {}  # bucket -> epochs measured
+        self._bucket: int | None = None
+        self._mode = True
+        self._iters, self._tokens, self._seconds = 0, 0, 0.0
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        """The batch-size bucket of ``n`` running requests: the next power of two."""
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    def _choose(self, b: int) -> bool:
+        est = self.seconds_per_token.get(b, {})
+        if True not in est:
+            return True
+        if False not in est:
+            return False
+        best = est[True] <= est[False]
+        return (not best) if self.epochs.get(b, 0) % self.explore == self.explore - 1 else best
+
+    def drafting(self, n: int) -> bool:
+        """Whether a speculative round starting now at ``n`` running requests drafts."""
+        if self.fixed is not None:
+            return self.fixed
+        b = self.bucket(n)
+        return self._mode if b == self._bucket else self._choose(b)
+
+    def record(self, n: int, tokens: int, seconds: float) -> None:
+        """One engine iteration at ``n`` running requests emitted ``tokens`` in ``seconds``
+        of wall time (its step and what the caller did before the next)."""
+        if self.fixed is not None:
+            return
+        b = self.bucket(n)
+        if b != self._bucket:  # a new epoch at this bucket (an unfinished one is dropped)
+            self._bucket, self._mode = b, self._choose(b)
+            self._iters, self._tokens, self._seconds = 0, 0, 0.0
+        self._iters += 1
+        if self._iters > self.settle:
+            self._tokens += tokens
+            self._seconds += seconds
+        if self._iters < self.epoch:
+            return
+        if self._tokens:
+            rate = self._seconds / self._tokens
+            est = self.seconds_per_token.setdefault(b, {})
+            old = est.get(self._mode)
+            est[self._mode] = rate if old is None else (1 - self.decay) * old + self.decay * rate
+            self.epochs[b] = self.epochs.get(b, 0) + 1
+        self._mode = self._choose(b)
+        self._iters, self._tokens, self._seconds = 0, 0, 0.0
+
+    def state(self) -> dict:
+        """Per bucket: seconds per token of each mode measured so far, and epochs."""
+        return {
+            b: {("draft" if m else "plain"): s for m, s in est.items()} | {"epochs": self.epochs[b]}
+            for b, est in self.seconds_per_token.items()
+        }
+
+
+GATES = ("measured", "always", "never")  # the ways of deciding whether a round drafts
+
+
+def make_gate(name: str) -> DraftGate:
+    """The draft gate called ``name``: ``measured`` (:class:`DraftGate`), ``always`` (every
+    adaptive round drafts: the rule alone decides its length) or ``never`` (plain rounds
+    only, full-depth speed with the draft adapter kept up to date)."""
+    if name not in GATES:
+        raise ValueError(f"unknown draft gate {name!r}; choose one of {', '.join(GATES)}")
+    return DraftGate(fixed={"measured": None, "always": True, "never": False}[name])
+
+
 def accepted_length(drafts: list[int], verified: list[int]) -> int:
     """How many leading drafts the verifier accepts: d_{i+1} passes iff it equals the full
     model's argmax after the prefix before it (``verified[i]``)."""

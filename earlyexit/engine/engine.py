@@ -34,6 +34,7 @@ from earlyexit.decoding.generate import OutputTracker
 from earlyexit.decoding.sampling import SamplingParams, apply_penalties, make_generator
 from earlyexit.decoding.speculative import (
     AdaptiveStop,
+    DraftGate,
     DraftStop,
     accepted_length,
     batch_keeps,
@@ -108,6 +109,13 @@ class LLMEngine:
         exit_vocab: token ids the exits' head covers for every ``ExitMode`` request (a
             pruned head, ``models/heads.py``: the margin is over them and an exited token
             is one of them); None: the full vocabulary.
+        allow_untrained_exits: serve lossy strategies on exits that were never trained.
+        measure_draft_cost: price drafts from measured forward times (False: from weight
+            bytes only; tests use it to keep decisions independent of the machine).
+        draft_gate: when adaptive speculation drafts at all, by measured throughput per
+            batch size (:class:`~earlyexit.decoding.speculative.DraftGate`; a rule with
+            fixed decisions in tests). Rounds that do not draft run plain: one full-depth
+            segment that writes the draft adapter's entry on the way.
     """
 
     def __init__(
@@ -122,6 +130,7 @@ class LLMEngine:
         exit_vocab=None,
         allow_untrained_exits: bool = False,
         measure_draft_cost: bool = True,
+        draft_gate: DraftGate | None = None,
     ) -> None:
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.allow_untrained_exits = allow_untrained_exits
@@ -154,6 +163,9 @@ class LLMEngine:
         self._spec: dict[str, _Round] = {}  # speculative: the round in progress
         self._starts: list[tuple[int, int]] = []  # (row, token) to embed as next inputs
         self._draft_base: dict[int, float] = {}
+        # adaptive speculation drafts only at batch sizes where drafting measured faster
+        self.draft_gate = draft_gate if draft_gate is not None else DraftGate()
+        self._tick: tuple[int, int, float] | None = None  # (running, tokens, start) of the last
         self.requests: dict[str, Request] = {}
         self._trackers: dict[str, OutputTracker] = {}
         self._generators: dict[str, torch.Generator | None] = {}
@@ -343,10 +355,16 @@ class LLMEngine:
         if the prefill raised, else those and the ones it ran) is finished with status
         ``error`` (its cache row freed) and :class:`StepFailed` is raised; the other
         requests are untouched and the next ``step`` serves them."""
+        now = time.perf_counter()
+        if self._tick is not None:  # the last iteration's wall time, up to this one
+            n, tokens, start = self._tick
+            self.draft_gate.record(n, tokens, now - start)
+            self._tick = None
         out = self.scheduler.schedule()
         self.stats["iterations"] += 1
         events: list[RequestOutput] = []
         touched: list[str] = []
+        running = self.scheduler.num_running
         try:
             self._step(out, events, touched)
         except Exception as e:
@@ -361,7 +379,15 @@ class LLMEngine:
             if ev.finished:  # its last output is delivered now: the engine lets go of it
                 self._forget(ev.request_id)
         self._release_verifies()  # a drafting request may have finished or been aborted
+        if self.has_unfinished() and any(self._gated(r) for r in self.requests.values()):
+            self._tick = (running, sum(len(ev.new_token_ids) for ev in events), now)
         return events
+
+    @staticmethod
+    def _gated(req: Request) -> bool:
+        """Whether the draft gate decides this request's rounds (adaptive speculation)."""
+        e = req.exit
+        return e is not None and e.strategy == "speculative" and e.draft_stop == "adaptive"
 
     def _step(self, out, events: list[RequestOutput], touched: list[str]) -> None:
         if out.admit:
@@ -834,7 +860,14 @@ class LLMEngine:
             else:
                 end = req.exit.step if req.exit is not None else self.L
             if req.exit is not None and req.exit.strategy == "speculative":
-                self._spec[rid] = _Round()
+                if self._gated(req) and not self.draft_gate.drafting(self.scheduler.num_running):
+                    # a plain round: the whole depth at once, the draft adapter's entry
+                    # written on the way (a later round's drafts attend over it)
+                    end = self.L
+                    self.runner.fill_adapter_at(self.scheduler.rows[rid], req.exit.step)
+                    self.stats["plain_rounds"] += 1
+                else:
+                    self._spec[rid] = _Round()
             self.scheduler.set_segment(rid, 0, end)
             self._starts.append((self.scheduler.rows[rid], tokens[pushed - 1]))
         events.append(

@@ -51,6 +51,9 @@ class ModelRunner:
         self.mor_in = torch.zeros(max_batch, d, device=p.device, dtype=p.dtype)
         self.mor_h1 = torch.zeros(max_batch, d, device=p.device, dtype=p.dtype)
         self.mor_gate = torch.zeros(max_batch, device=p.device, dtype=p.dtype)
+        # row -> the step after which a plain speculative round writes the draft adapter's
+        # entry on its way down (-1: none)
+        self.adapter_at = np.full(max_batch, -1, dtype=np.int64)
         self.block_calls = 0
         self.block_rows = 0  # rows summed over block calls (a sum, not a list: servers run long)
 
@@ -116,18 +119,41 @@ class ModelRunner:
         for row, start, stop in items:
             groups.setdefault((start, stop), []).append(row)
         for (start, stop), rows in groups.items():
-            h, n = self._gather(rows)
-            pos = self._positions(rows, [start] * len(rows), h.shape[1])
-            ctx = self.model.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
-            out = self.model.run_steps(start, stop, h, ctx)
-            self.block_calls += stop - start
-            self.block_rows += len(rows) * (stop - start)
-            self._scatter(rows, out, n)
+            # cut where a row's draft adapter entry is due (a plain speculative round)
+            cuts = {int(s) for s in self.adapter_at[rows] if start < s < stop}
+            edges = [start, *sorted(cuts), stop]
+            for a, b in zip(edges, edges[1:]):
+                self._fill_adapters(rows, [a] * len(rows))
+                h, n = self._gather(rows)
+                pos = self._positions(rows, [a] * len(rows), h.shape[1])
+                ctx = self.model.context(pos, self.cache, rows=np.asarray(rows), n_new=n)
+                out = self.model.run_steps(a, b, h, ctx)
+                self.block_calls += b - a
+                self.block_rows += len(rows) * (b - a)
+                self._scatter(rows, out, n)
+
+    def fill_adapter_at(self, row: int, step: int) -> None:
+        """A plain speculative round: when ``row``'s state reaches ``step`` on its way down,
+        append its entry to the KV of the attention adapter of the exit after ``step`` (a
+        later round's drafts attend over every position). No-op for exits without one."""
+        if self.model.exit_attention is not None and self.model.exit_index(step) is not None:
+            self.adapter_at[row] = step
+
+    def _fill_adapters(self, rows: list[int], steps: list[int]) -> None:
+        """Write the adapter entries due now: rows whose state is at their mark."""
+        due: dict[int, list[int]] = {}
+        for r, s in zip(rows, steps):
+            if self.adapter_at[r] == s:
+                due.setdefault(s, []).append(r)
+        for s, rs in due.items():
+            self.write_adapter_kv(rs, s)
+            self.adapter_at[rs] = -1
 
     def _run_block(self, items: list[tuple[int, int, int]]) -> None:
         m = self.model
         rows = [r for r, _, _ in items]
         steps = [s for _, s, _ in items]
+        self._fill_adapters(rows, steps)
         shares = [self.plan[s].shares_kv for s in steps]
         if any(shares) and not all(shares):  # MoR KV sharing: readers and writers apart
             for want in (False, True):
@@ -340,3 +366,4 @@ class ModelRunner:
     def release(self, row: int) -> None:
         self.hlen[row] = 0
         self.slen[row] = 0
+        self.adapter_at[row] = -1

@@ -39,6 +39,7 @@ try:  # FastAPI resolves handler annotations from module globals: import at modu
 except ImportError:  # the [serve] extra is not installed; serve() says so
     Request = Any  # type: ignore[misc,assignment]
 
+from earlyexit.decoding.speculative import make_gate
 from earlyexit.engine import LLMEngine, QueueFull, StepFailed
 from earlyexit.errors import InputError
 from earlyexit.serve import protocol
@@ -163,8 +164,12 @@ def build_app(
     max_failed_steps: int = 3,
     exit_vocab=None,
     allow_untrained_exits: bool = False,
+    draft_gate: str = "measured",
 ):
     """The FastAPI application serving ``lm`` (an ``earlyexit.LM``).
+
+    ``draft_gate``: whether adaptive speculative rounds draft (``speculative.GATES``:
+    ``measured`` by throughput per batch size, ``always``, ``never``).
 
     ``defaults``: what requests get for the fields they leave out (strategy, its options,
     temperature, max tokens; the ``serve`` flags). ``allow_untrained_exits``: serve lossy
@@ -193,6 +198,7 @@ def build_app(
         max_queue,
         exit_vocab=exit_vocab,
         allow_untrained_exits=allow_untrained_exits,
+        draft_gate=make_gate(draft_gate),
     )
     defaults = defaults or protocol.Defaults()
     try:  # the default request must be one this model serves: refuse it now, not per request

@@ -204,6 +204,7 @@ def serve(
     draft: str | None = "auto",
     temperature: float = 1.0,
     allow_untrained_exits: bool = False,
+    draft_gate: str = "measured",
 ) -> None:
     """Load ``model`` and serve it until SIGTERM / SIGINT (see the module docstring).
 
@@ -213,7 +214,8 @@ def serve(
     given belong to (``protocol.infer_strategy``). ``draft``: the draft to attach (``earlyexit.load``; ``auto``: the one shipped
     for a named model) for ``speculative`` requests. ``temperature``: the default for
     requests without one. ``exit_vocab``: token ids the exits' head covers (a pruned exit
-    head for every request that exits; ``LLMEngine``)."""
+    head for every request that exits; ``LLMEngine``). ``draft_gate``: whether adaptive
+    speculative rounds draft (``measured``, ``always``, ``never``; ``build_app``)."""
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -260,6 +262,7 @@ def serve(
         defaults,
         exit_vocab=exit_vocab,
         allow_untrained_exits=allow_untrained_exits,
+        draft_gate=draft_gate,
     )
     server = make_server(
         app,
