@@ -21,10 +21,11 @@ import sys
 
 import torch
 
-from earlyexit.bench.common import environment, set_threads, timed_decode, write_rows
+from earlyexit.bench.common import environment, set_threads, write_rows
 from earlyexit.config import ModelConfig
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import make_strategy
+from earlyexit.evaluation.metrics import timed_decode
 from earlyexit.models.decoder import Decoder
 
 

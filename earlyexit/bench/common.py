@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: environment rows, validation prompts, quality metrics.
+"""Shared benchmark plumbing: the benchmark device, environment rows, request streams, the
+offline engine harness. The quality metrics and validation prompts are ``evaluation/metrics.py``.
 
 Benchmarks measure and write JSON rows; plots (``bench/plots.py``) only read those rows.
 """
@@ -93,55 +94,6 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
-def validation_prompts(data_dir: str | Path, n: int, length: int) -> list[list[int]]:
-    """``n`` prompts of ``length`` tokens from evenly spaced offsets of the validation split
-    (never the training split)."""
-    from earlyexit.training.data import token_file
-
-    val = token_file(data_dir, "val")
-    if len(val) < n * length:
-        raise ValueError(f"the validation split has {len(val)} tokens; {n} x {length} needed")
-    starts = np.linspace(0, len(val) - length - 1, n).astype(np.int64)
-    return [val[s : s + length].astype(np.int64).tolist() for s in starts]
-
-
-def lcs(a: list[int], b: list[int]) -> int:
-    """Length of the longest common subsequence (dynamic programming, O(len(a) len(b)))."""
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(candidate: list[int], reference: list[int]) -> float:
-    """ROUGE-L F1 on token ids."""
-    m = lcs(candidate, reference)
-    if m == 0:
-        return 0.0
-    p, r = m / len(candidate), m / len(reference)
-    return 2 * p * r / (p + r)
-
-
-def token_match(candidate: list[int], reference: list[int]) -> float:
-    """Fraction of reference positions where the candidate has the same token."""
-    n = len(reference)
-    return sum(1 for a, b in zip(candidate, reference) if a == b) / max(n, 1)
-
-
-def agreement(outputs: list[list[int]], references: list[list[int]]) -> dict:
-    """Mean token match and ROUGE-L of ``outputs`` against the full model's ``references``."""
-    return {
-        "token_match": float(np.mean([token_match(o, r) for o, r in zip(outputs, references)])),
-        "rouge_l": float(np.mean([rouge_l(o, r) for o, r in zip(outputs, references)])),
-        "identical": all(o == r for o, r in zip(outputs, references)),
-    }
-
-
 def write_rows(rows: list[dict], out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -219,16 +171,3 @@ def serve_offline(
         "outputs": [list(r.output_ids) for r in reqs],
         "occupancy": engine.occupancy(),
     }
-
-
-def timed_decode(model, prompts, params, strategy, batch_size: int = 1) -> tuple[float, list]:
-    """Decode ``prompts`` in batches of ``batch_size`` with one strategy object; returns
-    (seconds, results). Every strategy comparison times its decoding through this."""
-    from earlyexit.decoding.generate import generate
-
-    results = []
-    t = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        results += generate(model, prompts[i : i + batch_size], params, strategy=strategy)
-    sync()
-    return time.perf_counter() - t, results

@@ -26,7 +26,6 @@ import warnings
 import numpy as np
 
 from earlyexit.bench.common import (
-    agreement,
     bench_device,
     bench_dtype,
     environment,
@@ -40,6 +39,7 @@ from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
 from earlyexit.engine import ExitMode
+from earlyexit.evaluation.metrics import agreement
 from earlyexit.evaluation.perplexity import perplexity
 from earlyexit.training.data import token_file
 

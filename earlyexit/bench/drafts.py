@@ -16,15 +16,10 @@ from __future__ import annotations
 import statistics
 import warnings
 
-from earlyexit.bench.common import (
-    environment,
-    set_threads,
-    timed_decode,
-    validation_prompts,
-    write_rows,
-)
+from earlyexit.bench.common import environment, set_threads, write_rows
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
+from earlyexit.evaluation.metrics import timed_decode, validation_prompts
 
 
 def eval_prompts(lm, data: str, n_chat: int, n_code: int, code_len: int = 64, skip_chat: int = 64):

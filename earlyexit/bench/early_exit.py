@@ -21,17 +21,10 @@ import functools
 import statistics
 import warnings
 
-from earlyexit.bench.common import (
-    agreement,
-    environment,
-    load_model,
-    set_threads,
-    timed_decode,
-    validation_prompts,
-    write_rows,
-)
+from earlyexit.bench.common import environment, load_model, set_threads, write_rows
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
+from earlyexit.evaluation.metrics import agreement, timed_decode, validation_prompts
 
 FREE_SWEEP = (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 CALM_SWEEP = (0.9, 0.7, 0.5, 0.3, 0.2, 0.1)

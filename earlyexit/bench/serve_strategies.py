@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from earlyexit.bench.common import environment, rouge_l, set_threads, write_rows
+from earlyexit.bench.common import environment, set_threads, write_rows
+from earlyexit.evaluation.metrics import rouge_l
 
 STRATEGIES = {
     "full": {"strategy": "full", "temperature": 0},

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adaptive-depth LLM inference: FREE early exit, Relaxed Recursive Transformers, Mixture-of-Recursions.",
     )
     p.add_argument("--version", action="version", version=_version())
+    # ``bench all`` runs each step as the command a user would type, through this main;
+    # handed over here so that cli/bench.py need not import the package that imports it
+    p.set_defaults(cli_main=main)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)

@@ -194,11 +194,10 @@ def run(args: argparse.Namespace) -> int:
         return 0 if fig["failures"] == 0 else 1
     if args.name == "all":
         from earlyexit.bench.suite import run_all
-        from earlyexit.cli import main  # each step is the command a user would type
 
         skip = {x.strip() for x in args.skip.split(",") if x.strip()}
         device = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
-        failed = run_all(main, skip, args.dry_run, device=device, precision=args.precision)
+        failed = run_all(args.cli_main, skip, args.dry_run, device=device, precision=args.precision)
         return 1 if failed else 0
     if args.name == "plot":
         from earlyexit.bench.plots import plot_all

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from earlyexit.bench.common import agreement, serve_offline, timed_decode
+from earlyexit.bench.common import serve_offline
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import ExitWarning, make_strategy
 from earlyexit.demo.stats import ratio_summary
+from earlyexit.evaluation.metrics import agreement, timed_decode
 
 
 @dataclass

@@ -173,7 +173,7 @@ def main(
 
     # ------------------------------------------------------------------ measurements
     import earlyexit
-    from earlyexit.bench.common import validation_prompts
+    from earlyexit.evaluation.metrics import validation_prompts
     from earlyexit.evaluation.perplexity import perplexity
     from earlyexit.training.data import token_file
 

@@ -10,10 +10,10 @@ average depth and exit rate. The benchmark ``early-exit`` sweeps the same measur
 
 from __future__ import annotations
 
-from earlyexit.bench.common import agreement, timed_decode, validation_prompts
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import make_strategy
 from earlyexit.errors import InputError
+from earlyexit.evaluation.metrics import agreement, timed_decode, validation_prompts
 
 
 def agreement_eval(
