@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from earlyexit.checkpoint import CONFIG, load_checkpoint
 from earlyexit.decoding.base import Strategy
 from earlyexit.decoding.generate import GenerationResult, TokenEvent
 from earlyexit.decoding.generate import generate as _generate
@@ -25,6 +24,7 @@ from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.decoding.strategies import make_strategy
 from earlyexit.device import resolve_device, resolve_dtype
 from earlyexit.errors import InputError
+from earlyexit.io.checkpoint import CONFIG, load_checkpoint
 from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import Tokenizer
 
@@ -156,7 +156,7 @@ def load(
     draft: str | Path | None = "auto",
 ) -> LM:
     """Load an earlyexit checkpoint, a Hugging Face Llama/Mistral/Qwen2 directory, a GGUF
-    file, or a named model (``smollm2``: see :mod:`earlyexit.registry`).
+    file, or a named model (``smollm2``: see :mod:`earlyexit.io.registry`).
 
     Args:
         path: checkpoint directory (``config.json`` + ``model.safetensors`` [+ ``tokenizer.json``]
@@ -170,7 +170,7 @@ def load(
     auto = draft == "auto"
     if auto:
         from earlyexit.drafts import shipped_draft
-        from earlyexit.registry import NAMED
+        from earlyexit.io.registry import NAMED
 
         draft = shipped_draft(str(path)) if str(path) in NAMED and not Path(path).exists() else None
     if draft is not None:
@@ -192,19 +192,19 @@ def load(
 
 def _load(path: str | Path, device, dtype) -> LM:
     from earlyexit.chat import load_chat_config
-    from earlyexit.models.gguf import is_gguf
-    from earlyexit.registry import resolve_model
+    from earlyexit.io.gguf import is_gguf
+    from earlyexit.io.registry import resolve_model
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = resolve_model(path)
     if is_gguf(path):
-        from earlyexit.models.gguf import load_gguf
+        from earlyexit.io.gguf import load_gguf
 
         model, tok, tok_cfg = load_gguf(path, dev, dt)
         return LM(model, tok, tok_cfg if "chat_template" in tok_cfg else None)
     if _is_hf_dir(path):
-        from earlyexit.models.hf import load_hf
+        from earlyexit.io.hf import load_hf
 
         model, tok = load_hf(path, dev, dt)
     else:

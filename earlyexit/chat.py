@@ -40,7 +40,7 @@ def load_chat_config(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 def chat_files(config: dict[str, Any] | None) -> dict[str, str] | None:
-    """``extra_files`` for :func:`earlyexit.checkpoint.save_checkpoint` that keep a chat
+    """``extra_files`` for :func:`earlyexit.io.checkpoint.save_checkpoint` that keep a chat
     template (None when there is none): conversions and fine-tunes pass it on."""
     return {CONFIG: json.dumps(config, indent=2) + "\n"} if config else None
 

@@ -2,7 +2,7 @@
 
 - One dataclass describes every model family we run (Llama, Mistral, Qwen2, SmolLM shapes):
   sizes, GQA, RoPE (with Llama-3 and linear scaling), biases, tied head, sliding window.
-- :class:`SharingConfig` turns the layer count into a *depth plan* (``models/plan.py``); the
+- :class:`SharingConfig` turns the layer count into a *depth plan* (``plan.py``); the
   plan is derived, stored in ``config.json`` for readers, and checked on load.
 - ``from_dict`` is strict: unknown keys and wrong types are refused with the key named,
   so a typo in a config file never silently falls back to a default.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from earlyexit.errors import ConfigError
-from earlyexit.models.plan import Step, build_plan, n_blocks, n_kv_slots
+from earlyexit.plan import Step, build_plan, n_blocks, n_kv_slots
 from earlyexit.strict import parse_dataclass
 
 # Bumped when the on-disk checkpoint layout changes incompatibly. Loaders refuse newer ones.
@@ -60,7 +60,7 @@ class RopeScaling:
 
 @dataclass
 class SharingConfig:
-    """How unrolled steps map onto shared blocks (see ``models/plan.py``).
+    """How unrolled steps map onto shared blocks (see ``plan.py``).
 
     Attributes:
         scheme: ``none`` (dense), ``cycle``, ``sequence``, ``middle_cycle``, ``middle_sequence``.

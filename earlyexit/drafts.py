@@ -50,10 +50,10 @@ def save_draft(
     stop_prior: dict | None = None,
 ) -> Path:
     """Write the draft exit of ``model`` (one exit with an attention adapter) to ``out``,
-    atomically (``checkpoint.atomic_dir``)."""
+    atomically (``files.atomic_dir``)."""
     from safetensors.torch import save_file
 
-    from earlyexit.checkpoint import _fsync, _write, atomic_dir
+    from earlyexit.files import atomic_dir
     from earlyexit.training.draft import draft_parameters, model_fingerprint
 
     steps = model.config.exits.steps
@@ -73,8 +73,7 @@ def save_draft(
     tensors = {k_: v.detach().contiguous().cpu() for k_, v in draft_parameters(model).items()}
     with atomic_dir(out, marker=DRAFT_JSON) as tmp:
         save_file(tensors, str(tmp / DRAFT_WEIGHTS))
-        _fsync(tmp / DRAFT_WEIGHTS)
-        _write(tmp / DRAFT_JSON, json.dumps(meta) + "\n")
+        (tmp / DRAFT_JSON).write_text(json.dumps(meta) + "\n")
     return Path(out)
 
 

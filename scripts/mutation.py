@@ -50,7 +50,7 @@ TESTS = {
         "tests/test_mor.py",
         "tests/test_recursive.py",
     ],
-    "earlyexit/models/plan.py": ["tests/test_config.py", "tests/test_recursive.py"],
+    "earlyexit/plan.py": ["tests/test_config.py", "tests/test_recursive.py"],
     "earlyexit/models/mor.py": ["tests/test_mor.py"],
     "earlyexit/models/routers.py": ["tests/test_mor.py"],
     "earlyexit/models/lora.py": ["tests/test_recursive.py"],

@@ -52,7 +52,7 @@ def tokenizer():
 @pytest.fixture
 def tiny_lm_dir(tmp_path, tokenizer):
     """A saved tiny checkpoint whose vocabulary matches the byte-level tokenizer."""
-    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.io.checkpoint import save_checkpoint
 
     model = make_model(vocab_size=tokenizer.vocab_size, eos_token_ids=[tokenizer.token_to_id(EOT)])
     return save_checkpoint(model, tmp_path / "tiny", tokenizer=tokenizer)
@@ -61,7 +61,7 @@ def tiny_lm_dir(tmp_path, tokenizer):
 @pytest.fixture
 def exit_lm_dir(tmp_path, tokenizer):
     """A saved tiny checkpoint with one trained exit after step 2 of 4."""
-    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.io.checkpoint import save_checkpoint
 
     model = make_model(
         vocab_size=tokenizer.vocab_size,
@@ -75,7 +75,7 @@ def exit_lm_dir(tmp_path, tokenizer):
 @pytest.fixture(scope="session")
 def exit_setup(tmp_path_factory):
     """A tiny prepared corpus and a tiny model with an exit, saved as a checkpoint."""
-    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.io.checkpoint import save_checkpoint
     from earlyexit.tokenizer import Tokenizer
     from earlyexit.training.corpus import prepare
     from tests.conftest import make_model

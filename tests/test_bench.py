@@ -95,7 +95,7 @@ def test_bench_early_exit_and_batched_exit_and_plots(exit_setup, tmp_path, monke
 
 def test_bench_depthwise_tiny(exit_setup, tmp_path):
     from earlyexit.bench import depthwise, plots
-    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+    from earlyexit.io.checkpoint import load_checkpoint, save_checkpoint
     from earlyexit.models.recursive import convert_recursive
 
     dense, tok = load_checkpoint(exit_setup / "model")

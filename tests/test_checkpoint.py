@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from earlyexit.checkpoint import load_checkpoint, save_checkpoint
 from earlyexit.errors import CheckpointError
+from earlyexit.io.checkpoint import load_checkpoint, save_checkpoint
 from earlyexit.tokenizer import Tokenizer
 from tests.conftest import make_model
 
@@ -59,7 +59,7 @@ def test_save_replaces_atomically_and_leaves_no_temp(tmp_path):
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(make_model(seed=1), tmp_path / "c")
-    import earlyexit.checkpoint as ck
+    import earlyexit.io.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")

@@ -88,7 +88,7 @@ def test_perplexity_on_data_of_another_tokenizer_suggests_the_prepare_command(
 def test_perplexity_hint_names_a_named_model_by_its_name(
     capsys, tiny_lm_dir, exit_setup, monkeypatch
 ):
-    import earlyexit.registry as registry
+    import earlyexit.io.registry as registry
 
     monkeypatch.setitem(registry.NAMED, "tinynamed", registry.NAMED["smollm2"])
     real = registry.resolve_model

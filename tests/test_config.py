@@ -4,7 +4,7 @@ import pytest
 
 from earlyexit.config import PRESETS, ModelConfig
 from earlyexit.errors import ConfigError
-from earlyexit.models.plan import Step, build_plan
+from earlyexit.plan import Step, build_plan
 
 
 def test_presets_build_and_round_trip():
@@ -121,7 +121,7 @@ def reference_plan(L, scheme, B, relaxed, kv_sharing):
 
 
 def test_every_plan_equals_the_written_out_schemes():
-    from earlyexit.models.plan import n_blocks, n_kv_slots
+    from earlyexit.plan import n_blocks, n_kv_slots
 
     checked = 0
     for scheme in ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"):

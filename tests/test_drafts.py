@@ -349,8 +349,8 @@ def test_train_draft_end_to_end_then_generate_with_it(tmp_path, capsys):
     """The command a user runs: self-distil chat answers, cache, train, save; then
     ``generate --draft`` decodes exactly the full model's greedy tokens, and a draft for
     another model is refused with one error line."""
-    from earlyexit.checkpoint import save_checkpoint
     from earlyexit.cli import main
+    from earlyexit.io.checkpoint import save_checkpoint
     from earlyexit.tokenizer import EOT, byte_level_tokenizer
 
     tok = byte_level_tokenizer()

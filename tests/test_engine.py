@@ -15,8 +15,8 @@ from earlyexit.decoding.strategies import ExitWarning
 from earlyexit.engine import ExitMode, QueueFull, Scheduler
 from earlyexit.engine import LLMEngine as _LLMEngine
 from earlyexit.errors import InputError
-from earlyexit.models.plan import build_plan
 from earlyexit.models.recursive import convert_recursive
+from earlyexit.plan import build_plan
 from tests.conftest import make_model
 
 warnings.filterwarnings("ignore", category=ExitWarning)

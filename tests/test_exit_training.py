@@ -139,7 +139,7 @@ def test_exit_adapter_is_a_residual_mlp_before_the_exit_norm():
 
 def test_train_only_the_exit_keeps_the_full_model_bit_for_bit(tmp_path):
     """--train-only exit_ with an adapter: the exit learns, every shared weight stays."""
-    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+    from earlyexit.io.checkpoint import load_checkpoint, save_checkpoint
     from earlyexit.training.loop import TrainConfig, train
     from tests.test_training import TINY_MODEL, make_setup
 
@@ -341,7 +341,7 @@ def test_lm_and_uptraining_objectives_equal_their_formulas(batch, tmp_path):
     NLL over the batches / tokens."""
     from types import SimpleNamespace
 
-    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.io.checkpoint import save_checkpoint
     from earlyexit.training.losses import LanguageModeling, Uptraining, evaluate_nll
 
     x, y = batch
@@ -378,7 +378,7 @@ def test_lm_and_uptraining_objectives_equal_their_formulas(batch, tmp_path):
 
 
 def test_objective_errors_are_one_clear_line(tmp_path):
-    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.io.checkpoint import save_checkpoint
     from earlyexit.training.losses import Uptraining
 
     cases = [

@@ -263,7 +263,7 @@ def test_bad_gguf_files_are_one_line_errors_and_write_nothing(tmp_path, capsys):
 
 def test_named_model_resolves_and_converts_once(tmp_path, monkeypatch):
     """--model NAME: the package's file is converted once into the cache, then reused."""
-    from earlyexit import registry
+    from earlyexit.io import registry
 
     src = tmp_path / "pkg" / "tiny.gguf"
     src.parent.mkdir()
@@ -274,7 +274,7 @@ def test_named_model_resolves_and_converts_once(tmp_path, monkeypatch):
         registry.NAMED, "tinygguf", registry.NamedModel("nopkg", "tiny.gguf", "pip install x", "t")
     )
     calls = []
-    import earlyexit.models.gguf as g
+    import earlyexit.io.gguf as g
 
     orig = g.load_gguf
     monkeypatch.setattr(g, "load_gguf", lambda *a, **k: calls.append(1) or orig(*a, **k))
@@ -287,8 +287,8 @@ def test_named_model_resolves_and_converts_once(tmp_path, monkeypatch):
 
 
 def test_missing_named_model_package_says_how_to_install(capsys, monkeypatch):
-    from earlyexit import registry
     from earlyexit.cli import main
+    from earlyexit.io import registry
 
     monkeypatch.setitem(
         registry.NAMED,

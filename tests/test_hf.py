@@ -8,9 +8,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from earlyexit.checkpoint import load_checkpoint  # noqa: E402
 from earlyexit.errors import CheckpointError, ConfigError  # noqa: E402
-from earlyexit.models.hf import hf_export, hf_import, load_hf  # noqa: E402
+from earlyexit.io.checkpoint import load_checkpoint  # noqa: E402
+from earlyexit.io.hf import hf_export, hf_import, load_hf  # noqa: E402
 from earlyexit.tokenizer import byte_level_tokenizer  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()

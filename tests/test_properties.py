@@ -13,7 +13,7 @@ from earlyexit.decoding import free as free_mod
 from earlyexit.decoding.free import FREE
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
-from earlyexit.models.plan import build_plan
+from earlyexit.plan import build_plan
 from earlyexit.tokenizer import EOT, byte_level_tokenizer
 from earlyexit.training.tokenizer import train_bpe
 from tests.conftest import make_model

@@ -442,8 +442,8 @@ def test_target_weights_are_views_of_the_fused_linears():
 def test_cli_convert_merge_and_uptrain(tmp_path, capsys):
     import json
 
-    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
     from earlyexit.cli import main
+    from earlyexit.io.checkpoint import load_checkpoint, save_checkpoint
     from earlyexit.tokenizer import Tokenizer
     from earlyexit.training.corpus import prepare
     from earlyexit.training.loop import TrainConfig, train
@@ -765,7 +765,7 @@ def test_relaxed_norms_and_biases_unroll_count_and_start_at_zero(tmp_path):
     x = torch.randint(0, 512, (2, 9))
     with torch.inference_mode():
         torch.testing.assert_close(unroll(rec)(x), rec(x), atol=ATOL, rtol=0)
-    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
+    from earlyexit.io.checkpoint import load_checkpoint, save_checkpoint
 
     loaded, _ = load_checkpoint(save_checkpoint(rec, tmp_path / "rec"))
     assert loaded.config.lora.norms and loaded.config.lora.biases

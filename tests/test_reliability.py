@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from earlyexit.checkpoint import load_checkpoint
 from earlyexit.errors import CheckpointError
+from earlyexit.io.checkpoint import load_checkpoint
 from earlyexit.training.state import latest_checkpoint
 from tests.test_training import _cli_train, cfg, make_setup, run_quietly, wait_for_checkpoint
 

@@ -745,7 +745,7 @@ def _start(model_dir, *extra):
 
 
 def test_serve_command_binds_loopback_prints_its_address_and_answers(tmp_path, tokenizer):
-    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.io.checkpoint import save_checkpoint
 
     model = make_model(vocab_size=tokenizer.vocab_size, eos_token_ids=[tokenizer.token_to_id(EOT)])
     run = save_checkpoint(model, tmp_path / "runs" / "my-run" / "final", tokenizer=tokenizer)
@@ -769,7 +769,7 @@ def test_serve_command_binds_loopback_prints_its_address_and_answers(tmp_path, t
 def test_sigterm_aborts_what_is_left_after_the_deadline_and_exits_0(tmp_path, tokenizer):
     """Before: in-flight requests ran to their end, and a client holding a half-sent body
     kept the server alive until the client left."""
-    from earlyexit.checkpoint import save_checkpoint
+    from earlyexit.io.checkpoint import save_checkpoint
 
     model = make_model(
         vocab_size=tokenizer.vocab_size,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from earlyexit.checkpoint import load_checkpoint
 from earlyexit.errors import CheckpointError, InputError
+from earlyexit.io.checkpoint import load_checkpoint
 from earlyexit.training import losses
 from earlyexit.training.corpus import prepare
 from earlyexit.training.data import TrainBatches, Windows

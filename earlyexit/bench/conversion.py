@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from earlyexit.bench.common import bench_device, environment, set_threads, write_rows
-from earlyexit.checkpoint import load_checkpoint, save_checkpoint
 from earlyexit.config import LoraConfig
 from earlyexit.evaluation.perplexity import perplexity
+from earlyexit.io.checkpoint import load_checkpoint, save_checkpoint
 from earlyexit.models.recursive import convert_recursive
 from earlyexit.training.loop import TrainConfig, train
 

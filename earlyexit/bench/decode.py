@@ -170,10 +170,10 @@ def run(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import earlyexit
-    from earlyexit.checkpoint import save_checkpoint
     from earlyexit.decoding.full import FullDepth
     from earlyexit.device import resolve_device, resolve_dtype
-    from earlyexit.models.hf import config_to_hf, from_transformers, hf_export
+    from earlyexit.io.checkpoint import save_checkpoint
+    from earlyexit.io.hf import config_to_hf, from_transformers, hf_export
 
     transformers.utils.logging.set_verbosity_error()
     threads = threads or os.cpu_count() or 1

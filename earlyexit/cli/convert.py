@@ -95,10 +95,10 @@ def _check_dst(dst: str, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import earlyexit
     from earlyexit.chat import chat_files
-    from earlyexit.checkpoint import save_checkpoint
-    from earlyexit.models import hf
-    from earlyexit.models.gguf import gguf_import, is_gguf
-    from earlyexit.registry import resolve_model
+    from earlyexit.io import hf
+    from earlyexit.io.checkpoint import save_checkpoint
+    from earlyexit.io.gguf import gguf_import, is_gguf
+    from earlyexit.io.registry import resolve_model
 
     _check_dst(args.dst, args.force)
     info: dict = {}

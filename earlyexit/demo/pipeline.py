@@ -84,7 +84,7 @@ def user_exit_stage(
     """The exit fine-tune of a user's model (see :class:`UserExitPlan`). Its cost per step
     is not known here: :func:`probe_user_exit_step` times one step of it (the caller sets
     the stage's ``cost`` from that)."""
-    from earlyexit.checkpoint import load_config
+    from earlyexit.io.checkpoint import load_config
     from earlyexit.training.loop import TrainConfig
 
     mc = load_config(model_dir)
@@ -382,8 +382,8 @@ def probe_user_exit_step(stage: Stage) -> float:
     by FLOPs instead misjudged SmolLM2's (14.8 min said, 9.6 taken)."""
     import torch
 
-    from earlyexit.checkpoint import load_checkpoint
-    from earlyexit.registry import resolve_model
+    from earlyexit.io.checkpoint import load_checkpoint
+    from earlyexit.io.registry import resolve_model
     from earlyexit.training.losses import get_objective
     from earlyexit.training.model_setup import freeze_all_but, with_exits
 
@@ -545,8 +545,8 @@ def _same_recipe(run: Path, cfg, precision: str | None = None) -> bool:
 
 
 def _convert(c: dict) -> None:
-    from earlyexit.checkpoint import load_checkpoint, save_checkpoint
     from earlyexit.config import LoraConfig
+    from earlyexit.io.checkpoint import load_checkpoint, save_checkpoint
     from earlyexit.models.recursive import convert_recursive
 
     if not Path(c["src"]).is_dir():

@@ -51,12 +51,9 @@ from earlyexit.demo.user_model import (
     user_tokenizer,
 )
 from earlyexit.demo.user_model import measure_seconds as user_measure_seconds
+from earlyexit.files import home
 from earlyexit.progress import fmt_seconds
 from earlyexit.progress import progress as progress_bar
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("EARLYEXIT_HOME", "~/.cache/earlyexit")).expanduser()
 
 
 def main(
@@ -76,11 +73,7 @@ def main(
     resolve_dtype(dtype, dev)
     train_precision, why = resolve_precision(precision, dev)
     plan = pipeline.QUICK if quick else pipeline.FULL
-    work = (
-        Path(out_dir).expanduser()
-        if out_dir
-        else default_home() / ("demo-quick" if quick else "demo")
-    )
+    work = Path(out_dir).expanduser() if out_dir else home() / ("demo-quick" if quick else "demo")
     if model:
         check_model_arg(model)  # a model that is not there fails before anything is written
     work.mkdir(parents=True, exist_ok=True)

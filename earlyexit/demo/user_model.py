@@ -17,7 +17,7 @@ def check_model_arg(model: str) -> None:
     """Refuse ``demo --model`` values that cannot be a model, before anything is written:
     not a named model, not an existing path, and not shaped like a hub name (``org/name``).
     A near miss of a named model is suggested (``smollm`` -> ``smollm2``)."""
-    from earlyexit.registry import NAMED, suggest_named
+    from earlyexit.io.registry import NAMED, suggest_named
 
     p = Path(model).expanduser()
     if (model in NAMED and not p.exists()) or p.is_dir():
@@ -34,7 +34,7 @@ def check_model_arg(model: str) -> None:
 def user_checkpoint(model: str, work: Path) -> Path:
     """A named model (``smollm2``), a local directory (ours or Hugging Face's, which is
     converted once into ``work``), or a hub name downloaded with huggingface_hub (online)."""
-    from earlyexit.registry import NAMED, resolve_model
+    from earlyexit.io.registry import NAMED, resolve_model
 
     p = Path(model).expanduser()
     if model in NAMED and not p.exists():
@@ -66,7 +66,7 @@ def as_checkpoint(model_dir: Path, work: Path) -> Path:
 
     if not _is_hf_dir(model_dir):
         return model_dir
-    from earlyexit.models.hf import hf_import
+    from earlyexit.io.hf import hf_import
 
     dst = work / "user-model"
     marker = dst / "source.txt"
@@ -88,7 +88,7 @@ def draft_tokens(lm, data: Path):
 
 
 def has_trained_exits(model_dir: Path) -> bool:
-    from earlyexit.checkpoint import load_config
+    from earlyexit.io.checkpoint import load_config
 
     exits = load_config(model_dir).exits
     return bool(exits.steps) and exits.trained
@@ -119,7 +119,7 @@ def check_parity(path: Path, hf_dir: Path) -> dict:
     transformers.utils.logging.disable_progress_bar()
     from earlyexit.decoding.generate import generate
     from earlyexit.decoding.sampling import SamplingParams
-    from earlyexit.models.hf import hf_export
+    from earlyexit.io.hf import hf_export
 
     hf_export(lm.model, hf_dir, lm.tokenizer)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -138,8 +138,8 @@ def check_parity(path: Path, hf_dir: Path) -> dict:
 def model_exit_step(model_dir: Path, up) -> int:
     """The exit the demo measures a user's model at: its own first trained exit, or where
     the demo's exit fine-tune (``UserExitPlan`` ``up``) will put one."""
-    from earlyexit.checkpoint import load_config
     from earlyexit.demo.plans import user_exit_step
+    from earlyexit.io.checkpoint import load_config
 
     cfg = load_config(model_dir)
     if cfg.exits.steps and cfg.exits.trained:

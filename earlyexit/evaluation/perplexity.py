@@ -50,7 +50,7 @@ def perplexity(
 
     if seq_len < 1 or batch_size < 1:
         raise InputError("--seq-len and --batch-size must be >= 1")
-    from earlyexit.registry import resolve_model
+    from earlyexit.io.registry import resolve_model
 
     model_arg = str(model_dir)
     model_dir = resolve_model(model_dir)
@@ -121,7 +121,7 @@ def _retokenize_hint(model: str, tok_file: Path, data, manifest: dict) -> str:
     tokenizes the same corpus with the model's own (into a new folder: the old one is kept)."""
     import shlex
 
-    from earlyexit.registry import NAMED
+    from earlyexit.io.registry import NAMED
 
     named = model in NAMED and not Path(model).exists()
     tokenizer = model if named else str(tok_file)

@@ -37,14 +37,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from earlyexit.registry import home
+from earlyexit.files import atomic_file, home
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +100,22 @@ def _build(cc: str, source: Path = SOURCE) -> Path:
         source.read_bytes()
         + repr((COMPILE_FLAGS, LINK_FLAGS, version, platform.machine(), _cpu_identity())).encode()
     ).hexdigest()[:16]
-    out_dir = home() / "kernels"
-    lib = out_dir / f"{source.stem}-{key}.so"
+    lib = home() / "kernels" / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    obj = tmp[:-3] + ".o"
-    try:
-        for cmd in (
-            [cc, *COMPILE_FLAGS, "-c", str(source), "-o", obj],
-            [cc, *LINK_FLAGS, obj, "-o", tmp, "-lm"],
-        ):
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib)  # atomic: a concurrent build or a kill leaves no half library
-    finally:
-        for path in (tmp, obj):
-            if os.path.exists(path):
-                os.unlink(path)
+    # atomic: a concurrent build or a kill leaves no half library
+    with atomic_file(lib, suffix=".so") as tmp:
+        obj = tmp.with_suffix(".o")
+        try:
+            for cmd in (
+                [cc, *COMPILE_FLAGS, "-c", str(source), "-o", str(obj)],
+                [cc, *LINK_FLAGS, str(obj), "-o", str(tmp), "-lm"],
+            ):
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if res.returncode != 0:
+                    raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
+        finally:
+            obj.unlink(missing_ok=True)
     return lib
 
 

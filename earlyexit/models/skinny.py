@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from earlyexit.files import atomic_write, home
 from earlyexit.models import decode_kernel
 
 log = logging.getLogger(__name__)
@@ -126,18 +127,13 @@ def chosen_rows() -> frozenset[int]:
     if mode == "1" or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         _rows = frozenset(range(1, MAX_ROWS + 1))
         return _rows
-    from earlyexit.registry import home
-
     path = home() / "kernels" / f"linear-choice-{_key()}.json"
     try:
         t = json.loads(path.read_text())["seconds"]
     except (OSError, ValueError, KeyError):
         with torch.inference_mode():
             t = _measure()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"seconds": t}, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"seconds": t}, indent=1) + "\n")
     _rows = frozenset(
         m for m in range(1, MAX_ROWS + 1) if t[f"skinny{m}"] <= MARGIN * t[f"onednn{m}"]
     )

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from earlyexit.config import ModelConfig
 from earlyexit.errors import TrainingError
-from earlyexit.registry import resolve_model
+from earlyexit.io.registry import resolve_model
 from earlyexit.training.config import TrainConfig
 from earlyexit.training.distributed import Dist
 from earlyexit.training.state import save_training_checkpoint

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from earlyexit.checkpoint import atomic_dir
 from earlyexit.errors import InputError
+from earlyexit.files import atomic_dir
 from earlyexit.tokenizer import EOT, Tokenizer
 from earlyexit.training.tokenizer import train_bpe
 
@@ -199,7 +199,7 @@ def prepare(
             f"the corpus {' '.join(corpus)} has no readable UTF-8 text ({len(skipped)} file(s) skipped)"
         )
     if tokenizer is not None:  # a tokenizer.json, a model directory or a named model
-        from earlyexit.registry import resolve_model
+        from earlyexit.io.registry import resolve_model
 
         tokenizer = resolve_model(tokenizer)
         if tokenizer.is_dir():

@@ -31,7 +31,6 @@ import ast
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -42,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from earlyexit.checkpoint import atomic_dir
 from earlyexit.errors import InputError
+from earlyexit.files import atomic_dir, atomic_file, atomic_write
 from earlyexit.progress import progress
 from earlyexit.training.schedule import lr_at
 
@@ -147,14 +146,10 @@ def save_windows(path: str | Path, parts: dict[str, np.ndarray]) -> None:
     """Named token windows (n, S) as one raw int64 file beside ``path`` (JSON: names and
     shapes), written atomically. Read back with :func:`load_windows`."""
     path = Path(path)
-    raw = path.with_suffix(".i64")
-    tmp_raw, tmp = raw.with_name(raw.name + ".tmp"), path.with_name(path.name + ".tmp")
-    np.concatenate([v.reshape(-1, v.shape[-1]) for v in parts.values()]).astype(np.int64).tofile(
-        tmp_raw
-    )
-    tmp.write_text(json.dumps({k: list(v.shape) for k, v in parts.items()}) + "\n")
-    os.replace(tmp_raw, raw)
-    os.replace(tmp, path)
+    flat = np.concatenate([v.reshape(-1, v.shape[-1]) for v in parts.values()])
+    with atomic_file(path.with_suffix(".i64")) as tmp:
+        flat.astype(np.int64).tofile(tmp)
+    atomic_write(path, json.dumps({k: list(v.shape) for k, v in parts.items()}) + "\n")
 
 
 def load_windows(path: str | Path) -> dict[str, np.ndarray]:
@@ -238,7 +233,7 @@ def cache_activations(
     """Run the frozen ``model`` once over ``windows`` (n, S) and store, memory-mapped under
     ``out``: the states entering each exit in ``exit_steps`` (the output of that many plan
     steps) and the final distribution's top-``topk`` probabilities and ids. Atomic
-    (``checkpoint.atomic_dir``): a killed run leaves no half cache behind."""
+    (``files.atomic_dir``): a killed run leaves no half cache behind."""
     out = Path(out)
     n, S = windows.shape
     d, L = model.config.d_model, model.n_steps
@@ -499,11 +494,8 @@ def _save_state(path: Path, dm, opt, step: int, fp: dict) -> None:
     for i, p in enumerate(params):
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{k}"] = v.detach().reshape(v.shape).contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": json.dumps(fp)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"step": str(step), "fingerprint": json.dumps(fp)})
 
 
 def _load_state(path: Path, dm, opt, fp: dict) -> int:

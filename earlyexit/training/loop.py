@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from earlyexit.checkpoint import save_checkpoint
 from earlyexit.config import ModelConfig
 from earlyexit.device import resolve_device, resolve_precision
 from earlyexit.errors import InputError, TrainingError
+from earlyexit.io.checkpoint import save_checkpoint
 from earlyexit.models.decoder import Decoder
 from earlyexit.progress import progress as progress_bar
 from earlyexit.tokenizer import Tokenizer

@@ -58,11 +58,11 @@ class Uptraining(Objective):
         self.teacher_dir, self.weight = teacher, weight
 
     def setup(self, model: nn.Module) -> None:
-        from earlyexit.checkpoint import load_checkpoint
         from earlyexit.errors import ConfigError
+        from earlyexit.io.checkpoint import load_checkpoint
 
         device = next(model.parameters()).device
-        from earlyexit.registry import resolve_model
+        from earlyexit.io.registry import resolve_model
 
         self.teacher, _ = load_checkpoint(resolve_model(self.teacher_dir), device)
         self.teacher.requires_grad_(False)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from earlyexit.checkpoint import load_checkpoint, load_config
 from earlyexit.config import ExitConfig, ModelConfig
 from earlyexit.errors import ConfigError, InputError
+from earlyexit.io.checkpoint import load_checkpoint, load_config
+from earlyexit.io.registry import resolve_model
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.layers import RMSNorm
-from earlyexit.registry import resolve_model
 from earlyexit.tokenizer import Tokenizer
 from earlyexit.training.config import TrainConfig
 

@@ -11,7 +11,7 @@ A run directory holds::
     latest                     the name of the newest complete checkpoint
     final/                     the final model (contract format, no training state)
 
-Every checkpoint directory is written with ``checkpoint.atomic_dir`` (temp + fsync +
+Every checkpoint directory is written with ``files.atomic_dir`` (temp + fsync +
 rename); ``latest`` is replaced by an atomic rename only after its checkpoint is complete,
 and old checkpoints are pruned only after that. A kill at any moment therefore leaves
 ``latest`` naming a complete, loadable checkpoint.
@@ -20,7 +20,6 @@ and old checkpoints are pruned only after that. A kill at any moment therefore l
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -30,9 +29,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from earlyexit.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_dir, read_safetensors
 from earlyexit.config import FORMAT_VERSION
 from earlyexit.errors import CheckpointError
+from earlyexit.files import atomic_dir, atomic_write
+from earlyexit.io.checkpoint import CONFIG, TOKENIZER, WEIGHTS, read_safetensors
 
 STATE_DIR = "training_state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -127,9 +127,6 @@ def save_training_checkpoint(
                 "numpy_rng": _np_rng_to_json(np.random.get_state()),
             }
             (sdir / "state.json").write_text(json.dumps(full, indent=1) + "\n")
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    _fsync(f)
         _point_latest(run, ckpt.name)
     except OSError as e:
         raise CheckpointError(
@@ -139,21 +136,8 @@ def save_training_checkpoint(
     return ckpt
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _point_latest(run: Path, name: str) -> None:
-    tmp = run / f".latest.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run / "latest")
+    atomic_write(run / "latest", name + "\n")
 
 
 def _prune(run: Path, keep_last: int) -> None:

@@ -1,7 +1,8 @@
 """Checkpoints in the contract format: ``config.json`` + ``model.safetensors`` + ``tokenizer.json``.
 
-- Saving is atomic: everything is written into a temporary sibling directory, fsynced, and
-  renamed into place, so a kill at any moment leaves either the old or the new checkpoint.
+- Saving is atomic (``files.atomic_dir``): everything is written into a temporary sibling
+  directory, fsynced, and renamed into place, so a kill at any moment leaves either the old
+  or the new checkpoint.
 - Loading validates before it allocates: a missing directory, a Hugging Face directory given
   where ours is expected, a newer format version, a corrupt or truncated safetensors file,
   and missing, unexpected or mis-shaped tensors each raise :class:`CheckpointError` naming
@@ -13,11 +14,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,43 +23,13 @@ from safetensors.torch import save_file
 
 from earlyexit.config import FORMAT_VERSION, ModelConfig
 from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.files import atomic_dir
 from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import Tokenizer
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, marker: str = CONFIG):
-    """Yield a temporary sibling directory that replaces ``out_dir`` when the block succeeds.
-
-    On any exception the temporary directory is removed and ``out_dir`` is untouched. An
-    existing ``out_dir`` is only replaced if it is empty or holds ``marker`` (by default a
-    ``config.json``: a model directory): pointing an output at a folder of unrelated files
-    is refused, not wiped.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not _replaceable(out_dir, marker):
-        raise CheckpointError(
-            f"{out_dir}: refusing to replace a non-empty directory without a {marker} "
-            f"(it does not look like earlyexit output)"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replaceable(path: Path, marker: str) -> bool:
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: exists and is not a directory")
-    return not any(path.iterdir()) or (path / marker).is_file()
 
 
 def save_checkpoint(
@@ -74,48 +41,19 @@ def save_checkpoint(
     """Write ``model`` (and ``tokenizer``) to ``out_dir`` atomically, replacing what is there."""
     with atomic_dir(out_dir) as tmp:
         cfg = {"format_version": FORMAT_VERSION, **model.config.to_dict()}
-        _write(tmp / CONFIG, json.dumps(cfg, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         meta = {"format": "pt", "earlyexit_format_version": str(FORMAT_VERSION)}
         save_file(state, str(tmp / WEIGHTS), metadata=meta)
-        _fsync(tmp / WEIGHTS)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
-            _fsync(tmp / TOKENIZER)
         for name, content in (extra_files or {}).items():
             _write(tmp / name, content)
     return Path(out_dir)
 
 
 def _write(path: Path, content: str | bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    dfd = os.open(out_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 # ---------------------------------------------------------------------- loading

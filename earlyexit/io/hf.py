@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from earlyexit.checkpoint import atomic_dir, build_model, read_safetensors, save_checkpoint
 from earlyexit.config import ExitConfig, ModelConfig, RopeScaling, SharingConfig
 from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.files import atomic_dir
+from earlyexit.io.checkpoint import build_model, read_safetensors, save_checkpoint
 from earlyexit.models.decoder import Decoder
 from earlyexit.strict import parse_dataclass
 from earlyexit.tokenizer import Tokenizer

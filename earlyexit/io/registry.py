@@ -20,11 +20,11 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from earlyexit.errors import CheckpointError
+from earlyexit.files import home
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,6 @@ NAMED: dict[str, NamedModel] = {
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
     ),
 }
-
-
-def home() -> Path:
-    return Path(os.environ.get("EARLYEXIT_HOME", "~/.cache/earlyexit")).expanduser()
 
 
 def source_file(name: str) -> Path:
@@ -101,8 +97,8 @@ def resolve_model(model: str | Path) -> Path:
             import sys
 
             from earlyexit.chat import chat_files
-            from earlyexit.checkpoint import save_checkpoint
-            from earlyexit.models.gguf import load_gguf
+            from earlyexit.io.checkpoint import save_checkpoint
+            from earlyexit.io.gguf import load_gguf
 
             print(
                 f"earlyexit: converting {src.name} into {dst} (once; about a minute)",

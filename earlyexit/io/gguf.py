@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlyexit.checkpoint import build_model, save_checkpoint
 from earlyexit.config import ModelConfig, RopeScaling, SharingConfig
 from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.io.checkpoint import build_model, save_checkpoint
 from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import Tokenizer
 
