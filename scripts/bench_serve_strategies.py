@@ -28,6 +28,10 @@ def main() -> None:
     ap.add_argument("--policy", default="depthwise")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/serve_strategies.json")
+    ap.add_argument(
+        "--draft-gate", default="measured", choices=["measured", "always", "never"],
+        help="whether adaptive speculative rounds draft (serve --draft-gate)",
+    )  # fmt: skip
     a = ap.parse_args()
     run(
         a.model,
@@ -41,6 +45,7 @@ def main() -> None:
         exit_step=a.exit_step,
         threads=a.threads,
         out=a.out,
+        draft_gate=a.draft_gate,
     )
 
 

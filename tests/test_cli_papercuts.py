@@ -99,3 +99,14 @@ def test_perplexity_hint_names_a_named_model_by_its_name(
     code, err = _err(capsys, "eval", "perplexity", "--model", "tinynamed", "--data", str(data))
     assert code == 1
     assert f"--tokenizer tinynamed --out {data}-tinynamed`" in err
+
+
+def test_serve_draft_gate_choices_are_the_library_s():
+    from earlyexit.decoding.speculative import GATES, make_gate
+
+    sv = build_parser()._subparsers._group_actions[0].choices["serve"]
+    (action,) = [a for a in sv._actions if a.dest == "draft_gate"]
+    assert tuple(action.choices) == GATES and action.default == "measured"
+    assert [make_gate(g).fixed for g in GATES] == [None, True, False]
+    with pytest.raises(ValueError, match="measured"):
+        make_gate("sometimes")

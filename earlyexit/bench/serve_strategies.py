@@ -77,6 +77,7 @@ def run(
     exit_step: int | None = None,
     threads: int | None = None,
     out: str | None = "results/serve_strategies.json",
+    draft_gate: str = "measured",
 ) -> list[dict]:
     import earlyexit
     from earlyexit.bench.drafts import eval_prompts
@@ -108,6 +109,7 @@ def run(
                 max_len,
                 max_queue=4 * n_requests,
                 defaults=Defaults(),
+                draft_gate=draft_gate,
             )
             server = make_server(app, "127.0.0.1", 0, log_level="error")
             th = threading.Thread(target=server.run, daemon=True)
@@ -124,6 +126,12 @@ def run(
                     per[k].append((dt, res))
             server.should_exit = True
             th.join(timeout=30)
+            engine = app.state.worker.engine
+            gate = {
+                "name": draft_gate,
+                "plain_rounds": int(engine.stats["plain_rounds"]),
+                "seconds_per_token": engine.draft_gate.state(),
+            }
             full_texts = [r["text"] for r in per["full"][-1][1]] if "full" in per else None
             tok = lm.tokenizer
             for k in strategies:
@@ -152,12 +160,15 @@ def run(
                     ),
                     "env": env,
                 }
+                if k == "speculative":  # what the draft gate learned (the server's whole run)
+                    row["draft_gate"] = gate
                 if row["drafted"]:
                     row["acceptance"] = row["accepted"] / row["drafted"]
                 if "full" in per:
                     ratios = [
                         f_dt / dt for (dt, _), (f_dt, _) in zip(per[k], per["full"], strict=True)
                     ]
+                    row["ratios"] = ratios
                     row["ratio_to_full"] = float(np.median(ratios))
                     row["ratio_range"] = [float(min(ratios)), float(max(ratios))]
                     texts = [r["text"] for r in res]
