@@ -1,7 +1,7 @@
 """Where batched speculation's time goes in the engine, offline (no HTTP): full depth vs
 speculative on SmolLM2 with its shipped draft, 8 requests x 64 tokens at one max batch;
 tokens/s, engine iterations, block passes, drafts, and seconds in each runner call
-(BENCHMARKS.md, "serve-strategies"). ``python scripts/profile_engine_speculation.py 4``
+(BENCHMARKS.md, "serve-strategies"). ``python scripts/profile_engine_speculation.py 4 [measured|always|never]``
 """
 
 from __future__ import annotations
@@ -18,15 +18,24 @@ def main() -> None:
     import earlyexit
     from earlyexit.bench.drafts import eval_prompts
     from earlyexit.decoding.sampling import SamplingParams
+    from earlyexit.decoding.speculative import make_gate
     from earlyexit.engine import ExitMode, LLMEngine
 
     torch.set_num_threads(2)
     mb = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+    gate = sys.argv[2] if len(sys.argv) > 2 else "measured"  # serve --draft-gate
     lm = earlyexit.load("smollm2")
     sets = eval_prompts(lm, "data/smollm2-stdlib", 4, 4, 48)
     prompts = [p for v in sets.values() for p in v]
     for name, mode in [("full", None), ("speculative", ExitMode(strategy="speculative"))]:
-        eng = LLMEngine(lm.model, lm.tokenizer, policy="depthwise", max_batch=mb, max_len=200)
+        eng = LLMEngine(
+            lm.model,
+            lm.tokenizer,
+            policy="depthwise",
+            max_batch=mb,
+            max_len=200,
+            draft_gate=make_gate(gate),
+        )
         secs, calls = collections.Counter(), collections.Counter()
         for obj, meth in [
             (eng.runner, "run"),
@@ -62,7 +71,7 @@ def main() -> None:
         print(
             f"{name} max batch {mb}: {n / dt:.1f} tok/s, iterations {eng.stats['iterations']}, "
             f"block passes {eng.runner.block_calls}, drafted {eng.stats['drafted']}, "
-            f"accepted {eng.stats['accepted']}, {split}",
+            f"accepted {eng.stats['accepted']}, plain rounds {eng.stats['plain_rounds']}, {split}",
             flush=True,
         )
 

@@ -430,33 +430,36 @@ def test_plain_and_drafting_rounds_mix_exactly(every):
 
 
 def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
-    """Both modes measured once per batch bucket (drafting first), then the faster one,
-    the slower re-measured every ``explore``-th epoch; settling iterations, and epochs
-    cut by a change of bucket, are not counted."""
+    """Both modes measured once per batch bucket (drafting first), then the faster one; the
+    slower is re-measured after ``explore`` epochs, then after twice as many each time it
+    confirms the order; when the order changes the gate switches and the interval starts
+    again; settling iterations, and epochs cut by a change of bucket, are not counted."""
     g = DraftGate(epoch=4, settle=1, explore=4, decay=1.0)
+    cost = {True: 0.5, False: 1.0}  # seconds per token of each mode, changed below
 
-    def epoch(n, seconds_per_token):
+    def epoch(n):
         modes = []
         for _ in range(4):
             modes.append(g.drafting(n))
-            g.record(n, 2, 2 * seconds_per_token(modes[-1]))
-        return set(modes)
+            g.record(n, 2, 2 * cost[modes[-1]])
+        (mode,) = set(modes)  # one mode per epoch
+        return mode
 
-    draft_fast = {True: 0.5, False: 1.0}.get
-    assert epoch(8, draft_fast) == {True}  # nothing measured: drafting first
-    assert epoch(8, draft_fast) == {False}  # then plain
+    T, F = True, False
+    assert [epoch(8) for _ in range(16)] == [T, F, T, T, T, T, F] + [T] * 8 + [F]
     assert g.seconds_per_token[8] == {True: 0.5, False: 1.0}
-    assert epoch(8, draft_fast) == {True}  # the faster
-    assert epoch(8, draft_fast) == {False}  # epoch 4: the slower is re-measured
-    assert epoch(8, draft_fast) == {True}
-    # another bucket learns on its own: here plain is faster
-    plain_fast = {True: 2.0, False: 1.0}.get
-    assert [epoch(16, plain_fast) for _ in range(3)] == [{True}, {False}, {False}]
+    cost[True] = 2.0  # drafting got slower: its next epoch says so, and the gate switches
+    assert [epoch(8) for _ in range(6)] == [T, F, F, F, F, T]  # drafting re-measured after 4
+    assert g.seconds_per_token[8] == {True: 2.0, False: 1.0}
+    assert [epoch(8) for _ in range(9)] == [F] * 8 + [T]  # confirmed: after 8
+    # another bucket learns on its own: here plain is faster from the start
+    assert [epoch(16) for _ in range(3)] == [T, F, F]
     assert g.state()[16] == {"draft": 2.0, "plain": 1.0, "epochs": 3}
     # a bucket change mid-epoch drops the unfinished epoch
+    before = dict(g.seconds_per_token[8])
     g.record(8, 2, 100.0)
     g.record(4, 2, 100.0)
-    assert g.seconds_per_token[8] == {True: 0.5, False: 1.0} and 4 not in g.seconds_per_token
+    assert g.seconds_per_token[8] == before and 4 not in g.seconds_per_token
     # settling iterations do not count: a slow first iteration changes nothing
     h = DraftGate(epoch=3, settle=1, decay=1.0)
     for sec in (50.0, 1.0, 1.0):
@@ -468,8 +471,9 @@ def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
 
 
 def test_the_engine_times_its_iterations_for_the_gate():
-    """The engine passes each iteration's running count, emitted tokens and wall time to
-    the gate while adaptive speculation is in flight (and nothing otherwise)."""
+    """The engine passes each decode iteration's running count, emitted tokens and wall
+    time to the gate while adaptive speculation is in flight: not iterations that prefill
+    (they cost the same in either mode), and nothing when no request is gated."""
 
     class Recorder(DraftGate):
         def __init__(self):
@@ -482,11 +486,21 @@ def test_the_engine_times_its_iterations_for_the_gate():
     m = attention_draft_model()
     gate = Recorder()
     engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64, draft_gate=gate)
+    admits = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        admits.append(bool(out.admit))
+        return out
+
+    engine.scheduler.schedule = spy
     reqs = serve(engine, [ExitMode(strategy="speculative")] * 6)
     assert gate.records and all(s > 0 and 1 <= n <= 3 for n, _, s in gate.records)
+    decode_iterations = admits.count(False)
+    assert decode_iterations - 3 <= len(gate.records) <= decode_iterations  # last ones untimed
     emitted = sum(len(r.output_ids) for r in reqs)
-    assert sum(t for _, t, _ in gate.records) <= emitted  # the last iteration is not timed
-    assert sum(t for _, t, _ in gate.records) >= emitted - 3 * 6
+    assert emitted - 6 - 3 * 6 <= sum(t for _, t, _ in gate.records) <= emitted - 6
     gate.records.clear()
     serve(engine, [None] * 6)  # full-depth requests only: nothing to decide
     assert not gate.records

@@ -183,10 +183,11 @@ class DraftGate:
     (``False``: one full-depth segment, the draft adapter's entry written on the way). Per
     batch-size bucket (powers of two) the gate keeps the wall seconds per emitted token of
     each mode (an exponential average over epochs, weight ``decay`` on the newest), tries
-    each mode once, then runs the faster one and re-measures the slower every
-    ``explore``-th epoch. The first ``settle`` iterations of an epoch are not counted
-    (rounds of the previous mode are still finishing). An epoch whose batch bucket changes
-    is dropped.
+    each mode once, then runs the faster one and re-measures the slower after ``explore``
+    epochs; each re-measurement that confirms the faster one doubles that interval (up to
+    ``max_explore``: exploring costs what the slower mode loses); when the order changes
+    (either mode's newest measurement) the gate switches and the interval starts again. The first ``settle`` iterations of an epoch are not counted (rounds of the
+    previous mode are still finishing). An epoch whose batch bucket changes is dropped.
 
     Pure Python and clock-free: the engine passes each iteration's emitted tokens and wall
     seconds, so the rule is tested with made-up timings. Greedy outputs do not depend on
@@ -198,15 +199,21 @@ class DraftGate:
         epoch: int = 24,
         settle: int = 4,
         explore: int = 8,
+        max_explore: int = 64,
         decay: float = 0.5,
         fixed: bool | None = None,
     ) -> None:
-        if not (epoch > settle >= 0 and explore >= 2 and 0.0 < decay <= 1.0):
-            raise ValueError("DraftGate needs epoch > settle >= 0, explore >= 2, 0 < decay <= 1")
-        self.epoch, self.settle, self.explore, self.decay = epoch, settle, explore, decay
+        if not (epoch > settle >= 0 and 2 <= explore <= max_explore and 0.0 < decay <= 1.0):
+            raise ValueError(
+                "DraftGate needs epoch > settle >= 0, 2 <= explore <= max_explore, 0 < decay <= 1"
+            )
+        self.epoch, self.settle, self.decay = epoch, settle, decay
+        self.explore, self.max_explore = explore, max_explore
         self.fixed = fixed
         self.seconds_per_token: dict[int, dict[bool, float]] = {}  # bucket -> mode -> s/token
         self.epochs: dict[int, int] = {}  # bucket -> epochs measured
+        self._interval: dict[int, int] = {}  # bucket -> epochs between re-measurements
+        self._due: dict[int, int] = {}  # bucket -> the epoch count of the next one
         self._bucket: int | None = None
         self._mode = True
         self._iters, self._tokens, self._seconds = 0, 0, 0.0
@@ -216,14 +223,18 @@ class DraftGate:
         """The batch-size bucket of ``n`` running requests: the next power of two."""
         return 1 << max(0, int(n) - 1).bit_length()
 
+    def _best(self, b: int) -> bool | None:
+        est = self.seconds_per_token.get(b, {})
+        return est[True] <= est[False] if len(est) == 2 else None
+
     def _choose(self, b: int) -> bool:
         est = self.seconds_per_token.get(b, {})
         if True not in est:
             return True
         if False not in est:
             return False
-        best = est[True] <= est[False]
-        return (not best) if self.epochs.get(b, 0) % self.explore == self.explore - 1 else best
+        best = self._best(b)
+        return (not best) if self.epochs[b] >= self._due[b] else best
 
     def drafting(self, n: int) -> bool:
         """Whether a speculative round starting now at ``n`` running requests drafts."""
@@ -248,11 +259,20 @@ class DraftGate:
         if self._iters < self.epoch:
             return
         if self._tokens:
+            before = self._best(b)
             rate = self._seconds / self._tokens
             est = self.seconds_per_token.setdefault(b, {})
             old = est.get(self._mode)
             est[self._mode] = rate if old is None else (1 - self.decay) * old + self.decay * rate
             self.epochs[b] = self.epochs.get(b, 0) + 1
+            best = self._best(b)
+            if best is not None and (best != before or self._mode != before):
+                # the order changed (reset), or a re-measurement of the slower confirmed it
+                # (double the interval)
+                gap = self._interval.get(b, self.explore)
+                gap = min(2 * gap, self.max_explore) if best == before else self.explore
+                self._interval[b] = gap
+                self._due[b] = self.epochs[b] + gap
         self._mode = self._choose(b)
         self._iters, self._tokens, self._seconds = 0, 0, 0.0
 
