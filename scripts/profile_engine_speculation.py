@@ -74,6 +74,8 @@ def main() -> None:
             f"accepted {eng.stats['accepted']}, plain rounds {eng.stats['plain_rounds']}, {split}",
             flush=True,
         )
+        if mode is not None:
+            print("draft gate", eng.draft_gate.state(), flush=True)
 
 
 if __name__ == "__main__":

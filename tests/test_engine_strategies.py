@@ -454,7 +454,13 @@ def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
     assert [epoch(8) for _ in range(9)] == [F] * 8 + [T]  # confirmed: after 8
     # another bucket learns on its own: here plain is faster from the start
     assert [epoch(16) for _ in range(3)] == [T, F, F]
-    assert g.state()[16] == {"draft": 2.0, "plain": 1.0, "epochs": 3}
+    assert g.state()[16] == {
+        "draft": 2.0,
+        "plain": 1.0,
+        "draft_over_plain": pytest.approx(2.0),
+        "pairs": 1,  # the first epoch here followed one at bucket 8: no pair
+        "epochs": 3,
+    }
     # a bucket change mid-epoch drops the unfinished epoch
     before = dict(g.seconds_per_token[8])
     g.record(8, 2, 100.0)
@@ -468,6 +474,28 @@ def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
     assert DraftGate.bucket(1) == 1 and DraftGate.bucket(5) == 8 and DraftGate.bucket(16) == 16
     with pytest.raises(ValueError):
         DraftGate(epoch=2, settle=2)
+
+
+def test_the_gate_compares_adjacent_epochs_so_a_changing_machine_does_not_fool_it():
+    """Drafting costs 0.8x plain throughout, while the machine slows by 1.2x per epoch (a
+    neighbour starting up): per-mode averages would compare a plain epoch measured early
+    with drafting measured late and switch to plain; paired epochs keep drafting (every
+    pair says 0.67x or 0.96x)."""
+    g = DraftGate(epoch=4, settle=0, explore=4, decay=0.5)
+    load = [1.0]
+    modes = []
+    for _ in range(24):
+        mode = g.drafting(8)
+        for _ in range(4):
+            g.record(8, 1, (0.8 if mode else 1.0) * load[0])
+        modes.append(mode)
+        load[0] *= 1.2
+    assert modes[:2] == [True, False]
+    assert modes.count(False) <= 4  # the first pair and the re-measurements only
+    assert all(modes[i] for i in range(len(modes)) if i not in (1, 6, 15))
+    assert g.state()[8]["draft_over_plain"] < 1.0
+    # per-mode averages alone would have said the opposite by now
+    assert g.seconds_per_token[8][True] > g.seconds_per_token[8][False]
 
 
 def test_the_engine_times_its_iterations_for_the_gate():

@@ -25,6 +25,8 @@ output stays identical to full depth.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -180,14 +182,22 @@ class DraftGate:
     loop hand-off; verification chunks are padded; the kernel a chunk lands on changes with
     its size. So the engine measures: iterations run in *epochs* of ``epoch`` iterations,
     in each of which new speculative rounds either draft (``True``) or run plain
-    (``False``: one full-depth segment, the draft adapter's entry written on the way). Per
-    batch-size bucket (powers of two) the gate keeps the wall seconds per emitted token of
-    each mode (an exponential average over epochs, weight ``decay`` on the newest), tries
-    each mode once, then runs the faster one and re-measures the slower after ``explore``
-    epochs; each re-measurement that confirms the faster one doubles that interval (up to
-    ``max_explore``: exploring costs what the slower mode loses); when the order changes
-    (either mode's newest measurement) the gate switches and the interval starts again. The first ``settle`` iterations of an epoch are not counted (rounds of the
-    previous mode are still finishing). An epoch whose batch bucket changes is dropped.
+    (``False``: one full-depth segment, the draft adapter's entry written on the way),
+    and the gate compares the wall seconds per emitted token of the two modes.
+
+    Comparisons are *paired*, as our benchmarks are: an epoch is compared only with the
+    epoch just before it when that one ran the other mode, and the gate keeps, per batch-
+    size bucket (powers of two), an exponential average (weight ``decay`` on the newest)
+    of log(draft / plain) over such pairs. A machine whose background load changes from
+    minute to minute (a shared VM, another process) moves both sides of a pair alike, where
+    averages of each mode taken at different times would compare the moments instead of
+    the modes. Per bucket the gate runs draft then plain, then the faster one, and
+    re-measures the slower after ``explore`` epochs (two pairs: with the epochs before and
+    after it); each re-measurement that confirms the order doubles the interval, up to
+    ``max_explore`` (exploring costs what the slower mode loses); when the order changes
+    the gate switches and the interval starts again. The first ``settle`` iterations of an
+    epoch are not counted (rounds of the previous mode are still finishing); an epoch whose
+    bucket changes is dropped.
 
     Pure Python and clock-free: the engine passes each iteration's emitted tokens and wall
     seconds, so the rule is tested with made-up timings. Greedy outputs do not depend on
@@ -211,9 +221,13 @@ class DraftGate:
         self.explore, self.max_explore = explore, max_explore
         self.fixed = fixed
         self.seconds_per_token: dict[int, dict[bool, float]] = {}  # bucket -> mode -> s/token
+        self.log_ratio: dict[int, float] = {}  # bucket -> average log(draft / plain), paired
+        self.pairs: dict[int, int] = {}
         self.epochs: dict[int, int] = {}  # bucket -> epochs measured
         self._interval: dict[int, int] = {}  # bucket -> epochs between re-measurements
         self._due: dict[int, int] = {}  # bucket -> the epoch count of the next one
+        self._serial = 0  # epochs closed or dropped, all buckets: adjacency of a pair
+        self._last: tuple[int, int, bool, float] | None = None  # (serial, bucket, mode, rate)
         self._bucket: int | None = None
         self._mode = True
         self._iters, self._tokens, self._seconds = 0, 0, 0.0
@@ -224,16 +238,13 @@ class DraftGate:
         return 1 << max(0, int(n) - 1).bit_length()
 
     def _best(self, b: int) -> bool | None:
-        est = self.seconds_per_token.get(b, {})
-        return est[True] <= est[False] if len(est) == 2 else None
+        return self.log_ratio[b] <= 0.0 if b in self.log_ratio else None
 
     def _choose(self, b: int) -> bool:
-        est = self.seconds_per_token.get(b, {})
-        if True not in est:
-            return True
-        if False not in est:
-            return False
         best = self._best(b)
+        if best is None:  # draft first, then plain, until a pair is in
+            last = self._last
+            return not (last is not None and last[1] == b and last[2])
         return (not best) if self.epochs[b] >= self._due[b] else best
 
     def drafting(self, n: int) -> bool:
@@ -250,6 +261,8 @@ class DraftGate:
             return
         b = self.bucket(n)
         if b != self._bucket:  # a new epoch at this bucket (an unfinished one is dropped)
+            if self._bucket is not None:
+                self._serial += 1
             self._bucket, self._mode = b, self._choose(b)
             self._iters, self._tokens, self._seconds = 0, 0, 0.0
         self._iters += 1
@@ -258,30 +271,45 @@ class DraftGate:
             self._seconds += seconds
         if self._iters < self.epoch:
             return
+        self._serial += 1
         if self._tokens:
-            before = self._best(b)
-            rate = self._seconds / self._tokens
-            est = self.seconds_per_token.setdefault(b, {})
-            old = est.get(self._mode)
-            est[self._mode] = rate if old is None else (1 - self.decay) * old + self.decay * rate
-            self.epochs[b] = self.epochs.get(b, 0) + 1
-            best = self._best(b)
-            if best is not None and (best != before or self._mode != before):
-                # the order changed (reset), or a re-measurement of the slower confirmed it
-                # (double the interval)
-                gap = self._interval.get(b, self.explore)
-                gap = min(2 * gap, self.max_explore) if best == before else self.explore
-                self._interval[b] = gap
-                self._due[b] = self.epochs[b] + gap
+            self._close(b, self._mode, self._seconds / self._tokens)
         self._mode = self._choose(b)
         self._iters, self._tokens, self._seconds = 0, 0, 0.0
 
+    def _close(self, b: int, mode: bool, rate: float) -> None:
+        before = self._best(b)
+        est = self.seconds_per_token.setdefault(b, {})
+        old = est.get(mode)
+        est[mode] = rate if old is None else (1 - self.decay) * old + self.decay * rate
+        self.epochs[b] = self.epochs.get(b, 0) + 1
+        last, self._last = self._last, (self._serial, b, mode, rate)
+        if last is None or last[:2] != (self._serial - 1, b) or last[2] == mode:
+            return  # no pair: the epoch before ran elsewhere, or the same mode
+        draft, plain = (rate, last[3]) if mode else (last[3], rate)
+        x = math.log(draft / plain)
+        old_x = self.log_ratio.get(b)
+        self.log_ratio[b] = x if old_x is None else (1 - self.decay) * old_x + self.decay * x
+        self.pairs[b] = self.pairs.get(b, 0) + 1
+        best = self._best(b)
+        if best != before or mode != before:
+            # the order changed (start the interval again), or the slower mode was just
+            # re-measured and the order held (double it)
+            gap = self._interval.get(b, self.explore)
+            gap = min(2 * gap, self.max_explore) if best == before else self.explore
+            self._interval[b] = gap
+            self._due[b] = self.epochs[b] + gap
+
     def state(self) -> dict:
-        """Per bucket: seconds per token of each mode measured so far, and epochs."""
-        return {
-            b: {("draft" if m else "plain"): s for m, s in est.items()} | {"epochs": self.epochs[b]}
-            for b, est in self.seconds_per_token.items()
-        }
+        """Per bucket: seconds per token of each mode (averaged per mode), the paired
+        draft / plain ratio the decisions use, pairs and epochs."""
+        out = {}
+        for b, est in self.seconds_per_token.items():
+            row = {("draft" if m else "plain"): s for m, s in est.items()}
+            if b in self.log_ratio:
+                row["draft_over_plain"] = math.exp(self.log_ratio[b])
+            out[b] = row | {"pairs": self.pairs.get(b, 0), "epochs": self.epochs[b]}
+        return out
 
 
 GATES = ("measured", "always", "never")  # the ways of deciding whether a round drafts
