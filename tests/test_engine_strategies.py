@@ -452,13 +452,16 @@ def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
     assert [epoch(8) for _ in range(6)] == [T, F, F, F, F, T]  # drafting re-measured after 4
     assert g.seconds_per_token[8] == {True: 2.0, False: 1.0}
     assert [epoch(8) for _ in range(9)] == [F] * 8 + [T]  # confirmed: after 8
-    # another bucket learns on its own: here plain is faster from the start
-    assert [epoch(16) for _ in range(3)] == [T, F, F]
+    # another bucket learns on its own, starting plain (bucket 8 now finds drafting
+    # slower, and a larger batch only makes verification dearer), then pairing
+    assert [epoch(16) for _ in range(3)] == [F, T, F]
+    g2 = DraftGate(epoch=4, settle=0, explore=4, decay=1.0)  # a fresh gate drafts first
+    assert [g2.drafting(n) for n in (1, 4, 64)] == [T, T, T]
     assert g.state()[16] == {
         "draft": 2.0,
         "plain": 1.0,
         "draft_over_plain": pytest.approx(2.0),
-        "pairs": 1,  # the first epoch here followed one at bucket 8: no pair
+        "pairs": 2,
         "epochs": 3,
     }
     # a bucket change mid-epoch drops the unfinished epoch

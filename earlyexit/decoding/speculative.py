@@ -191,7 +191,9 @@ class DraftGate:
     of log(draft / plain) over such pairs. A machine whose background load changes from
     minute to minute (a shared VM, another process) moves both sides of a pair alike, where
     averages of each mode taken at different times would compare the moments instead of
-    the modes. Per bucket the gate runs draft then plain, then the faster one, and
+    the modes. Per bucket the gate runs both modes once (drafting first, unless a smaller
+    batch found drafting slower: a larger batch only makes verification dearer), then
+    the faster one, and
     re-measures the slower after ``explore`` epochs (two pairs: with the epochs before and
     after it); each re-measurement that confirms the order doubles the interval, up to
     ``max_explore`` (exploring costs what the slower mode loses); when the order changes
@@ -242,9 +244,14 @@ class DraftGate:
 
     def _choose(self, b: int) -> bool:
         best = self._best(b)
-        if best is None:  # draft first, then plain, until a pair is in
+        if best is None:  # no pair here yet
             last = self._last
-            return not (last is not None and last[1] == b and last[2])
+            if last is not None and last[1] == b:
+                return not last[2]  # the other mode, to make a pair
+            # a larger batch only makes verification dearer: start plain where a smaller
+            # one found drafting slower, else start drafting
+            smaller = [c for c in self.log_ratio if c < b]
+            return self._best(max(smaller)) if smaller else True
         return (not best) if self.epochs[b] >= self._due[b] else best
 
     def drafting(self, n: int) -> bool:
