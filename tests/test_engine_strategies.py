@@ -535,3 +535,24 @@ def test_the_engine_times_its_iterations_for_the_gate():
     gate.records.clear()
     serve(engine, [None] * 6)  # full-depth requests only: nothing to decide
     assert not gate.records
+
+
+@pytest.mark.parametrize("policy", ["continuous", "depthwise"])
+def test_a_speculative_round_takes_two_engine_iterations(policy):
+    """A draft chain runs inside the iteration that starts it (each link's shallow pass
+    right after the decision before it), so a round is one iteration of shallow passes and
+    drafts and one of verification, however many drafts it has, and stays exact."""
+    m = shallow_friendly()
+    engine = LLMEngine(m, policy=policy, max_batch=1, max_len=64)
+    mode = ExitMode(2, strategy="speculative", draft_k=3, draft_stop=0.0)  # always 3 drafts
+    rid = engine.add_request(prompts()[2], greedy(14), mode)
+    req = engine.requests[rid]
+    while engine.has_unfinished():
+        engine.step()
+    assert req.output_ids == full_greedy(m, 2)
+    rounds = req.drafted // 3
+    assert req.drafted == 3 * rounds and rounds >= 2
+    assert engine.stats["iterations"] == 1 + 2 * rounds  # the prefill, then 2 per round
+    # layer steps: the prefill's last position (6), then per round 4 positions (the input
+    # and 3 drafts) through 2 shallow steps each and 4 deep steps each
+    assert req.steps_run == m.n_steps + rounds * 4 * (2 + 4)

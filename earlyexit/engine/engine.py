@@ -577,6 +577,7 @@ class LLMEngine:
                 tokens = [*rnd.drafts[:a], verified[a]]
                 self._push(req, tokens, [self.L] * len(tokens), events)
         by_step: dict[int, list[str]] = {}
+        chain: dict[int, list[str]] = {}  # exit step -> requests whose next draft goes on
         for r in shallow:
             by_step.setdefault(ends[r], []).append(r)
         for step, group in by_step.items():
@@ -610,11 +611,20 @@ class LLMEngine:
                 krows = [rows[r] for r in keep]
                 self.runner.push_stack(krows)
                 self.runner.start_tokens(krows, keep_tokens)
-                for r in keep:
-                    self.scheduler.set_segment(r, 0, step)
+                chain[step] = keep
             for r in stop:  # ready to verify: held until no speculative row drafts
                 self._spec[r].verify_from = step
                 self.scheduler.set_segment(r, step, step)  # nothing to run while it waits
+        # The drafts' shallow passes run now, in this iteration: a draft chain is
+        # speculation's own inner loop (each link needs the decision before it), and an
+        # engine iteration per link doubled the iterations of a round (each with its
+        # host syncs and, behind the server, a hand-off to the event loop).
+        for step, group in chain.items():
+            for r in group:
+                self.scheduler.set_segment(r, step, step)
+                self.requests[r].steps_run += step
+            self.runner.run([(rows[r], 0, step) for r in group], one_block=False)
+            self._decide_speculative(group, dict.fromkeys(group, step), events)
         self._release_verifies()
 
     def _draft_together(
