@@ -1,4 +1,10 @@
-"""``earlyexit bench``: the benchmarks of BENCHMARKS.md, one at a time or all of them."""
+"""``earlyexit bench NAME``: the benchmarks of BENCHMARKS.md, one subcommand each.
+
+Each benchmark declares only the flags it reads, with their defaults at the flag
+(``earlyexit bench depthwise --help`` lists what depthwise takes); its handler passes them to
+one function of ``earlyexit.bench``. ``bench all`` runs the suite (``bench/suite.py``), each
+step the command line a user would type.
+"""
 
 from __future__ import annotations
 
@@ -6,327 +12,514 @@ import argparse
 import json
 import sys
 
-from earlyexit.cli.common import (
-    add_device_flags,
-    add_precision_flag,
-)
-from earlyexit.errors import InputError
+from earlyexit.cli.common import DefaultsFormatter, add_device_flags, add_precision_flag
+
+DATA = "data/stdlib"
+DENSE = "runs/stdlib-small/final"
+RECURSIVE_EXIT = "runs/stdlib-small-rec-exit/final"
 
 
-def register(sub) -> None:
-    """Add ``earlyexit bench`` and its flags to the subcommand parsers ``sub``."""
-    b = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
-    b.add_argument(
-        "name",
-        choices=[
-            "decode",
-            "early-exit",
-            "batched-exit",
-            "conversion",
-            "depthwise",
-            "serve",
-            "mor-isoflop",
-            "plot",
-            "reliability",
-            "all",
-        ],
-        help="decode: our decoder vs transformers; early-exit: strategies at batch 1; batched-exit: exits under batching; conversion: dense -> recursive; depthwise: batching policies under a request stream; serve: HTTP vs offline; mor-isoflop: vanilla / recursive / MoR at equal FLOPs; plot: figures from the JSON rows",
+def _given(**kwargs) -> dict:
+    """The keyword arguments whose flag was given (not None): the others keep the benchmark
+    function's own default (depthwise's modes differ in theirs)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _common(p, out: str | None, out_help: str = "JSON rows are written here") -> None:
+    """--threads, --out and --json, which every measuring benchmark takes."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--out", default=out, help=out_help)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", default=DATA, help="prepared data: prompts come from its validation split"
     )
-    b.add_argument("--preset", default="smollm-135m", help="decode: model shape (random init)")
-    b.add_argument(
-        "--source",
-        default=None,
-        help="conversion: the dense source checkpoint (default runs/stdlib-small/final)",
-    )
-    b.add_argument(
-        "--steps", type=int, default=None, help="conversion: uptraining steps per variant (120)"
-    )
-    b.add_argument(
-        "--dense", default="runs/stdlib-small/final", help="depthwise: the vanilla dense model"
-    )
-    b.add_argument(
-        "--recursive",
-        default="runs/stdlib-small-rec-exit/final",
-        help="depthwise: the recursive model (with a loop exit)",
-    )
-    b.add_argument(
-        "--exit-model",
-        default=None,
-        help="depthwise: a dense model with exits for the naive static baseline",
-    )
-    b.add_argument("--max-batch", type=int, default=32, help="depthwise/serve: concurrent requests")
-    b.add_argument(
-        "--mor", default=None, help="depthwise: a Mixture-of-Recursions model to serve too"
-    )
-    b.add_argument("--clients", type=int, default=64, help="serve: concurrent streaming clients")
-    b.add_argument(
-        "--model",
-        default=None,
-        help="early-exit/batched-exit: checkpoint with trained exits; decode: a real model "
-        "instead of --preset's random weights",
-    )
-    b.add_argument(
-        "--calm-model", default=None, help="early-exit: a second checkpoint (CALM-trained exits)"
-    )
-    b.add_argument(
-        "--data",
-        default="data/stdlib",
-        help="prepared data: prompts come from its validation split",
-    )
-    b.add_argument("--prompts", type=int, default=None, help="number of validation prompts")
-    b.add_argument(
-        "--threshold",
-        type=float,
-        default=0.3,
-        help="batched-exit: exit threshold of naive and ours",
-    )
-    b.add_argument(
-        "--batch-sizes",
+
+
+def _lengths(p: argparse.ArgumentParser, prompts: int, prompt_len: int, new_tokens: int) -> None:
+    p.add_argument("--prompts", type=int, default=prompts, help="number of validation prompts")
+    p.add_argument("--prompt-len", type=int, default=prompt_len, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens generated per prompt")
+
+
+def _repeats(p: argparse.ArgumentParser, default: int | None, help_default: str = "") -> None:
+    p.add_argument(
+        "--repeats",
         type=int,
-        nargs="+",
-        default=None,
-        help="batch sizes to run (depthwise: max batches, one group of rows each)",
+        default=default,
+        help=f"interleaved repetitions (median reported){help_default}",
     )
-    b.add_argument(
+
+
+def _threshold(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--threshold", type=float, default=0.3, help=f"exit threshold of {what}")
+
+
+def _print_rows(args: argparse.Namespace, rows) -> None:
+    if args.json:
+        print(json.dumps(rows))
+
+
+def _use_device(args: argparse.Namespace) -> None:
+    from earlyexit.bench.common import use_device
+
+    use_device(args.device, args.dtype)
+
+
+# --- decode
+
+
+def _decode_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="smollm-135m", help="model shape (random init)")
+    p.add_argument(
+        "--model", default=None, help="a real model instead of --preset's random weights"
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to run")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per row")
+    _repeats(p, 3)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add our static-shape decode step under torch.compile (CUDA graphs on CUDA)",
+    )
+    _common(p, "results/decode.json")
+    add_device_flags(p)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from earlyexit.bench.decode import main
+
+    _use_device(args)
+    main(
+        preset=args.preset,
+        batch_sizes=args.batch_sizes,
+        new_tokens=args.new_tokens,
+        prompt_len=args.prompt_len,
+        repeats=args.repeats,
+        threads=args.threads,
+        out=args.out,
+        as_json=args.json,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        model=args.model,
+    )
+    return 0
+
+
+# --- early-exit, batched-exit
+
+
+def _early_exit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint with trained exits")
+    p.add_argument("--calm-model", default=None, help="a second checkpoint (CALM-trained exits)")
+    _data(p)
+    _lengths(p, prompts=16, prompt_len=32, new_tokens=64)
+    _repeats(p, 2)
+    p.add_argument(
         "--draft-vocab",
         type=int,
         nargs="+",
-        default=None,
+        default=[],
         metavar="N",
-        help="early-exit: add self-speculation drafting over the N most frequent tokens of "
-        "--data's training split (FR-Spec)",
+        help="add self-speculation drafting over the N most frequent tokens of --data's "
+        "training split (FR-Spec)",
     )
-    b.add_argument(
+    p.add_argument(
         "--exit-vocab",
         type=int,
         nargs="+",
+        default=[],
+        metavar="N",
+        help="add FREE with a pruned exit head over the N most frequent tokens of --data's "
+        "training split",
+    )
+    _common(p, "results/early_exit.json")
+    add_device_flags(p)
+
+
+def _early_exit(args: argparse.Namespace) -> int:
+    from earlyexit.bench.early_exit import main_early_exit
+
+    _use_device(args)
+    rows = main_early_exit(
+        args.model,
+        args.data,
+        args.calm_model,
+        args.prompts,
+        args.prompt_len,
+        args.new_tokens,
+        args.repeats,
+        args.threads,
+        args.out,
+        draft_vocabs=tuple(args.draft_vocab),
+        exit_vocabs=tuple(args.exit_vocab),
+    )
+    _print_rows(args, rows)
+    print(f"rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _batched_exit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint with trained exits")
+    _data(p)
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32], help="batch sizes to run"
+    )
+    _threshold(p, "naive and ours")
+    _lengths(p, prompts=32, prompt_len=32, new_tokens=64)
+    _repeats(p, 2)
+    p.add_argument(
+        "--exit-vocab",
+        type=int,
         default=None,
         metavar="N",
-        help="early-exit/batched-exit: add FREE with a pruned exit head over the N most "
-        "frequent tokens of --data's training split; depthwise --synthetic: add loop exits "
-        "deciding over N tokens",
+        help="add FREE with a pruned exit head over the N most frequent tokens of --data's "
+        "training split",
     )
-    b.add_argument(
-        "--deep-kv",
+    _common(p, "results/batched_exit.json")
+    add_device_flags(p)
+
+
+def _batched_exit(args: argparse.Namespace) -> int:
+    from earlyexit.bench.early_exit import main_batched_exit
+
+    _use_device(args)
+    rows = main_batched_exit(
+        args.model,
+        args.data,
+        tuple(args.batch_sizes),
+        args.threshold,
+        args.prompts,
+        args.prompt_len,
+        args.new_tokens,
+        args.repeats,
+        args.threads,
+        args.out,
+        exit_vocab=args.exit_vocab,
+    )
+    _print_rows(args, rows)
+    print(f"rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+# --- conversion, mor-isoflop
+
+
+def _conversion_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default=DENSE, help="the dense source checkpoint")
+    _data(p)
+    p.add_argument("--steps", type=int, default=120, help="uptraining steps per variant")
+    add_precision_flag(p, "compute of the uptrainings")
+    _common(p, "results/conversion.json")
+    add_device_flags(p)
+
+
+def _conversion(args: argparse.Namespace) -> int:
+    from earlyexit.bench.conversion import run
+
+    _use_device(args)
+    rows = run(
+        args.source,
+        args.data,
+        steps=args.steps,
+        threads=args.threads,
+        out=args.out,
+        precision=args.precision,
+    )
+    _print_rows(args, rows)
+    return 0
+
+
+def _isoflop_flags(p: argparse.ArgumentParser) -> None:
+    _data(p)
+    add_precision_flag(p, "compute of the trainings it runs")
+    _common(p, "results/mor_isoflop.json")
+    add_device_flags(p)
+
+
+def _isoflop(args: argparse.Namespace) -> int:
+    from earlyexit.bench.isoflop import run
+
+    _use_device(args)
+    _print_rows(args, run(args.data, args.threads, args.out, precision=args.precision))
+    return 0
+
+
+# --- depthwise (trained models; --synthetic: random weights; --calls: one block call)
+
+
+def _depthwise_flags(p: argparse.ArgumentParser) -> None:
+    mode = p.add_argument_group("mode (default: the trained models below)")
+    mode.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random-weight models of --presets shapes, exits and MoR depths drawn from fixed "
+        "distributions (a systems measurement, not a quality one); --batch-sizes max batches, "
+        "--prompts requests, --new-tokens mean generation length",
+    )
+    mode.add_argument(
+        "--calls",
+        action="store_true",
+        help="time one shared-block call with rows at mixed loops vs one loop (--preset "
+        "shape, --batch-sizes rows, --lengths contexts)",
+    )
+    t = p.add_argument_group("trained models")
+    t.add_argument("--dense", default=DENSE, help="the vanilla dense model")
+    t.add_argument(
+        "--recursive", default=RECURSIVE_EXIT, help="the recursive model (with a loop exit)"
+    )
+    t.add_argument(
+        "--exit-model", default=None, help="a dense model with exits for the naive static baseline"
+    )
+    t.add_argument("--mor", default=None, help="a Mixture-of-Recursions model to serve too")
+    _data(t)
+    _threshold(t, "the exits")
+    t.add_argument(
+        "--max-batch", type=int, default=32, help="concurrent requests (unless --batch-sizes)"
+    )
+    s = p.add_argument_group("--synthetic")
+    s.add_argument(
+        "--presets",
         nargs="+",
-        default=None,
-        choices=["catch-up", "propagate", "skip"],
-        help="depthwise: what the loop exit's exited tokens leave in loop 2, one set of rows "
-        "each (default catch-up)",
+        default=["stdlib-small", "smollm-135m"],
+        help="model shapes",
     )
-    b.add_argument(
+    s.add_argument(
         "--exit-rates",
         type=float,
         nargs="+",
         default=None,
-        help="depthwise --synthetic: shares of tokens exiting after loop 1 (default 0 .25 .5 .75)",
+        help="shares of tokens exiting after loop 1 (default: 0 0.25 0.5 0.75)",
     )
-    b.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt")
-    b.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row")
-    b.add_argument(
-        "--repeats", type=int, default=None, help="interleaved repetitions (median reported)"
+    c = p.add_argument_group("--calls")
+    c.add_argument("--preset", default="smollm-135m", help="model shape")
+    c.add_argument(
+        "--lengths", type=int, nargs="+", default=[128, 512, 2048], help="context lengths"
     )
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    b.add_argument(
-        "--out", default=None, help="JSON rows are written here (default: results/NAME.json)"
+    g = p.add_argument_group("all modes")
+    g.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="max batches, one group of rows each (default: --max-batch; --synthetic: 8 16 32; "
+        "--calls: rows per call, 4 16 32)",
     )
-    b.add_argument("--results", default="results", help="plot: folder of JSON rows")
-    b.add_argument("--plots", default="results/plots", help="plot: output folder")
-    b.add_argument("--json", action="store_true", help="print the rows as JSON")
-    b.add_argument("--skip", default="", help="all: comma-separated steps to leave out")
-    b.add_argument("--dry-run", action="store_true", help="all: print the commands only")
-    b.add_argument(
-        "--calls",
-        action="store_true",
-        help="depthwise: time one shared-block call with rows at mixed loops vs one loop "
-        "(--preset shape, --batch-sizes rows, --lengths contexts)",
+    g.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="requests (default: 256; --synthetic: 64)",
     )
-    b.add_argument(
-        "--lengths", type=int, nargs="+", default=None, help="depthwise --calls: context lengths"
+    g.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="mean generation length (default: 128; --synthetic: 32)",
     )
-    b.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="depthwise: random-weight models of --presets shapes, exits and MoR depths drawn "
-        "from fixed distributions (a systems measurement, not a quality one); --batch-sizes "
-        "max batches, --prompts requests, --new-tokens mean generation length",
+    g.add_argument(
+        "--deep-kv",
+        nargs="+",
+        default=["catch-up"],
+        choices=["catch-up", "propagate", "skip"],
+        help="what the loop exit's exited tokens leave in loop 2, one set of rows each",
     )
-    b.add_argument("--presets", nargs="+", default=None, help="depthwise --synthetic: model shapes")
-    b.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode: add our static-shape decode step under torch.compile (CUDA graphs on CUDA)",
+    g.add_argument(
+        "--exit-vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the loop exit decides over the N most frequent tokens (trained: of --data's "
+        "training split)",
     )
-    add_precision_flag(b, "conversion/mor-isoflop: compute of the trainings they run")
-    add_device_flags(b)
-    b.set_defaults(func=run)
+    _repeats(g, None, " (default: 1; --calls: 20)")
+    _common(
+        g,
+        None,
+        "JSON rows are written here (default: results/depthwise.json; --synthetic: "
+        "results/depthwise_synthetic.json; --calls: results/depthwise_calls.json)",
+    )
+    add_device_flags(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    out = args.out or f"results/{args.name.replace('-', '_')}.json"
-    if args.name not in ("plot", "all"):
-        from earlyexit.bench.common import use_device
-
-        use_device(args.device, args.dtype)
-    if args.name == "decode":
-        from earlyexit.bench.decode import main as decode_main
-
-        decode_main(
-            preset=args.preset,
-            batch_sizes=args.batch_sizes or [1, 8],
-            new_tokens=args.new_tokens or 128,
-            prompt_len=args.prompt_len or 16,
-            repeats=args.repeats or 3,
-            threads=args.threads,
-            out=out,
-            as_json=args.json,
-            device=args.device,
-            dtype=args.dtype,
-            compile=args.compile,
-            model=args.model,
-        )
-        return 0
-    if args.name == "reliability":
-        from earlyexit.bench.reliability import run as reliability_run
-
-        fig = reliability_run(n_requests=args.prompts or 1000, clients=args.clients, out=out)
-        print(json.dumps({k: v for k, v in fig.items() if k != "env"}, indent=1))
-        return 0 if fig["failures"] == 0 else 1
-    if args.name == "all":
-        from earlyexit.bench.suite import run_all
-
-        skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-        device = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
-        failed = run_all(args.cli_main, skip, args.dry_run, device=device, precision=args.precision)
-        return 1 if failed else 0
-    if args.name == "plot":
-        from earlyexit.bench.plots import plot_all
-
-        for path in plot_all(args.results, args.plots):
-            print(f"wrote {path}")
-        return 0
-    if args.name == "depthwise" and args.synthetic:
+def _depthwise(args: argparse.Namespace) -> int:
+    _use_device(args)
+    if args.synthetic:
         from earlyexit.bench.depthwise import run_synthetic
 
-        run_synthetic(
-            presets=tuple(args.presets or ("stdlib-small", "smollm-135m")),
-            max_batches=tuple(args.batch_sizes or (8, 16, 32)),
-            n_requests=args.prompts or 64,
-            mean_len=args.new_tokens or 32,
+        rows = run_synthetic(
+            presets=tuple(args.presets),
             threads=args.threads,
-            out=args.out or "results/depthwise_synthetic.json",
-            repeats=args.repeats or 1,
-            exit_vocab=(args.exit_vocab or [None])[0],
-            deep_kvs=tuple(args.deep_kv or ("catch-up",)),
-            **({"exit_rates": tuple(args.exit_rates)} if args.exit_rates else {}),
+            exit_vocab=args.exit_vocab,
+            deep_kvs=tuple(args.deep_kv),
+            **_given(
+                max_batches=args.batch_sizes and tuple(args.batch_sizes),
+                n_requests=args.prompts,
+                mean_len=args.new_tokens,
+                out=args.out,
+                repeats=args.repeats,
+                exit_rates=args.exit_rates and tuple(args.exit_rates),
+            ),
         )
+        _print_rows(args, rows)
         return 0
-    if args.name == "depthwise" and args.calls:
+    if args.calls:
         from earlyexit.bench.block_call import run as calls_run
         from earlyexit.bench.common import bench_device
 
-        calls_run(
+        rows = calls_run(
             preset=args.preset,
-            rows=tuple(args.batch_sizes or (4, 16, 32)),
-            lengths=tuple(args.lengths or (128, 512, 2048)),
-            repeats=args.repeats or 20,
+            lengths=tuple(args.lengths),
             threads=args.threads,
             device=bench_device(),
-            out=args.out or "results/depthwise_calls.json",
+            **_given(
+                rows=args.batch_sizes and tuple(args.batch_sizes),
+                repeats=args.repeats,
+                out=args.out,
+            ),
         )
+        _print_rows(args, rows)
         return 0
-    if args.name == "depthwise":
-        from earlyexit.bench.depthwise import run as depthwise_run
+    from earlyexit.bench.depthwise import run
 
-        rows = depthwise_run(
-            mor=args.mor,
-            dense=args.dense,
-            recursive=args.recursive,
-            data=args.data,
-            exit_model=args.exit_model,
-            threshold=args.threshold,
-            n_requests=args.prompts or 256,
-            deep_kvs=tuple(args.deep_kv or ("catch-up",)),
-            max_batch=tuple(args.batch_sizes) if args.batch_sizes else args.max_batch,
-            threads=args.threads,
-            out=out,
-            mean_len=args.new_tokens or 128,
-            repeats=args.repeats or 1,
-            exit_vocab=(args.exit_vocab or [None])[0],
-        )
-        if args.json:
-            print(json.dumps(rows))
-        return 0
-    if args.name == "serve":
-        from earlyexit.bench.serve_load import run as serve_run
-
-        rows = serve_run(
-            args.model or "runs/stdlib-small-rec-exit/final",
-            args.data,
-            args.clients,
-            args.prompts or 256,
-            threshold=args.threshold,
-            max_batch=args.max_batch,
-            threads=args.threads,
-            out=out,
-        )
-        if args.json:
-            print(json.dumps(rows))
-        return 0
-    if args.name == "mor-isoflop":
-        from earlyexit.bench.isoflop import run as isoflop_run
-
-        rows = isoflop_run(args.data, args.threads, out, precision=args.precision)
-        if args.json:
-            print(json.dumps(rows))
-        return 0
-    if args.name == "conversion":
-        from earlyexit.bench.conversion import run as conversion_run
-
-        rows = conversion_run(
-            args.source or "runs/stdlib-small/final",
-            args.data,
-            steps=args.steps or 120,
-            threads=args.threads,
-            out=out,
-            precision=args.precision,
-        )
-        if args.json:
-            print(json.dumps(rows))
-        return 0
-    from earlyexit.bench.early_exit import main_batched_exit, main_early_exit
-
-    if args.model is None:
-        raise InputError(f"bench {args.name} needs --model (a checkpoint with trained exits)")
-    if args.name == "early-exit":
-        rows = main_early_exit(
-            args.model,
-            args.data,
-            args.calm_model,
-            args.prompts or 16,
-            args.prompt_len or 32,
-            args.new_tokens or 64,
-            args.repeats or 2,
-            args.threads,
-            out,
-            draft_vocabs=tuple(args.draft_vocab or ()),
-            exit_vocabs=tuple(args.exit_vocab or ()),
-        )
-    else:
-        rows = main_batched_exit(
-            args.model,
-            args.data,
-            tuple(args.batch_sizes or (1, 8, 16, 32)),
-            args.threshold,
-            args.prompts or 32,
-            args.prompt_len or 32,
-            args.new_tokens or 64,
-            args.repeats or 2,
-            args.threads,
-            out,
-            exit_vocab=(args.exit_vocab or [None])[0],
-        )
-    if args.json:
-        print(json.dumps(rows))
-    print(f"rows written to {out}", file=sys.stderr)
+    rows = run(
+        mor=args.mor,
+        dense=args.dense,
+        recursive=args.recursive,
+        data=args.data,
+        exit_model=args.exit_model,
+        threshold=args.threshold,
+        deep_kvs=tuple(args.deep_kv),
+        max_batch=tuple(args.batch_sizes) if args.batch_sizes else args.max_batch,
+        threads=args.threads,
+        exit_vocab=args.exit_vocab,
+        **_given(
+            n_requests=args.prompts,
+            out=args.out,
+            mean_len=args.new_tokens,
+            repeats=args.repeats,
+        ),
+    )
+    _print_rows(args, rows)
     return 0
+
+
+# --- serve
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=RECURSIVE_EXIT, help="the model served")
+    _data(p)
+    p.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
+    p.add_argument("--prompts", type=int, default=256, help="requests")
+    _threshold(p, "the served exits")
+    p.add_argument("--max-batch", type=int, default=32, help="concurrent requests")
+    _common(p, "results/serve.json")
+    add_device_flags(p)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from earlyexit.bench.serve_load import run
+
+    _use_device(args)
+    rows = run(
+        args.model,
+        args.data,
+        args.clients,
+        args.prompts,
+        threshold=args.threshold,
+        max_batch=args.max_batch,
+        threads=args.threads,
+        out=args.out,
+    )
+    _print_rows(args, rows)
+    return 0
+
+
+# --- reliability
+
+
+def _reliability_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", type=int, default=1000, help="valid requests")
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    p.add_argument("--out", default="results/reliability.json", help="the figures are written here")
+    add_device_flags(p)
+
+
+def _reliability(args: argparse.Namespace) -> int:
+    from earlyexit.bench.reliability import run
+
+    _use_device(args)
+    fig = run(n_requests=args.prompts, clients=args.clients, out=args.out)
+    print(json.dumps({k: v for k, v in fig.items() if k != "env"}, indent=1))
+    return 0 if fig["failures"] == 0 else 1
+
+
+# --- plot, all
+
+
+def _plot_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="results", help="folder of JSON rows")
+    p.add_argument("--plots", default="results/plots", help="output folder")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from earlyexit.bench.plots import plot_all
+
+    for path in plot_all(args.results, args.plots):
+        print(f"wrote {path}")
+    return 0
+
+
+def _all_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip", default="", help="comma-separated steps to leave out")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    add_precision_flag(p, "compute of the trainings (recipes and conversion/mor-isoflop)")
+    add_device_flags(p)
+
+
+def _all(args: argparse.Namespace) -> int:
+    from earlyexit.bench.suite import run_all
+
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    device = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
+    failed = run_all(args.cli_main, skip, args.dry_run, device=device, precision=args.precision)
+    return 1 if failed else 0
+
+
+# name -> (help, flags, handler), in the order of BENCHMARKS.md
+BENCHMARKS = {
+    "decode": ("our decoder vs transformers", _decode_flags, _decode),
+    "early-exit": ("strategies at batch 1", _early_exit_flags, _early_exit),
+    "batched-exit": ("exits under batching", _batched_exit_flags, _batched_exit),
+    "conversion": ("dense -> recursive", _conversion_flags, _conversion),
+    "depthwise": (
+        "batching policies under a request stream",
+        _depthwise_flags,
+        _depthwise,
+    ),
+    "serve": ("HTTP vs offline", _serve_flags, _serve),
+    "mor-isoflop": ("vanilla / recursive / MoR at equal FLOPs", _isoflop_flags, _isoflop),
+    "reliability": ("the server under load and abuse", _reliability_flags, _reliability),
+    "plot": ("figures from the JSON rows", _plot_flags, _plot),
+    "all": ("the whole suite: missing training, every benchmark, the figures", _all_flags, _all),
+}
+
+
+def register(sub) -> None:
+    """Add ``earlyexit bench NAME`` for every benchmark of :data:`BENCHMARKS`."""
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark (see BENCHMARKS.md)",
+        description="Run one benchmark of BENCHMARKS.md (or all of them); each writes JSON "
+        "rows under results/. `earlyexit bench NAME --help` lists NAME's flags.",
+    )
+    names = b.add_subparsers(dest="name", required=True, metavar="BENCHMARK")
+    for name, (text, flags, handler) in BENCHMARKS.items():
+        p = names.add_parser(name, help=text, description=text, formatter_class=DefaultsFormatter)
+        flags(p)
+        p.set_defaults(func=handler)

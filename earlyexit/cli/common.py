@@ -8,13 +8,24 @@ import argparse
 from earlyexit.errors import InputError
 
 
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, unless its help says it already or it has none."""
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows each option's default (a list as its words: ``1 8``), unless its help says it
+    already or it has none (None, a switch's False, an empty list or string)."""
 
     def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or ""):
+        d = action.default
+        if (
+            d is None
+            or d is False
+            or d == ""
+            or d == []
+            or d is argparse.SUPPRESS
+            or not action.option_strings
+            or "(default" in (action.help or "")
+        ):
             return action.help
-        return super()._get_help_string(action)
+        shown = " ".join(map(str, d)) if isinstance(d, list | tuple) else str(d)
+        return f"{action.help} (default: {shown.replace('%', '%%')})"
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
