@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
+from earlyexit.dtypes import DTYPE_NAMES, PRECISIONS
 from earlyexit.errors import DeviceError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def native_bf16(device: torch.device) -> bool:

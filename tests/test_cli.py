@@ -211,7 +211,8 @@ def test_help_and_version_do_not_import_torch():
     code = (
         "import sys, contextlib, io\n"
         "from earlyexit.cli import main\n"
-        "for argv in (['--version'], ['--help'], ['serve', '--help'], ['demo', '--help']):\n"
+        "for argv in (['--version'], ['--help'], ['serve', '--help'], ['demo', '--help'],\n"
+        "             ['train', '--help'], ['bench', 'depthwise', '--help']):\n"
         "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "        main(argv)\n"
         "print('torch' in sys.modules)\n"

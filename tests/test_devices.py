@@ -10,9 +10,11 @@ from earlyexit.config import LoraConfig
 from earlyexit.decoding.full import FullDepth
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
+from earlyexit.errors import ConfigError
 from earlyexit.models.kv_cache import KVCache
 from earlyexit.models.recursive import convert_recursive
 from earlyexit.models.static_decode import StaticDecodeStep, static_unsupported
+from earlyexit.training.config import TrainConfig
 from tests.conftest import make_model
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -101,11 +103,13 @@ def test_bf16_generation_agrees_with_fp32_within_tolerance():
 def test_float16_training_and_missing_cuda_are_one_line_errors(capsys, tmp_path):
     from earlyexit.cli import main
 
-    rc = main(
-        ["train", "--dtype", "float16", "--data", str(tmp_path), "--out", str(tmp_path / "r")]
-    )
+    # the flag refuses what TrainConfig.validate refuses, with its message: a usage error
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dtype", "float16", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and "float16 training is not supported" in err[0]
+    assert e.value.code == 2 and len(err) == 1 and "float16 training is not supported" in err[0]
+    with pytest.raises(ConfigError, match="float16 training is not supported"):
+        TrainConfig(precision="float16").validate()
     if not torch.cuda.is_available():
         for argv in (
             ["bench", "decode", "--device", "cuda"],

@@ -28,6 +28,7 @@ LAYERS = [
             "earlyexit.files",
             "earlyexit.plan",
             "earlyexit.config",
+            "earlyexit.dtypes",
             "earlyexit.device",
             "earlyexit.progress",
             "earlyexit.tokenizer",

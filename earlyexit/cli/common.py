@@ -4,6 +4,10 @@ and the help formatter; each command module adds its own flags and these groups.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import re
+import typing
 
 from earlyexit.errors import InputError
 
@@ -233,3 +237,90 @@ def draft_arg(args: argparse.Namespace):
     """``--draft`` as ``earlyexit.load``'s ``draft`` argument."""
     d = getattr(args, "draft", "auto")
     return None if d in (None, "none") else d
+
+
+def attribute_docs(cls) -> dict[str, str]:
+    """Field name -> its line of ``cls``'s docstring ``Attributes:`` table (Google style; an
+    entry ``beta1, beta2: ...`` documents both), as plain text: the help of generated flags."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    for line in lines[lines.index("Attributes:") + 1 :] if "Attributes:" in lines else []:
+        if line.startswith("    ") and not line.startswith("     ") and ":" in line:
+            head, text = line.strip().split(":", 1)
+            names = [n.strip() for n in head.split(",")]
+            for n in names:
+                docs[n] = text.strip()
+        elif line.startswith("     ") and names:
+            for n in names:
+                docs[n] += " " + line.strip()
+        elif line.strip():
+            break  # the next section
+    plain = {}
+    for name, text in docs.items():
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+        plain[name] = text[:-1] if text.endswith(".") else text
+    return plain
+
+
+def _flag_type(hint) -> tuple[type, bool]:
+    """(the element type, whether many) of a field's type: ``int | None`` -> (int, False),
+    ``tuple[str, ...] | None`` -> (str, True)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and typing.get_origin(hint) is not tuple:  # X | None
+        return _flag_type(args[0])
+    if typing.get_origin(hint) is tuple:
+        return args[0], True
+    return hint, False
+
+
+def add_dataclass_flags(
+    p: argparse.ArgumentParser,
+    cls,
+    groups: list[tuple[str, str]],
+    extras: dict[str, dict] | None = None,
+    check=None,
+) -> None:
+    """One flag per field of the dataclass ``cls``: ``--field-name`` (``dest`` the field's
+    name), typed by its annotation (``tuple[T, ...]``: one or more T; ``bool``: a switch with
+    a ``--no-`` form), its help the field's docstring line and its default, its choices the
+    field's ``metadata["choices"]`` (``check(name, value)`` raising an EarlyExitError then
+    refuses a value at parse time with the library's own message). Every flag's default is
+    None, so that only the flags given override a recipe or config file. ``groups``: (title,
+    space-separated field names) in the order of ``--help``; ``extras``: per field, more
+    ``add_argument`` keywords (aliases under ``"aliases"``)."""
+    from earlyexit.errors import EarlyExitError
+
+    hints = typing.get_type_hints(cls)
+    docs = attribute_docs(cls)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    for title, names in groups:
+        g = p.add_argument_group(title)
+        for name in names.split():
+            f, kw = by_name[name], dict((extras or {}).get(name, {}))
+            flags = [f"--{name.replace('_', '-')}", *kw.pop("aliases", [])]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            shown = "" if default is None or default is False else f" (default: {default})"
+            kw.setdefault("help", f"{docs[name]}{shown}".replace("%", "%%"))
+            kind, many = _flag_type(hints[name])
+            if kind is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = kind
+                if many:
+                    kw["nargs"] = "+"
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+                kw["type"] = _checked(check, name, EarlyExitError) if check else kind
+            g.add_argument(*flags, dest=name, default=None, **kw)
+
+
+def _checked(check, name: str, error: type):
+    def parse(text: str):
+        try:
+            return check(name, text)
+        except error as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from earlyexit.datafiles import split_description
-from earlyexit.device import PRECISIONS
+from earlyexit.dtypes import PRECISIONS
 from earlyexit.errors import ConfigError
 from earlyexit.strict import parse_dataclass
 from earlyexit.training.schedule import SCHEDULES
+
+# torch-free (as this module is), so that ``earlyexit train``'s flags can offer them at parse
+# time; ``training/exit_losses.py`` implements them
+EXIT_LOSSES = ("weighted", "aggressive", "shallow-deep")
+NONFINITE = ("stop", "skip")  # what a NaN/inf loss does
+
+
+def _choice(default: str, choices: tuple[str, ...]):
+    """A field whose value is one of ``choices``: :meth:`TrainConfig.validate` refuses any
+    other, and so does its ``earlyexit train`` flag (both through :func:`check_choice`)."""
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
@@ -24,7 +35,7 @@ class TrainConfig:
         out: run directory (checkpoints, metrics, final model).
         model: model preset name or path to a ModelConfig JSON (training from scratch).
         init_from: checkpoint to start from instead (fine-tuning); overrides ``model``.
-        objective: training objective (``lm``; later ``exits``, ``uptrain``, ``mor``).
+        objective: training objective: ``lm``, ``exits``, ``exit-classifier`` or ``uptrain``.
         seq_len: tokens per training window.
         batch_size: windows per micro-batch per process.
         grad_accum: micro-batches per optimizer step.
@@ -83,27 +94,27 @@ class TrainConfig:
     steps: int = 1000
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    schedule: str = "cosine"
+    schedule: str = _choice("cosine", SCHEDULES)
     warmup_steps: int = 50
     decay_fraction: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "auto"
+    precision: str = _choice("auto", PRECISIONS)
     eval_every: int = 100
     eval_batches: int = 16
     save_every: int = 200
     keep_last: int = 3
     log_every: int = 10
     seed: int = 0
-    nonfinite: str = "stop"
+    nonfinite: str = _choice("stop", NONFINITE)
     device: str = "auto"
     threads: int = 0
     fsdp: bool = False
     stop_at_step: int = -1
     exit_steps: tuple[int, ...] | None = None
-    exit_loss: str = "shallow-deep"
+    exit_loss: str = _choice("shallow-deep", EXIT_LOSSES)
     exit_coef: float = 0.1
     kd_alpha: float = 0.5
     exit_norms: bool = False
@@ -121,22 +132,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-            )
-        if self.precision == "float16":
-            # fp16 training needs dynamic loss scaling (and its state in every checkpoint for
-            # exact resume); bf16 has fp32's range and the same speed where it exists
-            raise ConfigError(
-                "float16 training is not supported: use --precision bfloat16 (fp32 master weights)"
-            )
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
+        for f in fields(self):
+            if "choices" in f.metadata:
+                check_choice(f.name, getattr(self, f.name))
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise ConfigError("min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
         if self.warmup_steps < 0:
@@ -158,3 +156,18 @@ class TrainConfig:
             return parse_dataclass(cls, {**data, **overrides}, "")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def check_choice(name: str, value: str) -> str:
+    """``value`` if it is one of the choices of TrainConfig's field ``name``, else a
+    ConfigError saying which are (``validate`` and the ``earlyexit train`` flags both ask)."""
+    if name == "precision" and value == "float16":
+        # fp16 training needs dynamic loss scaling (and its state in every checkpoint for
+        # exact resume); bf16 has fp32's range and the same speed where it exists
+        raise ConfigError(
+            "float16 training is not supported: use --precision bfloat16 (fp32 master weights)"
+        )
+    choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value

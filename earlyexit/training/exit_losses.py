@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earlyexit.errors import ConfigError
+from earlyexit.training.config import EXIT_LOSSES
 from earlyexit.training.objective import LossOutput, Objective, cross_entropy
-
-EXIT_LOSSES = ("weighted", "aggressive", "shallow-deep")
 
 # FREE's teacher layers (1-based) for the (L, L_s) pairs its code defines; others use even spacing.
 KD_TEACHERS = {
