@@ -4,8 +4,8 @@ One module per command (``generate``, ``convert``, ``prepare``, ``train``, ``eva
 ``serve``, ``demo``), each owning its flags (``register``) and its handler (``run``), which
 calls one typed function of the library (the same functions the Python API exposes). Flag
 groups several commands share (device, precision, sampling, early-exit strategy) live in
-``common.py``. To add a command: a module with ``register(sub)`` and ``run(args) -> int``,
-listed in ``COMMANDS``.
+``common.py``, flag choices that are library constants in ``choices.py``. To add a command:
+a module with ``register(sub)`` and ``run(args) -> int``, listed in ``COMMANDS``.
 
 Every error is one line, ``earlyexit: error: ...``, never a traceback for bad input. Its
 exit status says which kind: 1 for input the command could not use (a missing model, an

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from earlyexit.cli import choices
 from earlyexit.cli.common import DefaultsFormatter, add_device_flags, add_precision_flag
 
 DATA = "data/stdlib"
@@ -325,7 +326,7 @@ def _depthwise_flags(p: argparse.ArgumentParser) -> None:
         "--deep-kv",
         nargs="+",
         default=["catch-up"],
-        choices=["catch-up", "propagate", "skip"],
+        choices=choices.DEEP_KV,
         help="what the loop exit's exited tokens leave in loop 2, one set of rows each",
     )
     g.add_argument(

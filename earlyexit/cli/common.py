@@ -9,6 +9,7 @@ import inspect
 import re
 import typing
 
+from earlyexit.cli import choices
 from earlyexit.errors import InputError
 
 
@@ -38,7 +39,7 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16", "float16"],
+        choices=choices.DTYPE_NAMES,
         help="weight and compute dtype (default: as stored)",
     )
 
@@ -47,7 +48,7 @@ def add_precision_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "float32", "bfloat16"],
+        choices=choices.PRECISIONS,
         help=f"{what}: auto (default) = bfloat16 autocast where the hardware runs bf16 "
         "natively, float32 elsewhere",
     )
@@ -94,7 +95,7 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     xg.add_argument(
         "--strategy",
         default="full",
-        choices=["full", "static", "calm", "free", "speculative"],
+        choices=choices.STRATEGIES,
         help="which steps each token runs (default: full)",
     )
     xg.add_argument(
@@ -106,7 +107,7 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     xg.add_argument(
         "--threshold",
         type=float,
-        default=0.9,  # decoding.confidence.DEFAULT_THRESHOLD (not imported: --help stays fast)
+        default=choices.DEFAULT_THRESHOLD,
         help="calm/free: exit when confidence passes this, in [-1, 1] (1: never)",
     )
     xg.add_argument(
@@ -115,7 +116,7 @@ def add_strategy_flags(g: argparse.ArgumentParser) -> None:
     xg.add_argument(
         "--confidence",
         default="margin",
-        choices=["margin", "max-prob", "saturation", "classifier"],
+        choices=choices.MEASURES,
         help="calm/free: confidence measure",
     )
     xg.add_argument(

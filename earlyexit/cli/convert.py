@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from earlyexit.cli import choices
 from earlyexit.errors import InputError
 
 
@@ -33,13 +34,13 @@ def register(sub) -> None:
     rg.add_argument(
         "--sharing",
         default="cycle",
-        choices=["cycle", "sequence", "middle_cycle", "middle_sequence"],
+        choices=choices.CONVERSION_SHARING,
         help="sharing scheme",
     )
     rg.add_argument(
         "--init",
         default="stepwise",
-        choices=["stepwise", "average", "lower", "random"],
+        choices=choices.INITS,
         help="initialisation of the shared blocks",
     )
     rg.add_argument(
@@ -63,7 +64,7 @@ def register(sub) -> None:
     rg.add_argument(
         "--lora-init",
         default="svd",
-        choices=["svd", "asvd", "sequential", "zero"],
+        choices=choices.LORA_INITS,
         help="svd: truncated SVD of the residual; asvd: the same, weighted by the source "
         "layer's inputs on --calibration-data (less output error at equal rank); "
         "sequential: fitted step by step on the converted model's own inputs toward the "

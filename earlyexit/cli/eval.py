@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from earlyexit.cli import choices
 from earlyexit.cli.common import (
     add_device_flags,
     add_strategy_flags,
@@ -38,7 +39,7 @@ def register(sub) -> None:
     e.add_argument(
         "--routing",
         default="causal",
-        choices=["causal", "topk"],
+        choices=choices.ROUTINGS,
         help="MoR models: causal (default) or the training top-k rule (not causal; for comparison only)",
     )
     ag = e.add_argument_group("agreement")

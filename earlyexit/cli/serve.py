@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from earlyexit.cli import choices
 from earlyexit.cli.common import (
     DefaultsFormatter,
     add_device_flags,
@@ -36,7 +37,7 @@ def register(sub) -> None:
     sv.add_argument(
         "--policy",
         default="depthwise",
-        choices=["static", "continuous", "depthwise"],
+        choices=choices.POLICIES,
         help="batching policy",
     )
     sv.add_argument("--max-batch", type=int, default=32, help="concurrent requests")
@@ -56,7 +57,7 @@ def register(sub) -> None:
     sv.add_argument(
         "--strategy",
         default=None,
-        choices=["full", "free", "calm", "speculative"],
+        choices=choices.SERVED_STRATEGIES,
         help="default strategy of requests that name none (each request may choose its own; "
         "default: full, or free when an exit option below is given)",
     )
@@ -78,13 +79,13 @@ def register(sub) -> None:
     sv.add_argument(
         "--confidence",
         default=None,
-        choices=["margin", "max-prob", "classifier"],
+        choices=choices.SERVED_MEASURES,
         help="default confidence of free / calm (default: margin)",
     )
     sv.add_argument(
         "--deep-kv",
         default=None,
-        choices=["catch-up", "propagate", "skip"],
+        choices=choices.DEEP_KV,
         help="an exited token's K/V at the steps it skipped: computed later with the next "
         "deep token (catch-up, FREE's default: exact), its exit state's (propagate, calm's "
         "default), or none (skip: each token costs exactly its depth)",
@@ -105,7 +106,7 @@ def register(sub) -> None:
     sv.add_argument(
         "--draft-gate",
         default="measured",
-        choices=["measured", "always", "never"],  # decoding.speculative.GATES (no torch here)
+        choices=choices.GATES,
         help="whether adaptive speculative rounds draft: 'measured' (the engine times both "
         "ways per batch size and runs the faster, so speculation is not slower than full "
         "depth), 'always', or 'never' (default: measured)",

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from earlyexit.errors import InputError
 from earlyexit.training.data import Windows, load_manifest, token_file, val_batches
 
+# MoR models: each token's depth from its own router scores, or the training top-k rule
+ROUTINGS = ("causal", "topk")
+
 
 def perplexity(
     model_dir: str | Path,
@@ -44,7 +47,7 @@ def perplexity(
     ``routing`` (Mixture-of-Recursions models only): ``causal`` (the default: each token's
     depth from its own router scores, as in generation) or ``topk`` (the training rule,
     which looks at the whole window: not causal, reported for comparison only)."""
-    if routing not in ("causal", "topk"):
+    if routing not in ROUTINGS:
         raise InputError(f"routing must be causal or topk, got {routing!r}")
     import earlyexit
 
