@@ -1,12 +1,14 @@
 """Reliability promises (docs/reliability.md): no lost training work, no crash from a bad
 request. Training faults reuse test_training's tiny setup; the server scenario is the
-`bench reliability` harness at a smaller size."""
+`scripts/bench_reliability.py` harness at a smaller size."""
 
+import importlib.util
 import os
 import random
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,15 @@ from earlyexit.training.state import latest_checkpoint
 from tests.test_training import _cli_train, cfg, make_setup, run_quietly, wait_for_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name: str):
+    """``scripts/NAME.py`` as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +124,8 @@ def test_unwritable_output_during_save_keeps_the_previous_checkpoint(
 def test_server_under_load_and_abuse():
     pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
-    from earlyexit.bench.reliability import ABUSE, run
+    harness = _script("bench_reliability")
+    ABUSE, run = harness.ABUSE, harness.run
 
     fig = run(
         n_requests=150,

@@ -441,25 +441,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- reliability
-
-
-def _reliability_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", type=int, default=1000, help="valid requests")
-    p.add_argument("--clients", type=int, default=64, help="concurrent clients")
-    p.add_argument("--out", default="results/reliability.json", help="the figures are written here")
-    add_device_flags(p)
-
-
-def _reliability(args: argparse.Namespace) -> int:
-    from earlyexit.bench.reliability import run
-
-    _use_device(args)
-    fig = run(n_requests=args.prompts, clients=args.clients, out=args.out)
-    print(json.dumps({k: v for k, v in fig.items() if k != "env"}, indent=1))
-    return 0 if fig["failures"] == 0 else 1
-
-
 # --- plot, all
 
 
@@ -505,7 +486,6 @@ BENCHMARKS = {
     ),
     "serve": ("HTTP vs offline", _serve_flags, _serve),
     "mor-isoflop": ("vanilla / recursive / MoR at equal FLOPs", _isoflop_flags, _isoflop),
-    "reliability": ("the server under load and abuse", _reliability_flags, _reliability),
     "plot": ("figures from the JSON rows", _plot_flags, _plot),
     "all": ("the whole suite: missing training, every benchmark, the figures", _all_flags, _all),
 }

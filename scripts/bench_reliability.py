@@ -1,6 +1,11 @@
-"""``earlyexit bench reliability``: the server under load and abuse, on loopback.
+"""The server under load and abuse, on loopback (BENCHMARKS.md, "reliability"):
 
-    earlyexit bench reliability [--prompts 1000] [--clients 32]
+    pip install -e '.[serve]'   # and httpx (in '.[dev]')
+    python scripts/bench_reliability.py [--prompts 1000] [--clients 64]
+
+A test suite of the server more than a benchmark, so it lives outside the package; the
+figures it prints are ``docs/reliability.md``'s, and its rows go to
+``results/reliability.json``.
 
 A tiny random-weight model (byte-level tokenizer, exits, so early-exit requests are
 exercised too) is served in-process by the real FastAPI + uvicorn stack with an API key.
@@ -39,9 +44,11 @@ The test suite runs a smaller instance (``tests/test_reliability.py``);
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -437,3 +444,22 @@ def run(
         thread.join(timeout=10)
     write_rows([figures], out)
     return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The full-size run; exit status 1 when any check failed."""
+    ap = argparse.ArgumentParser(
+        description="The server under load and abuse, on loopback (docs/reliability.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--prompts", type=int, default=1000, help="valid completion requests")
+    ap.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    ap.add_argument("--out", default="results/reliability.json", help="the figures' JSON row")
+    a = ap.parse_args(argv)
+    fig = run(n_requests=a.prompts, clients=a.clients, out=a.out)
+    print(json.dumps({k: v for k, v in fig.items() if k != "env"}, indent=1))
+    return 0 if fig["failures"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
