@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from earlyexit.bench import plots
 from earlyexit.demo import output, report
 from earlyexit.demo.evaluate import engine_row
 from earlyexit.demo.stats import fmt_ratio, paired_se, ratio_summary, ratio_verdict
@@ -84,7 +85,9 @@ def _engine():
 def _figure(monkeypatch, fn, *args):
     """Draw with ``fn`` and hand back the figure instead of writing it."""
     figs = []
-    monkeypatch.setattr(report, "save", lambda fig, out: figs.append(fig) or out)
+    keep = lambda fig, out: figs.append(fig) or out  # noqa: E731
+    monkeypatch.setattr(report, "save", keep)
+    monkeypatch.setattr(plots, "save", keep)  # the quality-vs-speed chart is drawn there
     fn(*args, "unused.png")
     return figs[0]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from earlyexit.bench.plots import _plt, axis_limit, save
+from earlyexit.bench.plots import _plt, quality_vs_speed, save
 from earlyexit.demo.stats import NOISE, fmt_ratio, ratio_verdict
 
 MODEL_TITLES = {
@@ -69,73 +69,31 @@ def text_table(header: list[str], lines: list[list[str]]) -> str:
 
 
 def pareto(rows: list[dict], out: Path) -> Path:
-    """Quality (ROUGE-L vs full depth) against speedup, one curve per strategy and model.
-
-    Each point is the row's median speedup with its spread over the rounds as a horizontal
-    bar. Full depth is (1, 1) by definition: drawn as dotted lines, not a marker that would
-    hide the points around it. A point far beyond the others (above the Tukey fence of the
-    speedups, :func:`earlyexit.bench.plots.axis_limit`) is drawn at the axis edge as a
-    triangle and annotated with its value, so it does not squeeze the rest."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.2))
-    pts = [r for r in rows if r["rouge_l"] is not None and r["curve"] != "full"]
-    xmax = axis_limit([r["speedup"] for r in pts])
-    ax.axvline(1.0, color="k", lw=0.8, ls=":", zorder=0, label="full depth: (1, 1)")
-    ax.axhline(1.0, color="k", lw=0.8, ls=":", zorder=0)
-    ax.axvspan(
-        1 - NOISE,
-        1 + NOISE,
-        color="grey",
-        alpha=0.15,
-        lw=0,
-        zorder=0,
-        label=f"timing noise (±{NOISE:.0%})",
-    )
+    """Quality (ROUGE-L vs full depth) against speedup, one curve per strategy and model
+    (:func:`earlyexit.bench.plots.quality_vs_speed`, the benchmarks' chart): each point the
+    row's median speedup with its spread over the rounds as a horizontal bar, the timing
+    noise band around 1, a clipped point annotated with its label and ratio."""
     curves = defaultdict(list)
-    for r in pts:
-        curves[(r["model"], r["curve"])].append(r)
-    clipped = []
+    for r in rows:
+        if r["rouge_l"] is not None and r["curve"] != "full":
+            curves[(r["model"], r["curve"])].append(r)
+    points = {}
     for (model, curve), rs in sorted(curves.items()):
         rs.sort(key=lambda r: r["speedup"])
-        cap = (lambda v: min(v, xmax)) if xmax is not None else (lambda v: v)
-        xs = [cap(r["speedup"]) for r in rs]
-        ys = [r["rouge_l"] for r in rs]
-        lo = [x - cap(r.get("speedup_lo", r["speedup"])) for x, r in zip(xs, rs)]
-        hi = [cap(r.get("speedup_hi", r["speedup"])) - x for x, r in zip(xs, rs)]
-        line = ax.errorbar(
-            xs,
-            ys,
-            xerr=[np.maximum(lo, 0), np.maximum(hi, 0)],
-            marker="o",
-            markersize=4,
-            capsize=2,
-            elinewidth=0.8,
-            linestyle="-" if len(rs) > 1 else "",
-            label=f"{MODEL_TITLES.get(model, model)}: {curve}",
-        )
-        colour = line.lines[0].get_color()
-        clipped += [(r, colour) for r in rs if xmax is not None and r["speedup"] > xmax]
-    for i, (r, colour) in enumerate(sorted(clipped, key=lambda rc: -rc[0]["rouge_l"])):
-        ax.plot([xmax], [r["rouge_l"]], marker=">", markersize=9, color=colour, linestyle="")
-        ax.annotate(  # stacked: several clipped points may share a ROUGE-L
-            f"{r['label']}: {fmt_ratio(r['speedup'], r.get('speedup_lo'), r.get('speedup_hi'))}",
-            (xmax, r["rouge_l"]),
-            xytext=(-6, 8 + 11 * i),
-            textcoords="offset points",
-            ha="right",
-            fontsize=7,
-        )
-    if xmax is not None:
-        left = min([r.get("speedup_lo", r["speedup"]) for r in pts] + [1 - NOISE])
-        ax.set_xlim(left - 0.03, xmax * 1.02)
-    ax.set_xlabel(
-        "speedup over the same model's full depth (batch 1, median of rounds; bars: spread)"
+        points[f"{MODEL_TITLES.get(model, model)}: {curve}"] = [
+            {
+                **r,
+                "note": f"{r['label']}: {fmt_ratio(r['speedup'], r.get('speedup_lo'), r.get('speedup_hi'))}",
+            }
+            for r in rs
+        ]
+    return quality_vs_speed(
+        points,
+        out,
+        title="Quality vs speed: every strategy on the demo's models",
+        xlabel="speedup over the same model's full depth (batch 1, median of rounds; bars: spread)",
+        noise=NOISE,
     )
-    ax.set_ylabel("ROUGE-L vs full-depth greedy output")
-    ax.set_title("Quality vs speed: every strategy on the demo's models")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.grid(alpha=0.3)
-    return save(fig, out)
 
 
 def depth_histogram(depths: dict[str, tuple[list[int], int]], out: Path) -> Path:
