@@ -1,6 +1,7 @@
 """The compiled decode-attention kernel (``models/decode_kernel.py``) against attention
 written from its definition, and the model paths that use it against those that do not."""
 
+import copy
 import math
 import os
 import subprocess
@@ -11,11 +12,12 @@ import pytest
 import torch
 
 from earlyexit.errors import InputError
-from earlyexit.models import decode_kernel, layers
+from earlyexit.models import attention, decode_kernel
 from earlyexit.models.kv_cache import ForwardContext, KVCache
 from tests.conftest import make_model
 
-if decode_kernel.load() is None:  # no C compiler here: the PyTorch paths are all there is
+KERNEL = decode_kernel.load()
+if KERNEL is None:  # no C compiler here: the PyTorch paths are all there is
     pytest.skip(f"decode kernel: {decode_kernel.status()}", allow_module_level=True)
 
 
@@ -56,10 +58,11 @@ def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv, T):
     q = qkv[..., : H * D].view(4, T, H, D).transpose(1, 2)
     k = qkv[..., H * D : (H + Hkv) * D].view(4, T, Hkv, D).transpose(1, 2)
     v = qkv[..., (H + Hkv) * D :].view(4, T, Hkv, D).transpose(1, 2)
-    offsets, starts, n = cache.append_blocks(-1, 4, T, _ctx(rows, slots, n_new))
+    blocks, starts, n = cache.reserve(-1, 4, T, _ctx(rows, slots, n_new))
+    assert blocks.tolist() == (slots * B + rows).tolist()
     assert starts.tolist() == lens.tolist() and n.tolist() == n_new.tolist()
     assert cache.lengths[slots, rows].tolist() == (lens + n_new).tolist()
-    out = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, offsets, starts, n)
+    out = KERNEL.append_attend(q, k, v, cache.k_all, cache.v_all, blocks, starts, n)
     assert out.shape == (4, H, T, D)
     want_k, want_v = before_k.clone(), before_v.clone()
     for b in range(4):
@@ -76,18 +79,18 @@ def test_kernel_appends_and_attends_each_row_over_its_own_block(H, Hkv, T):
     torch.testing.assert_close(cache.k_all, want_k, atol=0, rtol=0)
     torch.testing.assert_close(cache.v_all, want_v, atol=0, rtol=0)
     with pytest.raises(InputError, match=f"KV cache full: {40 + T} entries exceed its length 40"):
-        cache.append_blocks(-1, 1, T, _ctx([4], [0]))  # row 4 of slot 0 is full
+        cache.reserve(-1, 1, T, _ctx([4], [0]))  # row 4 of slot 0 is full
     assert cache.lengths[0, 4] == 40  # nothing reserved
     for bad_rows, bad_slots in (([-1], [0]), ([5], [0]), ([1], [-1]), ([1], [3])):
         with pytest.raises(IndexError):  # never a wrapped-around or stray offset
-            cache.append_blocks(-1, 1, T, _ctx(bad_rows, bad_slots))
+            cache.reserve(-1, 1, T, _ctx(bad_rows, bad_slots))
     for bad_slot in (-1, 3):  # every row at the step's slot
         with pytest.raises(IndexError):
-            cache.append_blocks(bad_slot, 1, T, _ctx([1], None))
+            cache.reserve(bad_slot, 1, T, _ctx([1], None))
 
 
 def _ctx(rows, slots, n_new=None):
-    """A forward's context as ``append_blocks`` reads it: rows, their slots, new tokens."""
+    """A forward's context as ``reserve`` reads it: rows, their slots, new tokens."""
     ctx = ForwardContext(positions=torch.zeros(len(rows), 1, dtype=torch.long), cos=None, sin=None)
     ctx.rows, ctx.kv_slots, ctx.n_new = (
         None if a is None else np.asarray(a, dtype=np.int64) for a in (rows, slots, n_new)
@@ -112,8 +115,9 @@ def test_decoding_with_the_kernel_equals_pytorch_attention():
     rows = np.array([2, 0, 1])
     outs = {}
     for kernel in (True, False):
-        cache = KVCache.for_model(model, 3, 20)
-        with decode_kernel.use_kernel(kernel), torch.inference_mode():
+        cache = KVCache.for_model(model, 3, 20, attention="auto" if kernel else "sdpa")
+        assert (cache.kernel is not None) == kernel
+        with torch.inference_mode():
             model(x[:, :6], cache=cache, rows=rows, n_new=[6, 5, 6])  # prefill: SDPA
             pos = torch.as_tensor(cache.lengths[0, rows])[:, None] + torch.arange(3)
             chunk = model(x[:, 6:9], pos, cache=cache, rows=rows, n_new=[3, 1, 2])
@@ -130,44 +134,73 @@ def test_decoding_with_the_kernel_equals_pytorch_attention():
     torch.testing.assert_close(outs[True][1], outs[False][1], atol=1e-5, rtol=1e-5)
 
 
+def _backend(model, cache, T=1, **kw):
+    """The backend a forward context of T new tokens per row gets, built without autograd
+    (as every decoding path builds it)."""
+    B = cache.batch_size
+    with torch.inference_mode():
+        return model.context(torch.zeros(B, T, dtype=torch.long), cache, **kw).backend
+
+
 def test_the_kernel_serves_decode_and_short_chunks_only():
-    """Longer chunks (prefill), bf16, sliding windows and autograd keep PyTorch's attention."""
+    """Longer chunks (prefill), bf16, sliding windows, autograd and a cache that asks for
+    SDPA keep PyTorch's attention; the choice is the context's, made when it is built."""
     model = make_model(n_layers=2)
     cache = KVCache.for_model(model, 2, 8)
-    ctx = model.context(torch.zeros(2, 1, dtype=torch.long), cache)
-    assert decode_kernel.applies(ctx, 1)
-    assert decode_kernel.applies(ctx, decode_kernel.MAX_CHUNK)
-    assert not decode_kernel.applies(ctx, decode_kernel.MAX_CHUNK + 1)
-    q = torch.zeros(1, requires_grad=True)
-    assert not decode_kernel.applies(ctx, 1, q)
+    assert cache.kernel is KERNEL and copy.deepcopy(cache).kernel is KERNEL  # one per process
+    assert _backend(model, cache) == "kernel"
+    assert _backend(model, cache, decode_kernel.MAX_CHUNK) == "kernel"
+    assert _backend(model, cache, decode_kernel.MAX_CHUNK + 1) == "sdpa"
+    ctx = model.context(torch.zeros(2, 1, dtype=torch.long), cache)  # autograd on
+    assert ctx.backend == "sdpa"
     with torch.no_grad():
-        assert decode_kernel.applies(ctx, 1, q)
-    ctx.sliding_window = 4
-    assert not decode_kernel.applies(ctx, 1)
-    bf = KVCache(2, 2, 8, 1, 4, dtype=torch.bfloat16)
-    assert not decode_kernel.applies(model.context(torch.zeros(2, 1, dtype=torch.long), bf), 1)
-    with decode_kernel.use_kernel(False):
-        assert not decode_kernel.applies(ctx, 1)
+        ctx = model.context(torch.zeros(2, 1, dtype=torch.long), cache)
+        assert ctx.backend == "kernel"
+        ctx.sliding_window = 4
+        assert attention.choose(ctx) == "sdpa"
+    bf = KVCache(2, 2, 8, 1, 4, dtype=torch.bfloat16, kernel=KERNEL)
+    assert _backend(model, bf) == "sdpa"
+    assert _backend(model, KVCache.for_model(model, 2, 8, attention="sdpa")) == "sdpa"
+    assert _backend(model, KVCache(2, 2, 8, 1, 4)) == "sdpa"  # a cache without the kernel
 
 
-def test_turning_the_kernel_off_and_on_again():
-    """``use_kernel(False)`` reports "disabled" and nothing else; afterwards the kernel is
-    back (a status asked while it was off must not stick)."""
-    with decode_kernel.use_kernel(False):
-        assert decode_kernel.status() == "disabled"
-        assert decode_kernel.load() is None
+def test_the_backend_is_chosen_once_per_context(monkeypatch):
+    """``Decoder.context`` chooses; the steps of the forward only dispatch on its choice."""
+    model = make_model(n_layers=3)
+    cache = KVCache.for_model(model, 2, 8)
+    calls = []
+    choose = attention.choose
+    monkeypatch.setattr(attention, "choose", lambda ctx: calls.append(1) or choose(ctx))
+    with torch.inference_mode():
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache)  # prefill
+        model(torch.zeros(2, 1, dtype=torch.long), cache=cache)  # a decode step
+    assert len(calls) == 2  # one per forward, not one per layer
+    assert cache.lengths[:, :2].tolist() == [[4, 4]] * model.config.n_kv_slots
+
+
+def test_env_turns_the_kernel_off(monkeypatch):
+    """``EARLYEXIT_DECODE_KERNEL=0``: "disabled", no kernel for new caches, SDPA; unset, the
+    kernel is back (being off must not stick)."""
+    model = make_model(n_layers=2)
+    monkeypatch.setenv("EARLYEXIT_DECODE_KERNEL", "0")
+    assert decode_kernel.status() == "disabled" and decode_kernel.load() is None
+    cache = KVCache.for_model(model, 2, 8)
+    assert cache.kernel is None and _backend(model, cache) == "sdpa"
+    monkeypatch.delenv("EARLYEXIT_DECODE_KERNEL")
     assert decode_kernel.status().startswith("compiled: ")
-    assert decode_kernel.load() is not None
+    assert KVCache.for_model(model, 2, 8).kernel is KERNEL
 
 
-def test_depthwise_mode_is_the_kernel_for_decode_and_says_why_not_when_forced(monkeypatch):
+def test_depthwise_mode_is_the_kernel_for_decode_and_says_why_not_when_forced():
     model = make_model(n_layers=2)
     cache = KVCache.for_model(model, 2, 8)
-    ctx = model.context(torch.zeros(2, 1, dtype=torch.long), cache, kv_slots=[0, 1])
-    assert layers.depthwise_attention_mode(ctx, 1) == "kernel"
-    monkeypatch.setattr(layers, "DEPTHWISE_ATTENTION", "kernel")
-    with pytest.raises(ValueError, match="does not apply"):
-        layers.depthwise_attention_mode(ctx, decode_kernel.MAX_CHUNK + 1)
+    assert _backend(model, cache, kv_slots=[0, 1]) == "kernel"
+    cache.attention = "kernel"
+    with pytest.raises(ValueError, match="does not apply here: 5 new tokens per row"):
+        _backend(model, cache, decode_kernel.MAX_CHUNK + 1, kv_slots=[0, 1])
+    cache.attention = "per-row"  # a depth-wise path named: depth-wise calls take it ...
+    assert _backend(model, cache, kv_slots=[0, 1]) == "per-row"
+    assert _backend(model, cache) == "kernel"  # ... plain calls stay as auto
 
 
 def test_a_failed_build_falls_back_and_says_why(tmp_path):

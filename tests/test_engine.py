@@ -419,14 +419,12 @@ def test_runner_logits_share_one_head_and_match_each_exit_point(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["relaxed", "middle"])
-def test_depthwise_engine_with_row_by_row_attention_equals_single_requests(kind, monkeypatch):
+def test_depthwise_engine_with_row_by_row_attention_equals_single_requests(kind):
     """The per-row attention path (chosen for long histories) through the whole engine:
     FREE catch-up chunks (several tokens per row) and rows at 2-3 loops per call."""
-    from earlyexit.models import layers
-
-    monkeypatch.setattr(layers, "DEPTHWISE_ATTENTION", "per-row")
     model, exit_step = MODELS[kind]
     engine = LLMEngine(model, policy="depthwise", max_batch=3, max_len=64)
+    engine.runner.cache.attention = "per-row"  # what the engine's cache asks of depth-wise calls
     reqs = serve_prompts(engine, ExitMode(exit_step, 0.05))
     assert_each_request_alone(model, reqs, lambda: FREE(exit_step, 0.05))
 
@@ -436,26 +434,29 @@ def test_depthwise_attention_mode_follows_history_length_and_slots():
     per-row once (distinct slots - 1) x the longest history reaches the floor."""
     import numpy as np
 
-    from earlyexit.models import decode_kernel, layers
+    from earlyexit.models import attention
     from earlyexit.models.kv_cache import KVCache
 
     model, _ = MODELS["recursive"]
-    cache = KVCache.for_model(model, 4, 600)
+    caches = {a: KVCache.for_model(model, 4, 600, attention=a) for a in ("auto", "sdpa")}
     pos = torch.zeros(4, 1, dtype=torch.long)
-    floor = layers.PER_ROW_MIN_ENTRIES
+    floor = attention.PER_ROW_MIN_ENTRIES
     for lens, slots, want in (
         ([3, 5, 2, 4], [0, 3, 0, 3], "per-slot"),
         ([floor - 1, 5, 2, 4], [0, 3, 0, 3], "per-row"),  # floor - 1 + the new token
         ([floor - 2, 5, 2, 4], [0, 3, 0, 3], "per-slot"),
         ([floor // 2, 5, 2, 4], [0, 3, 0, 3], "per-slot"),  # 2 slots: 1 extra pass
     ):
-        cache.lengths[:] = 0
-        cache.lengths[np.array(slots), np.arange(4)] = lens
-        ctx = model.context(pos, cache, rows=np.arange(4), kv_slots=slots)
-        with decode_kernel.use_kernel(False):
-            assert layers.depthwise_attention_mode(ctx, 1) == want, (lens, slots)
-        kernel = decode_kernel.load() is not None
-        assert layers.depthwise_attention_mode(ctx, 1) == ("kernel" if kernel else want)
+        got = {}
+        for name, cache in caches.items():
+            cache.lengths[:] = 0
+            cache.lengths[np.array(slots), np.arange(4)] = lens
+            with torch.inference_mode():
+                ctx = model.context(pos, cache, rows=np.arange(4), kv_slots=slots)
+            got[name] = ctx.backend
+        assert got["sdpa"] == want, (lens, slots)
+        kernel = caches["auto"].kernel is not None
+        assert got["auto"] == ("kernel" if kernel else want)
 
 
 @pytest.mark.parametrize("policy", ["continuous", "depthwise"])

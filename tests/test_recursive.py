@@ -595,7 +595,6 @@ def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relax
     import numpy as np
 
     from earlyexit.config import LoraConfig
-    from earlyexit.models import decode_kernel, layers
     from earlyexit.models.kv_cache import KVCache
 
     if relaxed == "lora":
@@ -627,32 +626,29 @@ def test_one_block_call_with_rows_at_different_loops_equals_each_row_alone(relax
         pos = torch.as_tensor(lens)[:, None] + torch.arange(T)[None, :]
         ref = []
         for b, r in enumerate(rows):  # each row alone: the plain path of its own step
-            c = _copy_cache(base)
+            c = _copy_cache(base, "sdpa")
             ctx = model.context(pos[b : b + 1], c, rows=[r], n_new=[n_new[b]])
-            with decode_kernel.use_kernel(False):
-                ref.append(model.run_step(int(steps[b]), h[b : b + 1], ctx)[0, : n_new[b]])
+            ref.append(model.run_step(int(steps[b]), h[b : b + 1], ctx)[0, : n_new[b]])
         modes = ["per-slot", "per-row", "gather", "auto"]
-        if T == 1 and decode_kernel.load() is not None:
+        if T == 1 and base.kernel is not None:
             modes.append("kernel")
         for mode in modes:
-            layers.DEPTHWISE_ATTENTION = mode
-            try:
-                c = _copy_cache(base)
-                slots = [model.plan[s].kv_slot for s in steps]
-                lora = torch.tensor([model.plan[s].lora for s in steps])
-                ctx = model.context(pos, c, rows=rows, n_new=n_new, kv_slots=slots)
-                out = model.run_block(0, h, ctx, -1, lora)
-            finally:
-                layers.DEPTHWISE_ATTENTION = "auto"
+            c = _copy_cache(base, mode)
+            slots = [model.plan[s].kv_slot for s in steps]
+            lora = torch.tensor([model.plan[s].lora for s in steps])
+            ctx = model.context(pos, c, rows=rows, n_new=n_new, kv_slots=slots)
+            assert mode == "auto" or ctx.backend == mode
+            out = model.run_block(0, h, ctx, -1, lora)
             for b in range(5):
                 torch.testing.assert_close(out[b, : n_new[b]], ref[b], atol=2e-5, rtol=1e-4)
                 assert c.lengths[slots[b], rows[b]] == lens[b] + n_new[b]
 
 
-def _copy_cache(c):
+def _copy_cache(c, attention="auto"):
     import copy
 
     new = copy.copy(c)
+    new.attention = attention
     new.k_all, new.v_all, new.pos_all = c.k_all.clone(), c.v_all.clone(), c.pos_all.clone()
     new.k, new.v, new.pos = list(new.k_all), list(new.v_all), list(new.pos_all)
     new.lengths = c.lengths.copy()

@@ -12,7 +12,7 @@ entries in both loops' slots of block 0; one decode token per row runs through b
   compiled decode kernel where it applies: ``models/decode_kernel.py``);
 - *mixed*: the same rows, alternately at loop 1 and loop 2 (slots 0 and K): the depth-wise
   case, through ``Decoder.run_block`` with per-row KV slots, on the attention path the
-  engine picks (``layers.DEPTHWISE_ATTENTION = "auto"``: the kernel where it applies);
+  engine picks (``KVCache.attention = "auto"``: the kernel where it applies);
 - *plain without the kernel*: the plain call on PyTorch's SDPA (the plain call before the
   kernel existed);
 - *per-slot* / *per-row*: the mixed call forced onto either PyTorch path (attention once
@@ -34,7 +34,6 @@ import torch
 
 from earlyexit.bench.common import environment, set_threads, sync, write_rows
 from earlyexit.config import ModelConfig
-from earlyexit.models import decode_kernel, layers
 from earlyexit.models.decoder import Decoder
 from earlyexit.models.kv_cache import KVCache
 
@@ -65,19 +64,15 @@ def time_calls(
     lora = None
 
     def plain(kernel: bool = True) -> None:
-        with decode_kernel.use_kernel(kernel):
-            ctx = model.context(pos, cache, rows=r)
-            model.run_step(0, h, ctx)
+        cache.attention = "auto" if kernel else "sdpa"
+        ctx = model.context(pos, cache, rows=r)
+        model.run_step(0, h, ctx)
         cache.lengths[0, r] -= 1
 
     def mixed(mode: str = "auto") -> None:
-        layers.DEPTHWISE_ATTENTION = mode
-        try:
-            with decode_kernel.use_kernel(mode in ("auto", "kernel")):
-                ctx = model.context(pos, cache, rows=r, kv_slots=mixed_slots)
-                model.run_block(0, h, ctx, -1, lora)
-        finally:
-            layers.DEPTHWISE_ATTENTION = "auto"
+        cache.attention = mode
+        ctx = model.context(pos, cache, rows=r, kv_slots=mixed_slots)
+        model.run_block(0, h, ctx, -1, lora)
         cache.lengths[mixed_slots, r] -= 1
 
     variants = {
@@ -100,13 +95,13 @@ def time_calls(
                 f()
                 sync()
                 times[name].append(time.perf_counter() - t)
+        cache.attention = "auto"
+        mode = model.context(pos, cache, rows=r, kv_slots=mixed_slots).backend
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         **{f"{k}_s": t for k, t in med.items()},
         **{f"{k}_over_plain": t / med["plain"] for k, t in med.items() if k != "plain"},
-        "mode": layers.depthwise_attention_mode(
-            model.context(pos, cache, rows=r, kv_slots=mixed_slots), 1
-        ),
+        "mode": mode,
         "samples": times,
     }
 

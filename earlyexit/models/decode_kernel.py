@@ -21,16 +21,20 @@ the attention alone), and it keeps the plain and the depth-wise call on the same
 so each row's output does not depend on which other rows share its call.
 
 The build lands in ``$EARLYEXIT_HOME/kernels`` (default ``~/.cache/earlyexit/kernels``),
-named by a hash of the source, flags, compiler and CPU flags, written atomically. If there is no
-compiler or the build fails, the reason is logged once and the PyTorch paths are used.
-``EARLYEXIT_DECODE_KERNEL=0`` turns the kernel off (the ablation; ``use_kernel`` does so
-for a block of code).
+named by a hash of the source, flags, compiler and CPU flags, written atomically. ``load()``
+builds it (once per machine), loads it (once per process) and returns a :class:`Kernel`;
+``KVCache.for_model`` calls it when it allocates a CPU fp32 cache, and the cache carries the
+kernel. Nothing builds inside a forward: a forward whose cache has no kernel attends through
+PyTorch (``models/attention.py`` chooses, once per forward context). If there is no compiler
+or the build fails, the reason is logged once and the PyTorch paths are used.
+``EARLYEXIT_DECODE_KERNEL=0`` turns the kernel off (the ablation; a cache's
+``attention = "sdpa"`` does so for that cache).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -66,10 +70,6 @@ _ARGTYPES = [
     _I, _I, _I, _I, _I, ctypes.c_float,  # R, T, Hkv, G, D, scale
     _P, ctypes.c_int,  # out, threads
 ]  # fmt: skip
-
-_fn = None  # the loaded function
-_state = "not loaded"  # or "compiled: PATH", "unavailable: WHY" (``status`` adds "disabled")
-_enabled = os.environ.get("EARLYEXIT_DECODE_KERNEL", "1") not in ("0", "false", "off")
 
 
 def _compiler() -> str | None:
@@ -119,15 +119,25 @@ def _build(cc: str, source: Path = SOURCE) -> Path:
     return lib
 
 
-def load():
-    """The kernel function, building it on first use; None when unavailable or disabled."""
-    global _fn, _state
-    if not _enabled:
+def enabled() -> bool:
+    """Whether the kernel may be used at all (``EARLYEXIT_DECODE_KERNEL=0`` turns it off)."""
+    return os.environ.get("EARLYEXIT_DECODE_KERNEL", "1") not in ("0", "false", "off")
+
+
+def load() -> Kernel | None:
+    """The kernel, built on the first call on this machine and loaded once per process;
+    None when turned off or unavailable (``status`` says why). An explicit call, made when a
+    CPU fp32 cache is allocated (``KVCache.for_model``), never inside a forward."""
+    if not enabled():
         return None
-    if _fn is not None:
-        return _fn
-    if _state != "not loaded":
-        return None  # a failed build is not retried in this process
+    got = _load()
+    return got if isinstance(got, Kernel) else None
+
+
+@functools.cache
+def _load() -> Kernel | str:
+    """The loaded kernel, or why there is none (a failed build is not retried in this
+    process)."""
     cc = _compiler()
     try:
         if cc is None:
@@ -135,32 +145,19 @@ def load():
         path = _build(cc)
         fn = ctypes.CDLL(str(path)).ee_decode_attention
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _state = f"unavailable: {e}"
         log.warning("decode attention kernel unavailable, using PyTorch attention: %s", e)
-        return None
+        return f"unavailable: {e}"
     fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
-    _fn, _state = fn, f"compiled: {path}"
-    return _fn
+    return Kernel(fn, path)
 
 
 def status() -> str:
-    """What the kernel is in this process: compiled (and where), unavailable (why), disabled."""
-    if not _enabled:
+    """What the kernel is in this process: compiled (and where), unavailable (why), disabled.
+    Loads it (reports ask this before or after decoding, never inside a forward)."""
+    if not enabled():
         return "disabled"
-    load()
-    return _state
-
-
-@contextlib.contextmanager
-def use_kernel(enabled: bool):
-    """Turn the kernel on or off for a block of code (benchmarks' ablation, tests)."""
-    global _enabled
-    before = _enabled
-    _enabled = enabled
-    try:
-        yield
-    finally:
-        _enabled = before
+    got = _load()
+    return f"compiled: {got.path}" if isinstance(got, Kernel) else got
 
 
 # Chunks of up to this many new tokens per row go through the kernel (a decode step, FREE's
@@ -169,67 +166,71 @@ def use_kernel(enabled: bool):
 MAX_CHUNK = 4
 
 
-def applies(ctx, T: int, q: Tensor | None = None) -> bool:
-    """Whether a cached attention call (``ctx.cache`` set) can go through the kernel: CPU
-    fp32 inference (``q`` needing no gradient), at most ``MAX_CHUNK`` new tokens per row, no
-    sliding window (windows read positions) and no KV sharing slots (read by later steps
-    through ``KVCache.read``)."""
-    buf = ctx.cache.k_all
-    return (
-        _enabled
-        and T <= MAX_CHUNK
-        and buf.device.type == "cpu"
-        and buf.dtype == torch.float32
-        and ctx.sliding_window is None
-        and not ctx.stash_slots
-        and not (q is not None and torch.is_grad_enabled() and q.requires_grad)
-        and load() is not None
-    )
+def block_offsets(cache: Tensor, blocks: np.ndarray) -> np.ndarray:
+    """Where each (slot, row) block starts in a cache buffer (..., Hkv, S, D), in elements:
+    ``blocks`` index the buffer's leading dimensions flattened (slot x batch + row). The one
+    place the buffer's memory layout is read."""
+    Hkv, S, D = cache.shape[-3:]
+    return blocks * (Hkv * S * D)
 
 
-def append_attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    offsets: np.ndarray,
-    starts: np.ndarray,
-    n_new: np.ndarray,
-) -> Tensor:
-    """Append each row's ``k``, ``v`` (B, Hkv, T, D) to its block and attend over it.
+class Kernel:
+    """The loaded library (``load``). Attention backends call :meth:`append_attend`."""
 
-    Args:
-        q: queries (B, H, T, D), H a multiple of Hkv; the last dim contiguous.
-        k_cache, v_cache: the cache's buffers (..., Hkv, S, D), contiguous; row b's block
-            starts ``offsets[b]`` floats in (its (slot, row) position).
-        offsets: (B,) int64 offsets; starts: (B,) entries before the append; n_new: (B,)
-            valid new tokens (the rest of T is right padding, never written).
-    Returns:
-        attention output (B, H, T, D); query t of row b sees the block's first
-        ``starts[b] + t + 1`` entries; padding queries are zeros.
-    """
-    B, H, T, D = q.shape
-    Hkv, S = k_cache.shape[-3], k_cache.shape[-2]
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"decode kernel: {name}'s last dimension must be contiguous")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("decode kernel: the cache buffers must be contiguous")
-    if k.stride(1) != v.stride(1):
-        raise ValueError("decode kernel: k and v must share their head stride")
-    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    n_new = np.ascontiguousarray(n_new, dtype=np.int64)
-    out = torch.empty(B, H, T, D, dtype=q.dtype)
-    rc = _fn(
-        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k.stride(1), k.stride(2), v.stride(2),
-        k_cache.data_ptr(), v_cache.data_ptr(), S * D,
-        offsets.ctypes.data, starts.ctypes.data, n_new.ctypes.data,
-        B, T, Hkv, H // Hkv, D, D**-0.5,
-        out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise MemoryError("decode kernel: could not allocate its score buffer")
-    return out
+    def __init__(self, fn, path: Path) -> None:
+        self._fn, self.path = fn, path
+
+    def __deepcopy__(self, memo) -> Kernel:
+        return self  # one library per process: a copied cache shares it
+
+    def __reduce__(self):
+        return (load, ())  # unpickled where the library is loaded (or None there)
+
+    def append_attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        blocks: np.ndarray,
+        starts: np.ndarray,
+        n_new: np.ndarray,
+    ) -> Tensor:
+        """Append each row's ``k``, ``v`` (B, Hkv, T, D) to its block and attend over it.
+
+        Args:
+            q: queries (B, H, T, D), H a multiple of Hkv; the last dim contiguous.
+            k_cache, v_cache: the cache's buffers (n_slots, batch, Hkv, S, D), contiguous.
+            blocks: (B,) each row's (slot, row) block, as ``slot * batch + row``;
+                starts: (B,) entries before the append; n_new: (B,) valid new tokens (the
+                rest of T is right padding, never written). All checked by the cache's plan.
+        Returns:
+            attention output (B, H, T, D); query t of row b sees the block's first
+            ``starts[b] + t + 1`` entries; padding queries are zeros.
+        """
+        B, H, T, D = q.shape
+        Hkv, S = k_cache.shape[-3], k_cache.shape[-2]
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.stride(-1) != 1:
+                raise ValueError(f"decode kernel: {name}'s last dimension must be contiguous")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("decode kernel: the cache buffers must be contiguous")
+        if k.stride(1) != v.stride(1):
+            raise ValueError("decode kernel: k and v must share their head stride")
+        offsets = np.ascontiguousarray(block_offsets(k_cache, blocks), dtype=np.int64)
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        n_new = np.ascontiguousarray(n_new, dtype=np.int64)
+        out = torch.empty(B, H, T, D, dtype=q.dtype)
+        rc = self._fn(
+            q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+            k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k.stride(1), k.stride(2),
+            v.stride(2),
+            k_cache.data_ptr(), v_cache.data_ptr(), S * D,
+            offsets.ctypes.data, starts.ctypes.data, n_new.ctypes.data,
+            B, T, Hkv, H // Hkv, D, D**-0.5,
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("decode kernel: could not allocate its score buffer")
+        return out

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from earlyexit.config import ModelConfig
+from earlyexit.models import attention
 from earlyexit.models.heads import PrunedHead
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext, KVCache
@@ -156,7 +157,8 @@ class Decoder(nn.Module):
         kv_slots: np.ndarray | list[int] | None = None,
         segments: Tensor | None = None,
     ) -> ForwardContext:
-        """Per-forward state shared by every step: RoPE tables, cache, rows and valid counts.
+        """Per-forward state shared by every step: RoPE tables, cache, rows and valid counts,
+        and the attention backend every step uses (``attention.choose``, decided here once).
 
         Args:
             positions: RoPE positions (B, T).
@@ -169,7 +171,7 @@ class Decoder(nn.Module):
         """
         dtype = self.tok_embeddings.weight.dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
-        return ForwardContext(
+        ctx = ForwardContext(
             positions=positions,
             cos=cos,
             sin=sin,
@@ -181,6 +183,8 @@ class Decoder(nn.Module):
             stash_slots=self._stash_slots,
             segments=segments,
         )
+        ctx.backend = attention.choose(ctx)  # how every attention call of this forward runs
+        return ctx
 
     def run_step(self, i: int, h: Tensor, ctx: ForwardContext) -> Tensor:
         """Run step ``i`` of the plan on hidden states (B, T, d_model)."""

@@ -5,21 +5,21 @@
   to float rounding; see ``tests/test_hf.py``.
 - q/k/v and gate/up are fused into one linear each (``wqkv``, ``w13``): fewer kernel launches
   per decode step. The Hugging Face key map splits and joins them.
-- Attention is ``F.scaled_dot_product_attention``; the KV cache (``kv_cache.py``) supplies
-  keys, values and the mask. Nothing here makes a policy decision.
+- Attention projects q, k, v and hands them to the backend its forward context chose
+  (``attention.py``: SDPA, the compiled decode kernel, or a depth-wise path), which appends
+  to the KV cache (``kv_cache.py``) and attends. Nothing here makes a policy decision.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from earlyexit.config import ModelConfig, RopeScaling
-from earlyexit.models import decode_kernel
+from earlyexit.models.attention import ATTEND
 from earlyexit.models.kernels import Linear, linear
 from earlyexit.models.kv_cache import ForwardContext
 from earlyexit.models.lora import LoraBank
@@ -106,39 +106,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-# How a depth-wise call (rows at different KV slots of one shared block) attends:
-# "kernel" is the compiled decode kernel (``decode_kernel.py``: one pass, each row reading its
-# own (slot, row) block, no copy), which "auto" takes whenever it applies (CPU fp32 decode);
-# otherwise "auto" picks per call between "per-row" (one attention call per row over a view
-# of its own history: each history read once, one launch per row) and "per-slot" (one call
-# per distinct slot over all the call's rows: every history read once per slot, few
-# launches); "gather" copies each row's history into one batch (the first design, kept as
-# the ablation).
-DEPTHWISE_ATTENTION = "auto"
-# "auto" goes row by row when (distinct slots - 1) x the longest history reaches this many
-# entries: the extra reads of the per-slot path then cost more than the per-row launches
-# (measured on this CPU at the SmolLM shape: BENCHMARKS.md, ``depthwise --calls``)
-PER_ROW_MIN_ENTRIES = 256
-
-
-def depthwise_attention_mode(ctx: ForwardContext, T: int, q: Tensor | None = None) -> str:
-    """The attention path of a depth-wise call (see ``DEPTHWISE_ATTENTION``)."""
-    mode = DEPTHWISE_ATTENTION
-    if mode in ("auto", "kernel"):
-        if decode_kernel.applies(ctx, T, q):
-            return "kernel"
-        if mode == "kernel":
-            raise ValueError(f"the decode kernel does not apply here: {decode_kernel.status()}")
-    if mode != "auto":
-        return mode
-    if ctx.sliding_window is not None or ctx.stash_slots:
-        return "per-slot"  # windows and KV sharing read positions: the per-slot path has them
-    rows = np.arange(len(ctx.kv_slots)) if ctx.rows is None else ctx.rows
-    extra_slots = len(set(ctx.kv_slots.tolist())) - 1
-    longest = int(ctx.cache.lengths[ctx.kv_slots, rows].max()) + T
-    return "per-row" if extra_slots * longest >= PER_ROW_MIN_ENTRIES else "per-slot"
-
-
 class Attention(nn.Module):
     """Grouped-query causal self-attention with RoPE."""
 
@@ -217,60 +184,18 @@ class Attention(nn.Module):
         lora: Lora = None,
         read_only: bool = False,
     ) -> Tensor:
+        """Attend through the backend ``ctx`` chose once for the whole forward
+        (``attention.py``), appending this step's keys and values to ``kv_slot``."""
         if read_only:
             return self._read_only(x, ctx, kv_slot, lora)
         B, T, _ = x.shape
         q, k, v = self.qkv(x, ctx.cos, ctx.sin, lora)
-        gqa = self.n_kv_heads != self.n_heads
-        mode = None  # the plain path
-        if ctx.cache is not None and ctx.kv_slots is not None:
-            mode = depthwise_attention_mode(ctx, T, q)
-        elif ctx.cache is not None and decode_kernel.applies(ctx, T, q):
-            mode = "kernel"
-        if mode == "kernel":
-            # decode steps and short chunks: each row writes and reads its own (slot, row)
-            # block in one pass, rows at one slot (a plain step) or at several (depth-wise)
-            cache = ctx.cache
-            plan = cache.append_blocks(kv_slot, B, T, ctx)  # offsets, starts, new entries
-            y = decode_kernel.append_attend(q, k, v, cache.k_all, cache.v_all, *plan)
-        elif mode in ("per-row", "per-slot"):  # rows at different steps of this block
-            y = _attend_depthwise(q, k, v, ctx, mode == "per-row", gqa)
-        else:
-            if ctx.cache is not None:  # (B, Hkv, W, D), mask (B|1, 1, T, W)
-                k, v, mask = ctx.cache.update(kv_slot, k, v, ctx)
-            else:
-                mask = ctx.uncached_mask()
-                if kv_slot in ctx.stash_slots:  # later recursions will read these (KV sharing)
-                    ctx.shared[kv_slot] = (k, v, ctx.positions, ctx.segments, None)  # all valid
-            if mask is None and ctx.cache is None and T > 1:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = ATTEND[ctx.backend](q, k, v, ctx, kv_slot, self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*D)
         out = self.wo(y)
         _add_bias(out, lora, "o")
         _add_lora(out, lora, "o", y, 0, out.shape[-1])
         return out
-
-
-def _attend_depthwise(q: Tensor, k: Tensor, v: Tensor, ctx, per_row: bool, gqa: bool) -> Tensor:
-    """Attention output (B, H, T, D) for rows at different KV slots, each appending ``k``,
-    ``v`` to its own slot and attending over its own history there, never a copy of it.
-    ``per_row``: one call per row over a view of exactly its history (padding queries'
-    outputs stay 0); else one call per distinct slot over views of that slot for all the
-    rows, each row keeping its own slot's output."""
-    if per_row:
-        y = q.new_zeros(q.shape)
-        for b, n, k_b, v_b, mask in ctx.cache.update_rows(k, v, ctx):
-            y[b : b + 1, :, :n] = F.scaled_dot_product_attention(
-                q[b : b + 1, :, :n], k_b, v_b, attn_mask=mask, enable_gqa=gqa
-            )
-        return y
-    y = None
-    for k_s, v_s, mask, member in ctx.cache.update_slots(k, v, ctx):
-        y_s = F.scaled_dot_product_attention(q, k_s, v_s, attn_mask=mask, enable_gqa=gqa)
-        y = y_s if y is None else torch.where(member[:, None, None, None], y_s, y)
-    return y
 
 
 class MLP(nn.Module):
