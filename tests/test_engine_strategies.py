@@ -226,7 +226,8 @@ def test_draft_prices_follow_the_measured_verification_cost_of_the_batch():
 
 def test_no_draft_head_runs_where_no_draft_could_pay():
     """The floor: with a stop rule whose every bin accepts too rarely for the price, a
-    request runs full-depth steps (no draft head, no drafts), exactly greedy."""
+    request runs full-depth steps (no draft head, no drafts), exactly greedy: every round
+    runs plain (one segment), not split into shallow and deep segments with no drafts."""
     m = attention_draft_model()
     m.draft.stop_prior = {"accepted": [1.0] * 10, "total": [10.0] * 10}  # a = 1/6 everywhere
     engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64, measure_draft_cost=False)
@@ -237,6 +238,7 @@ def test_no_draft_head_runs_where_no_draft_could_pay():
     for i, req in enumerate(reqs):
         assert req.output_ids == full_greedy(m, i), i
     assert not calls and sum(r.drafted for r in reqs) == 0
+    assert engine.stats["plain_rounds"] == sum(len(r.output_ids) - 1 for r in reqs)
 
 
 def test_modes_are_validated_with_the_field_named():

@@ -660,6 +660,16 @@ class LLMEngine:
             out.append((r, tok))
         return [], out
 
+    def _first_draft_can_pay(self, mode: ExitMode) -> bool:
+        """Whether a round starting now could draft at all: the floor of
+        :meth:`_draft_together` for a round's first draft (reach 1), checked before the
+        round splits into shallow and deep segments, so that a round that will not draft
+        runs plain instead of as a split round with no drafts."""
+        rule = self._draft_stop(mode).rule
+        if rule.total.sum() < rule.warmup:
+            return True
+        return float(rule.table()[-1]) >= self._draft_prices(mode.step, mode.draft_k)[0]
+
     def _release_verifies(self) -> None:
         """Start every held verification at once when no speculative request is drafting.
 
@@ -876,7 +886,10 @@ class LLMEngine:
             else:
                 end = req.exit.step if req.exit is not None else self.L
             if req.exit is not None and req.exit.strategy == "speculative":
-                if self._gated(req) and not self.draft_gate.drafting(self.scheduler.num_running):
+                if self._gated(req) and not (
+                    self.draft_gate.drafting(self.scheduler.num_running)
+                    and self._first_draft_can_pay(req.exit)
+                ):
                     # a plain round: the whole depth at once, the draft adapter's entry
                     # written on the way (a later round's drafts attend over it)
                     end = self.L
