@@ -77,3 +77,23 @@ def test_the_choice_is_measured_once_and_cached_per_machine(tmp_path, monkeypatc
     skinny.reset()
     assert skinny.chosen_rows() == frozenset()
     skinny.reset()
+
+
+def test_a_forward_never_builds_or_times_the_kernel_a_decode_cache_does(monkeypatch):
+    """Issue 30: nothing compiles or measures inside a forward. Until the choice is made
+    (when a CPU fp32 decode cache is created), few rows go through oneDNN."""
+    from earlyexit.models.kv_cache import KVCache
+    from tests.conftest import make_model
+
+    monkeypatch.setattr(skinny, "_rows", None)
+    calls = []
+    monkeypatch.setattr(skinny, "chosen_rows", lambda: calls.append(1) or frozenset())
+    monkeypatch.setattr(skinny, "skinny_linear", lambda *a: pytest.fail("kernel used"))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 16, generator=g), torch.randn(8, 16, generator=g)
+    with torch.inference_mode():
+        y = kernels.linear(x, w)
+    torch.testing.assert_close(y, x @ w.T)
+    assert not calls
+    KVCache.for_model(make_model(n_layers=2), 1, 8)
+    assert calls == [1]

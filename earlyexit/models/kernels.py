@@ -59,8 +59,17 @@ def _skinny_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and (bias is None or bias.is_contiguous())
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
-        and rows in skinny.chosen_rows()
+        and rows in skinny.decided_rows()  # never built or timed here, inside a forward
     )
+
+
+def prepare_decoding(device: torch.device, dtype: torch.dtype) -> None:
+    """Build and choose the decoding kernels for ``device``/``dtype`` now (a machine's first
+    call compiles the few-row linear and times it, ~1-2 s; later ones read the cached
+    choice). ``KVCache.for_model`` calls it, so every cached decode has it ready; a forward
+    never compiles or times anything (until this ran, few rows go through oneDNN)."""
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        skinny.chosen_rows()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

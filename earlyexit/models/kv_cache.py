@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from earlyexit.errors import InputError
-from earlyexit.models import decode_kernel
+from earlyexit.models import decode_kernel, kernels
 
 
 @dataclass
@@ -143,12 +143,14 @@ class KVCache:
     def for_model(cls, model, batch_size: int, max_len: int, attention: str = "auto") -> KVCache:
         """A cache sized for ``model`` (a ``Decoder``), on its device and dtype. A CPU fp32
         cache gets the decode kernel (built here on a machine's first call, never inside a
-        forward) unless ``attention`` is ``sdpa``."""
+        forward) unless ``attention`` is ``sdpa``, and the few-row linear is chosen here
+        (``kernels.prepare_decoding``)."""
         cfg = model.config
         p = model.tok_embeddings.weight
         kernel = None
         if attention != "sdpa" and p.device.type == "cpu" and p.dtype == torch.float32:
             kernel = decode_kernel.load()
+        kernels.prepare_decoding(p.device, p.dtype)  # the few-row linear, likewise
         shape = (cfg.n_kv_slots, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
         return cls(*shape, p.device, p.dtype, kernel, attention)
 

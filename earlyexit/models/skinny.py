@@ -10,7 +10,8 @@ output is formed in the same order whatever the number of rows, so a row's resul
 same alone or in a chunk (batch invariance: greedy speculation then equals full-depth
 decoding bit for bit on this path).
 
-Which rows counts use it is measured once per machine (CPU flags, torch version, threads):
+Which rows counts use it is measured once per machine (CPU flags, torch version, threads),
+when a decode cache is first made (``kernels.prepare_decoding``; never inside a forward):
 both kernels time a pass over weights larger than the last-level cache at 1, 2, 3 and 4
 rows, and the compiled one is used where it is no slower than oneDNN + 5% (the margin buys
 batch invariance). The choice is cached as JSON under ``$EARLYEXIT_HOME/kernels``.
@@ -138,6 +139,12 @@ def chosen_rows() -> frozenset[int]:
         m for m in range(1, MAX_ROWS + 1) if t[f"skinny{m}"] <= MARGIN * t[f"onednn{m}"]
     )
     return _rows
+
+
+def decided_rows() -> frozenset[int]:
+    """The row counts chosen so far, without building or measuring anything (empty until
+    :func:`chosen_rows` ran: ``kernels.prepare_decoding``)."""
+    return _rows or frozenset()
 
 
 def status() -> str:
