@@ -477,6 +477,13 @@ def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
         h.record(1, 1, sec)
     assert h.seconds_per_token[1] == {True: 1.0}
     assert DraftGate.bucket(1) == 1 and DraftGate.bucket(5) == 8 and DraftGate.bucket(16) == 16
+    # drafting must win by the margin (5%): 3% faster is not enough
+    m = DraftGate(epoch=2, settle=0, decay=1.0)
+    for mode_cost in (0.97, 1.0):
+        for _ in range(2):
+            m.record(8, 1, mode_cost)
+    assert m.state()[8]["draft_over_plain"] == pytest.approx(0.97)
+    assert not m.drafting(8)
     with pytest.raises(ValueError):
         DraftGate(epoch=2, settle=2)
 
