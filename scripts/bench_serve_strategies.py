@@ -15,6 +15,7 @@ import argparse
 
 def main() -> None:
     from earlyexit.bench.serve_strategies import STRATEGIES, run
+    from earlyexit.decoding.speculative import GATES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/serve_strategies.json")
     ap.add_argument(
-        "--draft-gate", default="measured", choices=["measured", "always", "never"],
+        "--draft-gate", default="measured", choices=GATES,
         help="whether adaptive speculative rounds draft (serve --draft-gate)",
     )  # fmt: skip
     a = ap.parse_args()

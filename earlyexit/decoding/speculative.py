@@ -87,6 +87,12 @@ class AdaptiveStop:
         """a(c) per bin (bins,): Beta(1, 1) posterior means, made monotone (running max)."""
         return np.maximum.accumulate((self.accepted + 1) / (self.total + 2))
 
+    def may_pay(self, reach: float, price: float) -> bool:
+        """Whether any next draft could pay: the chance ``reach`` that the drafts so far all
+        pass, times the best calibrated acceptance, reaches ``price`` (always while the rule
+        has fewer than ``warmup`` samples). Where it cannot, no draft head need run."""
+        return self.total.sum() < self.warmup or reach * float(self.table()[-1]) >= price
+
     def acceptance(self, c) -> np.ndarray:
         return self.table()[self._bin(c)]
 

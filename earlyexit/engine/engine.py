@@ -384,7 +384,7 @@ class LLMEngine:
         if (
             not out.admit
             and self.has_unfinished()
-            and any(self._gated(r) for r in self.requests.values())
+            and any(self._gated(self.requests[r]) for r in self.scheduler.cursors)
         ):
             self._tick = (running, sum(len(ev.new_token_ids) for ev in events), now)
         return events
@@ -643,8 +643,7 @@ class LLMEngine:
         price = float(np.mean([prices[len(x.drafts)] for x in rnds]))
         reach = np.array([x.reach for x in rnds])
         first = all(not x.drafts for x in rnds)
-        warm = rule.total.sum() < rule.warmup
-        if not warm and reach.mean() * rule.table()[-1] < price:
+        if not rule.may_pay(float(reach.mean()), price):
             self.runner.write_adapter_kv([rows[r] for r in rids], step)
             return list(rids), []
         toks, probs = self.runner.draft([rows[r] for r in rids], step, self._head(mode.step))
@@ -666,9 +665,7 @@ class LLMEngine:
         round splits into shallow and deep segments, so that a round that will not draft
         runs plain instead of as a split round with no drafts."""
         rule = self._draft_stop(mode).rule
-        if rule.total.sum() < rule.warmup:
-            return True
-        return float(rule.table()[-1]) >= self._draft_prices(mode.step, mode.draft_k)[0]
+        return rule.may_pay(1.0, self._draft_prices(mode.step, mode.draft_k)[0])
 
     def _release_verifies(self) -> None:
         """Start every held verification at once when no speculative request is drafting.

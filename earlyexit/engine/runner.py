@@ -141,12 +141,13 @@ class ModelRunner:
 
     def _fill_adapters(self, rows: list[int], steps: list[int]) -> None:
         """Write the adapter entries due now: rows whose state is at their mark."""
-        due: dict[int, list[int]] = {}
-        for r, s in zip(rows, steps):
-            if self.adapter_at[r] == s:
-                due.setdefault(s, []).append(r)
-        for s, rs in due.items():
-            self.write_adapter_kv(rs, s)
+        r, s = np.asarray(rows), np.asarray(steps)
+        due = self.adapter_at[r] == s  # (G,): one vector compare on every run, usually none
+        if not due.any():
+            return
+        for step in np.unique(s[due]).tolist():
+            rs = r[due & (s == step)]
+            self.write_adapter_kv(rs.tolist(), step)
             self.adapter_at[rs] = -1
 
     def _run_block(self, items: list[tuple[int, int, int]]) -> None:
