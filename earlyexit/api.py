@@ -162,7 +162,8 @@ def load(
         path: checkpoint directory (``config.json`` + ``model.safetensors`` [+ ``tokenizer.json``]
             [+ ``tokenizer_config.json`` with a chat template]), ``MODEL.gguf``, or a name.
         device: ``cpu``, ``cuda[:N]`` or ``auto``.
-        dtype: ``float32``, ``bfloat16``, ``float16`` or None (as stored).
+        dtype: ``float32``, ``bfloat16``, ``float16``, ``auto`` (bfloat16 where the hardware
+            runs it natively, float32 elsewhere: the CLI's default) or None (as stored).
         draft: a draft directory (``earlyexit train-draft``) to attach for ``speculative``
             decoding; ``"auto"``: the draft shipped for a named model, if any; None: none.
     """

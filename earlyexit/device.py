@@ -1,7 +1,8 @@
 """Device, dtype and training-precision selection.
 
 - ``--device cpu|cuda|cuda:N|auto`` (:func:`resolve_device`);
-- ``--dtype float32|bfloat16|float16`` for weights at inference (:func:`resolve_dtype`);
+- ``--dtype auto|float32|bfloat16|float16`` for weights at inference (:func:`resolve_dtype`):
+  ``auto`` (the CLI's default) picks bf16 where it is native and float32 elsewhere;
 - ``--precision auto|float32|bfloat16`` for training compute (:func:`resolve_precision`):
   ``auto`` picks bf16 autocast only where the hardware runs bf16 matmuls natively. On a CPU
   without AVX512-BF16 or AMX, PyTorch emulates bf16 and a bf16 matmul is tens of times
@@ -89,12 +90,17 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """Map a dtype name to torch; refuse a dtype the device cannot run."""
+    """Map a dtype name to torch; refuse a dtype the device cannot run. ``None`` keeps the
+    stored dtype; ``auto`` is bfloat16 where :func:`native_bf16` (halving the weight bytes a
+    decode step streams, with bf16 arithmetic in hardware) and float32 elsewhere (emulated
+    bf16 runs tens of times slower than float32; float16 has no fast CPU path)."""
     if name is None or isinstance(name, torch.dtype):
         dtype = name
+    elif name == "auto":
+        dtype = torch.bfloat16 if native_bf16(torch.device(device)) else torch.float32
     else:
         if name not in DTYPES:
-            raise DeviceError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+            raise DeviceError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
         dtype = DTYPES[name]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError("bfloat16 is not supported by this CUDA device; use float16 or float32")

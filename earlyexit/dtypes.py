@@ -8,6 +8,9 @@ from __future__ import annotations
 
 # weight and compute dtypes at inference (``--dtype``; ``earlyexit.device.DTYPES``)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# what ``--dtype`` offers: ``auto`` = bfloat16 where the hardware runs it natively (a CPU with
+# AVX512-BF16 or AMX, a GPU with bf16 tensor cores), float32 elsewhere
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 
 # training compute (``--precision``): auto = bf16 autocast where the hardware runs it natively
 PRECISIONS = ("auto", "float32", "bfloat16")

@@ -11,10 +11,15 @@ from earlyexit.config import ModelConfig
 from earlyexit.models.decoder import Decoder
 from earlyexit.tokenizer import EOT, byte_level_tokenizer
 
-# The few-row linear kernel on for 1-4 rows without timing it first (models/skinny.py): the
-# suite runs the same kernels on every machine, and no test measures anything by accident.
-# tests/test_skinny.py exercises the measured choice itself.
-os.environ.setdefault("EARLYEXIT_SKINNY_LINEAR", "1")
+# The linear kernels by the fixed rule, without timing them first (models/linear_choice.py:
+# the compiled kernel for 1-4 fp32 rows, oneDNN elsewhere): the suite runs the same kernels on
+# every machine, and no test measures anything by accident. tests/test_linear_choice.py
+# exercises the measured choice itself.
+os.environ.setdefault("EARLYEXIT_LINEAR", "fixed")
+# `auto` precision and dtype resolve to float32 in the suite on every CPU (bf16 where the CPU
+# has AVX512-BF16/AMX otherwise): a test means the same on every machine. Tests of the bf16
+# path force it with EARLYEXIT_NATIVE_BF16=1 themselves (emulated where the CPU lacks it).
+os.environ.setdefault("EARLYEXIT_NATIVE_BF16", "0")
 
 
 @pytest.fixture(autouse=True)

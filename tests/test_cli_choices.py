@@ -34,7 +34,9 @@ def test_the_flags_offer_the_constants():
     assert tuple(gen["strategy"].choices) == choices.STRATEGIES
     assert tuple(gen["confidence"].choices) == choices.MEASURES
     assert gen["threshold"].default == choices.DEFAULT_THRESHOLD
-    assert tuple(gen["dtype"].choices) == choices.DTYPE_NAMES
+    assert tuple(gen["dtype"].choices) == choices.DTYPE_CHOICES == ("auto", *choices.DTYPE_NAMES)
+    assert gen["dtype"].default == serve["dtype"].default == "auto"  # bf16 where native
+    assert _actions("demo")["dtype"].default is None  # the demo keeps its weights as stored
     assert tuple(serve["policy"].choices) == choices.POLICIES
     assert tuple(serve["strategy"].choices) == choices.SERVED_STRATEGIES
     assert tuple(serve["deep_kv"].choices) == choices.DEEP_KV

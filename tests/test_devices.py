@@ -245,3 +245,24 @@ def test_mfu_is_never_reported_above_one():
     assert model_flops_utilization(100.0, 1e6, 0.0) is None
     # the probe measured a slower moment than training: an impossible ratio is not reported
     assert model_flops_utilization(3000.0, 1e6, 1e9) is None
+
+
+def test_auto_dtype_is_bf16_only_where_native_and_the_cli_defaults_to_it(monkeypatch, tiny_lm_dir):
+    """``--dtype auto`` (the CLI's default for inference): bf16 weights where the CPU runs
+    bf16 natively, float32 elsewhere; the library's ``load`` keeps the stored dtype unless
+    asked. Both paths are forced here, whatever this machine's CPU."""
+    import earlyexit
+    from earlyexit.device import resolve_dtype
+    from earlyexit.errors import DeviceError
+
+    cpu = torch.device("cpu")
+    for forced, want in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("EARLYEXIT_NATIVE_BF16", forced)
+        assert resolve_dtype("auto", cpu) == want
+        lm = earlyexit.load(tiny_lm_dir, device="cpu", dtype="auto", draft=None)
+        assert {p.dtype for p in lm.model.parameters()} == {want}
+        assert {p.dtype for p in earlyexit.load(tiny_lm_dir, draft=None).model.parameters()} == {
+            torch.float32
+        }  # as stored
+    with pytest.raises(DeviceError, match="use auto, float32"):
+        resolve_dtype("fp8", cpu)

@@ -36,7 +36,9 @@ def use_device(device: str = "auto", dtype: str | None = None) -> torch.device:
     from earlyexit.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
-    resolve_dtype(dtype, dev)  # validate now, not in the middle of a run
+    dt = resolve_dtype(dtype, dev)  # validate now, not in the middle of a run
+    if dtype == "auto":  # what auto means on this machine, recorded with every row
+        dtype = str(dt).removeprefix("torch.")
     _DEVICE.update(device=str(dev), dtype=dtype)
     return dev
 
@@ -80,9 +82,9 @@ def environment(threads: int, device: str | None = None) -> dict:
         from earlyexit.models import decode_kernel
 
         env["decode_attention"] = decode_kernel.status().split(":")[0]
-        from earlyexit.models import skinny
+        from earlyexit.models import kernels
 
-        env["few_row_linear"] = skinny.status().split(":")[0]  # which rows the kernel takes
+        env["linear_kernels"] = kernels.status()  # which kernel per dtype and row count
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

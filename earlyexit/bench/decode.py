@@ -38,7 +38,8 @@ from earlyexit.bench.common import cpu_name
 from earlyexit.config import ModelConfig
 from earlyexit.decoding.generate import generate
 from earlyexit.decoding.sampling import SamplingParams
-from earlyexit.models.kernels import linear, onednn_linear
+from earlyexit.models import kernels
+from earlyexit.models.kernels import linear
 
 
 def environment(threads: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -112,7 +113,8 @@ def kernel_ceiling(model, batch: int, reps: int = 5) -> float:
     return batch / statistics.median(times[2:])
 
 
-ABLATION = "earlyexit-F.linear"  # our decoder with the oneDNN linear path switched off
+ABLATION = "earlyexit-F.linear"  # our decoder with every linear through F.linear (MKL)
+ONEDNN = "earlyexit-oneDNN"  # our decoder with every linear through oneDNN
 
 
 COMPILED = "earlyexit-compiled"  # the static-shape decode step under torch.compile
@@ -120,9 +122,10 @@ LOADED = "earlyexit-loaded"  # our decoder as earlyexit.load(DIR) gives it to us
 
 
 def _run_ours(
-    model, prompts: torch.Tensor, n: int, onednn: bool = True, strategy=None
+    model, prompts: torch.Tensor, n: int, kernel: str | None = None, strategy=None
 ) -> list[list[int]]:
-    with onednn_linear(onednn):
+    """``kernel``: force every linear through it (an ablation); None: the chosen kernels."""
+    with kernels.forced(kernel):
         res = generate(
             model,
             prompts.tolist(),
@@ -130,6 +133,46 @@ def _run_ours(
             strategy=strategy,
         )
     return [r.token_ids for r in res]
+
+
+def time_split(model, prompts: torch.Tensor, n: int) -> dict[str, float]:
+    """Milliseconds per generated token (prefill included) in the linear kernels, in
+    attention (KV append + attend) and in everything else, from one greedy run of ``n``
+    tokens with a clock around every linear and attention call (their cost is ~1 µs a call)."""
+    from earlyexit.models import attention
+
+    spent = {"linears": 0.0, "attention": 0.0}
+
+    def timed(fn, what):
+        def call(*a):
+            t = time.perf_counter()
+            out = fn(*a)
+            spent[what] += time.perf_counter() - t
+            return out
+
+        return call
+
+    saved_tables = {k: list(v) for k, v in kernels._TABLES.items()}
+    saved_attend = dict(attention.ATTEND)
+    try:
+        for table in kernels._TABLES.values():
+            table[:] = [timed(f, "linears") for f in table]
+        for k, f in saved_attend.items():
+            attention.ATTEND[k] = timed(f, "attention")
+        t = time.perf_counter()
+        _run_ours(model, prompts, n)
+        total = time.perf_counter() - t
+    finally:
+        for k, v in saved_tables.items():
+            kernels._TABLES[k][:] = v
+        attention.ATTEND.update(saved_attend)
+    per = 1e3 / n
+    return {
+        "total_ms": total * per,
+        "linears_ms": spent["linears"] * per,
+        "attention_ms": spent["attention"] * per,
+        "other_ms": (total - spent["linears"] - spent["attention"]) * per,
+    }
 
 
 def _run_hf(model, prompts: torch.Tensor, n: int) -> list[list[int]]:
@@ -211,14 +254,21 @@ def run(
         _run_ours(ours, prompts, 4), _run_hf(hf, prompts, 4)  # warm up both
         run_ours = functools.partial(_run_ours, ours, prompts, new_tokens)
         run_hf = functools.partial(_run_hf, hf, prompts, new_tokens)
-        run_ablation = functools.partial(_run_ours, ours, prompts, new_tokens, onednn=False)
+        run_ablation = functools.partial(_run_ours, ours, prompts, new_tokens, kernel="mkl")
+        run_onednn = functools.partial(_run_ours, ours, prompts, new_tokens, kernel="onednn")
         run_loaded = functools.partial(_run_ours, loaded, prompts, new_tokens)
         compiled = FullDepth(compile=True)
         run_compiled = functools.partial(_run_ours, ours, prompts, new_tokens, strategy=compiled)
         if compile:
             run_compiled(), run_compiled()  # compile (and capture graphs) before timing
         run_loaded()  # warm up
+        if on_cpu and dt in (torch.float32, torch.bfloat16):  # which kernels were chosen, and why
+            env["linear_kernels"] = kernels.status()
+            choice = kernels.choice(dt)
+            env["linear_seconds_per_pass"] = choice.seconds if choice else {}
+        onednn_ok = on_cpu and kernels.linear_choice.onednn_available()
         impls = ["earlyexit", LOADED, "transformers"] + ([ABLATION] if on_cpu else [])
+        impls += [ONEDNN] if onednn_ok else []
         impls += [COMPILED] if compile else []
         times: dict[str, list[float]] = {k: [] for k in impls}
         outs: dict[str, list] = {}
@@ -229,6 +279,7 @@ def run(
                 ("transformers", run_hf),
                 (LOADED, run_loaded),
                 (ABLATION, run_ablation),
+                (ONEDNN, run_onednn),
                 (COMPILED, run_compiled),
             ]
             order = [(k, f) for k, f in order if k in impls]
@@ -240,6 +291,7 @@ def run(
         mismatch_rows = sum(a != b for a, b in zip(outs["earlyexit"], outs["transformers"]))
         tps = {k: bs * new_tokens / statistics.median(v) for k, v in times.items()}
         ceiling = kernel_ceiling(ours, bs)
+        split = time_split(ours, prompts, new_tokens) if on_cpu else None
         bw = statistics.median(bws)
         common = dict(
             bench="decode",
@@ -259,7 +311,8 @@ def run(
             "loaded_speedup_vs_transformers": tps[LOADED] / tps["transformers"],
             "loaded_vs_in_memory": tps[LOADED] / tps["earlyexit"],
             "loaded_outputs_identical": outs[LOADED] == outs["transformers"],
-            "speedup_of_onednn_linear": tps["earlyexit"] / tps[ABLATION] if on_cpu else None,
+            "speedup_of_chosen_over_F.linear": tps["earlyexit"] / tps[ABLATION] if on_cpu else None,
+            "speedup_of_chosen_over_onednn": tps["earlyexit"] / tps[ONEDNN] if onednn_ok else None,
             "ablation_outputs_identical": outs[ABLATION] == outs["transformers"]
             if on_cpu
             else None,
@@ -272,6 +325,7 @@ def run(
             else None,
             "rows_differing": mismatch_rows,
             "kernel_ceiling_tokens_per_s": ceiling,
+            "ms_per_token_split": split,
             "fraction_of_kernel_ceiling": tps["earlyexit"] / ceiling,
             "copy_bandwidth_GBps": bw / 1e9,
             "copy_bandwidth_samples_GBps": [b / 1e9 for b in bws],
@@ -293,8 +347,8 @@ def _tps(by_impl: dict, impl: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| batch | earlyexit tok/s | loaded from disk tok/s | transformers tok/s | speedup (loaded) | identical | with F.linear tok/s | compiled tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | earlyexit tok/s | loaded from disk tok/s | transformers tok/s | speedup (loaded) | identical | all F.linear tok/s | all oneDNN tok/s | compiled tok/s | kernel ceiling | of ceiling | of bandwidth bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {}
     for r in rows:
@@ -309,7 +363,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {bs} | {d['earlyexit']['tokens_per_s']:.1f} | {_tps(d, LOADED)} | {d['transformers']['tokens_per_s']:.1f} | "
             f"{s['speedup_vs_transformers']:.2f}x ({s.get('loaded_speedup_vs_transformers', float('nan')):.2f}x) | "
-            f"{s['outputs_identical'] and s.get('loaded_outputs_identical', True)} | {_tps(d, ABLATION)} | {_tps(d, COMPILED)} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
+            f"{s['outputs_identical'] and s.get('loaded_outputs_identical', True)} | {_tps(d, ABLATION)} | {_tps(d, ONEDNN)} | {_tps(d, COMPILED)} | {s['kernel_ceiling_tokens_per_s']:.1f} | "
             f"{s['fraction_of_kernel_ceiling']:.0%} | {frac} |"
         )
     return "\n".join(lines)
@@ -364,6 +418,24 @@ def main(
             f"copy bandwidth {rows[-1]['copy_bandwidth_GBps']:.1f} GB/s; {rows[-1]['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token"
         )
         print(format_table(rows))
+        for r in rows:
+            sp = r.get("ms_per_token_split")
+            if r["impl"] == "summary" and sp:
+                print(
+                    f"batch {r['batch_size']}: {sp['total_ms']:.1f} ms per token step = linears "
+                    f"{sp['linears_ms']:.1f} + attention {sp['attention_ms']:.1f} + other ops "
+                    f"{sp['other_ms']:.1f} (one timed run)"
+                )
+        if "linear_kernels" in env:
+            print(f"linear kernels chosen: {env['linear_kernels']}")
+            for bucket, t in sorted(
+                env["linear_seconds_per_pass"].items(), key=lambda kv: int(kv[0])
+            ):
+                if int(bucket) in (*batch_sizes, 1):
+                    ts = ", ".join(
+                        f"{k} {v * 1e3:.1f} ms" for k, v in sorted(t.items(), key=lambda kv: kv[1])
+                    )
+                    print(f"  measured at {bucket} rows (one pass over the timed weights): {ts}")
         if out:
             print(f"rows written to {out}")
     return rows

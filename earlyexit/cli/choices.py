@@ -9,7 +9,7 @@ are copied here, and ``tests/test_cli_choices.py`` asserts each copy equals the 
 
 from __future__ import annotations
 
-from earlyexit.dtypes import DTYPE_NAMES, PRECISIONS
+from earlyexit.dtypes import DTYPE_CHOICES, DTYPE_NAMES, PRECISIONS
 from earlyexit.plan import SHARING_SCHEMES
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "COPIES",
     "DEEP_KV",
     "DEFAULT_THRESHOLD",
+    "DTYPE_CHOICES",
     "DTYPE_NAMES",
     "GATES",
     "INITS",

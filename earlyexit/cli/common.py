@@ -33,14 +33,17 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return f"{action.help} (default: {shown.replace('%', '%%')})"
 
 
-def add_device_flags(p: argparse.ArgumentParser) -> None:
+def add_device_flags(p: argparse.ArgumentParser, dtype: str | None = "auto") -> None:
+    """``--device`` and ``--dtype`` (default ``dtype``; None: the weights as stored)."""
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     g.add_argument(
         "--dtype",
-        default=None,
-        choices=choices.DTYPE_NAMES,
-        help="weight and compute dtype (default: as stored)",
+        default=dtype,
+        choices=choices.DTYPE_CHOICES,
+        help="weight and compute dtype: auto = bfloat16 where the hardware runs it natively "
+        "(AVX512-BF16/AMX CPUs, bf16 GPUs), float32 elsewhere"
+        + ("" if dtype else " (default: as stored)"),
     )
 
 

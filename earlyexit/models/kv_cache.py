@@ -143,14 +143,15 @@ class KVCache:
     def for_model(cls, model, batch_size: int, max_len: int, attention: str = "auto") -> KVCache:
         """A cache sized for ``model`` (a ``Decoder``), on its device and dtype. A CPU fp32
         cache gets the decode kernel (built here on a machine's first call, never inside a
-        forward) unless ``attention`` is ``sdpa``, and the few-row linear is chosen here
+        forward) unless ``attention`` is ``sdpa``, and the linear kernels are chosen here
         (``kernels.prepare_decoding``)."""
         cfg = model.config
         p = model.tok_embeddings.weight
         kernel = None
         if attention != "sdpa" and p.device.type == "cpu" and p.dtype == torch.float32:
             kernel = decode_kernel.load()
-        kernels.prepare_decoding(p.device, p.dtype)  # the few-row linear, likewise
+        # the linear kernel per row count, likewise (measured once per machine)
+        kernels.prepare_decoding(p.device, p.dtype, kernels.linear_shapes(model))
         shape = (cfg.n_kv_slots, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
         return cls(*shape, p.device, p.dtype, kernel, attention)
 

@@ -14,7 +14,8 @@ or a sliding window, with shapes that never change:
 
 Compiled (``torch.compile``, ``mode="reduce-overhead"`` on CUDA: CUDA graphs) it is meant to
 remove the per-op dispatch that dominates small-batch decoding on a GPU (not yet measured
-there; on the CPU it is slower than the eager oneDNN path, BENCHMARKS.md ``decode``). Eager, it is a reference the tests
+there). On the CPU it compiles with inductor's freezing (weights prepacked as constants);
+whether it beats the eager path there depends on the CPU and batch (BENCHMARKS.md ``decode``). Eager, it is a reference the tests
 compare against the general path. The host keeps the cache lengths (it advances them by the
 rows' ``n_new`` itself), so nothing here synchronises with the device.
 """
@@ -61,7 +62,11 @@ class StaticDecodeStep:
             # CUDA graphs can capture the writes instead of skipping graph capture
             for t in (cache.k_all, cache.v_all):
                 torch._dynamo.mark_static_address(t)
-            fn = torch.compile(fn, mode=mode, dynamic=False, fullgraph=False)
+            # on the CPU, freezing: weights become constants that inductor prepacks for its
+            # GEMMs and folds around (measured on the Zen 3 VM: without it the compiled step
+            # was 0.6x the eager one, its linears no faster than F.linear; BENCHMARKS `decode`)
+            options = {"freezing": True} if cache.device.type == "cpu" else None
+            fn = torch.compile(fn, mode=mode, dynamic=False, fullgraph=False, options=options)
         self.fn = fn
 
     def __call__(self, tokens: Tensor, lens: Tensor) -> Tensor:
