@@ -12,6 +12,7 @@ from earlyexit.cli.common import (
     frequent_vocab,
     number_or_adaptive,
 )
+from earlyexit.errors import InputError
 
 
 def register(sub) -> None:
@@ -158,6 +159,28 @@ def register(sub) -> None:
         default=30.0,
         help="seconds a connection has to send a complete request; slower ones are closed",
     )
+    sv.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the engine (with --replicas: of each replica; default: all "
+        "cores in one process, 1 per replica)",
+    )
+    sv.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N engine replicas on Ray Serve behind the same API (pip install "
+        "'earlyexit[cluster]'; joins the cluster RAY_ADDRESS names, else starts one here)",
+    )
+    sv.add_argument(
+        "--router",
+        default="work",
+        choices=("work", "ray"),
+        help="with --replicas: send each request to the replica owing the fewest layer steps "
+        "(work), or Ray Serve's default: the shorter queue of two random replicas (ray)",
+    )
     add_device_flags(sv)
     sv.set_defaults(func=run)
 
@@ -165,6 +188,14 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from earlyexit.serve.server import serve
 
+    if args.replicas is not None:
+        return run_replicas(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"earlyexit: warning: serving on {args.host}, reachable beyond this machine"
@@ -197,5 +228,82 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         allow_untrained_exits=args.allow_untrained_exits,
         draft_gate=args.draft_gate,
+    )
+    return 0
+
+
+def run_replicas(args: argparse.Namespace) -> int:
+    """``serve --replicas N``: the same app on N engine replicas (Ray Serve)."""
+    from earlyexit.serve.cluster import ReplicaSpec, require_ray, serve_cluster
+    from earlyexit.serve.protocol import Defaults, infer_strategy
+    from earlyexit.serve.server import model_name
+
+    require_ray()  # before anything slow: the missing extra is the first thing said
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"earlyexit: warning: serving on {args.host}, reachable beyond this machine"
+            + ("" if args.api_key else " and without --api-key"),
+            file=sys.stderr,
+        )
+    if not 0 <= args.temperature <= 2:
+        raise InputError(f"--temperature must be within [0, 2], got {args.temperature}")
+    strategy = args.strategy
+    if strategy is None:
+        given = {
+            "exit_step": args.exit_step,
+            "threshold": args.threshold,
+            "confidence": args.confidence,
+            "deep_kv": args.deep_kv,
+            "draft_tokens": args.draft_tokens,
+        }
+        strategy = infer_strategy([k for k, v in given.items() if v is not None], "full")
+    defaults = Defaults(
+        strategy,
+        args.exit_step,
+        args.threshold,
+        args.confidence,
+        args.deep_kv,
+        args.draft_tokens,
+        args.temperature,
+    )
+    name = args.name or model_name(args.model)
+    spec = ReplicaSpec(
+        model=args.model,
+        name=name,
+        threads=1 if args.threads is None else args.threads,
+        app_kw=dict(
+            policy=args.policy,
+            max_batch=args.max_batch,
+            max_len=args.max_len,
+            max_queue=args.max_queue,
+            api_key=args.api_key,
+            defaults=defaults,
+            exit_vocab=frequent_vocab(args, args.exit_vocab, "--exit-vocab"),
+            allow_untrained_exits=args.allow_untrained_exits,
+            draft_gate=args.draft_gate,
+        ),
+        load_kw=dict(
+            device=args.device,
+            dtype=args.dtype,
+            draft=None if args.draft == "none" else args.draft,
+        ),
+    )
+    for flag, v in (
+        ("--shutdown-timeout", args.shutdown_timeout),
+        ("--request-timeout", args.request_timeout),
+    ):
+        if not v > 0:
+            raise InputError(f"{flag} must be a positive number of seconds, got {v}")
+    serve_cluster(
+        spec,
+        args.replicas,
+        args.host,
+        args.port,
+        router=args.router,
+        shutdown_timeout=args.shutdown_timeout,
+        limit_concurrency=args.limit_concurrency,
+        request_timeout=args.request_timeout,
+        banner=f"model {name}, policy {args.policy}, max batch {args.max_batch} per replica, "
+        f"strategy {strategy}",
     )
     return 0

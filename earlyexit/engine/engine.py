@@ -953,3 +953,24 @@ class LLMEngine:
             "block_calls": r.block_calls,
             "mean_rows_per_block_call": r.block_rows / max(r.block_calls, 1),
         }
+
+    def queued_layer_steps(self) -> int:
+        """The layer steps (block passes) this engine still owes its requests, in the
+        accounting of ``Request.steps_run``: a load measured in work, not in requests (the
+        cluster router balances replicas by it).
+
+        Each request owes its remaining tokens (``max_new_tokens`` less those generated) at
+        the steps per token it has run so far (``steps_run`` per token: exits, catch-ups
+        and drafts included), or at full depth before its first token (a prompt's prefill
+        counts as its first token's full depth, as in ``steps_run``). Exact for full-depth
+        requests that run to ``max_new_tokens``; an estimate for adaptive ones, and an upper
+        bound where a request stops early (an end of sequence, a stop string). Safe to call
+        from another thread: it reads one snapshot of the request table, changes nothing."""
+        owed = 0.0
+        for req in list(self.requests.values()):
+            if req.finished:
+                continue
+            n = len(req.output_ids)
+            per_token = req.steps_run / n if n else self.L
+            owed += max(req.params.max_new_tokens - n, 0) * per_token
+        return round(owed)
