@@ -60,6 +60,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, offset: Tensor | None = None) -> Tensor:
         """``offset``: a relaxed step's offset added to the weight ((d,) or per row (B, 1, d))."""
+        if offset is None and x.dtype == torch.float32 and x.device.type == "cpu":
+            # one fused op instead of six on the decode hot path (same arithmetic)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         w = self.weight if offset is None else self.weight + offset
         if x.dtype == torch.float32:  # same arithmetic, two fewer dispatches on the hot path
             return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
