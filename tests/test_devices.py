@@ -266,3 +266,24 @@ def test_auto_dtype_is_bf16_only_where_native_and_the_cli_defaults_to_it(monkeyp
         }  # as stored
     with pytest.raises(DeviceError, match="use auto, float32"):
         resolve_dtype("fp8", cpu)
+
+
+def test_nothing_compiles_unless_asked(monkeypatch):
+    """Decoding (generate, the static step uncompiled, the engine) never calls
+    ``torch.compile``: compilation is paid only where a caller asks for it (``--compile``)."""
+    from earlyexit.engine.engine import LLMEngine
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.compile called")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    model = make_model(n_layers=2)
+    generate(model, PROMPTS, GREEDY)
+    generate(model, PROMPTS, GREEDY, strategy=FullDepth(static=True))
+    engine = LLMEngine(model, max_batch=2, max_len=64)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(p, GREEDY, request_id=str(i))
+    while engine.has_unfinished():
+        engine.step()
+    with pytest.raises(AssertionError, match="torch.compile called"):
+        generate(model, PROMPTS, GREEDY, strategy=FullDepth(compile=True))
