@@ -436,7 +436,7 @@ def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
     slower is re-measured after ``explore`` epochs, then after twice as many each time it
     confirms the order; when the order changes the gate switches and the interval starts
     again; settling iterations, and epochs cut by a change of bucket, are not counted."""
-    g = DraftGate(epoch=4, settle=1, explore=4, decay=1.0)
+    g = DraftGate(epoch=4, settle=1, explore=4, decay=1.0, min_pairs=1)
     cost = {True: 0.5, False: 1.0}  # seconds per token of each mode, changed below
 
     def epoch(n):
@@ -488,12 +488,47 @@ def test_the_gate_runs_the_mode_measured_faster_per_batch_size():
         DraftGate(epoch=2, settle=2)
 
 
+def test_drafting_is_believed_only_after_min_pairs_pairs_plain_after_one():
+    """Asymmetric evidence: a first pair that favours drafting is checked by more pairs
+    gathered back to back (alternating modes) before the gate drafts for good; a first pair
+    that favours plain rounds is believed at once."""
+    T, F = True, False
+
+    def run(gate, draft_cost, epochs, n=8):
+        modes = []
+        for _ in range(epochs):
+            mode = gate.drafting(n)
+            for _ in range(4):
+                gate.record(n, 1, draft_cost if mode else 1.0)
+            modes.append(mode)
+        return modes
+
+    fast = DraftGate(epoch=4, settle=0, explore=8, decay=1.0, min_pairs=3)
+    assert run(fast, 0.5, 8) == [T, F, T, F, T, T, T, T]  # pairs 1-3 alternate, then drafts
+    assert fast.pairs[8] == 4 and fast.drafting(8)  # the switch to drafting pairs once more
+    slow = DraftGate(epoch=4, settle=0, explore=8, decay=1.0, min_pairs=3)
+    assert run(slow, 2.0, 8) == [T, F, F, F, F, F, F, F]  # plain after one pair
+    # noise that once favours drafting is caught by the next pairs: the true ratio is 1.2,
+    # one lucky drafting epoch at 0.5 makes the first pair say 0.5
+    noisy = DraftGate(epoch=4, settle=0, explore=8, decay=0.5, min_pairs=3)
+    costs = iter([0.5] + [1.2] * 20)
+    modes = []
+    for _ in range(8):
+        mode = noisy.drafting(8)
+        c = next(costs) if mode else 1.0
+        for _ in range(4):
+            noisy.record(8, 1, c)
+        modes.append(mode)
+    assert modes[:4] == [T, F, T, F] and modes[4:] == [F] * 4  # back to plain, for good
+    assert not noisy._proven(8)
+
+
 def test_the_gate_compares_adjacent_epochs_so_a_changing_machine_does_not_fool_it():
     """Drafting costs 0.8x plain throughout, while the machine slows by 1.2x per epoch (a
     neighbour starting up): per-mode averages would compare a plain epoch measured early
     with drafting measured late and switch to plain; paired epochs keep drafting (every
     pair says 0.67x or 0.96x)."""
-    g = DraftGate(epoch=4, settle=0, explore=4, decay=0.5)
+    g = DraftGate(epoch=4, settle=0, explore=4, decay=0.5, min_pairs=1)
     load = [1.0]
     modes = []
     for _ in range(24):

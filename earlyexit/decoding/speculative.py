@@ -208,7 +208,10 @@ class DraftGate:
     bucket changes is dropped. Drafting must beat plain rounds by ``margin`` (5%) to be
     chosen: the estimate rests on a few pairs, and a wrong verdict for drafting costs far
     more than one for plain rounds (a server run at max batch 16 drafted on a 7% paired
-    advantage from 4 pairs and ran a round at 0.71x).
+    advantage from 4 pairs and ran a round at 0.71x). For the same reason a verdict for
+    drafting needs ``min_pairs`` (3) pairs, gathered back to back; one for plain rounds
+    needs one (a server measured at 0.84-0.91x full depth at max batch 4-16 with verdicts
+    for drafting from 2-3 pairs, and at 1.00x with no drafting at all).
 
     Pure Python and clock-free: the engine passes each iteration's emitted tokens and wall
     seconds, so the rule is tested with made-up timings. Greedy outputs do not depend on
@@ -223,6 +226,7 @@ class DraftGate:
         max_explore: int = 64,
         decay: float = 0.5,
         margin: float = 0.05,
+        min_pairs: int = 3,
         fixed: bool | None = None,
     ) -> None:
         if not (epoch > settle >= 0 and 2 <= explore <= max_explore and 0.0 < decay <= 1.0):
@@ -232,7 +236,7 @@ class DraftGate:
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"DraftGate margin must be in [0, 1), got {margin}")
         self.epoch, self.settle, self.decay = epoch, settle, decay
-        self.margin = margin
+        self.margin, self.min_pairs = margin, max(1, int(min_pairs))
         self.explore, self.max_explore = explore, max_explore
         self.fixed = fixed
         self.seconds_per_token: dict[int, dict[bool, float]] = {}  # bucket -> mode -> s/token
@@ -257,12 +261,19 @@ class DraftGate:
             return None
         return self.log_ratio[b] <= math.log(1.0 - self.margin)
 
+    def _proven(self, b: int) -> bool:
+        """Whether drafting is the faster mode at bucket ``b`` on enough evidence."""
+        return bool(self._best(b)) and self.pairs.get(b, 0) >= self.min_pairs
+
     def _choose(self, b: int) -> bool:
         best = self._best(b)
-        if best is None:  # no pair here yet
+        if best is None or (best and not self._proven(b)):
+            # no pair here yet, or drafting ahead on fewer than min_pairs pairs: measure
             last = self._last
             if last is not None and last[1] == b:
                 return not last[2]  # the other mode, to make a pair
+            if best is not None:
+                return False  # unproven drafting: start the next pair on the safe side
             # a larger batch only makes verification dearer: start plain where a smaller
             # one found drafting slower, else start drafting
             smaller = [c for c in self.log_ratio if c < b]
