@@ -337,8 +337,9 @@ class Front:
         started = ended = False
         try:
             it = gen.__aiter__()
-            while True:
+            while not ended:
                 nxt = asyncio.ensure_future(it.__anext__())
+                nxt.add_done_callback(_retrieved)
                 await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():  # the client left: let the replica abort the request
                     nxt.cancel()
@@ -414,6 +415,12 @@ class Front:
             return 503, {"status": "error", "detail": f"no replica answered ({type(e).__name__})"}
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    """Marks a future's exception as seen (a cancelled request's is expected)."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def _wait_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -469,6 +476,9 @@ def serve_cluster(
         file=sys.stderr,
         flush=True,
     )
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines are for Ray users
     ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
