@@ -176,10 +176,11 @@ def register(sub) -> None:
     )
     sv.add_argument(
         "--router",
-        default="work",
-        choices=("work", "ray"),
-        help="with --replicas: send each request to the replica owing the fewest layer steps "
-        "(work), or Ray Serve's default: the shorter queue of two random replicas (ray)",
+        default="ray",
+        choices=("ray", "work"),
+        help="with --replicas: Ray Serve's default, the shorter queue of two random replicas "
+        "(ray), or the replica owing the fewest layer steps (work; no faster on a 2-core "
+        "machine, BENCHMARKS.md 'replicas')",
     )
     add_device_flags(sv)
     sv.set_defaults(func=run)

@@ -17,10 +17,10 @@ validation, errors, API key: one code path for the API).
   replica reports its load to Ray Serve as the layer steps its engine still owes
   (``LLMEngine.queued_layer_steps``), and fails Ray's health check once its engine thread
   has stopped, so Ray replaces it. Ray also restarts a replica whose process dies.
-- **Routing** (``router="work"``, the default): Ray Serve's request router API
-  (:mod:`earlyexit.serve.cluster_router`) sends each request to the replica that owes the
-  fewest layer steps; ``router="ray"`` keeps Ray Serve's default (power of two choices
-  over requests in flight).
+- **Routing**: ``router="work"`` (Ray Serve's request router API,
+  :mod:`earlyexit.serve.cluster_router`) sends each request to the replica that owes the
+  fewest layer steps; ``router="ray"``, the default, keeps Ray Serve's own (power of two
+  choices over requests in flight), which measured no slower on 2 cores (BENCHMARKS.md).
 
 Ray is imported only when a cluster starts; without it :func:`require_ray` raises an
 error that names the extra to install.
@@ -182,16 +182,16 @@ def _ends(batch: list[dict]) -> bool:
 def deployment(
     spec: ReplicaSpec,
     replicas: int,
-    router: str = "work",
+    router: str = "ray",
     shutdown_timeout: float = 30.0,
     max_ongoing_requests: int | None = None,
     stats_period_s: float = 0.2,
 ):
     """The Ray Serve application of ``replicas`` engine replicas (``serve.run`` it).
 
-    ``router``: ``work`` (least layer steps owed, :mod:`earlyexit.serve.cluster_router`) or
-    ``ray`` (Ray Serve's default). ``max_ongoing_requests`` per replica defaults to its max
-    batch plus max queue, so a full engine answers with its own 503 (queue full) as the
+    ``router``: ``ray`` (Ray Serve's default) or ``work`` (least layer steps owed,
+    :mod:`earlyexit.serve.cluster_router`). ``max_ongoing_requests`` per replica defaults
+    to its max batch plus max queue, so a full engine answers with its own 503 (queue full) as the
     single-process server does. ``shutdown_timeout``: seconds a replica being stopped gives
     its requests in flight."""
     _, serve = require_ray()
@@ -448,7 +448,7 @@ def serve_cluster(
     replicas: int,
     host: str = "127.0.0.1",
     port: int = 8000,
-    router: str = "work",
+    router: str = "ray",
     shutdown_timeout: float = 30.0,
     limit_concurrency: int | None = None,
     request_timeout: float = 30.0,
