@@ -196,7 +196,14 @@ def test_same_errors_and_health_as_one_process(cluster):
     from earlyexit.serve.app import build_app
 
     c = cluster
-    local = TestClient(build_app(c.ref, "tiny", max_batch=4, allow_untrained_exits=True))
+    app = build_app(c.ref, "tiny", max_batch=4, allow_untrained_exits=True)
+    with TestClient(app) as local:  # its lifespan stops the engine thread at the end
+        _compare_errors(c, local)
+    health = c.httpx.get(c.url + "/health", timeout=WAIT).json()
+    assert health == {"status": "ok", "replicas": {"running": 2, "target": 2}}
+
+
+def _compare_errors(c, local):
     bad = [
         {"prompt": "x", "max_tokens": 4, "colour": "red"},
         {"prompt": "x", "max_tokens": 0},
@@ -211,8 +218,6 @@ def test_same_errors_and_health_as_one_process(cluster):
     want = local.post("/v1/completions", content=big)
     got = c.httpx.post(c.url + "/v1/completions", content=big, timeout=WAIT)
     assert (got.status_code, got.json()) == (413, want.json())
-    health = c.httpx.get(c.url + "/health", timeout=WAIT).json()
-    assert health == {"status": "ok", "replicas": {"running": 2, "target": 2}}
 
 
 def test_graceful_shutdown_drains_requests_in_flight(cluster):
