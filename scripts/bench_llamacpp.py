@@ -82,11 +82,11 @@ def main() -> None:
 
     import earlyexit
     from earlyexit.bench.common import cpu_name
-    from earlyexit.io.registry import resolve_model
+    from earlyexit.io.registry import source_file
     from earlyexit.models import kernels
 
     torch.set_num_threads(a.threads)
-    src = resolve_model("smollm2")
+    src = source_file("smollm2")  # the shipped GGUF itself
     text = "The quick brown fox jumps over the lazy dog. In Python, a list comprehension"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
