@@ -285,5 +285,5 @@ def test_nothing_compiles_unless_asked(monkeypatch):
         engine.add_request(p, GREEDY, request_id=str(i))
     while engine.has_unfinished():
         engine.step()
-    with pytest.raises(AssertionError, match="torch.compile called"):
+    with pytest.raises(AssertionError, match=r"torch\.compile called"):
         generate(model, PROMPTS, GREEDY, strategy=FullDepth(compile=True))
