@@ -21,23 +21,16 @@ import pytest
 import earlyexit
 from earlyexit.decoding.sampling import SamplingParams
 from earlyexit.engine import ExitMode, LLMEngine
-from earlyexit.tokenizer import EOT, byte_level_tokenizer
-from tests.conftest import make_model
+from tests.test_server import tiny_lm
 
 WAIT = 120  # seconds: a backstop for waits on events, never a delay
 PROMPTS = ["def main(", "import os", "class A:", "x = 1", "for i in", "# note", "print(", "if x:"]
 
 
-def tiny_model(max_context=512):
-    tok = byte_level_tokenizer()
-    model = make_model(
-        vocab_size=tok.vocab_size,
-        n_layers=4,
-        max_context=max_context,
-        eos_token_ids=[tok.token_to_id(EOT)],
-        exits={"steps": [2], "trained": True},
-    )
-    return model, tok
+def tiny_model():
+    """The server tests' tiny model with a trained-looking exit, and its tokenizer."""
+    lm = tiny_lm(max_context=512)
+    return lm.model, lm.tokenizer
 
 
 # --------------------------------------------------------------------------- no Ray needed

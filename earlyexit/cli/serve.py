@@ -186,6 +186,15 @@ def register(sub) -> None:
     sv.set_defaults(func=run)
 
 
+def _warn_if_public(args: argparse.Namespace) -> None:
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"earlyexit: warning: serving on {args.host}, reachable beyond this machine"
+            + ("" if args.api_key else " and without --api-key"),
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from earlyexit.serve.server import serve
 
@@ -197,12 +206,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"earlyexit: warning: serving on {args.host}, reachable beyond this machine"
-            + ("" if args.api_key else " and without --api-key"),
-            file=sys.stderr,
-        )
+    _warn_if_public(args)
     serve(
         args.model,
         args.host,
@@ -236,37 +240,15 @@ def run(args: argparse.Namespace) -> int:
 def run_replicas(args: argparse.Namespace) -> int:
     """``serve --replicas N``: the same app on N engine replicas (Ray Serve)."""
     from earlyexit.serve.cluster import ReplicaSpec, require_ray, serve_cluster
-    from earlyexit.serve.protocol import Defaults, infer_strategy
-    from earlyexit.serve.server import model_name
+    from earlyexit.serve.server import model_name, served_defaults
 
     require_ray()  # before anything slow: the missing extra is the first thing said
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"earlyexit: warning: serving on {args.host}, reachable beyond this machine"
-            + ("" if args.api_key else " and without --api-key"),
-            file=sys.stderr,
-        )
-    if not 0 <= args.temperature <= 2:
-        raise InputError(f"--temperature must be within [0, 2], got {args.temperature}")
-    strategy = args.strategy
-    if strategy is None:
-        given = {
-            "exit_step": args.exit_step,
-            "threshold": args.threshold,
-            "confidence": args.confidence,
-            "deep_kv": args.deep_kv,
-            "draft_tokens": args.draft_tokens,
-        }
-        strategy = infer_strategy([k for k, v in given.items() if v is not None], "full")
-    defaults = Defaults(
-        strategy,
-        args.exit_step,
-        args.threshold,
-        args.confidence,
-        args.deep_kv,
-        args.draft_tokens,
-        args.temperature,
-    )
+    _warn_if_public(args)
+    defaults = served_defaults(
+        args.strategy, args.exit_step, args.threshold, args.confidence, args.deep_kv,
+        args.draft_tokens, args.temperature, args.shutdown_timeout, args.request_timeout,
+        args.limit_concurrency,
+    )  # fmt: skip
     name = args.name or model_name(args.model)
     spec = ReplicaSpec(
         model=args.model,
@@ -289,12 +271,6 @@ def run_replicas(args: argparse.Namespace) -> int:
             draft=None if args.draft == "none" else args.draft,
         ),
     )
-    for flag, v in (
-        ("--shutdown-timeout", args.shutdown_timeout),
-        ("--request-timeout", args.request_timeout),
-    ):
-        if not v > 0:
-            raise InputError(f"{flag} must be a positive number of seconds, got {v}")
     serve_cluster(
         spec,
         args.replicas,
@@ -305,6 +281,6 @@ def run_replicas(args: argparse.Namespace) -> int:
         limit_concurrency=args.limit_concurrency,
         request_timeout=args.request_timeout,
         banner=f"model {name}, policy {args.policy}, max batch {args.max_batch} per replica, "
-        f"strategy {strategy}",
+        f"strategy {defaults.strategy}",
     )
     return 0

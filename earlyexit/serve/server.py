@@ -179,6 +179,45 @@ def model_name(model: str) -> str:
     return p.name or model
 
 
+def served_defaults(
+    strategy: str | None,
+    exit_step: int | None,
+    threshold: float | str | None,
+    confidence: str | None,
+    deep_kv: str | None,
+    draft_tokens: int | None,
+    temperature: float,
+    shutdown_timeout: float,
+    request_timeout: float,
+    limit_concurrency: int | None,
+):
+    """Check the server's own flags and return the request defaults they make
+    (``protocol.Defaults``; ``strategy`` None is ``full`` or the strategy the exit options
+    given belong to). One place for ``serve`` and ``serve --replicas``."""
+    from earlyexit.serve.protocol import Defaults, infer_strategy
+
+    for flag, v in (
+        ("--shutdown-timeout", shutdown_timeout),
+        ("--request-timeout", request_timeout),
+    ):
+        if not v > 0:
+            raise InputError(f"{flag} must be a positive number of seconds, got {v}")
+    if limit_concurrency is not None and limit_concurrency < 1:
+        raise InputError(f"--limit-concurrency must be >= 1, got {limit_concurrency}")
+    if not 0 <= temperature <= 2:
+        raise InputError(f"--temperature must be within [0, 2], got {temperature}")
+    if strategy is None:
+        flags = {
+            "exit_step": exit_step,
+            "threshold": threshold,
+            "confidence": confidence,
+            "deep_kv": deep_kv,
+            "draft_tokens": draft_tokens,
+        }
+        strategy = infer_strategy([k for k, v in flags.items() if v is not None], "full")
+    return Defaults(strategy, exit_step, threshold, confidence, deep_kv, draft_tokens, temperature)
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -224,30 +263,11 @@ def serve(
         ) from None
     import earlyexit
     from earlyexit.serve.app import build_app
-    from earlyexit.serve.protocol import Defaults, infer_strategy
 
-    for flag, v in (
-        ("--shutdown-timeout", shutdown_timeout),
-        ("--request-timeout", request_timeout),
-    ):
-        if not v > 0:
-            raise InputError(f"{flag} must be a positive number of seconds, got {v}")
-    if limit_concurrency is not None and limit_concurrency < 1:
-        raise InputError(f"--limit-concurrency must be >= 1, got {limit_concurrency}")
-    if not 0 <= temperature <= 2:
-        raise InputError(f"--temperature must be within [0, 2], got {temperature}")
-    if strategy is None:
-        flags = {
-            "exit_step": exit_step,
-            "threshold": threshold,
-            "confidence": confidence,
-            "deep_kv": deep_kv,
-            "draft_tokens": draft_tokens,
-        }
-        strategy = infer_strategy([k for k, v in flags.items() if v is not None], "full")
-    defaults = Defaults(
-        strategy, exit_step, threshold, confidence, deep_kv, draft_tokens, temperature
-    )
+    defaults = served_defaults(
+        strategy, exit_step, threshold, confidence, deep_kv, draft_tokens, temperature,
+        shutdown_timeout, request_timeout, limit_concurrency,
+    )  # fmt: skip
     print(f"earlyexit serve: loading {model} ...", file=sys.stderr, flush=True)
     lm = earlyexit.load(model, device=device, dtype=dtype, draft=draft)
     name = name or model_name(model)
@@ -271,7 +291,7 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         limit_concurrency=limit_concurrency,
         request_timeout=request_timeout,
-        banner=f"model {name}, policy {policy}, max batch {max_batch}, strategy {strategy}",
+        banner=f"model {name}, policy {policy}, max batch {max_batch}, strategy {defaults.strategy}",
     )
     # uvicorn handles SIGTERM gracefully, then raises it again once it has restored the
     # previous handler: this no-op one makes that a normal return (exit status 0)
