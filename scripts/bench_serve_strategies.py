@@ -33,6 +33,10 @@ def main() -> None:
         "--draft-gate", default="measured", choices=GATES,
         help="whether adaptive speculative rounds draft (serve --draft-gate)",
     )  # fmt: skip
+    ap.add_argument(
+        "--length-sd", type=float, default=None,
+        help="spread of the seeded generation lengths (default new-tokens / 4; 0: all equal)",
+    )  # fmt: skip
     a = ap.parse_args()
     run(
         a.model,
@@ -47,6 +51,7 @@ def main() -> None:
         threads=a.threads,
         out=a.out,
         draft_gate=a.draft_gate,
+        length_sd=a.length_sd,
     )
 
 

@@ -317,3 +317,18 @@ def test_synthetic_models_take_the_benchmark_dtype():
     models = synthetic_models("tiny", dtype="bfloat16")
     assert {p.dtype for m in models.values() for p in m.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in synthetic_models("tiny")["mor"].parameters()} == {torch.float32}
+
+
+def test_serve_strategies_generation_lengths_are_seeded_spread_and_clipped():
+    """The serving workload of benchmarks.md: lengths drawn from a seeded distribution, so
+    rows of one strategy do not finish in lockstep; ``sd=0`` is the old equal-length one."""
+    from earlyexit.bench.serve_strategies import generation_lengths
+
+    a = generation_lengths(200, 64, seed=3)
+    assert a == generation_lengths(200, 64, seed=3)  # seeded: every strategy gets the same
+    assert a != generation_lengths(200, 64, seed=4)
+    assert min(a) >= 16 and max(a) <= 128 and len(set(a)) > 20  # spread, clipped
+    assert abs(sum(a) / len(a) - 64) < 4
+    assert generation_lengths(5, 64, sd=0) == [64] * 5
+    with pytest.raises(ValueError, match="sd >= 0"):
+        generation_lengths(5, 64, sd=-1)

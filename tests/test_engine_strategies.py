@@ -545,10 +545,15 @@ def test_the_gate_compares_adjacent_epochs_so_a_changing_machine_does_not_fool_i
     assert g.seconds_per_token[8][True] > g.seconds_per_token[8][False]
 
 
-def test_the_engine_times_its_iterations_for_the_gate():
-    """The engine passes each decode iteration's running count, emitted tokens and wall
-    time to the gate while adaptive speculation is in flight: not iterations that prefill
-    (they cost the same in either mode), and nothing when no request is gated."""
+def test_the_engine_times_its_iterations_for_the_gate(monkeypatch):
+    """The engine passes each iteration's running count, decode tokens and wall time to the
+    gate while adaptive speculation is in flight: iterations that admit too (the decode work
+    beside a prefill is what the modes differ in), but never the prefill's own seconds or the
+    prompts' first tokens (they cost the same in either mode); nothing when no request is
+    gated. The engine's clock is a fake one: each reading adds 1, each prefill 1000."""
+    import types
+
+    import earlyexit.engine.engine as engine_module
 
     class Recorder(DraftGate):
         def __init__(self):
@@ -558,23 +563,47 @@ def test_the_engine_times_its_iterations_for_the_gate():
         def record(self, n, tokens, seconds):
             self.records.append((n, tokens, seconds))
 
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(
+        engine_module, "time", types.SimpleNamespace(perf_counter=tick, monotonic=tick)
+    )
     m = attention_draft_model()
     gate = Recorder()
     engine = LLMEngine(m, policy="depthwise", max_batch=3, max_len=64, draft_gate=gate)
-    admits = []
+    prefill = engine.runner.prefill
+
+    def slow_prefill(*a, **k):
+        clock[0] += 1000.0
+        return prefill(*a, **k)
+
+    engine.runner.prefill = slow_prefill
+    admitted, grew = [], []  # per iteration: did it admit; records made during it
     schedule = engine.scheduler.schedule
 
     def spy():
         out = schedule()
-        admits.append(bool(out.admit))
+        admitted.append(bool(out.admit))
         return out
 
     engine.scheduler.schedule = spy
-    reqs = serve(engine, [ExitMode(strategy="speculative")] * 6)
-    assert gate.records and all(s > 0 and 1 <= n <= 3 for n, _, s in gate.records)
-    decode_iterations = admits.count(False)
-    assert decode_iterations - 3 <= len(gate.records) <= decode_iterations  # last ones untimed
+    mode = ExitMode(strategy="speculative")
+    reqs = [engine.requests[engine.add_request(p, greedy(6), mode)] for p in prompts()[:6]]
+    while engine.has_unfinished():
+        before = len(gate.records)
+        engine.step()
+        grew.append(len(gate.records) - before)
+    assert gate.records and all(0 < s < 1000 and 1 <= n <= 3 for n, _, s in gate.records)
+    timed = [*grew[1:], 0]  # iteration i is recorded when iteration i + 1 starts
+    assert sum(a and t for a, t in zip(admitted, timed)) >= 2  # admitting ones too
+    # every iteration but the last ones (nothing after them, or nothing left to gate)
+    assert len(admitted) - 3 <= len(gate.records) <= len(admitted) - 1
     emitted = sum(len(r.output_ids) for r in reqs)
+    # the prompts' first tokens never count; the last iterations' tokens may not
     assert emitted - 6 - 3 * 6 <= sum(t for _, t, _ in gate.records) <= emitted - 6
     gate.records.clear()
     serve(engine, [None] * 6)  # full-depth requests only: nothing to decide

@@ -206,3 +206,37 @@ def test_an_adaptive_threshold_is_fitted_per_served_model(server):
     cal = server.engine._calibrators[(2, "margin")]
     assert cal.sequences == 3
     assert json.loads(json.dumps(cal.state()))["sequences"] == 3  # reported as JSON
+
+
+def test_the_server_measures_draft_prices_at_start_not_in_the_first_request(monkeypatch):
+    """Adaptive speculation prices drafts from timed full-depth forwards; measured inside
+    the first speculative request, that would stall every running request for seconds (3.5 s
+    on SmolLM2), so a server measures at start (``prepare_speculation``), and speculative
+    requests never measure again; a model that cannot speculate measures nothing."""
+    from earlyexit.engine import ExitMode, LLMEngine
+
+    lm = lm_with_exits()
+    app = build_app(lm, "tiny", max_batch=2, max_len=64)
+    try:
+        assert app.state.worker.engine._forward_times is not None
+    finally:
+        app.state.worker.close()
+
+    def again(*a, **k):
+        raise AssertionError("measured during a request")
+
+    engine = LLMEngine(lm.model, policy="depthwise", max_batch=2, max_len=64)
+    engine.prepare_speculation()
+    measured = dict(engine._forward_times)
+    monkeypatch.setattr(engine, "_measure_forwards", again)
+    engine.prepare_speculation()  # once only
+    ids = lm.tokenizer.encode("def f(x):")
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0)
+    rids = [engine.add_request(ids, params, ExitMode(strategy="speculative")) for _ in range(2)]
+    reqs = [engine.requests[r] for r in rids]
+    while engine.has_unfinished():
+        engine.step()
+    assert all(len(r.output_ids) == 8 for r in reqs) and engine._forward_times == measured
+    plain = make_model(vocab_size=300, n_layers=2, max_context=64)  # no exit, no draft
+    monkeypatch.setattr(LLMEngine, "_measure_forwards", again)
+    LLMEngine(plain, policy="depthwise", max_batch=2, max_len=32).prepare_speculation()

@@ -7,11 +7,17 @@ batching (issue 29).
 For each max batch, one server (the engine behind the OpenAI API, as ``earlyexit serve``)
 serves the same requests (half held-out chat prompts, half code windows of the validation
 split, as ``bench/drafts.py``) once per strategy, driven by ``2 x max batch``
-streaming clients in a separate process (so the batch stays full). Per strategy: tokens/s
+streaming clients in a separate process (so the batch stays full). Generation lengths are
+drawn per request from a seeded Normal(``gen_len``, ``length_sd``), clipped to
+[``gen_len`` / 4, 2 ``gen_len``] (benchmarks.md's workload); ``length_sd=0`` gives every
+request ``gen_len`` tokens, a workload that keeps full depth's rows in lockstep (they finish
+together, so new prompts are prefilled together) where speculation's rows drift apart and
+are prefilled one by one. Per strategy: tokens/s
 and its ratio to ``full`` in the same server, drafts and acceptances (from ``usage``),
 exits, and quality against the full-depth answers: exact-match rate of the texts and the
-mean ROUGE-L over characters' tokens (re-encoded). Rounds alternate the strategies so a
-slow moment of the machine hits them alike; the ratio is the median of per-round ratios.
+mean ROUGE-L over characters' tokens (re-encoded). Rounds alternate the strategies in
+ABBA order (round 2 runs them backwards) so a slow moment of the machine, or a drift, hits
+them alike; the ratio is the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +38,16 @@ STRATEGIES = {
     "speculative": {"strategy": "speculative"},
     "free-adaptive": {"strategy": "free", "threshold": "adaptive", "temperature": 0},
 }
+
+
+def generation_lengths(n: int, mean: int, sd: float | None = None, seed: int = 0) -> list[int]:
+    """``n`` seeded generation lengths ~ Normal(``mean``, ``sd``) (default ``mean`` / 4),
+    rounded and clipped to [``mean`` / 4, 2 ``mean``]; ``sd=0``: all ``mean``."""
+    sd = mean / 4 if sd is None else float(sd)
+    if sd < 0 or mean < 1:
+        raise ValueError(f"generation lengths need mean >= 1 and sd >= 0, got {mean}, {sd}")
+    x = np.random.default_rng(seed).normal(mean, sd, n) if sd else np.full(n, float(mean))
+    return [int(v) for v in np.clip(np.round(x), max(1, mean // 4), 2 * mean)]
 
 
 def _one(url: str, prompt: list[int], g: int, fields: dict) -> dict:
@@ -78,6 +94,8 @@ def run(
     threads: int | None = None,
     out: str | None = "results/serve_strategies.json",
     draft_gate: str = "measured",
+    length_sd: float | None = None,
+    seed: int = 0,
 ) -> list[dict]:
     import earlyexit
     from earlyexit.bench.drafts import eval_prompts
@@ -90,8 +108,10 @@ def run(
     lm = earlyexit.load(model)
     # half held-out chat prompts (no draft saw them), half code from the validation split
     sets = eval_prompts(lm, data, n_requests - n_requests // 2, n_requests // 2, prompt_len)
-    stream = [(p, gen_len) for v in sets.values() for p in v]
-    max_len = max(len(p) for p, _ in stream) + gen_len + 8
+    prompts = [p for v in sets.values() for p in v]
+    lens = generation_lengths(len(prompts), gen_len, length_sd, seed)
+    stream = list(zip(prompts, lens, strict=True))
+    max_len = max(len(p) for p in prompts) + max(lens) + 8
     fields = {k: dict(STRATEGIES[k]) for k in strategies}
     if exit_step is not None:
         for k, f in fields.items():
@@ -118,10 +138,11 @@ def run(
                 raise RuntimeError("the server did not start")
             url = f"http://127.0.0.1:{bound_port(server)}/v1/completions"
             clients = min(len(stream), 2 * mb)
-            pool.apply(_drive, (url, stream[: min(2, len(stream))], fields[strategies[0]], 2))
+            for k in strategies:  # a first request of each strategy is not timed
+                pool.apply(_drive, (url, stream[: min(2, len(stream))], fields[k], 2))
             per = {k: [] for k in strategies}  # (seconds, results) per round
-            for _ in range(rounds):
-                for k in strategies:
+            for i in range(rounds):
+                for k in strategies if i % 2 == 0 else strategies[::-1]:  # ABBA
                     res, dt = pool.apply(_drive, (url, stream, fields[k], clients))
                     per[k].append((dt, res))
             server.should_exit = True
@@ -149,6 +170,8 @@ def run(
                     "fields": fields[k],
                     "requests": len(stream),
                     "gen_len": gen_len,
+                    "gen_lens": {"mean": float(np.mean(lens)), "min": min(lens), "max": max(lens)},
+                    "length_sd": gen_len / 4 if length_sd is None else length_sd,
                     "tokens": n_tok,
                     "seconds": secs,
                     "tokens_per_s": n_tok / float(np.median(secs)),

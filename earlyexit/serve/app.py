@@ -207,6 +207,7 @@ def build_app(
         engine.resolve_mode(mode, params)
     except (InputError, BadRequest) as e:
         raise InputError(f"the default strategy ({defaults.strategy}): {e}") from None
+    engine.prepare_speculation()  # at start, not inside the first speculative request
     worker = EngineThread(engine, max_failed_steps)
     if isinstance(chat_template, str):
         chat_template = {"chat_template": chat_template}
