@@ -400,7 +400,7 @@ class LLMEngine:
         if self.has_unfinished() and any(
             self._gated(self.requests[r]) for r in self.scheduler.cursors
         ):
-            tokens = sum(len(ev.new_token_ids) for ev in events) - len(out.admit)
+            tokens = max(0, sum(len(ev.new_token_ids) for ev in events) - len(out.admit))
             self._tick = (running, tokens, now, self._prefill_seconds)
         return events
 
